@@ -1,0 +1,54 @@
+"""transformers-alignedvq: AlignedVQ edge-cloud split inference for LLaVA-style models.
+
+Importing the package registers ``AlignedVQConfig`` (model type ``llava_alignedvq``) with ``AutoConfig`` and
+``LlavaAlignedVQForConditionalGeneration`` with ``AutoModel`` and ``AutoModelForImageTextToText``, and
+teaches Transformers' checkpoint loader that llava-hf checkpoints map onto it unchanged.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
+
+from .alignedvq_layer import AlignedVQLayer, AlignedVQLayerOutput
+from .configuration_alignedvq import SPLIT_SITES, AlignedVQConfig
+from .dlp import DualLinearProjection
+from .modeling_alignedvq import (
+    AlignedVQImageOutput,
+    LlavaAlignedVQCausalLMOutputWithPast,
+    LlavaAlignedVQForConditionalGeneration,
+    LlavaAlignedVQModel,
+)
+from .quantizer import VectorQuantizer, bits_per_index
+
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    AutoConfig.register(AlignedVQConfig.model_type, AlignedVQConfig, exist_ok=True)
+    AutoModel.register(AlignedVQConfig, LlavaAlignedVQForConditionalGeneration, exist_ok=True)
+    AutoModelForImageTextToText.register(AlignedVQConfig, LlavaAlignedVQForConditionalGeneration, exist_ok=True)
+    # Old-layout llava-hf checkpoints (`language_model.model.*`, `vision_tower.vision_model.*`) are renamed
+    # on load by per-model-type rules; ours are LLaVA's rules under our model type and class names.
+    for ours, theirs in (
+        (AlignedVQConfig.model_type, "llava"),
+        ("LlavaAlignedVQModel", "LlavaModel"),
+    ):
+        rules = get_checkpoint_conversion_mapping(theirs)
+        if rules is not None and get_checkpoint_conversion_mapping(ours) is None:
+            register_checkpoint_conversion_mapping(ours, rules)
+
+
+_register()
+
+__all__ = [
+    "SPLIT_SITES",
+    "AlignedVQConfig",
+    "AlignedVQImageOutput",
+    "AlignedVQLayer",
+    "AlignedVQLayerOutput",
+    "DualLinearProjection",
+    "LlavaAlignedVQCausalLMOutputWithPast",
+    "LlavaAlignedVQForConditionalGeneration",
+    "LlavaAlignedVQModel",
+    "VectorQuantizer",
+    "bits_per_index",
+]
