@@ -129,6 +129,9 @@ class AlignedVQLayer(nn.Module):
             with torch.no_grad():
                 codebook = self.quantizer.codebook[0, 0]  # (K, d)
                 weight, bias = self._pre_quantization_affine()
+                # Centre on the codebook mean (distances are translation invariant) to keep precision.
+                center = codebook.mean(0)
+                codebook, bias = codebook - center, bias - center
                 folded = codebook @ weight  # (K, dim)
                 offsets = squared_norms(codebook) - 2.0 * codebook @ bias
             self._folded_cache = (key, folded, offsets)

@@ -69,7 +69,8 @@ def nearest_codeword(
     Args:
         x: ``(G, N, d)`` or ``(N, d)`` features.
         codebook: ``(G, K, d)`` or ``(K, d)`` codewords.
-        bias: per-codeword offset replacing ``||e_k||^2`` (``(G, K)`` or ``(K,)``); used by folded searches.
+        bias: per-codeword offset replacing ``||e_k||^2`` (``(G, K)`` or ``(K,)``); used by folded searches,
+            which centre the codebook themselves. Without it the search centres on the codebook mean.
         chunk_size: rows per chunk; default keeps each chunk near 64 MiB.
 
     Returns:
@@ -82,7 +83,14 @@ def nearest_codeword(
     groups, n, _ = x.shape
     k = codebook.shape[1]
     codebook = codebook.float()
-    bias = squared_norms(codebook) if bias is None else bias.float()
+    center = None
+    if bias is None:
+        # Distances do not change under translation; centring on the codebook mean keeps ||e||^2 and x.e
+        # small, so their difference keeps its precision even for features far from the origin.
+        center = codebook.mean(dim=1, keepdim=True)
+        codebook = codebook - center
+        bias = squared_norms(codebook)
+    bias = bias.float()
     bias = bias.unsqueeze(1)  # (G, 1, K)
     codebook_t = codebook.transpose(1, 2)  # (G, d, K)
     if chunk_size is None:
@@ -90,7 +98,10 @@ def nearest_codeword(
     out = torch.empty(groups, n, dtype=torch.long, device=x.device)
     for start in range(0, n, chunk_size):
         stop = min(n, start + chunk_size)
-        distances = torch.baddbmm(bias, x[:, start:stop].float(), codebook_t, beta=1.0, alpha=-2.0)
+        rows = x[:, start:stop].float()
+        if center is not None:
+            rows = rows - center
+        distances = torch.baddbmm(bias, rows, codebook_t, beta=1.0, alpha=-2.0)
         out[:, start:stop] = distances.argmin(-1)
     return out.squeeze(0) if squeeze else out
 
@@ -113,7 +124,7 @@ def kmeans(
     if n == 0:
         raise ValueError("k-means needs at least one calibration feature, got none.")
     if n >= num_clusters:
-        centroids = x[torch.randperm(n, generator=generator, device="cpu")[:num_clusters].to(x.device)].clone()
+        centroids = _kmeans_plus_plus(x, num_clusters, generator)
     else:
         picks = torch.randint(n, (num_clusters,), generator=generator, device="cpu").to(x.device)
         noise = torch.randn(num_clusters, d, generator=generator, device="cpu").to(x.device)
@@ -129,6 +140,28 @@ def kmeans(
             reseed = torch.randint(n, (int(empty.sum()),), generator=generator, device="cpu").to(x.device)
             centroids[empty] = x[reseed]
     return centroids, counts
+
+
+def _kmeans_plus_plus(x: torch.Tensor, num_clusters: int, generator: torch.Generator | None) -> torch.Tensor:
+    """k-means++ seeding on a random subset of at most ``4 K`` points.
+
+    Seeding costs ``K x subset x d``; on the full calibration set (hundreds of thousands of LLaVA tokens)
+    that would dwarf the Lloyd iterations, and a subset a few times larger than K already spreads the seeds
+    across the clusters, which is what plain random seeding gets wrong.
+    """
+    n = x.shape[0]
+    subset = x[torch.randperm(n, generator=generator, device="cpu")[: min(n, 4 * num_clusters)].to(x.device)]
+    first = int(torch.randint(subset.shape[0], (1,), generator=generator, device="cpu"))
+    chosen = [first]
+    closest = (subset - subset[first]).pow(2).sum(-1)
+    for _ in range(1, num_clusters):
+        weights = closest.cpu().double()
+        if weights.sum() <= 0:
+            weights = torch.ones_like(weights)
+        pick = int(torch.multinomial(weights, 1, generator=generator))
+        chosen.append(pick)
+        closest = torch.minimum(closest, (subset - subset[pick]).pow(2).sum(-1))
+    return subset[chosen].clone()
 
 
 def codebook_perplexity(counts: torch.Tensor) -> torch.Tensor:
