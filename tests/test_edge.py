@@ -14,6 +14,7 @@ def test_edge_encoder_matches_the_model_and_holds_only_edge_weights(tmp_path, pi
         model.model.alignedvq.dlp_in.gate.fill_(0.4)
     edge = model.edge_encoder()
     assert torch.equal(edge(pixels), model.encode_edge(pixels))
+    assert edge.codebook_fingerprint() == model.codebook_fingerprint()
     names = set(edge.state_dict())
     assert not any(n.startswith(("language_model", "multi_modal_projector", "lm_head")) for n in names)
     assert not any("dlp_out" in n or "embed_sum" in n or "cluster_size" in n for n in names)
@@ -27,6 +28,7 @@ def test_edge_encoder_matches_the_model_and_holds_only_edge_weights(tmp_path, pi
     assert path.name == EDGE_WEIGHTS_NAME and (tmp_path / EDGE_CONFIG_NAME).is_file()
     loaded = AlignedVQEdgeEncoder.from_pretrained(tmp_path)
     assert torch.equal(loaded(pixels), model.encode_edge(pixels))
+    assert loaded.codebook_fingerprint() == model.codebook_fingerprint()
 
 
 def test_edge_checkpoint_errors(tmp_path, pixels):

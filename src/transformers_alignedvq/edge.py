@@ -127,6 +127,12 @@ class AlignedVQEdgeEncoder(nn.Module):
         """The fp32 codebook ``(num_codebooks, num_groups, K, dim)``."""
         return self.alignedvq.quantizer.codebook
 
+    def codebook_fingerprint(self) -> bytes:
+        """16-byte codebook fingerprint, equal to the full model's (see the wire format)."""
+        from .wire import codebook_fingerprint
+
+        return codebook_fingerprint(self.codebook())
+
     # ------------------------------------------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
         """Write ``edge_config.json`` and ``edge_model.safetensors`` into ``directory``; returns the weights path."""

@@ -351,6 +351,13 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
         """Cloud forward pass from the edge's indices; `kwargs` as for `forward` (input_ids, labels, ...)."""
         return self(image_indices=image_indices, **kwargs)
 
+    def codebook_fingerprint(self) -> bytes:
+        """16-byte fingerprint of the codebook(s); the wire format carries it so a cloud holding a different
+        codebook refuses the frame instead of decoding garbage."""
+        from .wire import codebook_fingerprint
+
+        return codebook_fingerprint(self.model.alignedvq.quantizer.codebook)
+
     def edge_encoder(self):
         """A standalone module with only what the edge needs; see `AlignedVQEdgeEncoder`."""
         from .edge import AlignedVQEdgeEncoder
