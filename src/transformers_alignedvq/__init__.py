@@ -6,7 +6,6 @@ teaches Transformers' checkpoint loader that llava-hf checkpoints map onto it un
 """
 
 from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
-from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 
 from .alignedvq_layer import AlignedVQLayer, AlignedVQLayerOutput
 from .configuration_alignedvq import SPLIT_SITES, AlignedVQConfig
@@ -26,15 +25,7 @@ def _register() -> None:
     AutoConfig.register(AlignedVQConfig.model_type, AlignedVQConfig, exist_ok=True)
     AutoModel.register(AlignedVQConfig, LlavaAlignedVQForConditionalGeneration, exist_ok=True)
     AutoModelForImageTextToText.register(AlignedVQConfig, LlavaAlignedVQForConditionalGeneration, exist_ok=True)
-    # Old-layout llava-hf checkpoints (`language_model.model.*`, `vision_tower.vision_model.*`) are renamed
-    # on load by per-model-type rules; ours are LLaVA's rules under our model type and class names.
-    for ours, theirs in (
-        (AlignedVQConfig.model_type, "llava"),
-        ("LlavaAlignedVQModel", "LlavaModel"),
-    ):
-        rules = get_checkpoint_conversion_mapping(theirs)
-        if rules is not None and get_checkpoint_conversion_mapping(ours) is None:
-            register_checkpoint_conversion_mapping(ours, rules)
+
 
 
 _register()

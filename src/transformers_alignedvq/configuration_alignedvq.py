@@ -57,6 +57,13 @@ class AlignedVQConfig(LlavaConfig):
             Decay of the EMA codebook updates, in ``(0, 1]``; 1 freezes the codebook.
         dead_code_threshold (`float`, *optional*, defaults to 0.01):
             Codewords whose EMA usage falls below this are re-seeded from the batch during training; 0 disables.
+        checkpoint_kind (`str`, *optional*, defaults to `"full"`):
+            How `save_pretrained`/`push_to_hub` write the model: `"full"` (every weight) or `"adapter"` (only
+            what AlignedVQ adds: codebook, DLP and the LoRA adapter, plus this config naming the base).
+        base_model_name_or_path (`str`, *optional*):
+            The LLaVA checkpoint an adapter-only checkpoint applies to (Hub id or folder).
+        base_model_revision (`str`, *optional*):
+            The revision (branch, tag or commit) of that base checkpoint.
     """
 
     model_type = "llava_alignedvq"
@@ -71,6 +78,9 @@ class AlignedVQConfig(LlavaConfig):
     commitment_weight: float = 0.25
     ema_decay: float = 0.99
     dead_code_threshold: float = 0.01
+    checkpoint_kind: Literal["full", "adapter"] = "full"
+    base_model_name_or_path: str | None = None
+    base_model_revision: str | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -90,6 +100,8 @@ class AlignedVQConfig(LlavaConfig):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and not isinstance(value, bool)):
                 raise ValueError(f"{name} must be a number, got {value!r}.")
+        if self.checkpoint_kind not in ("full", "adapter"):
+            raise ValueError(f"checkpoint_kind={self.checkpoint_kind!r} must be 'full' or 'adapter'.")
         if not isinstance(self.use_dlp, bool):
             raise ValueError(f"use_dlp must be a bool, got {self.use_dlp!r}.")
         num_layers = self.vision_config.num_hidden_layers

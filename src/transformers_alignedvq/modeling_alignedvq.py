@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -27,11 +28,29 @@ from transformers.models.llava.modeling_llava import (
     LlavaPreTrainedModel,
 )
 
-from . import split
+from .split import cloud_forward, check_pixel_values, edge_forward
 from .alignedvq_layer import AlignedVQLayer
 from .configuration_alignedvq import AlignedVQConfig
 from .dlp import DualLinearProjection
 from .quantizer import VectorQuantizer
+
+
+def _register_checkpoint_conversions() -> None:
+    """llava-hf checkpoints (`language_model.model.*`, `vision_tower.vision_model.*`) are renamed on load by
+    per-model-type rules; ours are LLaVA's rules under our model type and class names. Done here, not in the
+    package `__init__`, so it also happens when this file is loaded as remote code."""
+    from transformers.conversion_mapping import (
+        get_checkpoint_conversion_mapping,
+        register_checkpoint_conversion_mapping,
+    )
+
+    for ours, theirs in ((AlignedVQConfig.model_type, "llava"), ("LlavaAlignedVQModel", "LlavaModel")):
+        rules = get_checkpoint_conversion_mapping(theirs)
+        if rules is not None and get_checkpoint_conversion_mapping(ours) is None:
+            register_checkpoint_conversion_mapping(ours, rules)
+
+
+_register_checkpoint_conversions()
 
 
 @dataclass
@@ -134,7 +153,7 @@ class LlavaAlignedVQModel(LlavaModel):
     # ------------------------------------------------------------------------------------------------
     def _check_pixel_values(self, pixel_values: torch.Tensor) -> None:
         vision = self.config.vision_config
-        split.check_pixel_values(pixel_values, num_channels=vision.num_channels, image_size=vision.image_size)
+        check_pixel_values(pixel_values, num_channels=vision.num_channels, image_size=vision.image_size)
 
     def check_indices(self, image_indices: torch.Tensor) -> torch.Tensor:
         """Validate indices from the wire and return them as ``(batch, tokens, codes_per_token)`` int64.
@@ -173,7 +192,7 @@ class LlavaAlignedVQModel(LlavaModel):
         """Site features ``(batch, num_image_tokens, vision_hidden)``: the tower up to the split site."""
         self._check_pixel_values(pixel_values)
         config = self.config
-        return split.edge_forward(self.vision_tower, pixel_values, config.split_layer, config.split_site)
+        return edge_forward(self.vision_tower, pixel_values, config.split_layer, config.split_site)
 
     @torch.no_grad()
     def encode_edge(self, pixel_values: torch.Tensor) -> torch.LongTensor:
@@ -218,7 +237,7 @@ class LlavaAlignedVQModel(LlavaModel):
             recovered = self.alignedvq.decode(indices, dtype=self.vision_tower.dtype)
 
         layers = self._selected_layers(vision_feature_layer)
-        hidden = split.cloud_forward(self.vision_tower, recovered, config.split_layer, config.split_site, layers)
+        hidden = cloud_forward(self.vision_tower, recovered, config.split_layer, config.split_site, layers)
         strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
         selected = [hidden[index] for index in layers]
         if strategy == "default":
@@ -250,6 +269,8 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
 
     config_class = AlignedVQConfig
     config: AlignedVQConfig
+    # EMA statistics are saved only on request (to resume training); without them they restart from the codebook.
+    _keys_to_ignore_on_load_missing = [r"model\.alignedvq\.quantizer\.(cluster_size|embed_sum)"]
 
     def __init__(self, config: AlignedVQConfig):
         LlavaPreTrainedModel.__init__(self, config)
@@ -335,6 +356,67 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
             features = features[torch.randperm(features.shape[0], generator=generator)[:max_features]]
         self.model.alignedvq.init_codebook(features.to(self.model.alignedvq.quantizer.codebook.device), iters=iters, seed=seed)
         return features.shape[0]
+
+    # ------------------------------------------------------------------------------------------------
+    # checkpoints
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load a full or an adapter-only AlignedVQ checkpoint (see `hub.py`), or a llava-hf checkpoint
+        given an `AlignedVQConfig` (as `from_llava` does)."""
+        from . import hub
+
+        config = kwargs.pop("config", None)
+        if not isinstance(config, AlignedVQConfig):
+            config = AlignedVQConfig.from_pretrained(pretrained_model_name_or_path, **hub.hub_kwargs_from(kwargs))
+        if config.checkpoint_kind == "adapter":
+            return hub.load_adapter_checkpoint(cls, pretrained_model_name_or_path, config, **kwargs)
+        kwargs["config"] = config
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        hub.maybe_load_lora(model, pretrained_model_name_or_path, kwargs)
+        return model
+
+    def save_pretrained(
+        self,
+        save_directory,
+        *,
+        checkpoint_kind: str | None = None,
+        merge_lora: bool = False,
+        include_ema_state: bool = False,
+        eval_results: dict | None = None,
+        **kwargs,
+    ):
+        """Save as a `"full"` or `"adapter"` checkpoint (default: `config.checkpoint_kind`), safetensors only.
+
+        Args:
+            checkpoint_kind: `"full"` writes every weight; `"adapter"` writes only the codebook, DLP and LoRA
+                adapter plus a config naming `config.base_model_name_or_path` / `base_model_revision`.
+            merge_lora: merge an injected LoRA adapter into the weights first (full kind).
+            include_ema_state: also save the EMA statistics (to resume training); inference needs only the
+                codebook.
+            eval_results: `{"results": {name: value}, "datasets": [...], "model_name": ...}` for the model card.
+        """
+        from . import hub
+
+        kwargs.pop("safe_serialization", None)  # safetensors always
+        return hub.save_checkpoint(
+            self,
+            save_directory,
+            kind=checkpoint_kind,
+            merge_lora=merge_lora,
+            include_ema_state=include_ema_state,
+            eval_results=eval_results,
+            save_function=LlavaForConditionalGeneration.save_pretrained,
+            **kwargs,
+        )
+
+    def _upload_modified_files(self, working_dir, *args, **kwargs):
+        # `push_to_hub` saves through `save_pretrained`, then replaces README.md with a generic card; put ours
+        # back before the upload.
+        from . import hub
+
+        hub.write_model_card(self, Path(working_dir), kind=self.config.checkpoint_kind)
+        return super()._upload_modified_files(working_dir, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------
     # edge / cloud entry points
