@@ -20,6 +20,11 @@ from .quantizer import VectorQuantizer, bits_per_index
 
 __version__ = "0.1.0"
 
+from pathlib import Path as _Path
+
+#: Path for `evaluate.load(...)`: VQA accuracy with the VQA-v2 answer normalisation.
+VQA_ACCURACY_METRIC = str(_Path(__file__).parent / "metrics" / "vqa_accuracy")
+
 
 def _register() -> None:
     AutoConfig.register(AlignedVQConfig.model_type, AlignedVQConfig, exist_ok=True)
@@ -32,6 +37,7 @@ _register()
 
 __all__ = [
     "SPLIT_SITES",
+    "VQA_ACCURACY_METRIC",
     "AlignedVQConfig",
     "AlignedVQImageOutput",
     "AlignedVQLayer",

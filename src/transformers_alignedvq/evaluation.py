@@ -1,0 +1,104 @@
+"""VQA accuracy with the VQA-v2 answer normalisation.
+
+Normalisation follows the official VQA evaluation script (Antol et al. / Goyal et al.): lower-case, fix
+contractions, handle punctuation (dropped, or replaced by a space when it separates words; a period is kept
+inside numbers such as "1.5"), spell numbers as digits, drop articles. Scoring:
+
+* several reference answers (VQA-v2 has 10 per question): ``min(#references equal to the prediction / 3, 1)``;
+* one reference answer: exact match after normalisation.
+
+This is the simple form of the VQA-v2 soft score; the official script additionally averages it over the ten
+leave-one-out subsets of the references, which changes scores by at most a few hundredths of a point.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
+    "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
+    "dont": "don't", "hadnt": "hadn't", "hadnt've": "hadn't've", "hadn'tve": "hadn't've", "hasnt": "hasn't",
+    "havent": "haven't", "hed": "he'd", "hed've": "he'd've", "he'dve": "he'd've", "hes": "he's",
+    "howd": "how'd", "howll": "how'll", "hows": "how's", "Id've": "I'd've", "I'dve": "I'd've", "Im": "I'm",
+    "Ive": "I've", "isnt": "isn't", "itd": "it'd", "itd've": "it'd've", "it'dve": "it'd've", "itll": "it'll",
+    "let's": "let's", "maam": "ma'am", "mightnt": "mightn't", "mightnt've": "mightn't've",
+    "mightn'tve": "mightn't've", "mightve": "might've", "mustnt": "mustn't", "mustve": "must've",
+    "neednt": "needn't", "notve": "not've", "oclock": "o'clock", "oughtnt": "oughtn't",
+    "ow's'at": "'ow's'at", "'ows'at": "'ow's'at", "'ow'sat": "'ow's'at", "shant": "shan't",
+    "shed've": "she'd've", "she'dve": "she'd've", "she's": "she's", "shouldve": "should've",
+    "shouldnt": "shouldn't", "shouldnt've": "shouldn't've", "shouldn'tve": "shouldn't've",
+    "somebody'd": "somebodyd", "somebodyd've": "somebody'd've", "somebody'dve": "somebody'd've",
+    "somebodyll": "somebody'll", "somebodys": "somebody's", "someoned": "someone'd",
+    "someoned've": "someone'd've", "someone'dve": "someone'd've", "someonell": "someone'll",
+    "someones": "someone's", "somethingd": "something'd", "somethingd've": "something'd've",
+    "something'dve": "something'd've", "somethingll": "something'll", "thats": "that's", "thered": "there'd",
+    "thered've": "there'd've", "there'dve": "there'd've", "therere": "there're", "theres": "there's",
+    "theyd": "they'd", "theyd've": "they'd've", "they'dve": "they'd've", "theyll": "they'll",
+    "theyre": "they're", "theyve": "they've", "twas": "'twas", "wasnt": "wasn't", "wed've": "we'd've",
+    "we'dve": "we'd've", "weve": "we've", "werent": "weren't", "whatll": "what'll", "whatre": "what're",
+    "whats": "what's", "whatve": "what've", "whens": "when's", "whered": "where'd", "wheres": "where's",
+    "whereve": "where've", "whod": "who'd", "whod've": "who'd've", "who'dve": "who'd've", "wholl": "who'll",
+    "whos": "who's", "whove": "who've", "whyll": "why'll", "whyre": "why're", "whys": "why's",
+    "wont": "won't", "wouldve": "would've", "wouldnt": "wouldn't", "wouldnt've": "wouldn't've",
+    "wouldn'tve": "wouldn't've", "yall": "y'all", "yall'll": "y'all'll", "y'allll": "y'all'll",
+    "yall'd've": "y'all'd've", "y'alld've": "y'all'd've", "y'all'dve": "y'all'd've", "youd": "you'd",
+    "youd've": "you'd've", "you'dve": "you'd've", "youll": "you'll", "youre": "you're", "youve": "you've",
+}
+_NUMBERS = {
+    "none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6",
+    "seven": "7", "eight": "8", "nine": "9", "ten": "10",
+}
+_ARTICLES = {"a", "an", "the"}
+_PUNCTUATION = [";", r"/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",",
+                "?", "!"]
+_PERIOD_STRIP = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_COMMA_STRIP = re.compile(r"(\d)(,)(\d)")
+
+
+def _process_punctuation(text: str) -> str:
+    out = text
+    for p in _PUNCTUATION:
+        if (p + " " in text or " " + p in text) or (re.search(_COMMA_STRIP, text) is not None):
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    return _PERIOD_STRIP.sub("", out, re.UNICODE)
+
+
+def _process_digits_and_articles(text: str) -> str:
+    words = []
+    for word in text.lower().split():
+        word = _NUMBERS.get(word, word)
+        if word not in _ARTICLES:
+            words.append(_CONTRACTIONS.get(word, word))
+    return " ".join(words)
+
+
+def normalize_answer(answer: str) -> str:
+    """VQA-v2 answer normalisation (see module docstring)."""
+    answer = answer.replace("\n", " ").replace("\t", " ").strip().lower()
+    return _process_digits_and_articles(_process_punctuation(answer))
+
+
+def vqa_score(prediction: str, references: str | Sequence[str]) -> float:
+    """Score of one prediction: exact match for one reference, ``min(matches / 3, 1)`` for several."""
+    if isinstance(references, str):
+        references = [references]
+    if len(references) == 0:
+        raise ValueError("Each prediction needs at least one reference answer.")
+    pred = normalize_answer(prediction)
+    refs = [normalize_answer(r) for r in references]
+    if len(refs) == 1:
+        return float(pred == refs[0])
+    return min(sum(r == pred for r in refs) / 3.0, 1.0)
+
+
+def vqa_accuracy(predictions: Sequence[str], references: Sequence[str | Sequence[str]]) -> float:
+    """Mean VQA score in ``[0, 1]`` over paired predictions and references."""
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references.")
+    if not predictions:
+        raise ValueError("No predictions to score.")
+    return sum(vqa_score(p, r) for p, r in zip(predictions, references)) / len(predictions)
