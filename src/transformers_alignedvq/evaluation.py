@@ -102,3 +102,123 @@ def vqa_accuracy(predictions: Sequence[str], references: Sequence[str | Sequence
     if not predictions:
         raise ValueError("No predictions to score.")
     return sum(vqa_score(p, r) for p, r in zip(predictions, references)) / len(predictions)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Generation-based evaluation of a (split or stock) LLaVA on a VQA dataset
+# ------------------------------------------------------------------------------------------------------------
+def jpeg_roundtrip(image, quality: int):
+    """``image`` (PIL) encoded as JPEG at ``quality`` and decoded again; returns (image, bytes)."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    size = buffer.tell()
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB"), size
+
+
+def png_bytes(image) -> int:
+    import io
+
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG", optimize=True)
+    return buffer.tell()
+
+
+def evaluate_vqa(
+    model,
+    processor,
+    dataset,
+    *,
+    mode: str = "auto",
+    jpeg_quality: int | None = None,
+    batch_size: int = 64,
+    max_new_tokens: int = 8,
+    entropy_model=None,
+    progress: bool = False,
+) -> dict:
+    """Greedy-generate an answer for every example and score it with :func:`vqa_score`.
+
+    Args:
+        model: a `LlavaAlignedVQForConditionalGeneration` (``mode="indices"``: images cross the split as wire
+            frames, decoded and checked as the cloud would) or any LLaVA (``mode="pixels"``).
+        processor: the model's `LlavaProcessor`.
+        dataset: rows with ``image`` (PIL), ``question``, ``answer`` (str or list of str).
+        jpeg_quality: for ``mode="pixels"``, JPEG-compress every image at this quality first (bytes counted).
+        entropy_model: an `IndexDistribution` to measure entropy-coded frame sizes too.
+
+    Returns accuracy, mean bytes per image on the wire (frame incl. header and CRC, or the JPEG/PNG file),
+    and per-example predictions.
+    """
+    import numpy as np
+    import torch
+
+    from .data import format_prompt
+
+    if mode == "auto":
+        mode = "indices" if hasattr(model, "encode_edge") else "pixels"
+    if mode not in ("indices", "pixels"):
+        raise ValueError(f"mode={mode!r} must be 'indices' or 'pixels'.")
+    if mode == "indices":
+        from .wire import decode_frame, encode_frame
+
+        config = model.config
+        fingerprint = model.codebook_fingerprint()
+        grid = config.vision_config.image_size // config.vision_config.patch_size
+    device = next(model.parameters()).device
+    predictions, references, sizes, entropy_sizes = [], [], [], []
+    tokenizer = processor.tokenizer
+    model.eval()
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start : start + batch_size]
+        images = [im.convert("RGB") for im in rows["image"]]
+        questions = rows["question"]
+        if mode == "pixels" and jpeg_quality is not None:
+            pairs = [jpeg_roundtrip(im, jpeg_quality) for im in images]
+            images, batch_sizes = [p[0] for p in pairs], [p[1] for p in pairs]
+        elif mode == "pixels":
+            batch_sizes = [png_bytes(im) for im in images]
+        prompts = [format_prompt(processor, q) for q in questions]
+        inputs = processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        with torch.no_grad():
+            if mode == "indices":
+                pixels = inputs.pop("pixel_values")
+                indices = model.encode_edge(pixels.to(model.dtype))
+                received = []
+                batch_sizes = []
+                for row in indices.cpu().numpy():
+                    frame = encode_frame(row, codebook_size=config.codebook_size, codebook_fingerprint=fingerprint,
+                                         grid=(grid, grid), has_cls_token=True)
+                    batch_sizes.append(len(frame))
+                    if entropy_model is not None:
+                        entropy_sizes.append(len(encode_frame(
+                            row, codebook_size=config.codebook_size, codebook_fingerprint=fingerprint,
+                            grid=(grid, grid), has_cls_token=True, entropy_model=entropy_model)))
+                    decoded = decode_frame(frame, codebook_size=config.codebook_size, codebook_fingerprint=fingerprint,
+                                           num_tokens=config.num_image_tokens)
+                    received.append(np.array(decoded.indices))
+                cloud = torch.from_numpy(np.stack(received)).to(device)
+                if config.codes_per_token == 1:
+                    cloud = cloud[..., 0]
+                out = model.generate(**inputs, image_indices=cloud, max_new_tokens=max_new_tokens, do_sample=False)
+            else:
+                out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        answers = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        predictions += [a.strip() for a in answers]
+        references += list(rows["answer"])
+        sizes += batch_sizes
+        if progress:
+            print(f"  {len(predictions)}/{len(dataset)} accuracy so far {vqa_accuracy(predictions, references):.4f}", flush=True)
+    result = {
+        "accuracy": vqa_accuracy(predictions, references),
+        "num_examples": len(predictions),
+        "bytes_per_image": float(sum(sizes) / len(sizes)),
+        "predictions": predictions,
+    }
+    if entropy_sizes:
+        result["entropy_coded_bytes_per_image"] = float(sum(entropy_sizes) / len(entropy_sizes))
+    return result
