@@ -3,11 +3,15 @@
 Two checkpoint kinds, both safetensors only:
 
 * ``full``: every weight (``model.safetensors``, base names unchanged). A LoRA adapter is either merged into
-  the weights or, unmerged, saved beside them in PEFT's format (``adapter_config.json`` +
-  ``adapter_model.safetensors``) and re-applied on load.
+  the weights or, unmerged, saved beside them in PEFT's format (``lora/adapter_config.json`` +
+  ``lora/adapter_model.safetensors``) and re-applied on load.
 * ``adapter``: only what AlignedVQ adds to a base LLaVA: ``alignedvq.safetensors`` (codebook, DLP; EMA state
-  only if asked) and the LoRA adapter in PEFT's format, plus ``config.json`` naming the base checkpoint
-  (``base_model_name_or_path``) and its revision. Loading fetches the base and applies the rest.
+  only if asked) and the LoRA adapter in PEFT's format (``lora/``), plus ``config.json`` naming the base
+  checkpoint (``base_model_name_or_path``) and its revision. Loading fetches the base and applies the rest.
+
+The LoRA files live in ``lora/``, not at the top: Transformers reads a top-level ``adapter_config.json`` in a
+Hub repo as "this repo is a PEFT adapter" and loads the base named in it instead (``AutoModel`` and
+``from_pretrained`` by repo id), which is not what either kind is.
 
 Both kinds also carry the edge encoder (``edge_config.json`` + ``edge_model.safetensors``) so a device can
 download only that (:func:`download_edge`), the modeling source files with an ``auto_map`` (so
@@ -27,6 +31,7 @@ from safetensors.torch import load_file, save_file
 ALIGNEDVQ_WEIGHTS_NAME = "alignedvq.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+LORA_SUBFOLDER = "lora"
 EDGE_FILES = ("edge_config.json", "edge_model.safetensors", "preprocessor_config.json")
 _ALIGNEDVQ_PREFIX = "model.alignedvq."
 _EMA_BUFFERS = ("quantizer.cluster_size", "quantizer.embed_sum")
@@ -84,6 +89,8 @@ def _base_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def _save_lora(model, directory: Path) -> None:
+    directory = directory / LORA_SUBFOLDER
+    directory.mkdir(exist_ok=True)
     state = model.get_adapter_state_dict()
     state = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
     save_file(state, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
@@ -242,7 +249,10 @@ def load_adapter_checkpoint(cls, path_or_id, config, **kwargs):
     except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
         raise CheckpointMismatchError(f"{ALIGNEDVQ_WEIGHTS_NAME} cannot be read (truncated or corrupt?): {exc}") from exc
 
-    load_kwargs = {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS and k != "config"}
+    # `adapter_kwargs` (added by AutoModel, with the revision it resolved for *this* repo) describe this
+    # checkpoint, whose LoRA `maybe_load_lora` applies below; passed on to the base load they would make
+    # Transformers look the base up at this repo's commit.
+    load_kwargs = {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS and k not in ("config", "adapter_kwargs")}
     load_kwargs.update(base_kwargs)
     options = {
         key: getattr(config, key)
@@ -287,16 +297,16 @@ def apply_alignedvq_state(model, state: dict[str, torch.Tensor]) -> None:
 
 
 def maybe_load_lora(model, path_or_id, kwargs: dict) -> None:
-    """Re-apply an unmerged LoRA adapter saved beside full weights."""
-    if has_lora(model):  # Transformers' loader already applied an adapter_config.json it found
+    """Re-apply an unmerged LoRA adapter saved beside the weights (in ``lora/``)."""
+    if has_lora(model):  # Transformers' loader already applied an adapter (e.g. given as `adapter_kwargs`)
         return
     hub_kwargs = hub_kwargs_from(kwargs)
-    config_path = _resolve(path_or_id, ADAPTER_CONFIG_NAME, hub_kwargs, required=False)
+    config_path = _resolve(path_or_id, f"{LORA_SUBFOLDER}/{ADAPTER_CONFIG_NAME}", hub_kwargs, required=False)
     if config_path is None:
         return
-    # Both files land in the same local folder (the checkpoint folder or the Hub cache snapshot); PEFT
+    # Both files land in the same local folder (the checkpoint's `lora/` or its Hub cache snapshot); PEFT
     # then loads from there without needing the Hub arguments.
-    weights_path = _resolve(path_or_id, ADAPTER_WEIGHTS_NAME, hub_kwargs)
+    weights_path = _resolve(path_or_id, f"{LORA_SUBFOLDER}/{ADAPTER_WEIGHTS_NAME}", hub_kwargs)
     model.load_adapter(str(Path(weights_path).parent))
 
 
@@ -326,7 +336,9 @@ def download_edge(repo_id: str, *, revision: str | None = None, cache_dir=None, 
 TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
 
 
-def write_model_card(model, directory: Path, *, kind: str, eval_results: dict | None = None) -> Path:
+def write_model_card(
+    model, directory: Path, *, kind: str, eval_results: dict | None = None, model_name: str | None = None
+) -> Path:
     """README.md with Hub metadata and the AlignedVQ settings (and evaluation results when known)."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -345,12 +357,12 @@ def write_model_card(model, directory: Path, *, kind: str, eval_results: dict | 
         datasets=eval_results.get("datasets"),
         license=eval_results.get("license", "apache-2.0"),
     )
-    files = sorted(p.name for p in directory.iterdir() if p.is_file() and p.name != "README.md")
+    files = sorted(name for name in checkpoint_files(directory) if name != "README.md")
     template = TEMPLATE_PATH.read_text() if TEMPLATE_PATH.is_file() else None
     card = ModelCard.from_template(
         card_data,
         template_str=template,
-        model_name=eval_results.get("model_name") or directory.name,
+        model_name=model_name or eval_results.get("model_name") or directory.name,
         kind=kind,
         base_model=base,
         base_model_revision=config.base_model_revision,
@@ -374,7 +386,7 @@ def write_model_card(model, directory: Path, *, kind: str, eval_results: dict | 
 def checkpoint_files(directory: str | os.PathLike) -> dict[str, int]:
     """Name -> size in bytes of every file a checkpoint folder holds (what an upload would send)."""
     directory = Path(directory)
-    return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+    return {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
 def read_json(path: str | os.PathLike) -> dict:

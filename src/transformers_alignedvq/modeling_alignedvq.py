@@ -364,16 +364,17 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Load a full or an adapter-only AlignedVQ checkpoint (see `hub.py`), or a llava-hf checkpoint
         given an `AlignedVQConfig` (as `from_llava` does)."""
-        from . import hub
+        # `from .hub import` (not `from . import hub`): Transformers copies remote-code files it finds that way.
+        from .hub import hub_kwargs_from, load_adapter_checkpoint, maybe_load_lora
 
         config = kwargs.pop("config", None)
         if not isinstance(config, AlignedVQConfig):
-            config = AlignedVQConfig.from_pretrained(pretrained_model_name_or_path, **hub.hub_kwargs_from(kwargs))
+            config = AlignedVQConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs_from(kwargs))
         if config.checkpoint_kind == "adapter":
-            return hub.load_adapter_checkpoint(cls, pretrained_model_name_or_path, config, **kwargs)
+            return load_adapter_checkpoint(cls, pretrained_model_name_or_path, config, **kwargs)
         kwargs["config"] = config
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        hub.maybe_load_lora(model, pretrained_model_name_or_path, kwargs)
+        maybe_load_lora(model, pretrained_model_name_or_path, kwargs)
         return model
 
     def save_pretrained(
@@ -396,10 +397,10 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
                 codebook.
             eval_results: `{"results": {name: value}, "datasets": [...], "model_name": ...}` for the model card.
         """
-        from . import hub
+        from .hub import save_checkpoint
 
         kwargs.pop("safe_serialization", None)  # safetensors always
-        return hub.save_checkpoint(
+        return save_checkpoint(
             self,
             save_directory,
             kind=checkpoint_kind,
@@ -410,13 +411,13 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
             **kwargs,
         )
 
-    def _upload_modified_files(self, working_dir, *args, **kwargs):
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
         # `push_to_hub` saves through `save_pretrained`, then replaces README.md with a generic card; put ours
-        # back before the upload.
-        from . import hub
+        # back (titled with the repo's name) before the upload.
+        from .hub import write_model_card
 
-        hub.write_model_card(self, Path(working_dir), kind=self.config.checkpoint_kind)
-        return super()._upload_modified_files(working_dir, *args, **kwargs)
+        write_model_card(self, Path(working_dir), kind=self.config.checkpoint_kind, model_name=repo_id.split("/")[-1])
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------------
     # edge / cloud entry points
