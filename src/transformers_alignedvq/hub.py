@@ -32,7 +32,9 @@ ALIGNEDVQ_WEIGHTS_NAME = "alignedvq.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 LORA_SUBFOLDER = "lora"
-EDGE_FILES = ("edge_config.json", "edge_model.safetensors", "preprocessor_config.json")
+# Transformers 5 keeps the image processor's settings inside processor_config.json (older checkpoints:
+# preprocessor_config.json); the edge needs them to resize and normalise images.
+EDGE_FILES = ("edge_config.json", "edge_model.safetensors", "processor_config.json", "preprocessor_config.json")
 _ALIGNEDVQ_PREFIX = "model.alignedvq."
 _EMA_BUFFERS = ("quantizer.cluster_size", "quantizer.embed_sum")
 # Source files a checkpoint carries for `trust_remote_code=True` (the modeling file and what it imports).

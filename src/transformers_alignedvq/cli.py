@@ -1,0 +1,285 @@
+"""``alignedvq`` command line: serve, ask, export-edge, info, demo.
+
+    alignedvq serve --model MODEL_DIR --host 0.0.0.0 --port 8000
+    alignedvq export-edge --model MODEL_DIR --output EDGE_DIR
+    alignedvq ask --server http://cloud:8000 --edge EDGE_DIR --image photo.png "What color is the shape?"
+    alignedvq info --model MODEL_DIR_OR_EDGE_DIR
+    alignedvq demo --model MODEL_DIR
+
+Also runnable as ``python -m transformers_alignedvq.cli``. Heavy imports happen inside the subcommands, so
+``ask`` never loads the server or the language model code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+NO_BUNDLED_MODEL = "no bundled model in this build; pass --model"
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as ``alignedvq: error: ...`` with exit status 1."""
+
+
+def _default_model(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    import transformers_alignedvq
+
+    default = getattr(transformers_alignedvq, "DEFAULT_MODEL", None)
+    if not default:
+        raise CliError(NO_BUNDLED_MODEL)
+    return str(default)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------------------
+def cmd_serve(args) -> int:
+    from .server import ServerConfigError, serve
+
+    _set_threads(args.threads)
+    model = _default_model(args.model)
+    try:
+        serve(
+            model, host=args.host, port=args.port, log_level=args.log_level,
+            max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+            max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
+        )
+    except ServerConfigError as exc:
+        raise CliError(str(exc)) from exc
+    return 0
+
+
+def _edge_folder(path: str, scratch: Path) -> str:
+    """An exported edge folder for ``path``; a full model folder is exported into ``scratch`` first."""
+    folder = Path(path)
+    if folder.is_dir() and not (folder / "edge_config.json").is_file() and (folder / "config.json").is_file():
+        from .edge_export import export_edge
+
+        print(f"{folder} is a full model folder: exporting its edge part once (use export-edge to keep it)",
+              file=sys.stderr)
+        return str(export_edge(folder, scratch / "edge"))
+    return path
+
+
+def cmd_ask(args) -> int:
+    from .client import EdgeClient
+
+    _set_threads(args.threads)
+    if not Path(args.image).is_file():
+        raise CliError(f"image {args.image} not found")
+    with tempfile.TemporaryDirectory() as scratch:
+        edge = _edge_folder(args.edge, Path(scratch))
+        with EdgeClient(edge, args.server, timeout=args.timeout, retries=args.retries) as client:
+            answer = client.ask(args.image, args.question)
+    if args.json:
+        print(json.dumps({
+            "answer": answer.text, "bytes_sent": answer.bytes_sent, "edge_ms": answer.edge_ms,
+            "transfer_ms": answer.transfer_ms, "cloud_ms": answer.cloud_ms, "total_ms": answer.total_ms,
+            "attempts": answer.attempts, "server": answer.server,
+        }, indent=2))
+        return 0
+    print(f"answer:     {answer.text}")
+    print(f"bytes sent: {answer.bytes_sent}")
+    print(f"time (ms):  edge {answer.edge_ms:.1f} + transfer {answer.transfer_ms:.1f} + cloud {answer.cloud_ms:.1f}"
+          f" = {answer.edge_ms + answer.transfer_ms + answer.cloud_ms:.1f} (wall {answer.total_ms:.1f},"
+          f" {answer.attempts} attempt(s))")
+    return 0
+
+
+def cmd_export_edge(args) -> int:
+    from .edge import AlignedVQEdgeEncoder
+    from .edge_export import export_edge
+
+    out = export_edge(args.model, args.output)
+    edge = AlignedVQEdgeEncoder.from_pretrained(out)  # proves the export loads on its own
+    files = sorted(p.name for p in Path(out).iterdir())
+    print(f"edge part of {args.model} written to {out}: {', '.join(files)}")
+    print(f"edge weights: {edge.num_bytes() / 2**20:.2f} MiB, codebook fingerprint {edge.codebook_fingerprint().hex()}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .edge_export import describe_checkpoint
+
+    summary = describe_checkpoint(args.model)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    width = max(len(key) for key in summary)
+    for key, value in summary.items():
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
+def _normalise(text: str) -> str:
+    return " ".join(text.lower().replace("?", " ").replace(".", " ").split())
+
+
+def _encoded_size(image, fmt: str, **options) -> int:
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=fmt, **options)
+    return buffer.tell()
+
+
+def demo_samples(images: int, questions_per_image: int, split: str = "test") -> list[dict]:
+    """``[{"image": PIL, "question", "answer", "image_id"}]`` from the first ``images`` easy-VQA images."""
+    from PIL import Image
+
+    try:
+        from .data import load_easy_vqa
+    except ImportError:  # the data module (or `datasets`) is absent: read the easy-vqa package directly
+        load_easy_vqa = None
+    rows: list[dict] = []
+    per_image: dict[int, int] = {}
+    if load_easy_vqa is not None:
+        # The split is ordered by image, about 8 questions each; over-read so `images` distinct ones appear.
+        dataset = load_easy_vqa(split, limit=images * 24)
+        source = ({"image": r["image"], "question": r["question"], "answer": r["answer"], "image_id": r["image_id"]}
+                  for r in dataset)
+    else:
+        import easy_vqa
+
+        questions, answers, ids = getattr(easy_vqa, f"get_{split}_questions")()
+        paths = getattr(easy_vqa, f"get_{split}_image_paths")()
+        source = ({"image": Image.open(paths[i]).convert("RGB"), "question": q, "answer": a, "image_id": i}
+                  for q, a, i in zip(questions, answers, ids))
+    for row in source:
+        image_id = row["image_id"]
+        if image_id not in per_image and len(per_image) == images:
+            break
+        if per_image.get(image_id, 0) < questions_per_image:
+            per_image[image_id] = per_image.get(image_id, 0) + 1
+            rows.append(row)
+    return rows
+
+
+def cmd_demo(args) -> int:
+    from .client import EdgeClient
+    from .edge_export import export_edge
+    from .server import BackgroundServer, ServerConfigError, create_app
+
+    _set_threads(args.threads)
+    model = _default_model(args.model)
+    samples = demo_samples(args.images, args.questions_per_image)
+    if not samples:
+        raise CliError("no easy-VQA samples found")
+    with tempfile.TemporaryDirectory() as scratch:
+        edge_dir = export_edge(model, Path(scratch) / "edge")
+        try:
+            app = create_app(model, max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size)
+        except ServerConfigError as exc:
+            raise CliError(str(exc)) from exc
+        with BackgroundServer(app, host="127.0.0.1", port=0) as server, EdgeClient(edge_dir, server.url) as client:
+            print(f"cloud server on {server.url}; edge client loaded from the exported edge part "
+                  f"({client.encoder.num_bytes() / 2**20:.2f} MiB of weights)")
+            correct = 0
+            header = (f"{'question':<40} {'answer':<16} {'truth':<10} {'sent':>5} {'PNG':>6} {'JPEG90':>6} "
+                      f"{'edge':>6} {'xfer':>6} {'cloud':>7}")
+            print(header)
+            print("-" * len(header))
+            for row in samples:
+                answer = client.ask(row["image"], row["question"])
+                ok = _normalise(answer.text) == _normalise(row["answer"])
+                correct += ok
+                print(f"{row['question'][:40]:<40} {answer.text[:16]:<16} {row['answer'][:10]:<10} "
+                      f"{answer.bytes_sent:>5} {_encoded_size(row['image'], 'PNG'):>6} "
+                      f"{_encoded_size(row['image'], 'JPEG', quality=90):>6} {answer.edge_ms:>6.1f} "
+                      f"{answer.transfer_ms:>6.1f} {answer.cloud_ms:>7.1f}")
+    print(f"accuracy: {correct}/{len(samples)} = {correct / len(samples):.1%}  (bytes in B, times in ms)")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignedvq", description="AlignedVQ edge-cloud split inference for LLaVA models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the cloud server", description="Serve POST /v1/answer (see server.py).")
+    serve.add_argument("--model", help="model folder or Hub id (default: the bundled model, if any)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch-size", type=int, default=8)
+    serve.add_argument("--max-wait-ms", type=float, default=5.0)
+    serve.add_argument("--max-queue", type=int, default=64)
+    serve.add_argument("--max-new-tokens", type=int, default=32)
+    serve.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
+    serve.add_argument("--dtype", default=None, help="e.g. float32, bfloat16, auto")
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=cmd_serve)
+
+    ask = sub.add_parser("ask", help="ask a question about an image via a server",
+                         description="Run the edge part locally, send the indices, print the answer.")
+    ask.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
+    ask.add_argument("--edge", required=True, help="exported edge folder, Hub id, or a full model folder")
+    ask.add_argument("--image", required=True, help="image file")
+    ask.add_argument("question")
+    ask.add_argument("--timeout", type=float, default=60.0)
+    ask.add_argument("--retries", type=int, default=3)
+    ask.add_argument("--threads", type=int, default=None)
+    ask.add_argument("--json", action="store_true", help="print the answer and timings as JSON")
+    ask.set_defaults(func=cmd_ask)
+
+    export = sub.add_parser("export-edge", help="write the edge part of a model folder",
+                            description="Save the edge encoder and the image processor config into a folder.")
+    export.add_argument("--model", required=True, help="full model folder")
+    export.add_argument("--output", required=True, help="edge folder to write")
+    export.set_defaults(func=cmd_export_edge)
+
+    info = sub.add_parser("info", help="print the edge/cloud contract of a model or edge folder",
+                          description="Split point, codebook, bits per index, tokens, fingerprint, frame bytes.")
+    info.add_argument("--model", required=True, help="full model folder or exported edge folder")
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+
+    demo = sub.add_parser("demo", help="server + edge client on loopback over easy-VQA samples",
+                          description="Start a server in a background thread and ask it about easy-VQA test images.")
+    demo.add_argument("--model", help="model folder (default: the bundled model, if any)")
+    demo.add_argument("--images", type=int, default=4, help="number of sample images")
+    demo.add_argument("--questions-per-image", type=int, default=2)
+    demo.add_argument("--max-new-tokens", type=int, default=8)
+    demo.add_argument("--max-batch-size", type=int, default=8)
+    demo.add_argument("--threads", type=int, default=None)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .edge import EdgeCheckpointError
+    from .wire import WireFormatError
+
+    handled: tuple[type[BaseException], ...] = (CliError, EdgeCheckpointError, WireFormatError, FileNotFoundError)
+    try:
+        from .client import EdgeClientError
+        from .edge_export import CheckpointError
+
+        handled += (EdgeClientError, CheckpointError)
+    except ImportError:  # httpx is optional (the `serve` extra); without it only `ask` is unavailable
+        pass
+    try:
+        return args.func(args)
+    except handled as exc:
+        print(f"alignedvq: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

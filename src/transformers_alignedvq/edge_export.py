@@ -1,0 +1,162 @@
+"""What the edge device needs, cut out of a full checkpoint, and a summary of the edge/cloud contract.
+
+* `export_edge(model_dir, out_dir)`: the edge encoder weights (``edge_config.json`` +
+  ``edge_model.safetensors``) plus the image processor (``preprocessor_config.json``), which is all
+  `transformers_alignedvq.client.EdgeClient` loads.
+* `describe(...)`, `describe_checkpoint(path)`: split point, codebook size, bits per index, tokens, codebook
+  fingerprint and frame size, for ``GET /v1/model`` and ``alignedvq info``. `describe_checkpoint` reads
+  only the config and the codebook tensor, not the model.
+
+Nothing here imports the language model at module level: the edge client imports this module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from . import wire
+from .edge import EDGE_CONFIG_NAME, EDGE_WEIGHTS_NAME
+
+PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+# Transformers 5 saves a processor's image processor inside this file instead of the one above.
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+# Key of the codebook tensor in a full checkpoint and in an edge checkpoint.
+_FULL_CODEBOOK_KEY = "model.alignedvq.quantizer.codebook"
+_EDGE_CODEBOOK_KEY = "alignedvq.quantizer.codebook"
+
+
+class CheckpointError(ValueError):
+    """A model or edge folder is missing files or is not an AlignedVQ checkpoint."""
+
+
+def frame_geometry(image_size: int, patch_size: int) -> dict[str, Any]:
+    """Tokens per image and the grid recorded in frames: CLIP order, CLS token first."""
+    side = image_size // patch_size
+    return {"grid": (side, side), "has_cls_token": True, "num_tokens": side * side + 1}
+
+
+def describe(*, settings: dict[str, Any], image_size: int, patch_size: int, fingerprint: bytes) -> dict[str, Any]:
+    """The edge/cloud contract as a JSON-ready dict (both sides must agree on all of it)."""
+    geometry = frame_geometry(image_size, patch_size)
+    codes = settings["num_codebooks"] * settings["num_groups"]
+    size = settings["codebook_size"]
+    payload = wire.raw_payload_bytes(geometry["num_tokens"], codebook_size=size, codes_per_token=codes)
+    return {
+        "split_layer": settings["split_layer"],
+        "split_site": settings["split_site"],
+        "codebook_size": size,
+        "bits_per_index": wire.bits_per_index(size),
+        "num_codebooks": settings["num_codebooks"],
+        "num_groups": settings["num_groups"],
+        "codes_per_token": codes,
+        "num_tokens": geometry["num_tokens"],
+        "grid": list(geometry["grid"]),
+        "has_cls_token": geometry["has_cls_token"],
+        "image_size": image_size,
+        "patch_size": patch_size,
+        "codebook_fingerprint": fingerprint.hex(),
+        "payload_bytes": payload,
+        # Without a prompt; a prompt adds 4 bytes of length plus its UTF-8 bytes.
+        "frame_bytes": payload + wire.frame_overhead_bytes(),
+    }
+
+
+def _settings(config: dict[str, Any]) -> dict[str, Any]:
+    keys = ("split_layer", "split_site", "codebook_size", "num_codebooks", "num_groups")
+    missing = [key for key in keys if key not in config]
+    if missing:
+        raise CheckpointError(f"config lacks AlignedVQ settings {missing}; is this an AlignedVQ checkpoint?")
+    return {key: config[key] for key in keys}
+
+
+def _read_tensor(weights: list[Path], key: str):
+    from safetensors import safe_open
+
+    for path in weights:
+        # "pt" rather than "numpy": numpy has no bfloat16, should a codebook ever be stored in it.
+        with safe_open(str(path), framework="pt") as handle:
+            if key in handle.keys():
+                return handle.get_tensor(key)
+    raise CheckpointError(f"no tensor {key!r} in {', '.join(p.name for p in weights)}")
+
+
+def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """`describe` for a saved full model folder or an exported edge folder, reading only the config and
+    the codebook (no model is built)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory} is not a directory")
+    # Full checkpoints carry the edge files too, so config.json decides which kind this is.
+    if (directory / "config.json").is_file():
+        config = json.loads((directory / "config.json").read_text())
+        if config.get("model_type") != "llava_alignedvq":
+            raise CheckpointError(
+                f"{directory / 'config.json'} has model_type {config.get('model_type')!r}, not 'llava_alignedvq'; "
+                "convert the LLaVA checkpoint with LlavaAlignedVQForConditionalGeneration.from_llava first"
+            )
+        vision = config.get("vision_config", {})
+        index = directory / "model.safetensors.index.json"
+        if index.is_file():
+            shard = json.loads(index.read_text())["weight_map"].get(_FULL_CODEBOOK_KEY)
+            if shard is None:
+                raise CheckpointError(f"{index.name} does not list {_FULL_CODEBOOK_KEY}")
+            weights = [directory / shard]
+        else:
+            weights = sorted(p for p in directory.glob("*.safetensors") if p.name != EDGE_WEIGHTS_NAME)
+        key, kind = _FULL_CODEBOOK_KEY, "full"
+    elif (directory / EDGE_CONFIG_NAME).is_file():
+        config = json.loads((directory / EDGE_CONFIG_NAME).read_text())
+        vision = config.get("vision_config", {})
+        weights, key, kind = [directory / EDGE_WEIGHTS_NAME], _EDGE_CODEBOOK_KEY, "edge"
+    else:
+        raise CheckpointError(f"{directory} holds neither config.json nor {EDGE_CONFIG_NAME}")
+    if not weights or not all(p.is_file() for p in weights):
+        raise CheckpointError(f"no safetensors weights found in {directory}")
+    try:
+        image_size, patch_size = int(vision["image_size"]), int(vision["patch_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"vision_config lacks image_size/patch_size: {exc}") from exc
+    summary = describe(
+        settings=_settings(config),
+        image_size=image_size,
+        patch_size=patch_size,
+        fingerprint=wire.codebook_fingerprint(_read_tensor(weights, key)),
+    )
+    return {"checkpoint": kind, **summary}
+
+
+def export_edge(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Load the full model in ``model_dir``, save its edge encoder and image processor into ``out_dir``.
+
+    The image processor is copied as the model folder's ``preprocessor_config.json`` when there is one;
+    Transformers 5 keeps it inside ``processor_config.json`` instead, so otherwise it is loaded and saved,
+    which writes the same settings as a standalone ``preprocessor_config.json``.
+    """
+    import torch
+    from transformers import AutoImageProcessor, AutoModel
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(f"{model_dir} is not a saved model folder (no config.json)")
+    model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+    if not hasattr(model, "edge_encoder"):
+        raise CheckpointError(f"{model_dir} holds a {type(model).__name__}, not an AlignedVQ model")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.eval().edge_encoder().save_pretrained(out_dir)
+    source = model_dir / PREPROCESSOR_CONFIG_NAME
+    if source.is_file():
+        shutil.copyfile(source, out_dir / PREPROCESSOR_CONFIG_NAME)
+    else:
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(model_dir)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"{model_dir} has no image processor ({PREPROCESSOR_CONFIG_NAME} or processor_config.json); "
+                "save the model's processor next to it"
+            ) from exc
+        image_processor.save_pretrained(out_dir)
+    return out_dir

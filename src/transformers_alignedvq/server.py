@@ -1,0 +1,645 @@
+"""Cloud server: answers questions about images it never sees, from AlignedVQ frames.
+
+The edge posts one wire frame per request (`transformers_alignedvq.wire`, Content-Type
+``application/octet-stream``, the raw bytes as the body) holding the image's codebook indices and the
+question as the frame's prompt. The server decodes and checks the frame, turns the question into the
+model's chat prompt, and answers with greedy generation.
+
+Routes:
+
+* ``POST /v1/answer`` -> ``{"answer", "bytes_received", "batch_size", "generated_tokens", "timing_ms":
+  {"receive_body", "decode_frame", "queue", "generate", "total"}}``. ``generate`` is the cloud vision part
+  (codebook lookup, rest of the vision tower, projector) plus the language model; ``total`` runs from the
+  last body byte to the response (receiving the body is transfer time, reported apart as ``receive_body``).
+* ``GET /healthz`` -> ``{"status": "ok", "queue_depth", ...}``.
+* ``GET /v1/model`` -> the edge/cloud contract (split, codebook size, bits per index, tokens, codebook
+  fingerprint, frame bytes) and the serving limits.
+
+Errors are JSON ``{"error": {"type": ..., "message": ...}}``:
+
+====  =========================  ==============================================================
+code  type                       when
+====  =========================  ==============================================================
+400   ``empty_body``             no body
+400   ``malformed_frame``        not a valid frame: bad magic, truncated, trailing bytes, bad CRC,
+                                 unknown version or flags, inconsistent header, bad padding,
+                                 prompt not UTF-8
+404   ``not_found``              unknown route
+405   ``method_not_allowed``     wrong HTTP method
+409   ``codebook_mismatch``      the frame's codebook fingerprint is not this model's
+413   ``payload_too_large``      body (or its Content-Length) above ``max_body_bytes``, or the
+                                 question above ``max_prompt_bytes``
+415   ``unsupported_media_type`` Content-Type not ``application/octet-stream``, or a
+                                 Content-Encoding other than identity
+422   ``incompatible_frame``     a well-formed frame this model cannot use: codebook size, token
+                                 count or codes per token differ, an index >= K, entropy-coded
+                                 without (or with another) entropy model
+422   ``invalid_question``       no prompt in the frame, a blank question, or one that contains the
+                                 image placeholder token
+503   ``overloaded``             the request queue is full (``Retry-After`` says when to retry)
+503   ``shutting_down``          the server is stopping
+500   ``internal_error``         a bug: nothing a client sends should cause it
+====  =========================  ==============================================================
+
+Concurrent requests are batched: requests wait in a bounded asyncio queue; one worker takes the first,
+collects more until it has ``max_batch_size`` or ``max_wait_ms`` passed, and runs one left-padded greedy
+``generate`` in a worker thread, so the event loop keeps accepting (and refusing) requests meanwhile.
+Greedy decoding with an attention mask makes a batched answer equal to the unbatched one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from . import wire
+from .edge_export import describe
+
+logger = logging.getLogger(__name__)
+
+FRAME_MEDIA_TYPE = "application/octet-stream"
+DEFAULT_MAX_NEW_TOKENS = 32
+DEFAULT_MAX_PROMPT_BYTES = 2048
+# LLaVA-1.5's format, for tokenizers saved without a chat template.
+FALLBACK_PROMPT = "USER: {image}\n{question} ASSISTANT:"
+
+
+class ServerConfigError(ValueError):
+    """The model folder or the server settings cannot be served (raised at start-up, never per request)."""
+
+
+class ApiError(Exception):
+    """An error answered to the client as ``{"error": {"type", "message"}}`` with an HTTP status."""
+
+    def __init__(self, status: int, type_: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.type, self.message, self.headers = status, type_, message, headers or {}
+
+
+# Documented prefixes of `wire.decode_frame` messages (docs/wire-format.md, "Errors") -> (status, type).
+# Checked in order; anything else the decoder raises is a malformed frame (400).
+_WIRE_ERRORS = (
+    ("codebook fingerprint mismatch", 409, "codebook_mismatch"),
+    ("codebook size mismatch", 422, "incompatible_frame"),
+    ("token count mismatch", 422, "incompatible_frame"),
+    ("codes per token mismatch", 422, "incompatible_frame"),
+    ("decoded index out of range", 422, "incompatible_frame"),
+    ("frame is entropy-coded", 422, "incompatible_frame"),
+    ("entropy model mismatch", 422, "incompatible_frame"),
+    ("entropy distribution mismatch", 422, "incompatible_frame"),
+)
+
+
+def classify_wire_error(exc: wire.WireFormatError) -> ApiError:
+    message = str(exc)
+    for prefix, status, type_ in _WIRE_ERRORS:
+        if message.startswith(prefix):
+            return ApiError(status, type_, message)
+    return ApiError(400, "malformed_frame", message)
+
+
+@dataclass
+class _Job:
+    indices: torch.Tensor
+    input_ids: list[int]
+    future: asyncio.Future
+    enqueued: float
+    started: float = 0.0
+    batch_size: int = 0
+
+
+@dataclass
+class _Result:
+    text: str
+    generated_tokens: int
+    generate_s: float
+
+
+class AnswerEngine:
+    """The model side: question -> prompt token ids, and one batched greedy generate."""
+
+    def __init__(self, model, tokenizer, *, processor=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
+        from transformers import GenerationConfig
+
+        if max_new_tokens < 1:
+            raise ServerConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        config = model.config
+        for attribute in ("codebook_size", "num_image_tokens", "codes_per_token", "split_layer"):
+            if not hasattr(config, attribute):
+                raise ServerConfigError(f"{type(model).__name__} is not an AlignedVQ model (config lacks {attribute})")
+        self.model, self.tokenizer, self.processor = model.eval(), tokenizer, processor
+        self.config = config
+        self.fingerprint = model.codebook_fingerprint()
+        self.max_new_tokens = max_new_tokens
+        self.image_token = (getattr(processor, "image_token", None) or getattr(tokenizer, "image_token", None)
+                            or "<image>")
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        if self.image_token_id != config.image_token_id:
+            raise ServerConfigError(
+                f"the tokenizer maps {self.image_token!r} to id {self.image_token_id}, the model expects image "
+                f"token id {config.image_token_id}; the processor and the model do not belong together"
+            )
+        # LLaVA's "default" strategy drops the CLS feature before the language model.
+        drops_cls = config.vision_feature_select_strategy == "default"
+        self.lm_image_tokens = config.num_image_tokens - (1 if drops_cls else 0)
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_token_id is None:
+            raise ServerConfigError("the tokenizer has neither a pad nor an eos token; batched generation needs one")
+        eos = model.generation_config.eos_token_id
+        eos = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        self.eos_token_ids = eos
+        # A fresh config, not the checkpoint's: its sampling defaults must not leak into greedy serving.
+        self.generation_config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+            pad_token_id=self.pad_token_id, eos_token_id=eos or None,
+        )
+        template_owner = processor if getattr(processor, "chat_template", None) else tokenizer
+        self._template_owner = template_owner if getattr(template_owner, "chat_template", None) else None
+        geometry = describe(
+            settings={key: getattr(config, key)
+                      for key in ("split_layer", "split_site", "codebook_size", "num_codebooks", "num_groups")},
+            image_size=config.vision_config.image_size,
+            patch_size=config.vision_config.patch_size,
+            fingerprint=self.fingerprint,
+        )
+        if geometry["num_tokens"] != config.num_image_tokens:
+            raise ServerConfigError(
+                f"frames would carry {geometry['num_tokens']} tokens but the model makes {config.num_image_tokens}"
+            )
+        self.summary = geometry
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.model.alignedvq.quantizer.codebook.device
+
+    def prompt_text(self, question: str) -> str:
+        if self._template_owner is None:
+            return FALLBACK_PROMPT.format(image=self.image_token, question=question)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return self._template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def input_ids(self, question: str) -> list[int]:
+        """Token ids of the chat prompt with the image placeholder expanded, as `LlavaProcessor` makes them."""
+        text = self.prompt_text(question)
+        if text.count(self.image_token) != 1:
+            raise ApiError(
+                422, "invalid_question",
+                f"the question must not contain the image placeholder {self.image_token!r}",
+            )
+        text = text.replace(self.image_token, self.image_token * self.lm_image_tokens)
+        ids = self.tokenizer(text)["input_ids"]
+        if sum(1 for i in ids if i == self.image_token_id) != self.lm_image_tokens:
+            raise ApiError(
+                422, "invalid_question",
+                f"the question tokenizes to extra image placeholder tokens (id {self.image_token_id})",
+            )
+        return list(ids)
+
+    def generate(self, batch: list[tuple[torch.Tensor, list[int]]]) -> list[_Result]:
+        """One left-padded greedy generate for ``[(indices (tokens, codes), input_ids), ...]``."""
+        start = time.perf_counter()
+        length = max(len(ids) for _, ids in batch)
+        input_ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros_like(input_ids)
+        for row, (_, ids) in enumerate(batch):
+            input_ids[row, length - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, length - len(ids):] = 1
+        indices = torch.stack([ind for ind, _ in batch])
+        if self.config.codes_per_token == 1:
+            indices = indices.squeeze(-1)
+        device = self.device
+        with torch.inference_mode():
+            out = self.model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                image_indices=indices.to(device), generation_config=self.generation_config,
+            )
+        elapsed = time.perf_counter() - start
+        results = []
+        for row in out[:, length:].tolist():
+            # Rows that finished early are padded after their eos; the answer ends at the first eos.
+            end = next((i for i, token in enumerate(row) if token in self.eos_token_ids), len(row))
+            text = self.tokenizer.decode(row[:end], skip_special_tokens=True).strip()
+            results.append(_Result(text=text, generated_tokens=end, generate_s=elapsed))
+        return results
+
+
+class QueueFull(Exception):
+    pass
+
+
+class DynamicBatcher:
+    """Bounded queue + one worker that runs `run_batch` on up to ``max_batch_size`` queued jobs at once."""
+
+    def __init__(self, run_batch: Callable[[list[_Job]], list[_Result]], *, max_batch_size: int,
+                 max_wait_ms: float, max_queue: int):
+        self.run_batch = run_batch
+        self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_ms / 1000.0, max_queue
+        self.queue: asyncio.Queue[_Job] | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._batch_seconds = 0.0  # moving average, for Retry-After
+        self.in_flight = 0
+        self.batches = 0
+        self.requests = 0
+        self.stopping = False
+
+    async def start(self) -> None:
+        # Restartable: the same app may go through several lifespans (tests, embedded servers).
+        self.stopping = False
+        self.queue = asyncio.Queue(maxsize=self.max_queue)
+        # One thread: generate calls never overlap, so batches are the only parallelism.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignedvq-generate")
+        self._task = asyncio.create_task(self._worker(), name="alignedvq-batcher")
+
+    async def stop(self) -> None:
+        self.stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        while self.queue is not None and not self.queue.empty():
+            job = self.queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(ApiError(503, "shutting_down", "the server is shutting down"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    def queue_depth(self) -> int:
+        return self.queue.qsize() if self.queue is not None else 0
+
+    def retry_after_seconds(self) -> int:
+        """Whole seconds until the queue has likely drained enough to take one more request."""
+        batches_ahead = self.queue_depth() / self.max_batch_size + 1
+        return max(1, min(60, math.ceil(self._batch_seconds * batches_ahead)))
+
+    def submit(self, job: _Job) -> None:
+        if self.stopping or self.queue is None:
+            raise ApiError(503, "shutting_down", "the server is shutting down")
+        try:
+            self.queue.put_nowait(job)
+        except asyncio.QueueFull:
+            raise QueueFull from None
+
+    async def _collect(self) -> list[_Job]:
+        assert self.queue is not None
+        batch = [await self.queue.get()]
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.max_wait_s
+        while len(batch) < self.max_batch_size:
+            if not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                continue
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+            except asyncio.TimeoutError:
+                break
+        # A job whose client went away was cancelled: do not spend compute on it.
+        return [job for job in batch if not job.future.done()]
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._collect()
+            if not batch:
+                continue
+            started = time.perf_counter()
+            for job in batch:
+                job.started, job.batch_size = started, len(batch)
+            self.in_flight = len(batch)
+            try:
+                results = await loop.run_in_executor(self._executor, self.run_batch, batch)
+            except Exception as exc:  # a bug or a model failure: every waiting client gets a 500, the server lives
+                logger.exception("batched generate failed")
+                for job in batch:
+                    if not job.future.done():
+                        job.future.set_exception(exc)
+            else:
+                for job, result in zip(batch, results):
+                    if not job.future.done():
+                        job.future.set_result(result)
+            finally:
+                self.in_flight = 0
+            seconds = time.perf_counter() - started
+            self._batch_seconds = seconds if self.batches == 0 else 0.8 * self._batch_seconds + 0.2 * seconds
+            self.batches += 1
+            self.requests += len(batch)
+
+
+def _error_response(error: ApiError) -> JSONResponse:
+    return JSONResponse(
+        {"error": {"type": error.type, "message": error.message}}, status_code=error.status, headers=error.headers
+    )
+
+
+def _load(model_dir_or_model, processor, device, dtype):
+    from transformers import AutoModel, AutoProcessor, AutoTokenizer
+
+    if isinstance(model_dir_or_model, (str, os.PathLike)):
+        source = str(model_dir_or_model)
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        model = AutoModel.from_pretrained(source, **kwargs)
+    else:
+        model = model_dir_or_model
+        source = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", None)
+    if device is not None:
+        model = model.to(device)
+    if processor is None:
+        if not source:
+            raise ServerConfigError("pass processor= when serving a model object that was not loaded from a folder")
+        try:
+            processor = AutoProcessor.from_pretrained(source)
+        except (OSError, ValueError, TypeError):
+            processor = None
+        if processor is None or not hasattr(processor, "tokenizer"):
+            try:
+                processor = AutoTokenizer.from_pretrained(source)
+            except (OSError, ValueError) as exc:
+                raise ServerConfigError(f"no processor or tokenizer found in {source}: {exc}") from exc
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return model, (processor if processor is not tokenizer else None), tokenizer
+
+
+def create_app(
+    model_dir_or_model,
+    *,
+    processor=None,
+    max_batch_size: int = 8,
+    max_wait_ms: float = 5.0,
+    max_queue: int = 64,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
+    max_body_bytes: int | None = None,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    entropy_model: wire.IndexDistribution | None = None,
+    warmup: bool = True,
+) -> FastAPI:
+    """The cloud app for a saved model folder (or Hub id), or a loaded model plus its ``processor``.
+
+    ``max_body_bytes`` defaults to the largest valid frame: the index frame plus a prompt of
+    ``max_prompt_bytes`` (plus entropy-header slack when an ``entropy_model`` is given). ``warmup`` runs one
+    tiny generate before serving, which also proves the processor and the model fit together.
+    """
+    if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0 or max_prompt_bytes < 1:
+        raise ServerConfigError(
+            f"need max_batch_size >= 1, max_queue >= 1, max_wait_ms >= 0, max_prompt_bytes >= 1; got "
+            f"{max_batch_size}, {max_queue}, {max_wait_ms}, {max_prompt_bytes}"
+        )
+    model, processor, tokenizer = _load(model_dir_or_model, processor, device, dtype)
+    engine = AnswerEngine(model, tokenizer, processor=processor, max_new_tokens=max_new_tokens)
+    summary = engine.summary
+    if max_body_bytes is None:
+        max_body_bytes = summary["frame_bytes"] + wire.PROMPT_LENGTH_SIZE + max_prompt_bytes
+        if entropy_model is not None:  # an ANS payload can exceed the raw one on improbable indices
+            max_body_bytes += wire.ENTROPY_EXTENSION_SIZE + summary["payload_bytes"]
+    num_tokens, codes = summary["num_tokens"], summary["codes_per_token"]
+    if warmup:
+        zeros = torch.zeros(num_tokens, codes, dtype=torch.long)
+        engine.generate([(zeros, engine.input_ids("warm up"))])
+
+    def run_batch(jobs: list[_Job]) -> list[_Result]:
+        return engine.generate([(job.indices, job.input_ids) for job in jobs])
+
+    batcher = DynamicBatcher(run_batch, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(title="AlignedVQ cloud", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine, app.state.batcher = engine, batcher
+    app.state.max_body_bytes, app.state.max_prompt_bytes = max_body_bytes, max_prompt_bytes
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        types = {404: "not_found", 405: "method_not_allowed"}
+        return _error_response(ApiError(exc.status_code, types.get(exc.status_code, "http_error"), str(exc.detail),
+                                        dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        logger.exception("unhandled error")
+        return _error_response(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+
+    @app.get("/healthz")
+    async def healthz():
+        return {
+            "status": "shutting_down" if batcher.stopping else "ok",
+            "queue_depth": batcher.queue_depth(),
+            "max_queue": max_queue,
+            "in_flight": batcher.in_flight,
+            "batches": batcher.batches,
+            "requests": batcher.requests,
+        }
+
+    info = {
+        "model_type": model.config.model_type,
+        "name_or_path": str(getattr(model, "name_or_path", "") or ""),
+        **summary,
+        "lm_image_tokens": engine.lm_image_tokens,
+        "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
+        "entropy_distribution_id": entropy_model.distribution_id.hex() if entropy_model is not None else None,
+        "max_new_tokens": max_new_tokens,
+        "max_batch_size": max_batch_size,
+        "max_wait_ms": max_wait_ms,
+        "max_queue": max_queue,
+        "max_body_bytes": max_body_bytes,
+        "max_prompt_bytes": max_prompt_bytes,
+        "frame_media_type": FRAME_MEDIA_TYPE,
+    }
+
+    @app.get("/v1/model")
+    async def model_info():
+        return info
+
+    async def read_body(request: Request) -> bytes:
+        media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media_type != FRAME_MEDIA_TYPE:
+            raise ApiError(415, "unsupported_media_type",
+                           f"send the frame as {FRAME_MEDIA_TYPE}, got Content-Type {media_type or '(none)'!r}")
+        encoding = request.headers.get("content-encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            raise ApiError(415, "unsupported_media_type", f"Content-Encoding {encoding!r} is not supported")
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            try:
+                declared_bytes = int(declared)
+            except ValueError:
+                raise ApiError(400, "bad_request", f"invalid Content-Length {declared!r}") from None
+            if declared_bytes > max_body_bytes:
+                raise ApiError(413, "payload_too_large",
+                               f"body of {declared_bytes} bytes exceeds the limit of {max_body_bytes} bytes")
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body_bytes:  # chunked uploads have no Content-Length to check up front
+                    raise ApiError(413, "payload_too_large", f"body exceeds the limit of {max_body_bytes} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise ApiError(400, "client_disconnected", "the client disconnected while sending the body") from None
+        body = b"".join(chunks)
+        if not body:
+            raise ApiError(400, "empty_body", "the body is empty; send one AlignedVQ frame")
+        return body
+
+    @app.post("/v1/answer")
+    async def answer(request: Request):
+        t_start = time.perf_counter()
+        body = await read_body(request)
+        t_body = time.perf_counter()
+        try:
+            frame = wire.decode_frame(
+                body, codebook_size=summary["codebook_size"], codebook_fingerprint=engine.fingerprint,
+                num_tokens=num_tokens, codes_per_token=codes, entropy_model=entropy_model,
+            )
+        except wire.WireFormatError as exc:
+            raise classify_wire_error(exc) from None
+        question = frame.prompt
+        if question is None or not question.strip():
+            raise ApiError(422, "invalid_question", "the frame carries no question; put it in the frame's prompt")
+        if len(question.encode("utf-8")) > max_prompt_bytes:
+            raise ApiError(413, "payload_too_large", f"the question exceeds {max_prompt_bytes} bytes")
+        input_ids = engine.input_ids(question)
+        indices = torch.from_numpy(frame.indices.copy())
+        t_decoded = time.perf_counter()
+
+        job = _Job(indices=indices, input_ids=input_ids, future=asyncio.get_running_loop().create_future(),
+                   enqueued=t_decoded)
+        try:
+            batcher.submit(job)
+        except QueueFull:
+            retry = batcher.retry_after_seconds()
+            raise ApiError(503, "overloaded", f"the request queue is full ({max_queue}); retry in {retry} s",
+                           {"Retry-After": str(retry)}) from None
+        result: _Result = await job.future
+        t_done = time.perf_counter()
+        return {
+            "answer": result.text,
+            "bytes_received": len(body),
+            "batch_size": job.batch_size,
+            "generated_tokens": result.generated_tokens,
+            "timing_ms": {
+                "receive_body": 1000 * (t_body - t_start),
+                "decode_frame": 1000 * (t_decoded - t_body),
+                "queue": 1000 * (job.started - job.enqueued),
+                "generate": 1000 * result.generate_s,
+                "total": 1000 * (t_done - t_body),
+            },
+        }
+
+    return app
+
+
+@dataclass
+class BackgroundServer:
+    """Run an ASGI app with uvicorn in a daemon thread (demos, tests, benchmarks).
+
+    The listening socket is bound before the thread starts, so ``port=0`` picks a free port with no race.
+    Use as a context manager, or call `start` / `stop`.
+    """
+
+    app: Any
+    host: str = "127.0.0.1"
+    port: int = 0
+    log_level: str = "warning"
+    _server: Any = field(default=None, init=False, repr=False)
+    _thread: threading.Thread | None = field(default=None, init=False, repr=False)
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "BackgroundServer":
+        import uvicorn
+
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
+        # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only then, and without it a
+        # keep-alive response written in two parts stalls ~40 ms on the client's delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level=self.log_level))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True,
+                                        name="alignedvq-uvicorn")
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                self._server.should_exit = True
+                sock.close()
+                raise RuntimeError(f"the server did not start on {self.url} within {timeout} s")
+            time.sleep(0.01)
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> "BackgroundServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def serve(
+    model_dir_or_model,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    **app_kwargs,
+) -> None:
+    """Serve until interrupted (blocking). ``app_kwargs`` go to `create_app`."""
+    import uvicorn
+
+    app = create_app(model_dir_or_model, **app_kwargs)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)
+
+
+__all__ = [
+    "FRAME_MEDIA_TYPE",
+    "AnswerEngine",
+    "ApiError",
+    "BackgroundServer",
+    "DynamicBatcher",
+    "ServerConfigError",
+    "classify_wire_error",
+    "create_app",
+    "serve",
+]

@@ -1,0 +1,155 @@
+"""The ``alignedvq`` command line (`transformers_alignedvq.cli`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import transformers_alignedvq
+from transformers_alignedvq import cli
+from transformers_alignedvq.edge import AlignedVQEdgeEncoder
+from transformers_alignedvq.server import BackgroundServer, create_app
+from transformers_alignedvq.testing import save_tiny_deployment
+
+SUBCOMMANDS = {
+    "serve": ["--model", "--host", "--port", "--max-batch-size"],
+    "ask": ["--server", "--edge", "--image", "question"],
+    "export-edge": ["--model", "--output"],
+    "info": ["--model", "--json"],
+    "demo": ["--model", "--images"],
+}
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    return save_tiny_deployment(tmp_path_factory.mktemp("tiny-deployment"))
+
+
+@pytest.fixture(scope="module")
+def info_subprocess(deployment):
+    """``python -m transformers_alignedvq.cli info`` in a fresh interpreter, started before the other tests
+    of this module (autouse below) so its start-up overlaps them."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "transformers_alignedvq.cli", "info", "--model", str(deployment), "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    yield process
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _start_subprocess_early(info_subprocess):
+    yield
+
+
+@pytest.fixture(scope="module")
+def server(deployment):
+    with BackgroundServer(create_app(deployment, max_new_tokens=4, max_wait_ms=1)) as running:
+        yield running
+
+
+@pytest.mark.parametrize("command", sorted(SUBCOMMANDS))
+def test_subcommand_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert text.startswith(f"usage: alignedvq {command}")
+    for option in SUBCOMMANDS[command]:
+        assert option in text
+
+
+def test_top_level_help_lists_every_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    assert all(command in text for command in SUBCOMMANDS)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([])
+    assert exit_info.value.code == 2  # a subcommand is required
+
+
+def test_export_edge_and_info(deployment, tmp_path, capsys):
+    out = tmp_path / "edge"
+    assert cli.main(["export-edge", "--model", str(deployment), "--output", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [
+        "edge_config.json", "edge_model.safetensors", "preprocessor_config.json"]
+    edge = AlignedVQEdgeEncoder.from_pretrained(out)
+
+    assert cli.main(["info", "--model", str(out), "--json"]) == 0
+    edge_info = json.loads(capsys.readouterr().out)
+    assert cli.main(["info", "--model", str(deployment), "--json"]) == 0
+    full_info = json.loads(capsys.readouterr().out)
+    assert (edge_info.pop("checkpoint"), full_info.pop("checkpoint")) == ("edge", "full")
+    assert edge_info == full_info
+    assert full_info["codebook_fingerprint"] == edge.codebook_fingerprint().hex()
+    assert (full_info["codebook_size"], full_info["bits_per_index"], full_info["num_tokens"]) == (12, 4, 17)
+    assert full_info["frame_bytes"] == 36 + 9 + 4  # header + ceil(17 * 4 / 8) + CRC
+
+    assert cli.main(["info", "--model", str(deployment)]) == 0
+    assert re.search(r"^bits_per_index\s+4$", capsys.readouterr().out, re.M)
+
+
+def test_info_and_export_errors_exit_1(tmp_path, capsys):
+    assert cli.main(["info", "--model", str(tmp_path)]) == 1
+    assert "neither config.json nor edge_config.json" in capsys.readouterr().err
+    assert cli.main(["export-edge", "--model", str(tmp_path), "--output", str(tmp_path / "e")]) == 1
+    assert "no config.json" in capsys.readouterr().err
+
+
+def test_ask_prints_answer_bytes_and_time_split(deployment, server, tmp_path, capsys):
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(picture)
+    edge = tmp_path / "edge"
+    assert cli.main(["export-edge", "--model", str(deployment), "--output", str(edge)]) == 0
+    capsys.readouterr()
+    args = ["ask", "--server", server.url, "--edge", str(edge), "--image", str(picture), "what color is the shape ?"]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^answer: +\S", out, re.M)
+    assert re.search(r"^bytes sent: 78$", out, re.M)  # 49-byte frame + 4-byte length + 25-byte question
+    assert re.search(r"edge [\d.]+ \+ transfer [\d.]+ \+ cloud [\d.]+ = [\d.]+", out)
+    assert cli.main(args + ["--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bytes_sent"] == 78 and result["server"]["bytes_received"] == 78
+    assert result["answer"] in out
+
+
+def test_ask_errors_exit_1(server, tmp_path, capsys):
+    missing_image = str(tmp_path / "none.png")
+    assert cli.main(["ask", "--server", server.url, "--edge", str(tmp_path), "--image", missing_image, "q"]) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["serve", "demo"])
+def test_without_model_and_without_bundled_model(command, monkeypatch, capsys):
+    monkeypatch.delattr(transformers_alignedvq, "DEFAULT_MODEL", raising=False)
+    assert cli.main([command]) == 1
+    assert cli.NO_BUNDLED_MODEL in capsys.readouterr().err
+
+
+def test_demo_on_easy_vqa(deployment, capsys):
+    assert cli.main(["demo", "--model", str(deployment), "--images", "2", "--questions-per-image", "2",
+                     "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.rstrip().endswith(tuple("0123456789")) and "?" in line]
+    assert len(rows) == 4, out
+    assert re.search(r"^accuracy: \d/4 = ", out, re.M)
+
+
+def test_module_entry_point_in_a_fresh_interpreter(info_subprocess, deployment):
+    out, err = info_subprocess.communicate(timeout=240)
+    assert info_subprocess.returncode == 0, err[-3000:]
+    info = json.loads(out)
+    assert info["checkpoint"] == "full" and info["codebook_size"] == 12 and info["split_site"] == "ln1"

@@ -1,0 +1,305 @@
+"""Edge client (`transformers_alignedvq.client`) against a real uvicorn server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from transformers_alignedvq.client import EdgeClient, EdgeClientError, ServerError, ServerUnavailableError
+from transformers_alignedvq.edge import EDGE_WEIGHTS_NAME
+from transformers_alignedvq.edge_export import export_edge
+from transformers_alignedvq.server import BackgroundServer, create_app
+from transformers_alignedvq.testing import save_tiny_deployment
+
+QUESTION = "what color is the shape ?"
+# Modules the edge process must never load: the web server stack and the language model.
+SERVER_MODULES = ("fastapi", "starlette", "uvicorn", "transformers_alignedvq.server")
+LM_MODULES = ("transformers.models.llama.modeling_llama",)
+# Loaded today through the package __init__ (which imports the full model class eagerly).
+
+_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    import torch
+    torch.set_num_threads(1)
+    from transformers_alignedvq.client import EdgeClient
+
+    edge_dir, url = sys.argv[1], sys.argv[2]
+    with EdgeClient(edge_dir, url, timeout=60) as client:
+        image = np.random.default_rng(5).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+        answer = client.ask(image, "what color is the shape ?")
+    print(json.dumps({"answer": answer.text, "bytes_sent": answer.bytes_sent, "modules": sorted(sys.modules)}))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    return save_tiny_deployment(tmp_path_factory.mktemp("tiny-deployment"))
+
+
+@pytest.fixture(scope="module")
+def edge_dir(deployment, tmp_path_factory):
+    return export_edge(deployment, tmp_path_factory.mktemp("edge"))
+
+
+@pytest.fixture(scope="module")
+def server(deployment):
+    app = create_app(deployment, max_new_tokens=6, max_wait_ms=1)
+    with BackgroundServer(app, host="127.0.0.1", port=0) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def isolated_edge_process(server, edge_dir):
+    """An edge client in a fresh interpreter; started early (module scope) so it overlaps the other tests."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-c", _PROBE, str(edge_dir), server.url],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )
+    yield process
+    if process.poll() is None:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="module")
+def isolated_edge_result(isolated_edge_process):
+    out, err = isolated_edge_process.communicate(timeout=240)
+    assert isolated_edge_process.returncode == 0, err[-3000:]
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _start_probe_early(isolated_edge_process):
+    yield
+
+
+@pytest.fixture(scope="module")
+def edge_client(edge_dir, server):
+    with EdgeClient(edge_dir, server.url, timeout=60, retries=3, backoff=0.01) as client:
+        yield client
+
+
+def image(seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (48, 40, 3), dtype=np.uint8))
+
+
+def direct_answer(server, frame: bytes) -> dict:
+    response = httpx.post(f"{server.url}/v1/answer", content=frame,
+                          headers={"Content-Type": "application/octet-stream"}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+class FlakyProxy:
+    """TCP proxy to the real server whose first ``misbehave`` connections fail: closed after the request
+    arrives (a dropped connection), or answered with ``canned`` bytes instead of being forwarded."""
+
+    def __init__(self, target_port: int, *, misbehave: int, canned: bytes | None = None):
+        self.target_port, self.misbehave, self.canned = target_port, misbehave, canned
+        self.connections = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self._closed:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn, self.connections), daemon=True).start()
+
+    @staticmethod
+    def _read_request(conn) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            body += chunk
+
+    def _handle(self, conn, number: int):
+        with conn:
+            if number <= self.misbehave:
+                self._read_request(conn)
+                if self.canned is not None:
+                    conn.sendall(self.canned)
+                return
+            with socket.create_connection(("127.0.0.1", self.target_port)) as upstream:
+                def pump(src, dst):
+                    try:
+                        while chunk := src.recv(65536):
+                            dst.sendall(chunk)
+                    except OSError:
+                        pass
+                    finally:
+                        try:
+                            dst.shutdown(socket.SHUT_WR)
+                        except OSError:
+                            pass
+
+                back = threading.Thread(target=pump, args=(upstream, conn), daemon=True)
+                back.start()
+                pump(conn, upstream)
+                back.join(30)
+
+    def close(self):
+        self._closed = True
+        self._listener.close()
+
+
+def canned_503(retry_after: str) -> bytes:
+    body = json.dumps({"error": {"type": "overloaded", "message": "queue full"}}).encode()
+    return (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            + f"Retry-After: {retry_after}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)
+
+
+# ---------------------------------------------------------------------------------------------------------
+def test_export_edge_writes_only_the_edge_and_matches_the_model(deployment, edge_dir, edge_client, server):
+    assert sorted(p.name for p in edge_dir.iterdir()) == [
+        "edge_config.json", "edge_model.safetensors", "preprocessor_config.json"]
+    model = server.app.state.engine.model
+    pixels = edge_client.image_processor(images=image(1), return_tensors="pt")["pixel_values"]
+    assert torch.equal(edge_client.encoder(pixels), model.encode_edge(pixels))
+    assert edge_client.fingerprint == model.codebook_fingerprint()
+    assert edge_client.check_server()["codebook_fingerprint"] == model.codebook_fingerprint().hex()
+
+
+def test_ask_round_trip(edge_client, server):
+    answer = edge_client.ask(image(2), QUESTION)
+    frame = edge_client.encode(image(2), QUESTION)
+    assert answer.bytes_sent == len(frame) == answer.server["bytes_received"]
+    assert answer.text == direct_answer(server, frame)["answer"] and answer.text
+    assert answer.cloud_ms == answer.server["timing_ms"]["total"] > 0
+    assert answer.edge_ms > 0 and answer.transfer_ms >= 0 and answer.attempts == 1
+    assert answer.total_ms >= answer.edge_ms
+    # A different image or question gives a different frame.
+    assert edge_client.encode(image(3), QUESTION) != frame
+    assert edge_client.encode(image(2), "what shape is it ?") != frame
+
+
+def test_image_inputs_are_interchangeable(edge_client, tmp_path):
+    picture = image(4)
+    path = tmp_path / "picture.png"
+    picture.save(path)
+    inputs = (picture, path, str(path), path.read_bytes(), np.asarray(picture))
+    frames = {edge_client.encode(x, QUESTION) for x in inputs}
+    assert len(frames) == 1
+    with pytest.raises(TypeError, match="image must be"):
+        edge_client.encode(12, QUESTION)
+    with pytest.raises(ValueError, match="non-empty"):
+        edge_client.ask(picture, "  ")
+
+
+def test_full_checkpoint_folder_works_as_edge_folder(deployment, edge_client, server):
+    # Full checkpoints carry the edge files; the client reads only those plus the image processor.
+    with EdgeClient(deployment, server.url) as client:
+        assert client.encode(image(5), QUESTION) == edge_client.encode(image(5), QUESTION)
+
+
+def test_retries_after_a_dropped_connection(edge_dir, server):
+    proxy = FlakyProxy(server.port, misbehave=1)
+    try:
+        with EdgeClient(edge_dir, proxy.url, timeout=30, retries=3, backoff=0.01) as client:
+            answer = client.ask(image(6), QUESTION)
+            assert answer.attempts == 2 and proxy.connections == 2
+            assert answer.text == direct_answer(server, client.encode(image(6), QUESTION))["answer"]
+    finally:
+        proxy.close()
+
+
+def test_retries_after_503_honouring_retry_after(edge_dir, server):
+    proxy = FlakyProxy(server.port, misbehave=1, canned=canned_503("1"))
+    try:
+        with EdgeClient(edge_dir, proxy.url, timeout=30, retries=2, backoff=0.0, max_backoff=5) as client:
+            start = time.perf_counter()
+            answer = client.ask(image(7), QUESTION)
+            assert time.perf_counter() - start >= 0.9  # waited the server's Retry-After, not the zero backoff
+            assert answer.attempts == 2 and answer.text
+    finally:
+        proxy.close()
+
+
+def test_gives_up_after_the_retries(edge_dir, server):
+    proxy = FlakyProxy(server.port, misbehave=100)
+    try:
+        with EdgeClient(edge_dir, proxy.url, timeout=30, retries=2, backoff=0.01) as client:
+            with pytest.raises(ServerUnavailableError, match="3 attempt"):
+                client.ask(image(8), QUESTION)
+        assert proxy.connections == 3
+    finally:
+        proxy.close()
+    with socket.create_server(("127.0.0.1", 0)) as probe:
+        closed_port = probe.getsockname()[1]  # nothing listens once the block ends
+    with EdgeClient(edge_dir, f"http://127.0.0.1:{closed_port}", retries=1, backoff=0.01) as client:
+        with pytest.raises(ServerUnavailableError, match="ConnectError"):
+            client.ask(image(8), QUESTION)
+
+
+def test_client_errors_are_not_retried(edge_dir, server, tmp_path):
+    other = tmp_path / "other-edge"
+    shutil.copytree(edge_dir, other)
+    state = load_file(str(other / EDGE_WEIGHTS_NAME))
+    state["alignedvq.quantizer.codebook"] = state["alignedvq.quantizer.codebook"] + 1.0  # another codebook
+    save_file(state, str(other / EDGE_WEIGHTS_NAME), metadata={"format": "pt"})
+    proxy = FlakyProxy(server.port, misbehave=0)
+    try:
+        with EdgeClient(other, proxy.url, retries=3, backoff=0.01) as client:
+            with pytest.raises(ServerError) as caught:
+                client.ask(image(9), QUESTION)
+            assert caught.value.status == 409 and caught.value.type == "codebook_mismatch"
+            assert proxy.connections == 1
+            with pytest.raises(EdgeClientError, match="codebook_fingerprint"):
+                client.check_server()
+    finally:
+        proxy.close()
+
+
+def test_edge_folder_errors(tmp_path, deployment, server):
+    with pytest.raises(EdgeClientError, match="not found"):
+        EdgeClient(tmp_path / "missing", server.url)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EdgeClientError, match="missing edge_config.json"):
+        EdgeClient(tmp_path / "empty", server.url)
+    bare = tmp_path / "bare-model"
+    bare.mkdir()
+    shutil.copy(deployment / "config.json", bare / "config.json")
+    with pytest.raises(EdgeClientError, match="export-edge"):
+        EdgeClient(bare, server.url)
+
+
+# Last: by now the subprocess started by the autouse fixture has had the whole module to finish.
+def test_edge_process_answers_without_server_or_language_model_code(isolated_edge_result, edge_client):
+    assert isolated_edge_result["answer"] == edge_client.ask(
+        np.random.default_rng(5).integers(0, 256, (48, 48, 3), dtype=np.uint8), QUESTION).text
+    loaded = set(isolated_edge_result["modules"])
+    assert not loaded & set(SERVER_MODULES + LM_MODULES)
