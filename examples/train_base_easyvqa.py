@@ -1,0 +1,578 @@
+#!/usr/bin/env python
+"""Train a small, standard LLaVA from scratch on easy-VQA (the AlignedVQ base model).
+
+No pretrained LLaVA/CLIP is available offline, so the reference model is built
+here from stock Transformers classes and trained on the real easy-VQA data:
+
+* vision tower: ``CLIPVisionModel`` (stock, pre-LayerNorm ViT with a CLS token);
+* projector: LLaVA's 2-layer GELU MLP;
+* language model: ``LlamaForCausalLM``;
+* tokenizer: word-level ``tokenizers`` model over the easy-VQA vocabulary,
+  wrapped as ``PreTrainedTokenizerFast`` with ``<image>``, ``<s>``, ``</s>``,
+  ``<pad>``, ``<unk>`` and two role markers;
+* ``CLIPImageProcessor`` + ``LlavaProcessor`` with a chat template.
+
+Like LLaVA-1.5, ``vision_feature_layer=-2`` and
+``vision_feature_select_strategy="default"`` (patch tokens of the penultimate
+layer, CLS dropped). The last vision block therefore never receives gradient
+and stays at its random init; it is kept so the checkpoint has exactly the
+LLaVA-1.5 layout that AlignedVQ split-layer code expects, and it costs one
+block of compute. ``--vision-layers`` counts all blocks including that one.
+
+Saved with ``save_pretrained`` (safetensors) so stock Transformers loads it:
+``LlavaForConditionalGeneration.from_pretrained(d)``, ``AutoProcessor.from_pretrained(d)``.
+
+Accuracy is exact match of the greedy ``model.generate`` output (decoded,
+special tokens skipped, stripped) against the reference answer. Every easy-VQA
+answer is one word, i.e. one token of this tokenizer, and generation must then
+emit ``</s>``; generation is used (not an argmax over answers) so the number is
+what a user of the checkpoint gets.
+
+Outputs in ``--output``: the model + processor, ``learning_curve.jsonl``
+(``{"type": "train", step, epoch, loss, lr, elapsed_s}`` every ``--log-every``
+steps, ``{"type": "eval", step, epoch, loss, test_subset_acc, ...}`` at every
+epoch end, ``{"type": "final", test_acc, ...}`` for the full test split) and
+``train_summary.json``.
+
+Usage::
+
+    python examples/train_base_easyvqa.py --output runs/base-easyvqa --epochs 12
+    python examples/train_base_easyvqa.py --output /tmp/smoke --epochs 1 --limit 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+# Threads must be pinned before torch initialises its OpenMP pool.
+if "--threads" in sys.argv:
+    os.environ["OMP_NUM_THREADS"] = sys.argv[sys.argv.index("--threads") + 1]
+else:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import datasets  # noqa: E402
+import torch  # noqa: E402
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers  # noqa: E402
+from transformers import (  # noqa: E402
+    CLIPVisionConfig,
+    GenerationConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
+from transformers.utils import logging as hf_logging  # noqa: E402
+
+from transformers_alignedvq.data import (  # noqa: E402
+    EasyVQAAugment,
+    ImageGroupedBatchSampler,
+    VQACollator,
+    easy_vqa_answers,
+    load_easy_vqa,
+)
+
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<|user|>", "<|assistant|>"]
+
+# The generation prompt is a strict prefix of the training conversation (the
+# collator relies on that to mask the prompt), the assistant turn ends with
+# EOS so generation stops by itself, and message content may be a string or a
+# list of {"type": "image"} / {"type": "text"} items as in LLaVA processors.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}<|user|>{% else %}<|assistant|>{% endif %}"
+    "{% if message['content'] is string %} {{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %} <image>"
+    "{% elif item['type'] == 'text' %} {{ item['text'] }}{% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output", required=True, help="directory for the model, processor and learning curve")
+    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N train and test questions (smoke runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    # Recipe; defaults are the configuration used for the reference checkpoint.
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--patch-size", type=int, default=8)
+    p.add_argument("--vision-hidden", type=int, default=128)
+    p.add_argument("--vision-layers", type=int, default=5)
+    p.add_argument("--vision-heads", type=int, default=4)
+    p.add_argument("--text-hidden", type=int, default=128)
+    p.add_argument("--text-layers", type=int, default=2)
+    p.add_argument("--text-heads", type=int, default=4)
+    p.add_argument(
+        "--images-per-batch",
+        type=int,
+        default=8,
+        help="batch = all questions of this many images (~9.6 each), vision tower run once per image; "
+        "0 = plain shuffled question batches of --batch-size",
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="questions per batch when --images-per-batch 0")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--min-lr-ratio", type=float, default=0.02, help="cosine floor as a fraction of --lr")
+    p.add_argument("--warmup-ratio", type=float, default=0.05)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument("--no-augment", action="store_true")
+    p.add_argument("--eval-subset", type=int, default=1000, help="fixed test questions evaluated at each epoch end")
+    p.add_argument("--eval-batch-size", type=int, default=256)
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--max-train-steps", type=int, default=None, help="stop early (schedule still spans --epochs)")
+    p.add_argument("--skip-final-eval", action="store_true")
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- components
+
+
+def build_tokenizer(texts) -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the words of ``texts`` (questions + answers)."""
+    norm = normalizers.Lowercase()
+    pre = pre_tokenizers.Whitespace()
+    words = Counter()
+    for text in texts:
+        for word, _ in pre.pre_tokenize_str(norm.normalize_str(text)):
+            words[word] += 1
+    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    for word in sorted(words):
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = norm
+    tok.pre_tokenizer = pre
+    # WordPiece decoding joins words with spaces and cleans " ?" -> "?".
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    # normalized=False: special tokens must match verbatim, before lowercasing
+    # and whitespace splitting, so "<image><image>..." splits into image tokens.
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in SPECIAL_TOKENS])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": "<image>"},
+        model_max_length=512,
+    )
+
+
+def _clip_image_processor_class():
+    # Transformers 5's CLIPImageProcessor uses torchvision; without it the PIL
+    # backend is the same preprocessing, picked here to avoid a fallback warning.
+    try:
+        import torchvision  # noqa: F401
+
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor
+    except ImportError:
+        from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil
+
+
+def build_processor(tokenizer, image_size: int, patch_size: int) -> LlavaProcessor:
+    image_processor = _clip_image_processor_class()(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        # CLIP prepends a CLS token; "default" drops it again, so the prompt
+        # gets exactly (image_size / patch_size)^2 image tokens.
+        num_additional_image_tokens=1,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def build_model(args, tokenizer) -> LlavaForConditionalGeneration:
+    n_patches = (args.image_size // args.patch_size) ** 2
+    vision = CLIPVisionConfig(
+        hidden_size=args.vision_hidden,
+        intermediate_size=4 * args.vision_hidden,
+        num_hidden_layers=args.vision_layers,
+        num_attention_heads=args.vision_heads,
+        image_size=args.image_size,
+        patch_size=args.patch_size,
+        projection_dim=args.vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=args.text_hidden,
+        intermediate_size=4 * args.text_hidden,
+        num_hidden_layers=args.text_layers,
+        num_attention_heads=args.text_heads,
+        num_key_value_heads=args.text_heads,
+        max_position_embeddings=256,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        image_seq_length=n_patches,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+    )
+    model = LlavaForConditionalGeneration(config)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+        max_new_tokens=4,
+    )
+    return model
+
+
+# ---------------------------------------------------------------- data
+
+
+class Examples(torch.utils.data.Dataset):
+    """easy-VQA rows with images decoded once and shared per image_id.
+
+    There are ~10 questions per image; decoding the PNG for every question of
+    every epoch would cost more than the forward pass of this small model.
+    """
+
+    def __init__(self, ds):
+        # decode=False: reading the column must not decode one PNG per question.
+        raw = ds.cast_column("image", datasets.Image(decode=False))
+        decoder = datasets.Image()
+        cache = {}
+        for image_id, image in zip(raw["image_id"], raw["image"]):
+            if image_id not in cache:
+                cache[image_id] = decoder.decode_example(image).convert("RGB")
+        self.rows = [
+            {"image": cache[i], "question": q, "answer": a, "image_id": i}
+            for i, q, a in zip(ds["image_id"], ds["question"], ds["answer"])
+        ]
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def training_loss(model, batch) -> torch.Tensor:
+    """LLaVA loss, running the vision tower once per distinct image of the batch.
+
+    Rows with identical ``pixel_values`` (questions about the same image, see
+    ``ImageGroupedBatchSampler``) share one vision forward; the per-row
+    features are handed to the stock forward through ``mm_encoder_outputs``,
+    so loss and gradients equal those of ``model(**batch)``: the shared
+    features just accumulate the gradient of every row that uses them.
+    """
+    pv = batch["pixel_values"]
+    unique, inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)
+    if unique.shape[0] == pv.shape[0]:
+        return model(**batch).loss
+    feats = model.get_image_features(pixel_values=unique.view(-1, *pv.shape[1:]), return_dict=True)
+    per_row = BaseModelOutputWithPooling(pooler_output=[feats.pooler_output[j] for j in inverse.tolist()])
+    out = model(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        labels=batch["labels"],
+        mm_encoder_outputs={"image": per_row},
+    )
+    return out.loss
+
+
+def shared_prefix_loss(model, batch) -> torch.Tensor:
+    """Same loss and gradients as ``model(**batch).loss``, computed ~2.5x faster.
+
+    Every prompt starts with the image (``<s><|user|> <image>*N``), so rows
+    about the same image share that whole prefix, which is ~80% of each
+    sequence. The prefix is run through the vision tower, projector and
+    language model once per distinct image; its key/value cache is then
+    gathered per row and only the question/answer suffix is run per row.
+    Attention, positions and the loss are those of the stock forward
+    (right-padded rows, causal mask, mean cross-entropy over supervised
+    tokens), and autograd flows through the gathered cache, so the result is
+    exact (checked against the stock forward in tests/test_data.py). Falls back
+    to :func:`training_loss` for batches that do not have this structure.
+    """
+    ids, mask, labels, pv = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"]
+    image_token = model.config.image_token_id
+    is_image = ids == image_token
+    positions = torch.arange(ids.shape[1]).expand_as(ids)
+    last_image = torch.where(is_image, positions, -1).max(dim=1).values
+    prefix = int(last_image[0]) + 1
+    unique, inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)
+    first = torch.full((unique.shape[0],), ids.shape[0], dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(ids.shape[0]), reduce="amin"
+    )
+    if (
+        prefix < 1
+        or prefix >= ids.shape[1]
+        or not bool((last_image == prefix - 1).all())
+        or not bool(mask[:, :prefix].all())
+        or not bool((labels[:, : prefix + 1] == -100).all())
+        or not torch.equal(ids[:, :prefix], ids[first][inverse][:, :prefix])
+    ):
+        return training_loss(model, batch)
+
+    feats = model.get_image_features(pixel_values=unique.view(-1, *pv.shape[1:]), return_dict=True).pooler_output
+    lm = model.model.language_model
+    prefix_ids = ids[first, :prefix]
+    embeds = lm.get_input_embeddings()(prefix_ids)
+    embeds = embeds.masked_scatter(is_image[first, :prefix].unsqueeze(-1), torch.cat(feats).to(embeds.dtype))
+    cache = lm(inputs_embeds=embeds, use_cache=True).past_key_values
+    cache.reorder_cache(inverse)  # index_select per layer: differentiable gather of the shared prefix
+    suffix_len = ids.shape[1] - prefix
+    out = lm(
+        input_ids=ids[:, prefix:],
+        attention_mask=mask,
+        position_ids=torch.arange(prefix, ids.shape[1]).expand(ids.shape[0], suffix_len),
+        past_key_values=cache,
+        use_cache=True,
+    )
+    logits = model.lm_head(out.last_hidden_state[:, :-1]).float()
+    return torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels[:, prefix + 1 :].reshape(-1), ignore_index=-100
+    )
+
+
+def question_type(question: str) -> str:
+    """easy-VQA question family: colour, shape or yes/no (from its templates)."""
+    q = question.lower()
+    if q.startswith("what"):
+        return "color" if "color" in q else "shape"
+    return "yes/no"
+
+
+@torch.no_grad()
+def evaluate(model, processor, examples, batch_size: int) -> dict:
+    model.eval()
+    collate = VQACollator(processor, train=False)
+    tokenizer = processor.tokenizer
+    correct, total = 0, 0
+    by_type = defaultdict(lambda: [0, 0])
+    by_answer = defaultdict(lambda: [0, 0])
+    for start in range(0, len(examples), batch_size):
+        batch = collate([examples[i] for i in range(start, min(start + batch_size, len(examples)))])
+        answers, questions = batch.pop("answers"), batch.pop("questions")
+        out = model.generate(**batch, do_sample=False, max_new_tokens=4)
+        preds = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+        for pred, ans, q in zip(preds, answers, questions):
+            ok = pred.strip() == ans.strip()
+            correct += ok
+            total += 1
+            by_type[question_type(q)][0] += ok
+            by_type[question_type(q)][1] += 1
+            by_answer[ans][0] += ok
+            by_answer[ans][1] += 1
+    model.train()
+    return {
+        "acc": correct / max(total, 1),
+        "n": total,
+        "by_type": {k: round(c / n, 4) for k, (c, n) in sorted(by_type.items())},
+        "by_answer": {k: round(c / n, 4) for k, (c, n) in sorted(by_answer.items())},
+    }
+
+
+def lr_at(step: int, total: int, warmup: int, min_ratio: float) -> float:
+    """Linear warmup, then cosine decay to ``min_ratio`` (multiplier on the peak lr)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------- main
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    hf_logging.set_verbosity_error()
+    out_dir = Path(args.output)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    # The vocabulary comes from the full train split (all 27 question words
+    # also occur there) plus the answer list, independent of --limit, so smoke
+    # runs build the same tokenizer as the real run.
+    full_train = load_easy_vqa("train")
+    tokenizer = build_tokenizer(list(full_train["question"]) + easy_vqa_answers())
+    processor = build_processor(tokenizer, args.image_size, args.patch_size)
+    model = build_model(args, tokenizer)
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"model: {n_params / 1e6:.2f}M parameters, vocab {len(tokenizer)}", flush=True)
+
+    train_ds = full_train if args.limit is None else full_train.select(range(min(args.limit, len(full_train))))
+    test_ds = load_easy_vqa("test", limit=args.limit)
+    train = Examples(train_ds)
+    test = Examples(test_ds)
+    g = torch.Generator().manual_seed(args.seed)
+    subset_idx = torch.randperm(len(test), generator=g)[: args.eval_subset].sort().values.tolist()
+    test_subset = [test[i] for i in subset_idx]
+    print(f"train {len(train)} questions, test {len(test)} (epoch-end subset {len(test_subset)})", flush=True)
+
+    augment = None if args.no_augment else EasyVQAAugment(seed=args.seed)
+    collate = VQACollator(processor, train=True, image_transform=augment)
+    if args.images_per_batch > 0:
+        sampler = ImageGroupedBatchSampler(
+            [r["image_id"] for r in train.rows], args.images_per_batch, seed=args.seed
+        )
+        # num_workers=0: one CPU thread for everything, no worker processes.
+        loader = torch.utils.data.DataLoader(train, batch_sampler=sampler, collate_fn=collate, num_workers=0)
+        batch_desc = f"{args.images_per_batch} images (~{len(train) / max(len(sampler), 1):.0f} questions)"
+    else:
+        loader = torch.utils.data.DataLoader(
+            train,
+            batch_size=args.batch_size,
+            shuffle=True,
+            drop_last=len(train) > args.batch_size,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(args.seed),
+            num_workers=0,
+        )
+        batch_desc = f"{args.batch_size} questions"
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * args.epochs
+    warmup = max(1, int(args.warmup_ratio * total_steps))
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        # No weight decay on norms, biases, embeddings (standard ViT/LLM practice).
+        (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, total_steps, warmup, args.min_lr_ratio)
+    )
+
+    curve_path = out_dir / "learning_curve.jsonl"
+    curve = curve_path.open("w")
+
+    def log(record):
+        curve.write(json.dumps(record) + "\n")
+        curve.flush()
+
+    print(f"{args.epochs} epochs x {steps_per_epoch} steps, batch {batch_desc}, warmup {warmup}", flush=True)
+    t0 = time.time()
+    step = 0
+    history = []
+    stop = False
+    for epoch in range(1, args.epochs + 1):
+        run_loss, run_n, epoch_loss, epoch_n = 0.0, 0, 0.0, 0
+        for batch in loader:
+            loss = shared_prefix_loss(model, batch)
+            loss.backward()
+            if args.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            run_loss += loss.item()
+            run_n += 1
+            epoch_loss += loss.item()
+            epoch_n += 1
+            if step % args.log_every == 0:
+                rec = {
+                    "type": "train",
+                    "step": step,
+                    "epoch": round(epoch - 1 + epoch_n / steps_per_epoch, 3),
+                    "loss": round(run_loss / run_n, 5),
+                    "lr": scheduler.get_last_lr()[0],
+                    "elapsed_s": round(time.time() - t0, 1),
+                }
+                log(rec)
+                print(
+                    f"step {step}/{total_steps} ep {rec['epoch']:.2f} loss {rec['loss']:.4f} "
+                    f"lr {rec['lr']:.2e} {rec['elapsed_s']:.0f}s",
+                    flush=True,
+                )
+                run_loss, run_n = 0.0, 0
+            if args.max_train_steps and step >= args.max_train_steps:
+                stop = True
+                break
+        t_eval = time.time()
+        ev = evaluate(model, processor, test_subset, args.eval_batch_size)
+        rec = {
+            "type": "eval",
+            "step": step,
+            "epoch": epoch,
+            "loss": round(epoch_loss / max(epoch_n, 1), 5),
+            "test_subset_acc": round(ev["acc"], 4),
+            "test_subset_n": ev["n"],
+            "by_type": ev["by_type"],
+            "elapsed_s": round(time.time() - t0, 1),
+            "eval_s": round(time.time() - t_eval, 1),
+        }
+        log(rec)
+        history.append(rec)
+        print(
+            f"== epoch {epoch}: train loss {rec['loss']:.4f}  test-subset acc {ev['acc']:.4f} "
+            f"{ev['by_type']}  ({rec['elapsed_s']:.0f}s, eval {rec['eval_s']:.0f}s)",
+            flush=True,
+        )
+        if stop:
+            break
+    train_s = time.time() - t0
+
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+
+    summary = {
+        "args": vars(args),
+        "n_params": n_params,
+        "train_questions": len(train),
+        "steps": step,
+        "train_wall_s": round(train_s, 1),
+        "epoch_end_evals": [{k: r[k] for k in ("epoch", "step", "loss", "test_subset_acc")} for r in history],
+    }
+    if not args.skip_final_eval:
+        t_eval = time.time()
+        final = evaluate(model, processor, test, args.eval_batch_size)
+        summary["final"] = {
+            "test_acc": round(final["acc"], 5),
+            "n": final["n"],
+            "by_type": final["by_type"],
+            "by_answer": final["by_answer"],
+            "eval_s": round(time.time() - t_eval, 1),
+            "method": "greedy model.generate, exact match after strip",
+        }
+        log({"type": "final", "step": step, **summary["final"]})
+        print(f"== final: full test exact-match {final['acc']:.4f} on {final['n']} questions {final['by_type']}")
+    curve.close()
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"saved to {out_dir} (training {train_s / 60:.1f} min)", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
