@@ -55,6 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--only", nargs="*", default=None, help="run only experiments whose name starts with these")
     p.add_argument("--keep-models", action="store_true", help="keep every finetuned checkpoint, not just the headline")
+    p.add_argument("--train-limit", type=int, default=None, help="smoke runs: first N training questions only")
+    p.add_argument("--test-limit", type=int, default=None, help="smoke runs: first N test questions only")
+    p.add_argument("--calibration-images", type=int, default=512)
+    p.add_argument("--kmeans-iters", type=int, default=20)
     return p.parse_args(argv)
 
 
@@ -64,7 +68,7 @@ class Runner:
         self.runs = Path(args.runs)
         (self.runs / "results").mkdir(parents=True, exist_ok=True)
         self.processor = AutoProcessor.from_pretrained(args.base)
-        self.test = load_easy_vqa("test")
+        self.test = load_easy_vqa("test", limit=args.test_limit)
         self.ablation_test = self.test.shuffle(seed=0).select(range(min(args.ablation_eval, len(self.test))))
 
     def done(self, name: str) -> dict | None:
@@ -117,7 +121,7 @@ class Runner:
             learning_rate=self.args.lr, lr_scheduler_type="cosine", warmup_steps=0.03, logging_steps=50,
             save_strategy="no", report_to="none", remove_unused_columns=False, disable_tqdm=True, use_cpu=True,
         )
-        trainer = AlignedVQTrainer(model=model, args=args, train_dataset=load_easy_vqa("train"),
+        trainer = AlignedVQTrainer(model=model, args=args, train_dataset=load_easy_vqa("train", limit=self.args.train_limit),
                                    data_collator=VQACollator(self.processor, train=True))
         trainer.train()
         return trainer.state.log_history
@@ -130,7 +134,10 @@ class Runner:
             "--base", self.args.base, "--output", str(output), "--epochs", str(epochs),
             "--batch-size", str(self.args.batch_size), "--lr", str(self.args.lr), "--no-progress",
             "--lora-r", "16" if lora else "0", "--logging-steps", "50",
+            "--calibration-images", str(self.args.calibration_images), "--kmeans-iters", str(self.args.kmeans_iters),
         ]
+        if self.args.train_limit:
+            argv += ["--limit", str(self.args.train_limit)]
         for key, value in options.items():
             flag = "--" + key.replace("_", "-")
             if value is True:
@@ -154,7 +161,7 @@ class Runner:
         if self.done(name) or not self.wanted(name):
             return
         model = LlavaForConditionalGeneration.from_pretrained(self.args.base).eval()
-        rows = self.test.select(range(images * 10))
+        rows = self.test.select(range(min(images * 10, len(self.test))))
         pixel_values = self.processor.image_processor(
             images=[r["image"].convert("RGB") for r in rows.select(range(0, len(rows), 10))], return_tensors="pt"
         )["pixel_values"]
