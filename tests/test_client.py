@@ -29,7 +29,6 @@ QUESTION = "what color is the shape ?"
 # Modules the edge process must never load: the web server stack and the language model.
 SERVER_MODULES = ("fastapi", "starlette", "uvicorn", "transformers_alignedvq.server")
 LM_MODULES = ("transformers.models.llama.modeling_llama",)
-# Loaded today through the package __init__ (which imports the full model class eagerly).
 
 _PROBE = textwrap.dedent(
     """

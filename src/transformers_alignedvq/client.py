@@ -136,7 +136,7 @@ class EdgeClient:
 
     def __init__(self, model_dir: str | os.PathLike, server_url: str, *, timeout: float = 60.0, retries: int = 3,
                  backoff: float = 0.2, max_backoff: float = 5.0, device: str | torch.device = "cpu",
-                 transport: httpx.BaseTransport | None = None):
+                 transport: httpx.BaseTransport | None = None, entropy_coding: bool | None = None):
         from transformers import AutoImageProcessor
 
         if retries < 0 or backoff < 0 or max_backoff < 0:
@@ -151,6 +151,13 @@ class EdgeClient:
         self.geometry = frame_geometry(vision.image_size, vision.patch_size)
         self.codebook_size = self.encoder.settings["codebook_size"]
         self.fingerprint = self.encoder.codebook_fingerprint()
+        # Lossless entropy coding when the edge folder carries the index distribution (None: use it if present).
+        from .hub import load_index_distribution
+
+        distribution = load_index_distribution(directory) if entropy_coding is not False else None
+        if entropy_coding and distribution is None:
+            raise EdgeClientError(f"{directory} has no index distribution; entropy coding is not available")
+        self.entropy_model = distribution
         if transport is None:
             # httpx writes the headers and the body separately; with Nagle's algorithm on, the small body then
             # waits for the server's delayed ACK (~40 ms on Linux), more than a whole frame takes on the wire.
@@ -174,7 +181,7 @@ class EdgeClient:
         indices = self.encoder(pixels.to(self.device, dtype=torch.float32))[0].cpu().numpy()
         return wire.encode_frame(
             indices, codebook_size=self.codebook_size, codebook_fingerprint=self.fingerprint, prompt=question,
-            grid=self.geometry["grid"], has_cls_token=self.geometry["has_cls_token"],
+            grid=self.geometry["grid"], has_cls_token=self.geometry["has_cls_token"], entropy_model=self.entropy_model,
         )
 
     def server_info(self) -> dict:

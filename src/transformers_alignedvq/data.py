@@ -41,7 +41,10 @@ __all__ = [
     "easy_vqa_answers",
     "format_prompt",
     "format_conversation",
+    "image_attributes",
     "load_easy_vqa",
+    "EASY_VQA_COLORS",
+    "EASY_VQA_SHAPES",
 ]
 
 # Number of questions per split of the published dataset; used by tests and as
@@ -49,6 +52,9 @@ __all__ = [
 EASY_VQA_SIZES = {"train": 38_575, "test": 9_673}
 
 IGNORE_INDEX = -100
+
+EASY_VQA_SHAPES = ("circle", "rectangle", "triangle")
+EASY_VQA_COLORS = ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow")
 
 
 def _easy_vqa():
@@ -115,6 +121,44 @@ def load_easy_vqa(split: str, *, limit: int | None = None) -> datasets.Dataset:
         features=features,
         split=datasets.Split.TRAIN if split == "train" else datasets.Split.TEST,
     )
+
+
+def image_attributes(questions: Sequence[str], answers: Sequence[str], image_ids: Sequence[int]) -> dict[int, dict[str, str]]:
+    """Colour and shape of each image, read off its question/answer pairs.
+
+    easy-VQA draws one shape per image and asks templated questions about it
+    ("what color is the shape?" -> colour, "what shape is present?" -> shape,
+    "what is the red shape?" -> shape *and* colour, "is there not a blue
+    shape?" -> "no" means blue, ...). Attributes that no question of an image
+    pins down are absent from its dict (a few percent of images per
+    attribute). Used for the vision-tower pretraining stage of the example
+    trainer, which stands in for LLaVA's pretrained CLIP encoder.
+    """
+    import re
+
+    colors, shapes = set(EASY_VQA_COLORS), set(EASY_VQA_SHAPES)
+    out: dict[int, dict[str, str]] = {}
+    for question, answer, image_id in zip(questions, answers, image_ids):
+        attrs = out.setdefault(int(image_id), {})
+        words = set(re.findall(r"[a-z]+", question.lower()))
+        if question.lower().startswith("what"):
+            for key, vocab in (("color", colors), ("shape", shapes)):
+                if answer in vocab:
+                    attrs[key] = answer
+            # "what is the red shape?" / "what is the color of the circle?"
+            # name the other attribute in the question itself.
+            for key, vocab in (("color", colors), ("shape", shapes)):
+                named = words & vocab
+                if named and answer not in vocab:
+                    attrs[key] = named.pop()
+        else:
+            positive = (answer == "yes") != bool(words & {"not", "no"})
+            if positive:
+                for key, vocab in (("color", colors), ("shape", shapes)):
+                    named = words & vocab
+                    if named:
+                        attrs[key] = named.pop()
+    return out
 
 
 def build_messages(question: str, answer: str | None = None) -> list[dict[str, Any]]:

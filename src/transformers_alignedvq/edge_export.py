@@ -20,6 +20,7 @@ from typing import Any
 
 from . import wire
 from .edge import EDGE_CONFIG_NAME, EDGE_WEIGHTS_NAME
+from .hub import INDEX_DISTRIBUTION_NAME
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 # Transformers 5 saves a processor's image processor inside this file instead of the one above.
@@ -147,6 +148,9 @@ def export_edge(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
         raise CheckpointError(f"{model_dir} holds a {type(model).__name__}, not an AlignedVQ model")
     out_dir.mkdir(parents=True, exist_ok=True)
     model.eval().edge_encoder().save_pretrained(out_dir)
+    distribution = model_dir / INDEX_DISTRIBUTION_NAME
+    if distribution.is_file():
+        shutil.copyfile(distribution, out_dir / INDEX_DISTRIBUTION_NAME)
     source = model_dir / PREPROCESSOR_CONFIG_NAME
     if source.is_file():
         shutil.copyfile(source, out_dir / PREPROCESSOR_CONFIG_NAME)

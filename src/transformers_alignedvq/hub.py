@@ -34,7 +34,15 @@ ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 LORA_SUBFOLDER = "lora"
 # Transformers 5 keeps the image processor's settings inside processor_config.json (older checkpoints:
 # preprocessor_config.json); the edge needs them to resize and normalise images.
-EDGE_FILES = ("edge_config.json", "edge_model.safetensors", "processor_config.json", "preprocessor_config.json")
+EDGE_FILES = (
+    "edge_config.json",
+    "edge_model.safetensors",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "index_distribution.safetensors",
+)
+# Static index distribution for the lossless entropy-coded wire mode (estimated on training data).
+INDEX_DISTRIBUTION_NAME = "index_distribution.safetensors"
 _ALIGNEDVQ_PREFIX = "model.alignedvq."
 _EMA_BUFFERS = ("quantizer.cluster_size", "quantizer.embed_sum")
 # Source files a checkpoint carries for `trust_remote_code=True` (the modeling file and what it imports).
@@ -310,6 +318,33 @@ def maybe_load_lora(model, path_or_id, kwargs: dict) -> None:
     # then loads from there without needing the Hub arguments.
     weights_path = _resolve(path_or_id, f"{LORA_SUBFOLDER}/{ADAPTER_WEIGHTS_NAME}", hub_kwargs)
     model.load_adapter(str(Path(weights_path).parent))
+
+
+# --------------------------------------------------------------------------------------------------------
+# entropy model
+# --------------------------------------------------------------------------------------------------------
+def save_index_distribution(distribution, directory: str | os.PathLike) -> Path:
+    """Store a `wire.IndexDistribution` beside a checkpoint (or edge folder)."""
+    import numpy as np
+
+    path = Path(directory) / INDEX_DISTRIBUTION_NAME
+    arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in distribution.to_arrays().items()}
+    save_file(arrays, str(path), metadata={"format": "alignedvq-index-distribution"})
+    return path
+
+
+def load_index_distribution(directory: str | os.PathLike):
+    """The folder's `wire.IndexDistribution`, or None when it has none."""
+    from .wire import IndexDistribution
+
+    path = Path(directory) / INDEX_DISTRIBUTION_NAME
+    if not path.is_file():
+        return None
+    try:
+        arrays = {k: v.numpy() for k, v in load_file(str(path)).items()}
+    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointMismatchError(f"{path.name} cannot be read (truncated or corrupt?): {exc}") from exc
+    return IndexDistribution.from_arrays(arrays)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -408,6 +408,10 @@ def create_app(
             f"{max_batch_size}, {max_queue}, {max_wait_ms}, {max_prompt_bytes}"
         )
     model, processor, tokenizer = _load(model_dir_or_model, processor, device, dtype)
+    if entropy_model is None and isinstance(model_dir_or_model, (str, os.PathLike)) and os.path.isdir(model_dir_or_model):
+        from .hub import load_index_distribution
+
+        entropy_model = load_index_distribution(model_dir_or_model)
     engine = AnswerEngine(model, tokenizer, processor=processor, max_new_tokens=max_new_tokens)
     summary = engine.summary
     if max_body_bytes is None:
