@@ -25,6 +25,12 @@ from pathlib import Path as _Path
 #: Path for `evaluate.load(...)`: VQA accuracy with the VQA-v2 answer normalisation.
 VQA_ACCURACY_METRIC = str(_Path(__file__).parent / "metrics" / "vqa_accuracy")
 
+# The AlignedVQ easy-VQA model shipped inside the package (built by examples/build_bundled_model.py): what
+# the demo and the server use when no model is named. Defined only when the build includes it.
+if (_Path(__file__).parent / "assets" / "tiny-easyvqa" / "config.json").is_file():
+    TINY_EASYVQA = str(_Path(__file__).parent / "assets" / "tiny-easyvqa")
+    DEFAULT_MODEL = TINY_EASYVQA
+
 
 def _register() -> None:
     AutoConfig.register(AlignedVQConfig.model_type, AlignedVQConfig, exist_ok=True)

@@ -1,0 +1,122 @@
+"""Build the AlignedVQ easy-VQA model that ships inside the package (`transformers_alignedvq.TINY_EASYVQA`).
+
+    python examples/train_base_easyvqa.py --output runs/base-easyvqa          # the base LLaVA (once)
+    python examples/build_bundled_model.py --base runs/base-easyvqa
+
+Steps: AlignedVQ finetune of the base (block 0, `ln1`, K=4096, DLP, LoRA merged afterwards), the static index
+distribution for the entropy-coded wire mode (counted on the training images), evaluation of the base and of
+the AlignedVQ model on the full easy-VQA test split, then a full checkpoint with its processor and a model
+card carrying those numbers, written into the package's assets folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import finetune_alignedvq  # noqa: E402
+from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
+
+from transformers_alignedvq import LlavaAlignedVQForConditionalGeneration, wire  # noqa: E402
+from transformers_alignedvq.data import load_easy_vqa  # noqa: E402
+from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
+from transformers_alignedvq.hub import save_index_distribution  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1] / "src" / "transformers_alignedvq" / "assets" / "tiny-easyvqa"
+
+
+@torch.no_grad()
+def index_distribution(model, processor, data, batch_size: int = 64) -> wire.IndexDistribution:
+    """Index counts over every distinct training image, smoothed (see `wire.IndexDistribution`)."""
+    seen, images = set(), []
+    for row in data:
+        if row["image_id"] not in seen:
+            seen.add(row["image_id"])
+            images.append(row["image"].convert("RGB"))
+    counts = np.zeros((model.config.codes_per_token, model.config.codebook_size))
+    for start in range(0, len(images), batch_size):
+        pixels = processor.image_processor(images=images[start : start + batch_size], return_tensors="pt")["pixel_values"]
+        indices = model.encode_edge(pixels).reshape(-1, model.config.codes_per_token).numpy()
+        for code in range(indices.shape[1]):
+            counts[code] += np.bincount(indices[:, code], minlength=model.config.codebook_size)
+    return wire.IndexDistribution.from_counts(counts)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--base", required=True)
+    p.add_argument("--output", default=str(ASSETS))
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--codebook-size", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--limit", type=int, default=None, help="smoke runs: first N train/test questions")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    work = Path(tempfile.mkdtemp(prefix="alignedvq-bundle-"))
+    argv = ["--base", args.base, "--output", str(work), "--epochs", str(args.epochs), "--lr", str(args.lr),
+            "--batch-size", str(args.batch_size), "--codebook-size", str(args.codebook_size), "--no-progress",
+            "--merge-lora", "--logging-steps", "50"]
+    if args.limit:
+        argv += ["--limit", str(args.limit), "--calibration-images", "16", "--kmeans-iters", "2"]
+    finetune_alignedvq.main(argv)
+    train_seconds = time.time() - started
+
+    processor = AutoProcessor.from_pretrained(args.base)
+    model = LlavaAlignedVQForConditionalGeneration.from_pretrained(work).eval()
+    train = load_easy_vqa("train", limit=args.limit)
+    test = load_easy_vqa("test", limit=args.limit)
+    distribution = index_distribution(model, processor, train)
+    ours = evaluate_vqa(model, processor, test, batch_size=256, entropy_model=distribution)
+    base = evaluate_vqa(LlavaForConditionalGeneration.from_pretrained(args.base).eval(), processor, test, batch_size=256)
+    summary = {
+        "test_questions": ours["num_examples"],
+        "alignedvq_accuracy": ours["accuracy"],
+        "base_accuracy": base["accuracy"],
+        "frame_bytes_per_image": ours["bytes_per_image"],
+        "entropy_coded_frame_bytes_per_image": ours.get("entropy_coded_bytes_per_image"),
+        "png_bytes_per_image": base["bytes_per_image"],
+        "finetune_seconds": train_seconds,
+        "finetune_epochs": args.epochs,
+    }
+    print(json.dumps(summary, indent=2))
+
+    output = Path(args.output)
+    if output.exists():
+        shutil.rmtree(output)
+    model.config.base_model_name_or_path = None
+    results = {
+        "model_name": "tiny-easyvqa-alignedvq",
+        "datasets": ["easy-vqa"],
+        "results": {
+            "easy-VQA test accuracy, AlignedVQ (%)": f"{100 * ours['accuracy']:.2f}",
+            "easy-VQA test accuracy, base LLaVA on PNG images (%)": f"{100 * base['accuracy']:.2f}",
+            "bytes per image (wire frame, bit-packed)": f"{ours['bytes_per_image']:.0f}",
+            "bytes per image (wire frame, entropy-coded)": f"{ours.get('entropy_coded_bytes_per_image', 0):.1f}",
+            "bytes per image (PNG)": f"{base['bytes_per_image']:.1f}",
+            "test questions": str(ours["num_examples"]),
+        },
+    }
+    model.save_pretrained(output, checkpoint_kind="full", eval_results=results)
+    processor.save_pretrained(output)
+    save_index_distribution(distribution, output)
+    (output / "build_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"wrote {output} ({sum(f.stat().st_size for f in output.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()
