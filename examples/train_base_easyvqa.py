@@ -19,6 +19,29 @@ and stays at its random init; it is kept so the checkpoint has exactly the
 LLaVA-1.5 layout that AlignedVQ split-layer code expects, and it costs one
 block of compute. ``--vision-layers`` counts all blocks including that one.
 
+Recipe (two stages, both on the easy-VQA train split only):
+
+1. vision-tower pretraining, standing in for LLaVA's pretrained CLIP: the
+   tower plus a throw-away linear head on the mean of the LLaVA features is
+   trained to predict each train image's shape and colour (read off its
+   questions). Trained only through the LLaVA loss, a from-scratch ViT learns
+   colours in one epoch but stays at chance on shapes for 4+ epochs.
+2. LLaVA training of the whole model on the answer tokens, with the tower at
+   ``--vision-lr-scale`` times the learning rate. Batches hold all questions
+   of ``--images-per-batch`` images; :func:`shared_prefix_loss` runs the
+   image prefix once per image, which gives the stock loss ~2.5x faster.
+
+Both stages use AdamW with linear warmup and cosine decay, and label-preserving
+augmentation (horizontal flip, translation that keeps the shape in frame).
+
+Reference run (the defaults, seed 0, one CPU thread): 1.59M parameters,
+45.7 min including stage 1 (10 min); 92.9% exact match on the 9,673 test
+questions (colour 100%, shape 97.5%, yes/no 90.8%). The remaining errors are
+almost all yes/no questions that compare a colour named in the question with
+the image ("is there not a red shape?"), although colour questions themselves
+are answered perfectly: the 2-layer language model is the bottleneck, not the
+vision tower (train loss plateaus at the same level, so it underfits).
+
 Saved with ``save_pretrained`` (safetensors) so stock Transformers loads it:
 ``LlavaForConditionalGeneration.from_pretrained(d)``, ``AutoProcessor.from_pretrained(d)``.
 
@@ -29,14 +52,15 @@ emit ``</s>``; generation is used (not an argmax over answers) so the number is
 what a user of the checkpoint gets.
 
 Outputs in ``--output``: the model + processor, ``learning_curve.jsonl``
-(``{"type": "train", step, epoch, loss, lr, elapsed_s}`` every ``--log-every``
+(``{"type": "vision_pretrain", epoch, loss, test_shape_acc, test_color_acc}``
+per stage-1 epoch, ``{"type": "train", step, epoch, loss, lr, elapsed_s}`` every ``--log-every``
 steps, ``{"type": "eval", step, epoch, loss, test_subset_acc, ...}`` at every
 epoch end, ``{"type": "final", test_acc, ...}`` for the full test split) and
 ``train_summary.json``.
 
 Usage::
 
-    python examples/train_base_easyvqa.py --output runs/base-easyvqa --epochs 12
+    python examples/train_base_easyvqa.py --output runs/base-easyvqa
     python examples/train_base_easyvqa.py --output /tmp/smoke --epochs 1 --limit 32
 """
 
@@ -53,10 +77,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 # Threads must be pinned before torch initialises its OpenMP pool.
-if "--threads" in sys.argv:
-    os.environ["OMP_NUM_THREADS"] = sys.argv[sys.argv.index("--threads") + 1]
-else:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
+if __name__ == "__main__":
+    for i, arg in enumerate(sys.argv):
+        if arg == "--threads" and i + 1 < len(sys.argv):
+            os.environ["OMP_NUM_THREADS"] = sys.argv[i + 1]
+        elif arg.startswith("--threads="):
+            os.environ["OMP_NUM_THREADS"] = arg.split("=", 1)[1]
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
@@ -74,10 +101,13 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E4
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from transformers_alignedvq.data import (  # noqa: E402
+    EASY_VQA_COLORS,
+    EASY_VQA_SHAPES,
     EasyVQAAugment,
     ImageGroupedBatchSampler,
     VQACollator,
     easy_vqa_answers,
+    image_attributes,
     load_easy_vqa,
 )
 
@@ -105,7 +135,7 @@ CHAT_TEMPLATE = (
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", required=True, help="directory for the model, processor and learning curve")
-    p.add_argument("--epochs", type=int, default=12)
+    p.add_argument("--epochs", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="use only the first N train and test questions (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -131,6 +161,20 @@ def parse_args(argv=None):
     p.add_argument("--warmup-ratio", type=float, default=0.05)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--grad-clip", type=float, default=1.0)
+    p.add_argument(
+        "--vision-pretrain-epochs",
+        type=int,
+        default=8,
+        help="stage 1: epochs of supervised colour/shape pretraining of the vision tower (0 = skip)",
+    )
+    p.add_argument("--vision-pretrain-lr", type=float, default=2e-3)
+    p.add_argument("--vision-pretrain-batch-size", type=int, default=32)
+    p.add_argument(
+        "--vision-lr-scale",
+        type=float,
+        default=0.2,
+        help="stage 2: vision-tower learning rate as a fraction of --lr (0 freezes the tower)",
+    )
     p.add_argument("--no-augment", action="store_true")
     p.add_argument("--eval-subset", type=int, default=1000, help="fixed test questions evaluated at each epoch end")
     p.add_argument("--eval-batch-size", type=int, default=256)
@@ -359,6 +403,97 @@ def shared_prefix_loss(model, batch) -> torch.Tensor:
     )
 
 
+def pretrain_vision_tower(model, processor, train, test, args, log) -> None:
+    """Stage 1: supervised colour + shape pretraining of the CLIP vision tower.
+
+    LLaVA starts from a pretrained CLIP encoder; none is available offline, and
+    a ViT trained from scratch only through the language-model loss learns
+    colours within an epoch but stays near chance on shapes for several epochs
+    (the answer signal reaching the tower through attention is weak). So the
+    tower is first trained alone on the train images: a linear head on the
+    mean of exactly the features LLaVA consumes (``vision_feature_layer``,
+    CLS dropped as in the "default" strategy) predicts the image's shape and
+    colour, read off the train questions (``image_attributes``). The head is
+    discarded; the checkpoint stays a stock LLaVA.
+    """
+    tower = model.model.vision_tower
+    layer = model.config.vision_feature_layer
+    attrs = image_attributes([r["question"] for r in train.rows], [r["answer"] for r in train.rows],
+                             [r["image_id"] for r in train.rows])
+    images = {r["image_id"]: r["image"] for r in train.rows}
+    keys = sorted(images)
+
+    def targets(ids, table):
+        shape = [EASY_VQA_SHAPES.index(table[i]["shape"]) if "shape" in table[i] else -100 for i in ids]
+        color = [EASY_VQA_COLORS.index(table[i]["color"]) if "color" in table[i] else -100 for i in ids]
+        return torch.tensor(shape), torch.tensor(color)
+
+    test_attrs = image_attributes([r["question"] for r in test.rows], [r["answer"] for r in test.rows],
+                                  [r["image_id"] for r in test.rows])
+    test_images = {r["image_id"]: r["image"] for r in test.rows}
+    test_keys = sorted(test_images)
+    test_pixels = processor.image_processor([test_images[i] for i in test_keys], return_tensors="pt")["pixel_values"]
+    test_shape, test_color = targets(test_keys, test_attrs)
+
+    head = torch.nn.Linear(tower.config.hidden_size, len(EASY_VQA_SHAPES) + len(EASY_VQA_COLORS))
+    params = list(tower.parameters()) + list(head.parameters())
+    optimizer = torch.optim.AdamW(params, lr=args.vision_pretrain_lr, weight_decay=args.weight_decay, betas=(0.9, 0.98))
+    bs = args.vision_pretrain_batch_size
+    steps_per_epoch = max(1, len(keys) // bs)
+    total = steps_per_epoch * args.vision_pretrain_epochs
+    warmup = max(1, int(args.warmup_ratio * total))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, total, warmup, args.min_lr_ratio))
+    augment = None if args.no_augment else EasyVQAAugment(seed=args.seed + 1)
+    gen = torch.Generator().manual_seed(args.seed)
+    n_shape = len(EASY_VQA_SHAPES)
+
+    def logits(pixels):
+        hidden = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[layer]
+        return head(hidden[:, 1:].mean(dim=1))
+
+    def accuracy(pred, target):
+        valid = target != -100
+        return float((pred[valid] == target[valid]).float().mean()) if valid.any() else float("nan")
+
+    t0 = time.time()
+    tower.train()
+    for epoch in range(1, args.vision_pretrain_epochs + 1):
+        order = torch.randperm(len(keys), generator=gen).tolist()
+        losses = []
+        for b in range(steps_per_epoch):
+            ids = [keys[i] for i in order[b * bs : (b + 1) * bs]]
+            ims = [images[i] if augment is None else augment(images[i]) for i in ids]
+            pixels = processor.image_processor(ims, return_tensors="pt")["pixel_values"]
+            shape, color = targets(ids, attrs)
+            out = logits(pixels)
+            loss = torch.nn.functional.cross_entropy(out[:, :n_shape], shape, ignore_index=-100)
+            loss = loss + torch.nn.functional.cross_entropy(out[:, n_shape:], color, ignore_index=-100)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, args.grad_clip or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        tower.eval()
+        with torch.no_grad():
+            out = torch.cat([logits(test_pixels[i : i + 256]) for i in range(0, len(test_pixels), 256)])
+        tower.train()
+        rec = {
+            "type": "vision_pretrain",
+            "epoch": epoch,
+            "loss": round(sum(losses) / len(losses), 5),
+            "test_shape_acc": round(accuracy(out[:, :n_shape].argmax(1), test_shape), 4),
+            "test_color_acc": round(accuracy(out[:, n_shape:].argmax(1), test_color), 4),
+            "elapsed_s": round(time.time() - t0, 1),
+        }
+        log(rec)
+        print(
+            f"vision pretrain epoch {epoch}: loss {rec['loss']:.4f} test shape {rec['test_shape_acc']:.4f} "
+            f"color {rec['test_color_acc']:.4f} ({rec['elapsed_s']:.0f}s)",
+            flush=True,
+        )
+
+
 def question_type(question: str) -> str:
     """easy-VQA question family: colour, shape or yes/no (from its templates)."""
     q = question.lower()
@@ -461,25 +596,38 @@ def main(argv=None) -> dict:
     total_steps = steps_per_epoch * args.epochs
     warmup = max(1, int(args.warmup_ratio * total_steps))
 
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        # No weight decay on norms, biases, embeddings (standard ViT/LLM practice).
-        (no_decay if p.ndim < 2 or "embed" in name or "norm" in name else decay).append(p)
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.98),
-    )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_at(s, total_steps, warmup, args.min_lr_ratio)
-    )
-
     curve_path = out_dir / "learning_curve.jsonl"
     curve = curve_path.open("w")
 
     def log(record):
         curve.write(json.dumps(record) + "\n")
         curve.flush()
+
+    t_start = time.time()
+    if args.vision_pretrain_epochs > 0:
+        pretrain_vision_tower(model, processor, train, test, args, log)
+
+    tower = model.model.vision_tower
+    if args.vision_lr_scale == 0:
+        tower.requires_grad_(False)
+    groups = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        # No weight decay on norms, biases, embeddings (standard ViT/LLM practice).
+        wd = 0.0 if p.ndim < 2 or "embed" in name or "norm" in name else args.weight_decay
+        # The pretrained tower moves slower than the randomly initialised
+        # projector and language model, whose early gradients are noise to it.
+        lr = args.lr * (args.vision_lr_scale if name.startswith("model.vision_tower.") else 1.0)
+        groups.setdefault((wd, lr), []).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": ps, "weight_decay": wd, "lr": lr} for (wd, lr), ps in groups.items()],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_at(s, total_steps, warmup, args.min_lr_ratio)
+    )
 
     print(f"{args.epochs} epochs x {steps_per_epoch} steps, batch {batch_desc}, warmup {warmup}", flush=True)
     t0 = time.time()
@@ -507,7 +655,7 @@ def main(argv=None) -> dict:
                     "step": step,
                     "epoch": round(epoch - 1 + epoch_n / steps_per_epoch, 3),
                     "loss": round(run_loss / run_n, 5),
-                    "lr": scheduler.get_last_lr()[0],
+                    "lr": max(scheduler.get_last_lr()),
                     "elapsed_s": round(time.time() - t0, 1),
                 }
                 log(rec)
@@ -531,6 +679,7 @@ def main(argv=None) -> dict:
             "test_subset_n": ev["n"],
             "by_type": ev["by_type"],
             "elapsed_s": round(time.time() - t0, 1),
+            "total_elapsed_s": round(time.time() - t_start, 1),
             "eval_s": round(time.time() - t_eval, 1),
         }
         log(rec)
@@ -542,7 +691,7 @@ def main(argv=None) -> dict:
         )
         if stop:
             break
-    train_s = time.time() - t0
+    train_s = time.time() - t_start
 
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)

@@ -24,6 +24,7 @@ from transformers_alignedvq.data import (  # noqa: E402
     easy_vqa_answers,
     format_conversation,
     format_prompt,
+    image_attributes,
     load_easy_vqa,
 )
 
@@ -88,6 +89,39 @@ def test_image_ids_are_consistent():
         key = row["image_id"]
         arr = bytes(row["image"].convert("RGB").tobytes())
         assert images.setdefault(key, arr) == arr
+
+
+def _answer_from_attributes(attrs, question):
+    import re
+
+    words = set(re.findall(r"[a-z]+", question))
+    if question.startswith("what"):
+        return attrs["color"] if "color" in words else attrs["shape"]
+    (key, named), = [(k, w) for w in words for k in ("color", "shape")
+                     if w in {"color": {"red", "green", "blue", "black", "gray", "teal", "yellow", "brown"},
+                              "shape": {"circle", "rectangle", "triangle"}}[k]]
+    present = attrs[key] == named
+    return "yes" if present != bool(words & {"not", "no"}) else "no"
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_image_attributes_answer_every_question(split):
+    ds = load_easy_vqa(split)
+    questions, answers, ids = ds["question"], ds["answer"], ds["image_id"]
+    attrs = image_attributes(questions, answers, ids)
+    assert len(attrs) == len(set(ids))
+    # nearly every image gets both attributes; every question they cover is
+    # answered correctly by them (so they are consistent with the dataset)
+    assert sum("shape" in a and "color" in a for a in attrs.values()) > 0.85 * len(attrs)
+    checked = 0
+    for q, a, i in zip(questions, answers, ids):
+        try:
+            pred = _answer_from_attributes(attrs[i], q)
+        except KeyError:
+            continue
+        assert pred == a, (q, a, attrs[i])
+        checked += 1
+    assert checked > 0.9 * len(questions)
 
 
 # ---------------------------------------------------------------- formatting

@@ -1,0 +1,191 @@
+"""The edge half as a standalone module: what a camera or phone runs, and nothing else.
+
+`AlignedVQEdgeEncoder` holds the vision embeddings, the blocks before the split, the split block only up to
+the site, and the input side of AlignedVQ (input DLP, optional down-projection, codebook). No language
+model, projector, output DLP or EMA state. It is saved as ``edge_config.json`` + ``edge_model.safetensors``
+and loads without the rest of the checkpoint.
+
+Imports only PyTorch, safetensors and Transformers' vision configuration/modeling.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import split
+from .alignedvq_layer import AlignedVQLayer
+
+EDGE_CONFIG_NAME = "edge_config.json"
+EDGE_WEIGHTS_NAME = "edge_model.safetensors"
+EDGE_FORMAT_VERSION = 1
+
+# Submodules of the split block the edge never runs, by site.
+_UNUSED_AT_SITE = {
+    "ln1": ("self_attn", "layer_norm2", "mlp"),
+    "attn": ("layer_norm2", "mlp"),
+    "ln2": ("mlp",),
+    "mlp": (),
+}
+
+
+class EdgeCheckpointError(ValueError):
+    """An edge checkpoint is missing, truncated, or does not match the expected architecture."""
+
+
+class AlignedVQEdgeEncoder(nn.Module):
+    """Pixels -> AlignedVQ indices, with only the edge's weights.
+
+    Args:
+        vision_config: the vision tower's config (a `PretrainedConfig` or its dict).
+        settings: AlignedVQ settings: `split_layer`, `split_site`, `codebook_size`, `codebook_dim`,
+            `num_codebooks`, `num_groups`, `use_dlp`.
+    """
+
+    def __init__(self, vision_config, settings: dict):
+        super().__init__()
+        from transformers import AutoConfig, AutoModel
+
+        if isinstance(vision_config, dict):
+            values = dict(vision_config)
+            vision_config = AutoConfig.for_model(values.pop("model_type"), **values)
+        self.vision_config = vision_config
+        self.settings = dict(settings)
+        split_layer, site = settings["split_layer"], settings["split_site"]
+        # Blocks are built on the meta device and materialised empty (weights are loaded afterwards); the
+        # embeddings are built for real because they hold non-persistent buffers (position ids) that no
+        # checkpoint carries.
+        with torch.device("meta"):
+            tower = AutoModel.from_config(vision_config)
+        self.embeddings = type(tower.embeddings)(vision_config)
+        if getattr(tower, "pre_layrnorm", None) is not None:
+            self.pre_layrnorm = tower.pre_layrnorm
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(split.vision_blocks(tower)[: split_layer + 1])
+        for name in _UNUSED_AT_SITE[site]:
+            delattr(self.encoder.layers[split_layer], name)
+        layer = AlignedVQLayer(
+            vision_config.hidden_size,
+            settings["codebook_size"],
+            codebook_dim=settings["codebook_dim"],
+            num_codebooks=settings["num_codebooks"],
+            num_groups=settings["num_groups"],
+            use_dlp=settings["use_dlp"],
+        )
+        layer.dlp_out = None
+        layer.project_out = None
+        layer.quantizer.cluster_size = None
+        layer.quantizer.embed_sum = None
+        self.alignedvq = layer
+        for name, child in self.named_children():
+            if name != "embeddings":
+                child.to_empty(device="cpu")
+
+    @property
+    def codes_per_token(self) -> int:
+        return self.settings["num_codebooks"] * self.settings["num_groups"]
+
+    @classmethod
+    def from_model(cls, model) -> "AlignedVQEdgeEncoder":
+        """Copy the edge part out of a `LlavaAlignedVQForConditionalGeneration`."""
+        config = model.config
+        settings = {key: getattr(config, key) for key in _SETTINGS}
+        edge = cls(config.vision_config, settings)
+        source = {f"model.vision_tower.{k}": v for k, v in model.model.vision_tower.state_dict().items()}
+        source.update({f"model.alignedvq.{k}": v for k, v in model.model.alignedvq.state_dict().items()})
+        wanted = edge.state_dict()
+        edge.load_state_dict(
+            {k: source[f"model.vision_tower.{k}" if not k.startswith("alignedvq.") else f"model.{k}"].detach().cpu() for k in wanted}
+        )
+        device = model.model.alignedvq.quantizer.codebook.device
+        return edge.to(device).eval()
+
+    # ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def forward(self, pixel_values: torch.Tensor) -> torch.LongTensor:
+        """Pixels ``(batch, channels, size, size)`` -> indices ``(batch, tokens[, codes_per_token])``."""
+        vision = self.vision_config
+        split.check_pixel_values(pixel_values, num_channels=vision.num_channels, image_size=vision.image_size)
+        z = split.edge_forward(self, pixel_values, self.settings["split_layer"], self.settings["split_site"])
+        indices = self.alignedvq.encode(z)
+        return indices.squeeze(-1) if self.codes_per_token == 1 else indices
+
+    encode = forward
+
+    def num_bytes(self) -> int:
+        """Bytes of weights and buffers the edge holds."""
+        tensors = list(self.parameters()) + list(self.buffers())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def codebook(self) -> torch.Tensor:
+        """The fp32 codebook ``(num_codebooks, num_groups, K, dim)``."""
+        return self.alignedvq.quantizer.codebook
+
+    def codebook_fingerprint(self) -> bytes:
+        """16-byte codebook fingerprint, equal to the full model's (see the wire format)."""
+        from .wire import codebook_fingerprint
+
+        return codebook_fingerprint(self.codebook())
+
+    # ------------------------------------------------------------------------------------------------
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``edge_config.json`` and ``edge_model.safetensors`` into ``directory``; returns the weights path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {
+            "format": "alignedvq-edge",
+            "format_version": EDGE_FORMAT_VERSION,
+            "vision_config": self.vision_config.to_dict(),
+            **self.settings,
+        }
+        (directory / EDGE_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        path = directory / EDGE_WEIGHTS_NAME
+        save_file(weights, str(path), metadata={"format": "pt"})
+        return path
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "AlignedVQEdgeEncoder":
+        """Load an edge encoder saved by `save_pretrained` (or shipped inside a full checkpoint)."""
+        directory = Path(directory)
+        config_path, weights_path = directory / EDGE_CONFIG_NAME, directory / EDGE_WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise EdgeCheckpointError(f"{path.name} not found in {directory}; is this an AlignedVQ edge checkpoint?")
+        try:
+            config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise EdgeCheckpointError(f"{config_path.name} is not valid JSON: {exc}") from exc
+        if config.get("format") != "alignedvq-edge" or config.get("format_version") != EDGE_FORMAT_VERSION:
+            raise EdgeCheckpointError(
+                f"{config_path.name} is not an AlignedVQ edge config of format version {EDGE_FORMAT_VERSION}."
+            )
+        missing = [key for key in ("vision_config", *_SETTINGS) if key not in config]
+        if missing:
+            raise EdgeCheckpointError(f"{config_path.name} lacks {missing}.")
+        edge = cls(config["vision_config"], {key: config[key] for key in _SETTINGS})
+        try:
+            state = load_file(str(weights_path))
+        except (SafetensorError, OSError) as exc:
+            raise EdgeCheckpointError(f"{weights_path.name} cannot be read (truncated or corrupt?): {exc}") from exc
+        expected = edge.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise EdgeCheckpointError(
+                f"{weights_path.name} does not match {config_path.name}: missing {missing[:5]}, unexpected {unexpected[:5]}."
+            )
+        wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
+        if wrong:
+            raise EdgeCheckpointError(f"{weights_path.name} has tensors of the wrong shape: {wrong[:5]}.")
+        edge.load_state_dict(state)
+        return edge.eval()
+
+
+_SETTINGS = ("split_layer", "split_site", "codebook_size", "codebook_dim", "num_codebooks", "num_groups", "use_dlp")

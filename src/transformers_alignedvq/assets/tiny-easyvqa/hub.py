@@ -1,0 +1,430 @@
+"""Checkpoints on disk and on the Hub: full and adapter-only kinds, edge-only downloads, model cards.
+
+Two checkpoint kinds, both safetensors only:
+
+* ``full``: every weight (``model.safetensors``, base names unchanged). A LoRA adapter is either merged into
+  the weights or, unmerged, saved beside them in PEFT's format (``lora/adapter_config.json`` +
+  ``lora/adapter_model.safetensors``) and re-applied on load.
+* ``adapter``: only what AlignedVQ adds to a base LLaVA: ``alignedvq.safetensors`` (codebook, DLP; EMA state
+  only if asked) and the LoRA adapter in PEFT's format (``lora/``), plus ``config.json`` naming the base
+  checkpoint (``base_model_name_or_path``) and its revision. Loading fetches the base and applies the rest.
+
+The LoRA files live in ``lora/``, not at the top: Transformers reads a top-level ``adapter_config.json`` in a
+Hub repo as "this repo is a PEFT adapter" and loads the base named in it instead (``AutoModel`` and
+``from_pretrained`` by repo id), which is not what either kind is.
+
+Both kinds also carry the edge encoder (``edge_config.json`` + ``edge_model.safetensors``) so a device can
+download only that (:func:`download_edge`), the modeling source files with an ``auto_map`` (so
+``trust_remote_code=True`` works without this package), and a model card.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+ALIGNEDVQ_WEIGHTS_NAME = "alignedvq.safetensors"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+LORA_SUBFOLDER = "lora"
+# Transformers 5 keeps the image processor's settings inside processor_config.json (older checkpoints:
+# preprocessor_config.json); the edge needs them to resize and normalise images.
+EDGE_FILES = (
+    "edge_config.json",
+    "edge_model.safetensors",
+    "processor_config.json",
+    "preprocessor_config.json",
+    "index_distribution.safetensors",
+)
+# Static index distribution for the lossless entropy-coded wire mode (estimated on training data).
+INDEX_DISTRIBUTION_NAME = "index_distribution.safetensors"
+_ALIGNEDVQ_PREFIX = "model.alignedvq."
+_EMA_BUFFERS = ("quantizer.cluster_size", "quantizer.embed_sum")
+# Source files a checkpoint carries for `trust_remote_code=True` (the modeling file and what it imports).
+REMOTE_CODE_FILES = (
+    "configuration_alignedvq.py",
+    "modeling_alignedvq.py",
+    "alignedvq_layer.py",
+    "dlp.py",
+    "quantizer.py",
+    "split.py",
+    "edge.py",
+    "wire.py",
+    "hub.py",
+)
+AUTO_MAP = {
+    "AutoConfig": "configuration_alignedvq.AlignedVQConfig",
+    "AutoModel": "modeling_alignedvq.LlavaAlignedVQForConditionalGeneration",
+    "AutoModelForImageTextToText": "modeling_alignedvq.LlavaAlignedVQForConditionalGeneration",
+}
+
+
+class CheckpointMismatchError(ValueError):
+    """An adapter checkpoint does not fit the base model (or a file does not fit its config)."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# LoRA helpers (PEFT layers injected in place, e.g. by `model.add_adapter(LoraConfig(...))`)
+# --------------------------------------------------------------------------------------------------------
+def has_lora(model) -> bool:
+    return bool(getattr(model, "_hf_peft_config_loaded", False))
+
+
+def merge_lora_(model) -> None:
+    """Merge every injected LoRA layer into its base weight and remove the adapter from the model."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    model._hf_peft_config_loaded = False
+    if hasattr(model, "peft_config"):
+        del model.peft_config
+
+
+def _base_state_dict(model) -> dict[str, torch.Tensor]:
+    """State dict under base-model names: LoRA wrappers' `base_layer.` removed, LoRA tensors left out."""
+    return {
+        key.replace(".base_layer.", "."): value
+        for key, value in model.state_dict().items()
+        if "lora_" not in key
+    }
+
+
+def _save_lora(model, directory: Path) -> None:
+    directory = directory / LORA_SUBFOLDER
+    directory.mkdir(exist_ok=True)
+    state = model.get_adapter_state_dict()
+    state = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
+    save_file(state, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    adapter = model.active_adapters()[0]
+    peft_config = model.peft_config[adapter]
+    peft_config.save_pretrained(str(directory))
+
+
+# --------------------------------------------------------------------------------------------------------
+# saving
+# --------------------------------------------------------------------------------------------------------
+def alignedvq_state_dict(model, *, include_ema_state: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors AlignedVQ adds (codebook, DLP, projections), under their model names."""
+    state = {}
+    for key, value in model.model.alignedvq.state_dict().items():
+        if key in _EMA_BUFFERS and not include_ema_state:
+            continue
+        state[_ALIGNEDVQ_PREFIX + key] = value.detach().cpu().contiguous()
+    return state
+
+
+def write_remote_code(directory: Path, config) -> None:
+    """Copy the modeling sources next to the weights and point `auto_map` at them."""
+    package = Path(__file__).parent
+    for name in REMOTE_CODE_FILES:
+        shutil.copyfile(package / name, directory / name)
+    config.auto_map = dict(AUTO_MAP)
+
+
+def save_checkpoint(
+    model,
+    directory: str | os.PathLike,
+    *,
+    kind: str | None = None,
+    merge_lora: bool = False,
+    include_ema_state: bool = False,
+    save_edge: bool = True,
+    eval_results: dict | None = None,
+    save_function=None,
+    **save_kwargs,
+) -> Path:
+    """Write ``model`` as a ``full`` or ``adapter`` checkpoint (default: ``model.config.checkpoint_kind``).
+
+    Returns the directory. ``save_function`` is the stock `PreTrainedModel.save_pretrained` used for the
+    full kind (the model class passes its parent's).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    kind = kind or config.checkpoint_kind
+    if kind not in ("full", "adapter"):
+        raise ValueError(f"kind={kind!r} must be 'full' or 'adapter'.")
+    if merge_lora and has_lora(model):
+        merge_lora_(model)
+    lora = has_lora(model)
+
+    original_kind = config.checkpoint_kind
+    try:
+        config.checkpoint_kind = kind
+        write_remote_code(directory, config)
+        if kind == "full":
+            state = _base_state_dict(model)
+            if not include_ema_state:
+                state = {k: v for k, v in state.items() if k[len(_ALIGNEDVQ_PREFIX):] not in _EMA_BUFFERS}
+            # The stock path writes only adapter weights when PEFT layers are present; we want both.
+            model._hf_peft_config_loaded = False
+            try:
+                save_function(model, str(directory), state_dict=state, **save_kwargs)
+            finally:
+                model._hf_peft_config_loaded = lora
+        else:
+            if not config.base_model_name_or_path:
+                raise ValueError(
+                    "An adapter-only checkpoint must name its base: set model.config.base_model_name_or_path "
+                    "(and base_model_revision) to the LLaVA checkpoint it applies to."
+                )
+            save_file(
+                alignedvq_state_dict(model, include_ema_state=include_ema_state),
+                str(directory / ALIGNEDVQ_WEIGHTS_NAME),
+                metadata={"format": "pt"},
+            )
+            config.save_pretrained(str(directory))
+            if model.can_generate() and model.generation_config is not None:
+                model.generation_config.save_pretrained(str(directory))
+        if lora:
+            _save_lora(model, directory)
+        if save_edge:
+            model.edge_encoder().save_pretrained(directory)
+        write_model_card(model, directory, kind=kind, eval_results=eval_results)
+    finally:
+        config.checkpoint_kind = original_kind
+    return directory
+
+
+# --------------------------------------------------------------------------------------------------------
+# loading
+# --------------------------------------------------------------------------------------------------------
+_ARCHITECTURE_FIELDS = (
+    ("vision_config", "hidden_size"),
+    ("vision_config", "num_hidden_layers"),
+    ("vision_config", "image_size"),
+    ("vision_config", "patch_size"),
+    ("text_config", "hidden_size"),
+    ("text_config", "num_hidden_layers"),
+    ("text_config", "vocab_size"),
+)
+
+
+def check_base_compatible(config, base_config) -> None:
+    """Raise `CheckpointMismatchError` if ``base_config`` is not the architecture ``config`` was made for."""
+    wrong = []
+    for sub, field in _ARCHITECTURE_FIELDS:
+        ours = getattr(getattr(config, sub), field, None)
+        theirs = getattr(getattr(base_config, sub, None), field, None)
+        if ours != theirs:
+            wrong.append(f"{sub}.{field}: adapter expects {ours}, base has {theirs}")
+    if wrong:
+        raise CheckpointMismatchError(
+            f"The base model {config.base_model_name_or_path!r} does not match this AlignedVQ adapter ("
+            + "; ".join(wrong)
+            + "). Load the adapter onto the base it was trained on."
+        )
+
+
+def _resolve(path_or_id, filename: str, hub_kwargs: dict, *, required: bool = True) -> str | None:
+    from transformers.utils import cached_file
+
+    return cached_file(
+        path_or_id, filename, _raise_exceptions_for_missing_entries=required, **hub_kwargs
+    )
+
+
+_HUB_KWARGS = ("revision", "token", "cache_dir", "local_files_only", "force_download", "subfolder")
+
+
+def hub_kwargs_from(kwargs: dict) -> dict:
+    return {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+
+
+def load_adapter_checkpoint(cls, path_or_id, config, **kwargs):
+    """Build the model an adapter-only checkpoint describes: base LLaVA + codebook/DLP + LoRA."""
+    from transformers import AutoConfig
+
+    hub_kwargs = hub_kwargs_from(kwargs)
+    base = config.base_model_name_or_path
+    if not base:
+        raise CheckpointMismatchError("This adapter checkpoint's config does not name its base model.")
+    base_kwargs = {k: v for k, v in hub_kwargs.items() if k not in ("revision", "subfolder")}
+    if config.base_model_revision:
+        base_kwargs["revision"] = config.base_model_revision
+    check_base_compatible(config, AutoConfig.from_pretrained(base, **base_kwargs))
+
+    weights_path = _resolve(path_or_id, ALIGNEDVQ_WEIGHTS_NAME, hub_kwargs)
+    try:
+        state = load_file(weights_path)
+    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointMismatchError(f"{ALIGNEDVQ_WEIGHTS_NAME} cannot be read (truncated or corrupt?): {exc}") from exc
+
+    # `adapter_kwargs` (added by AutoModel, with the revision it resolved for *this* repo) describe this
+    # checkpoint, whose LoRA `maybe_load_lora` applies below; passed on to the base load they would make
+    # Transformers look the base up at this repo's commit.
+    load_kwargs = {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS and k not in ("config", "adapter_kwargs")}
+    load_kwargs.update(base_kwargs)
+    options = {
+        key: getattr(config, key)
+        for key in (
+            "split_layer", "split_site", "codebook_size", "num_codebooks", "num_groups", "codebook_dim",
+            "use_dlp", "commitment_weight", "ema_decay", "dead_code_threshold",
+        )
+    }
+    model = cls.from_llava(base, load_kwargs=load_kwargs, **options)
+    apply_alignedvq_state(model, state)
+    model.config.checkpoint_kind = "adapter"
+    model.config.base_model_name_or_path = base
+    model.config.base_model_revision = config.base_model_revision
+    maybe_load_lora(model, path_or_id, kwargs)
+    return model.eval()
+
+
+def apply_alignedvq_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Load codebook/DLP tensors into ``model``; EMA state is optional (rebuilt from the codebook if absent)."""
+    layer = model.model.alignedvq
+    own = layer.state_dict()
+    local = {k[len(_ALIGNEDVQ_PREFIX):]: v for k, v in state.items() if k.startswith(_ALIGNEDVQ_PREFIX)}
+    unexpected = sorted(set(local) - set(own)) + sorted(k for k in state if not k.startswith(_ALIGNEDVQ_PREFIX))
+    missing = sorted(set(own) - set(local) - set(_EMA_BUFFERS))
+    if missing or unexpected:
+        raise CheckpointMismatchError(
+            f"{ALIGNEDVQ_WEIGHTS_NAME} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}."
+        )
+    wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in local.items() if v.shape != own[k].shape]
+    if wrong:
+        raise CheckpointMismatchError(
+            f"{ALIGNEDVQ_WEIGHTS_NAME} holds tensors of other shapes than the config describes "
+            f"(a codebook for another model?): {wrong[:5]}."
+        )
+    with torch.no_grad():
+        for key, value in local.items():
+            own[key].copy_(value)
+        quantizer = layer.quantizer
+        if "quantizer.embed_sum" not in local:
+            quantizer.cluster_size.fill_(1.0)
+            quantizer.embed_sum.copy_(quantizer.codebook)
+
+
+def maybe_load_lora(model, path_or_id, kwargs: dict) -> None:
+    """Re-apply an unmerged LoRA adapter saved beside the weights (in ``lora/``)."""
+    if has_lora(model):  # Transformers' loader already applied an adapter (e.g. given as `adapter_kwargs`)
+        return
+    hub_kwargs = hub_kwargs_from(kwargs)
+    config_path = _resolve(path_or_id, f"{LORA_SUBFOLDER}/{ADAPTER_CONFIG_NAME}", hub_kwargs, required=False)
+    if config_path is None:
+        return
+    # Both files land in the same local folder (the checkpoint's `lora/` or its Hub cache snapshot); PEFT
+    # then loads from there without needing the Hub arguments.
+    weights_path = _resolve(path_or_id, f"{LORA_SUBFOLDER}/{ADAPTER_WEIGHTS_NAME}", hub_kwargs)
+    model.load_adapter(str(Path(weights_path).parent))
+
+
+# --------------------------------------------------------------------------------------------------------
+# entropy model
+# --------------------------------------------------------------------------------------------------------
+def save_index_distribution(distribution, directory: str | os.PathLike) -> Path:
+    """Store a `wire.IndexDistribution` beside a checkpoint (or edge folder)."""
+    import numpy as np
+
+    path = Path(directory) / INDEX_DISTRIBUTION_NAME
+    arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in distribution.to_arrays().items()}
+    save_file(arrays, str(path), metadata={"format": "alignedvq-index-distribution"})
+    return path
+
+
+def load_index_distribution(directory: str | os.PathLike):
+    """The folder's `wire.IndexDistribution`, or None when it has none."""
+    from .wire import IndexDistribution
+
+    path = Path(directory) / INDEX_DISTRIBUTION_NAME
+    if not path.is_file():
+        return None
+    try:
+        arrays = {k: v.numpy() for k, v in load_file(str(path)).items()}
+    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointMismatchError(f"{path.name} cannot be read (truncated or corrupt?): {exc}") from exc
+    return IndexDistribution.from_arrays(arrays)
+
+
+# --------------------------------------------------------------------------------------------------------
+# edge-only download
+# --------------------------------------------------------------------------------------------------------
+def download_edge(repo_id: str, *, revision: str | None = None, cache_dir=None, local_dir=None, token=None) -> tuple[Path, int]:
+    """Fetch only the edge encoder's files of a Hub checkpoint (never the language model).
+
+    Returns the local folder and the number of bytes it holds.
+    """
+    from huggingface_hub import snapshot_download
+
+    folder = Path(
+        snapshot_download(
+            repo_id, revision=revision, cache_dir=cache_dir, local_dir=local_dir, token=token,
+            allow_patterns=list(EDGE_FILES),
+        )
+    )
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    return folder, size
+
+
+# --------------------------------------------------------------------------------------------------------
+# model cards
+# --------------------------------------------------------------------------------------------------------
+TEMPLATE_PATH = Path(__file__).parent / "templates" / "model_card.md"
+
+
+def write_model_card(
+    model, directory: Path, *, kind: str, eval_results: dict | None = None, model_name: str | None = None
+) -> Path:
+    """README.md with Hub metadata and the AlignedVQ settings (and evaluation results when known)."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .quantizer import bits_per_index
+
+    config = model.config
+    bits = bits_per_index(config.codebook_size) * config.codes_per_token
+    tokens = config.num_image_tokens
+    base = config.base_model_name_or_path
+    eval_results = eval_results or getattr(model, "alignedvq_eval_results", None) or {}
+    card_data = ModelCardData(
+        base_model=base,
+        library_name="transformers",
+        pipeline_tag="image-text-to-text",
+        tags=["alignedvq", "llava", "vector-quantization", "edge-cloud", "split-inference"],
+        datasets=eval_results.get("datasets"),
+        license=eval_results.get("license", "apache-2.0"),
+    )
+    files = sorted(name for name in checkpoint_files(directory) if name != "README.md")
+    template = TEMPLATE_PATH.read_text() if TEMPLATE_PATH.is_file() else None
+    card = ModelCard.from_template(
+        card_data,
+        template_str=template,
+        model_name=model_name or eval_results.get("model_name") or directory.name,
+        kind=kind,
+        base_model=base,
+        base_model_revision=config.base_model_revision,
+        split_layer=config.split_layer,
+        split_site=config.split_site,
+        codebook_size=config.codebook_size,
+        num_codebooks=config.num_codebooks,
+        num_groups=config.num_groups,
+        use_dlp=config.use_dlp,
+        bits_per_token=bits,
+        num_tokens=tokens,
+        bytes_per_image=(tokens * bits + 7) // 8,
+        results=eval_results.get("results"),
+        files=files,
+    )
+    path = directory / "README.md"
+    card.save(str(path))
+    return path
+
+
+def checkpoint_files(directory: str | os.PathLike) -> dict[str, int]:
+    """Name -> size in bytes of every file a checkpoint folder holds (what an upload would send)."""
+    directory = Path(directory)
+    return {p.relative_to(directory).as_posix(): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def read_json(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text())
