@@ -33,8 +33,13 @@ def test_entropy_coded_frames_round_trip_through_client_and_server(tmp_path):
     assert (edge_dir / INDEX_DISTRIBUTION_NAME).is_file()
     app = create_app(model_dir, max_batch_size=2)
     with BackgroundServer(app, port=0) as server:
-        with EdgeClient(edge_dir, server.url) as coded, EdgeClient(edge_dir, server.url, entropy_coding=False) as plain:
+        with EdgeClient(edge_dir, server.url, entropy_coding=True) as coded, \
+                EdgeClient(edge_dir, server.url, entropy_coding=False) as plain, \
+                EdgeClient(edge_dir, server.url) as auto:
             assert coded.entropy_model is not None and plain.entropy_model is None
+            # by default the client sends the smaller frame: here the bit-packed one
+            auto_frame = auto.encode(image, "what shape is it?")
+            assert len(auto_frame) == min(len(coded.encode(image, "what shape is it?")), len(plain.encode(image, "what shape is it?")))
             coded_frame = coded.encode(image, "what shape is it?")
             plain_frame = plain.encode(image, "what shape is it?")
             decoded = wire.decode_frame(coded_frame, entropy_model=distribution)

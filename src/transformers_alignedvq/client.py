@@ -151,13 +151,16 @@ class EdgeClient:
         self.geometry = frame_geometry(vision.image_size, vision.patch_size)
         self.codebook_size = self.encoder.settings["codebook_size"]
         self.fingerprint = self.encoder.codebook_fingerprint()
-        # Lossless entropy coding when the edge folder carries the index distribution (None: use it if present).
+        # Lossless entropy coding needs the index distribution from the edge folder. True: always use it;
+        # None (default): per frame, send whichever of the coded and the bit-packed frame is smaller (ANS has
+        # a 12-byte header that short frames do not repay); False: never.
         from .hub import load_index_distribution
 
         distribution = load_index_distribution(directory) if entropy_coding is not False else None
         if entropy_coding and distribution is None:
             raise EdgeClientError(f"{directory} has no index distribution; entropy coding is not available")
         self.entropy_model = distribution
+        self.always_entropy_code = bool(entropy_coding)
         if transport is None:
             # httpx writes the headers and the body separately; with Nagle's algorithm on, the small body then
             # waits for the server's delayed ACK (~40 ms on Linux), more than a whole frame takes on the wire.
@@ -179,10 +182,15 @@ class EdgeClient:
         """The frame the edge sends for ``image`` and ``question`` (no network)."""
         pixels = self.image_processor(images=_as_image(image), return_tensors="pt")["pixel_values"]
         indices = self.encoder(pixels.to(self.device, dtype=torch.float32))[0].cpu().numpy()
-        return wire.encode_frame(
-            indices, codebook_size=self.codebook_size, codebook_fingerprint=self.fingerprint, prompt=question,
-            grid=self.geometry["grid"], has_cls_token=self.geometry["has_cls_token"], entropy_model=self.entropy_model,
-        )
+        options = dict(codebook_size=self.codebook_size, codebook_fingerprint=self.fingerprint, prompt=question,
+                       grid=self.geometry["grid"], has_cls_token=self.geometry["has_cls_token"])
+        if self.entropy_model is None:
+            return wire.encode_frame(indices, **options)
+        coded = wire.encode_frame(indices, entropy_model=self.entropy_model, **options)
+        if self.always_entropy_code:
+            return coded
+        plain = wire.encode_frame(indices, **options)
+        return coded if len(coded) < len(plain) else plain
 
     def server_info(self) -> dict:
         """``GET /v1/model`` (with the same retries as `ask`)."""
