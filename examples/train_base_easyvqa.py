@@ -61,7 +61,7 @@ epoch end, ``{"type": "final", test_acc, ...}`` for the full test split) and
 Usage::
 
     python examples/train_base_easyvqa.py --output runs/base-easyvqa
-    python examples/train_base_easyvqa.py --output /tmp/smoke --epochs 1 --limit 32
+    python examples/train_base_easyvqa.py --output runs/smoke --epochs 1 --limit 32
 """
 
 from __future__ import annotations
