@@ -30,7 +30,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E
 from transformers_alignedvq import LlavaAlignedVQForConditionalGeneration, wire  # noqa: E402
 from transformers_alignedvq.data import load_easy_vqa  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
-from transformers_alignedvq.hub import save_index_distribution  # noqa: E402
+from transformers_alignedvq.hub import save_index_distribution, write_model_card  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "transformers_alignedvq" / "assets" / "tiny-easyvqa"
 
@@ -111,8 +111,18 @@ def main(argv=None):
         },
     }
     model.save_pretrained(output, checkpoint_kind="full", eval_results=results)
+    # The bundle is always loaded through the installed package, so it drops the remote-code copies of the
+    # package's sources (they would only duplicate them and go stale) and the auto_map pointing at them.
+    from transformers_alignedvq.hub import REMOTE_CODE_FILES
+
+    for name in REMOTE_CODE_FILES:
+        (output / name).unlink(missing_ok=True)
+    config = json.loads((output / "config.json").read_text())
+    config.pop("auto_map", None)
+    (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     processor.save_pretrained(output)
     save_index_distribution(distribution, output)
+    write_model_card(model, output, kind="full", eval_results=results)  # again: lists the final files
     (output / "build_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {output} ({sum(f.stat().st_size for f in output.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
