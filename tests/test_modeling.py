@@ -235,3 +235,13 @@ def test_edge_side_imports_nothing_from_the_cloud():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_commitment_loss_is_computed_only_where_it_can_be_used(pixels):
+    model = tiny_alignedvq()
+    ids = prompt_ids()
+    with torch.no_grad():  # generation / inference: no second input-DLP pass
+        assert model(input_ids=ids, pixel_values=pixels).commitment_loss is None
+    out = model(input_ids=ids, pixel_values=pixels, labels=ids)  # gradient-enabled evaluation keeps it
+    assert out.commitment_loss is not None
+    torch.testing.assert_close(out.loss, out.lm_loss + model.config.commitment_weight * out.commitment_loss)

@@ -229,7 +229,10 @@ class LlavaAlignedVQModel(LlavaModel):
         config = self.config
         commitment = perplexity = usage = None
         if pixel_values is not None:
-            vq = self.alignedvq(self.edge_features(pixel_values))
+            # The commitment loss costs a second input-DLP pass; skip it where nothing can use it (generation
+            # and other no-grad inference), keep it for training and gradient-enabled evaluation.
+            want_loss = self.training or torch.is_grad_enabled()
+            vq = self.alignedvq(self.edge_features(pixel_values), return_loss=want_loss)
             recovered, indices = vq.features, vq.indices
             commitment, perplexity, usage = vq.commitment_loss, vq.perplexity, vq.usage
         else:

@@ -17,13 +17,15 @@ position ``q * num_groups + g`` holds the index of stage ``q`` in group ``g``.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+# One definition of the index width, shared with the wire format (numpy only, so still edge-safe).
+from .wire import bits_per_index  # noqa: F401
 
 # Distance rows per chunk are sized so one chunk of the (tokens x K) distance matrix stays near 64 MiB in fp32.
 _DISTANCE_BUDGET_ELEMENTS = 1 << 24
@@ -410,7 +412,3 @@ class VectorQuantizer(nn.Module):
         self.cluster_size.fill_(1.0)
         self.embed_sum.copy_(self.codebook)
 
-
-def bits_per_index(codebook_size: int) -> int:
-    """Bits needed to send one index: ``ceil(log2 K)``."""
-    return max(1, math.ceil(math.log2(codebook_size)))
