@@ -54,7 +54,13 @@ def parse_args(argv=None):
     # optimisation
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=-1)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="questions per step (on average when grouped)")
+    p.add_argument(
+        "--images-per-batch", type=int, default=None,
+        help="batches of all the questions of N images, with the image prefix computed once per image (same "
+        "loss, several times faster when images have many questions). Default: when the data has an "
+        "'image_id' column, N = batch-size / (questions per image); 0 turns grouping off",
+    )
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--warmup-ratio", type=float, default=0.03)
@@ -122,6 +128,12 @@ def main(argv=None) -> dict:
         calibration_batches(data, processor, args.calibration_images), iters=args.kmeans_iters, seed=args.seed
     )
     print(f"k-means on {count} site features -> {args.codebook_size} codewords ({time.time() - started:.0f}s)")
+    images_per_batch = args.images_per_batch
+    if images_per_batch is None and "image_id" in data.column_names:
+        per_image = len(data) / max(len(set(data["image_id"])), 1)
+        images_per_batch = max(1, round(args.batch_size / per_image))
+    if images_per_batch:
+        print(f"batches of the questions of {images_per_batch} images (image prefix shared per image)")
     prepare_for_finetuning(model, lora_r=args.lora_r or None, train_dlp=not args.no_dlp)
     trainable, total = trainable_parameters(model)
     print(f"trainable parameters: {trainable:,} of {total:,}")
@@ -151,6 +163,7 @@ def main(argv=None) -> dict:
         args=training_args,
         train_dataset=data,
         data_collator=VQACollator(processor, train=True),
+        images_per_batch=images_per_batch or None,
     )
     trainer.train()
     model.eval()

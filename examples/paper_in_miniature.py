@@ -3,8 +3,13 @@
     python examples/paper_in_miniature.py --base runs/base-easyvqa --runs runs/paper --doc docs/results.md
 
 Every experiment writes `RUNS/results/<name>.json`; a finished experiment is never run again, so the command
-resumes where it stopped. When everything is done it writes the results document (tables + matplotlib
-figures under `docs/figures/`). Experiments:
+resumes where it stopped. Several copies of the command can run at once on the same `--runs` folder (e.g. two
+one-thread workers on a two-core machine, which is faster than one two-thread worker for a model this small):
+each experiment is claimed with a lock file (`results/<name>.lock`, with the owner's pid; locks of dead
+processes are taken over), and the worker that finishes the last experiment writes the results document
+(tables + matplotlib figures under `docs/figures/`). Ablations whose configuration equals an experiment already
+run (block 0, `ln1`, K=4096, 1 codebook, 1 group, DLP and LoRA appears in Table 1, Figure 7, Table 4 and the
+bits sweep) reuse its result instead of training the same model again. Experiments:
 
 * Table 2/3: the base on raw (PNG) images, on JPEG-90 and JPEG-10 images, a LoRA finetune of the base for
   one more epoch on clean images ("LLaVA 1+"), and AlignedVQ (block 0, `ln1`, K=4096, DLP, LoRA; the
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -71,22 +77,59 @@ class Runner:
         self.test = load_easy_vqa("test", limit=args.test_limit)
         self.ablation_test = self.test.shuffle(seed=0).select(range(min(args.ablation_eval, len(self.test))))
 
+        self.pending: list[str] = []  # wanted experiments left to another worker
+
     def done(self, name: str) -> dict | None:
         path = self.runs / "results" / f"{name}.json"
         return json.loads(path.read_text()) if path.is_file() else None
 
     def record(self, name: str, result: dict) -> dict:
         result = {k: v for k, v in result.items() if k != "predictions"}
-        (self.runs / "results" / f"{name}.json").write_text(json.dumps(result, indent=2))
+        path = self.runs / "results" / f"{name}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(path)  # atomic: a concurrent worker never reads half a file
+        self._lock(name).unlink(missing_ok=True)
         print(f"[{name}] {json.dumps(result)}", flush=True)
         return result
 
     def wanted(self, name: str) -> bool:
         return self.args.only is None or any(name.startswith(prefix) for prefix in self.args.only)
 
+    def _lock(self, name: str) -> Path:
+        return self.runs / "results" / f"{name}.lock"
+
+    def claim(self, name: str) -> bool:
+        """True when this process should run ``name``: wanted, not done, and not claimed by a live worker."""
+        if not self.wanted(name) or self.done(name):
+            return False
+        lock = self._lock(name)
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    owner = int(lock.read_text() or 0)
+                    os.kill(owner, 0)  # raises when the owner is gone
+                except (ValueError, ProcessLookupError, FileNotFoundError):
+                    lock.unlink(missing_ok=True)  # stale claim of a dead worker: take it over
+                    continue
+                except PermissionError:
+                    pass
+                self.pending.append(name)
+                return False
+            with os.fdopen(fd, "w") as f:
+                f.write(str(os.getpid()))
+            if self.done(name):  # finished by another worker between the check and the claim
+                lock.unlink(missing_ok=True)
+                return False
+            return True
+        self.pending.append(name)
+        return False
+
     # ----------------------------------------------------------------------------------------------------
     def baseline(self, name: str, jpeg: int | None):
-        if self.done(name) or not self.wanted(name):
+        if not self.claim(name):
             return
         model = LlavaForConditionalGeneration.from_pretrained(self.args.base).eval()
         start = time.time()
@@ -96,7 +139,7 @@ class Runner:
 
     def llava_one_plus(self, name: str = "llava_1plus"):
         """LoRA-finetune the base for one more epoch on clean images (the paper's LLaVA 1+)."""
-        if self.done(name) or not self.wanted(name):
+        if not self.claim(name):
             return
         model = LlavaForConditionalGeneration.from_pretrained(self.args.base)
         for param in model.parameters():
@@ -121,13 +164,30 @@ class Runner:
             learning_rate=self.args.lr, lr_scheduler_type="cosine", warmup_steps=0.03, logging_steps=50,
             save_strategy="no", report_to="none", remove_unused_columns=False, disable_tqdm=True, use_cpu=True,
         )
-        trainer = AlignedVQTrainer(model=model, args=args, train_dataset=load_easy_vqa("train", limit=self.args.train_limit),
-                                   data_collator=VQACollator(self.processor, train=True))
+        data = load_easy_vqa("train", limit=self.args.train_limit)
+        per_image = len(data) / len(set(data["image_id"]))
+        trainer = AlignedVQTrainer(model=model, args=args, train_dataset=data,
+                                   data_collator=VQACollator(self.processor, train=True),
+                                   images_per_batch=max(1, round(self.args.batch_size / per_image)))
         trainer.train()
         return trainer.state.log_history
 
+    @staticmethod
+    def _config_key(epochs: float, full_eval: bool, lora: bool, options: dict) -> str:
+        settings = dict(split_layer=0, split_site="ln1", codebook_size=4096, num_codebooks=1, num_groups=1, no_dlp=False)
+        settings.update(options)
+        return json.dumps({"epochs": epochs, "full_eval": full_eval, "lora": lora, **settings}, sort_keys=True)
+
     def alignedvq(self, name: str, *, epochs: float, full_eval: bool = False, lora: bool = True, **options):
-        if self.done(name) or not self.wanted(name):
+        if not self.wanted(name) or self.done(name):
+            return
+        key = self._config_key(epochs, full_eval, lora, options)
+        for other in sorted((self.runs / "results").glob("*.json")):
+            result = json.loads(other.read_text())
+            if result.get("config_key") == key:
+                self.record(name, {**result, "same_run_as": result.get("same_run_as", other.stem), "options": options})
+                return
+        if not self.claim(name):
             return
         output = self.runs / name
         argv = [
@@ -150,7 +210,8 @@ class Runner:
         model = LlavaAlignedVQForConditionalGeneration.from_pretrained(output).eval()
         test = self.test if full_eval else self.ablation_test
         result = evaluate_vqa(model, self.processor, test, batch_size=256)
-        result.update(train_seconds=train_seconds, eval_questions=len(test), epochs=epochs, options=options, lora=lora)
+        result.update(train_seconds=train_seconds, eval_questions=len(test), epochs=epochs, options=options, lora=lora,
+                      config_key=key)
         self.record(name, result)
         if not (self.args.keep_models or full_eval):
             import shutil
@@ -158,7 +219,7 @@ class Runner:
             shutil.rmtree(output, ignore_errors=True)
 
     def feature_magnitudes(self, name: str = "figure4_magnitudes", images: int = 64):
-        if self.done(name) or not self.wanted(name):
+        if not self.claim(name):
             return
         model = LlavaForConditionalGeneration.from_pretrained(self.args.base).eval()
         rows = self.test.select(range(min(images * 10, len(self.test))))
@@ -210,6 +271,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     runner = Runner(args)
     experiments(runner, args)
+    if runner.pending:  # another worker still runs some of the wanted experiments
+        still = [name for name in runner.pending if not runner.done(name)]
+        if still:
+            print(f"not writing {args.doc}: {len(still)} experiment(s) still running in another worker ({', '.join(still)})")
+            return
     from paper_report import write_report
 
     write_report(runner.runs, Path(args.doc), args)

@@ -110,6 +110,7 @@ from transformers_alignedvq.data import (  # noqa: E402
     image_attributes,
     load_easy_vqa,
 )
+from transformers_alignedvq.training import shared_image_prefix_loss  # noqa: E402
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<|user|>", "<|assistant|>"]
 
@@ -349,58 +350,11 @@ def training_loss(model, batch) -> torch.Tensor:
 
 
 def shared_prefix_loss(model, batch) -> torch.Tensor:
-    """Same loss and gradients as ``model(**batch).loss``, computed ~2.5x faster.
-
-    Every prompt starts with the image (``<s><|user|> <image>*N``), so rows
-    about the same image share that whole prefix, which is ~80% of each
-    sequence. The prefix is run through the vision tower, projector and
-    language model once per distinct image; its key/value cache is then
-    gathered per row and only the question/answer suffix is run per row.
-    Attention, positions and the loss are those of the stock forward
-    (right-padded rows, causal mask, mean cross-entropy over supervised
-    tokens), and autograd flows through the gathered cache, so the result is
-    exact (checked against the stock forward in tests/test_data.py). Falls back
-    to :func:`training_loss` for batches that do not have this structure.
-    """
-    ids, mask, labels, pv = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["pixel_values"]
-    image_token = model.config.image_token_id
-    is_image = ids == image_token
-    positions = torch.arange(ids.shape[1]).expand_as(ids)
-    last_image = torch.where(is_image, positions, -1).max(dim=1).values
-    prefix = int(last_image[0]) + 1
-    unique, inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)
-    first = torch.full((unique.shape[0],), ids.shape[0], dtype=torch.long).scatter_reduce(
-        0, inverse, torch.arange(ids.shape[0]), reduce="amin"
-    )
-    if (
-        prefix < 1
-        or prefix >= ids.shape[1]
-        or not bool((last_image == prefix - 1).all())
-        or not bool(mask[:, :prefix].all())
-        or not bool((labels[:, : prefix + 1] == -100).all())
-        or not torch.equal(ids[:, :prefix], ids[first][inverse][:, :prefix])
-    ):
-        return training_loss(model, batch)
-
-    feats = model.get_image_features(pixel_values=unique.view(-1, *pv.shape[1:]), return_dict=True).pooler_output
-    lm = model.model.language_model
-    prefix_ids = ids[first, :prefix]
-    embeds = lm.get_input_embeddings()(prefix_ids)
-    embeds = embeds.masked_scatter(is_image[first, :prefix].unsqueeze(-1), torch.cat(feats).to(embeds.dtype))
-    cache = lm(inputs_embeds=embeds, use_cache=True).past_key_values
-    cache.reorder_cache(inverse)  # index_select per layer: differentiable gather of the shared prefix
-    suffix_len = ids.shape[1] - prefix
-    out = lm(
-        input_ids=ids[:, prefix:],
-        attention_mask=mask,
-        position_ids=torch.arange(prefix, ids.shape[1]).expand(ids.shape[0], suffix_len),
-        past_key_values=cache,
-        use_cache=True,
-    )
-    logits = model.lm_head(out.last_hidden_state[:, :-1]).float()
-    return torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels[:, prefix + 1 :].reshape(-1), ignore_index=-100
-    )
+    """Same loss and gradients as ``model(**batch).loss``, computed ~2.5x faster: the image prefix runs once
+    per distinct image (`transformers_alignedvq.training.shared_image_prefix_loss`); batches without that
+    structure fall back to :func:`training_loss`."""
+    shared = shared_image_prefix_loss(model, batch)
+    return shared.lm_loss if shared is not None else training_loss(model, batch)
 
 
 def pretrain_vision_tower(model, processor, train, test, args, log) -> None:

@@ -45,3 +45,37 @@ def test_pipeline_smoke(tmp_path):
     # resuming: a second run finds every result and trains nothing
     again = run(*common, "--only", "base_raw", "alignedvq_headline")
     assert "k-means" not in again and "wrote" in again
+
+
+def test_concurrent_workers_claim_each_experiment_once(tmp_path):
+    import argparse
+    import importlib.util
+    import os
+
+    sys.path.insert(0, str(ROOT / "examples"))
+    try:
+        spec = importlib.util.spec_from_file_location("paper_in_miniature", ROOT / "examples" / "paper_in_miniature.py")
+        paper = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(paper)
+    finally:
+        sys.path.remove(str(ROOT / "examples"))
+    runner = paper.Runner.__new__(paper.Runner)
+    runner.args = argparse.Namespace(only=None)
+    runner.runs = tmp_path
+    runner.pending = []
+    (tmp_path / "results").mkdir()
+    assert runner.claim("a")
+    assert (tmp_path / "results" / "a.lock").read_text() == str(os.getpid())
+    assert not runner.claim("a") and runner.pending == ["a"]  # a live worker (this one) holds it
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "results" / "b.lock").write_text(dead.stdout.strip())
+    assert runner.claim("b")  # the owner is gone: taken over
+    runner.record("a", {"accuracy": 0.5})
+    assert not (tmp_path / "results" / "a.lock").exists() and runner.done("a") == {"accuracy": 0.5}
+    assert not runner.claim("a")  # done
+    # an ablation whose configuration was already run reuses that result instead of training again
+    key = runner._config_key(0.25, False, True, {"codebook_size": 4096})
+    runner.record("table1_ln1", {"accuracy": 0.9, "config_key": key})
+    runner.alignedvq("bits_K4096", epochs=0.25, codebook_size=4096)
+    assert runner.done("bits_K4096")["same_run_as"] == "table1_ln1"
+    assert runner.done("bits_K4096")["accuracy"] == 0.9
