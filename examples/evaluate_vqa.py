@@ -2,6 +2,7 @@
 
     python examples/evaluate_vqa.py --model runs/alignedvq-easyvqa            # indices over the wire format
     python examples/evaluate_vqa.py --model runs/base-easyvqa --jpeg 90       # stock model on JPEG-90 images
+    python examples/evaluate_vqa.py --model artifacts/base-easyvqa --by-template  # where the errors are
 
 For an AlignedVQ model every image crosses the split as a wire frame (header, codebook fingerprint, bit-packed
 indices, CRC), decoded and checked exactly as the cloud server does; bytes per image count the whole frame.
@@ -12,13 +13,43 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+from collections import defaultdict
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import transformers_alignedvq  # noqa: F401  (registers the AlignedVQ Auto classes)
-from transformers_alignedvq.data import load_easy_vqa
+from transformers_alignedvq.data import EASY_VQA_COLORS, EASY_VQA_SHAPES, load_easy_vqa
 from transformers_alignedvq.evaluation import evaluate_vqa
+
+
+def question_template(question: str) -> str:
+    """The easy-VQA question template: colour words become <colour>, shape words <shape>."""
+    text = question.lower()
+    for words, slot in ((EASY_VQA_COLORS, "<colour>"), (EASY_VQA_SHAPES, "<shape>")):
+        text = re.sub(r"\b(" + "|".join(words) + r")\b", slot, text)
+    return text
+
+
+def by_template(data, predictions) -> dict:
+    """Accuracy per question template and per kind (colour / shape / yes-no about a colour / about a shape)."""
+    templates, kinds = defaultdict(list), defaultdict(list)
+    for question, answer, prediction in zip(data["question"], data["answer"], predictions):
+        correct = float(prediction.strip().lower() == answer)
+        template = question_template(question)
+        templates[template].append(correct)
+        if answer in ("yes", "no"):
+            kind = "yes/no about a colour" if "<colour>" in template else "yes/no about a shape"
+        else:
+            kind = "colour" if answer in EASY_VQA_COLORS else "shape"
+        kinds[kind].append(correct)
+
+    def summary(groups):
+        rows = {k: {"accuracy": round(sum(v) / len(v), 4), "questions": len(v)} for k, v in groups.items()}
+        return dict(sorted(rows.items(), key=lambda item: item[1]["accuracy"]))
+
+    return {"by_kind": summary(kinds), "by_template": summary(templates)}
 
 
 def main(argv=None) -> dict:
@@ -29,6 +60,7 @@ def main(argv=None) -> dict:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--jpeg", type=int, default=None, help="JPEG quality for a stock model's images")
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--by-template", action="store_true", help="also report accuracy per question template")
     p.add_argument("--json", default=None, help="write the result (without predictions) to this file")
     args = p.parse_args(argv)
     if args.threads:
@@ -37,7 +69,9 @@ def main(argv=None) -> dict:
     processor = AutoProcessor.from_pretrained(args.model)
     data = load_easy_vqa(args.split, limit=args.limit)
     result = evaluate_vqa(model, processor, data, jpeg_quality=args.jpeg, batch_size=args.batch_size)
-    result.pop("predictions")
+    predictions = result.pop("predictions")
+    if args.by_template:
+        result.update(by_template(data, predictions))
     if hasattr(model, "encode_edge"):
         config = model.config
         result["fp16_feature_bytes"] = config.num_image_tokens * config.vision_config.hidden_size * 2
