@@ -81,8 +81,10 @@ def write_report(runs: Path, doc: Path, args) -> None:
         "(easy-VQA has one reference answer per question).",
         "",
         f"Headline run and baselines: full test split ({get('base_raw', {}).get('eval_questions', '—')} questions), "
-        f"{args.headline_epochs} epoch(s) of finetuning. Ablations: {args.ablation_epochs} epoch(s) of finetuning, "
-        f"scored on a fixed random subset of {args.ablation_eval} test questions.",
+        f"{args.headline_epochs} epoch(s) of finetuning, k-means on {args.calibration_images} images "
+        f"({args.kmeans_iters} iterations). Ablations: {args.ablation_epochs} epoch(s) of finetuning, k-means on "
+        f"{args.ablation_calibration_images} images ({args.ablation_kmeans_iters} iterations), scored on a fixed "
+        f"random subset of {args.ablation_eval} test questions (the same subset for every ablation).",
         "",
         "## Table 2/3: accuracy and bytes per image",
         "",

@@ -28,7 +28,8 @@ def test_pipeline_smoke(tmp_path):
     runs, doc = tmp_path / "paper", tmp_path / "doc" / "results.md"
     common = ["examples/paper_in_miniature.py", "--base", base, "--runs", runs, "--doc", doc, "--train-limit", "24",
               "--test-limit", "16", "--ablation-eval", "16", "--ablation-epochs", "1", "--headline-epochs", "1",
-              "--calibration-images", "8", "--kmeans-iters", "2", "--batch-size", "8", "--threads", "1"]
+              "--calibration-images", "8", "--kmeans-iters", "2", "--ablation-calibration-images", "8",
+              "--ablation-kmeans-iters", "2", "--batch-size", "8", "--threads", "1"]
     out = run(*common, "--only", "base_raw", "base_jpeg10", "alignedvq_headline", "table1_mlp", "figure4")
     results = {p.stem: json.loads(p.read_text()) for p in (runs / "results").glob("*.json")}
     assert set(results) == {"base_raw", "base_jpeg10", "alignedvq_headline", "table1_mlp", "figure4_magnitudes"}
