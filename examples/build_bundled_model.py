@@ -2,6 +2,7 @@
 
     python examples/train_base_easyvqa.py --output runs/base-easyvqa          # the base LLaVA (once)
     python examples/build_bundled_model.py --base runs/base-easyvqa
+    python examples/build_bundled_model.py --base runs/base-easyvqa --finetuned runs/paper/alignedvq_headline
 
 Steps: AlignedVQ finetune of the base (block 0, `ln1`, K=4096, DLP, LoRA merged afterwards), the static index
 distribution for the entropy-coded wire mode (counted on the training images), evaluation of the base and of
@@ -30,7 +31,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E
 from transformers_alignedvq import LlavaAlignedVQForConditionalGeneration, wire  # noqa: E402
 from transformers_alignedvq.data import load_easy_vqa  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
-from transformers_alignedvq.hub import save_index_distribution, write_model_card  # noqa: E402
+from transformers_alignedvq.hub import has_lora, merge_lora_, save_index_distribution, write_model_card  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "transformers_alignedvq" / "assets" / "tiny-easyvqa"
 
@@ -62,9 +63,16 @@ def main(argv=None):
     p.add_argument("--codebook-size", type=int, default=4096)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="smoke runs: first N train/test questions")
+    p.add_argument(
+        "--finetuned", default=None,
+        help="package this finetune output (e.g. the headline run of paper_in_miniature.py, the same recipe) "
+        "instead of finetuning again; its LoRA is merged",
+    )
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.finetuned:
+        return package(args, Path(args.finetuned))
     started = time.time()
     work = Path(tempfile.mkdtemp(prefix="alignedvq-bundle-"))
     argv = ["--base", args.base, "--output", str(work), "--epochs", str(args.epochs), "--lr", str(args.lr),
@@ -74,9 +82,20 @@ def main(argv=None):
         argv += ["--limit", str(args.limit), "--calibration-images", "16", "--kmeans-iters", "2"]
     finetune_alignedvq.main(argv)
     train_seconds = time.time() - started
+    package(args, work, train_seconds=train_seconds, epochs=args.epochs)
+    shutil.rmtree(work, ignore_errors=True)
 
+
+def package(args, work: Path, *, train_seconds: float | None = None, epochs: float | None = None) -> dict:
+    """Evaluate the finetuned model in ``work`` and write the bundle (merged LoRA, index distribution, card)."""
+    if train_seconds is None:  # an existing finetune: its own Trainer log says how long and how far it trained
+        log = json.loads((work / "training_log.json").read_text())
+        final = next(entry for entry in reversed(log) if "train_runtime" in entry)
+        train_seconds, epochs = final["train_runtime"], round(final["epoch"], 3)
     processor = AutoProcessor.from_pretrained(args.base)
     model = LlavaAlignedVQForConditionalGeneration.from_pretrained(work).eval()
+    if has_lora(model):
+        merge_lora_(model)
     train = load_easy_vqa("train", limit=args.limit)
     test = load_easy_vqa("test", limit=args.limit)
     distribution = index_distribution(model, processor, train)
@@ -90,7 +109,8 @@ def main(argv=None):
         "entropy_coded_frame_bytes_per_image": ours.get("entropy_coded_bytes_per_image"),
         "png_bytes_per_image": base["bytes_per_image"],
         "finetune_seconds": train_seconds,
-        "finetune_epochs": args.epochs,
+        "finetune_epochs": epochs,
+        "finetuned_from": str(args.finetuned) if args.finetuned else "this script",
     }
     print(json.dumps(summary, indent=2))
 
@@ -124,8 +144,8 @@ def main(argv=None):
     save_index_distribution(distribution, output)
     write_model_card(model, output, kind="full", eval_results=results)  # again: lists the final files
     (output / "build_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {output} ({sum(f.stat().st_size for f in output.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
+    return summary
 
 
 if __name__ == "__main__":
