@@ -61,6 +61,44 @@ def _agreement(get, layers) -> list[str]:
     return out
 
 
+def _base_curve(base: Path, figures: Path, plt) -> list[str]:
+    """The base model's learning curve (from `train_base_easyvqa.py`'s `learning_curve.jsonl`), table + figure."""
+    path = base / "learning_curve.jsonl"
+    if not path.is_file():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    vision = [r for r in records if r["type"] == "vision_pretrain"]
+    evals = [r for r in records if r["type"] == "eval"]
+    final = next((r for r in records if r["type"] == "final"), None)
+    if not evals:
+        return []
+    lines = ["## The base model's learning curve", "",
+             f"`examples/train_base_easyvqa.py` ({base}/learning_curve.jsonl): {len(vision)} epochs of supervised "
+             "colour/shape pretraining of the vision tower (standing in for CLIP's pretraining), then LLaVA "
+             "training; accuracy after each epoch on a fixed 1,000-question test subset, by question type.", "",
+             "| epoch | train loss | accuracy (%) | colour | shape | yes/no | minutes |", "|---|---|---|---|---|---|---|"]
+    for r in evals:
+        t = r["by_type"]
+        lines.append(f"| {r['epoch']} | {r['loss']:.4f} | {100 * r['test_subset_acc']:.1f} | {100 * t['color']:.1f} | "
+                     f"{100 * t['shape']:.1f} | {100 * t['yes/no']:.1f} | {r['total_elapsed_s'] / 60:.1f} |")
+    if final:
+        t = final["by_type"]
+        lines += ["", f"Final, all {final['n']:,} test questions: {100 * final['test_acc']:.2f}% (colour "
+                  f"{100 * t['color']:.2f}, shape {100 * t['shape']:.2f}, yes/no {100 * t['yes/no']:.2f})."]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["epoch"] for r in evals], [100 * r["test_subset_acc"] for r in evals], marker="o", label="all")
+    for key, label in (("color", "colour"), ("shape", "shape"), ("yes/no", "yes/no")):
+        ax.plot([r["epoch"] for r in evals], [100 * r["by_type"][key] for r in evals], marker=".", label=label)
+    ax.axhline(95, color="gray", linestyle=":", label="95% target")
+    ax.set_xlabel("LLaVA training epoch")
+    ax.set_ylabel("test-subset accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "base_learning_curve.png", dpi=120)
+    plt.close(fig)
+    return lines + ["", "![base learning curve](figures/base_learning_curve.png)", ""]
+
+
 def write_report(runs: Path, doc: Path, args) -> None:
     import matplotlib
 
@@ -179,6 +217,7 @@ def write_report(runs: Path, doc: Path, args) -> None:
         plt.close(fig)
         lines += ["", "![accuracy vs bytes](figures/accuracy_vs_bytes.png)", ""]
 
+    lines += _base_curve(Path(args.base), figures, plt)
     lines += _agreement(get, layers)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines) + "\n")
