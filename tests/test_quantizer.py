@@ -72,11 +72,26 @@ def test_dead_codes_are_reseeded_from_the_batch():
     q.train()
     batch = torch.randn(64, 4) + 100.0  # far from every codeword: one code takes everything
     q(batch)
-    q(batch)
-    # after two steps every code that received nothing has cluster size 0.25 < 0.3 and is now a batch feature
+    # one step: the chosen code's EMA size is 0.5 + 32, the others 0.5, under 0.3 x the mean (4.5): re-seeded
     reseeded = (q.codebook[0, 0][:, None, :] == batch[None]).all(-1).any(-1)
-    assert reseeded.sum() >= 7
-    assert torch.equal(q.embed_sum[0, 0][reseeded], q.codebook[0, 0][reseeded])
+    assert reseeded.sum() == 7
+    mean = torch.tensor((32.5 + 7 * 0.5) / 8)
+    assert torch.allclose(q.cluster_size[0, 0][reseeded], mean.expand(7))
+    assert torch.allclose(q.embed_sum[0, 0][reseeded] / mean, q.codebook[0, 0][reseeded])
+
+
+def test_dead_code_threshold_does_not_depend_on_the_batch_size():
+    """Same usage pattern at two batch sizes 50x apart: the same codes are dead (EMA sizes scale with the batch)."""
+    reseeded = []
+    for scale in (0.05, 2.5):  # e.g. 200 vs 10,000 features per step over 4,096 codes
+        q = VectorQuantizer(2, 8, ema_decay=0.9, dead_code_threshold=0.05)
+        usage = torch.tensor([4.0, 2.0, 1.0, 1.0, 0.5, 0.04, 0.01, 0.0])  # relative to the others
+        q.cluster_size[0, 0] = usage * scale
+        before = q.codebook.clone()
+        q._reseed_dead_codes(torch.randn(1, 1, 32, 2) + 50.0)
+        reseeded.append((q.codebook != before).any(-1)[0, 0])
+    # mean usage 1.06875: under 0.05 x that are the last three codes, at both scales
+    assert reseeded[0].tolist() == reseeded[1].tolist() == [False] * 5 + [True] * 3
 
 
 def test_straight_through_gradient_and_commitment_loss():

@@ -56,7 +56,8 @@ class AlignedVQConfig(LlavaConfig):
         ema_decay (`float`, *optional*, defaults to 0.99):
             Decay of the EMA codebook updates, in ``(0, 1]``; 1 freezes the codebook.
         dead_code_threshold (`float`, *optional*, defaults to 0.01):
-            Codewords whose EMA usage falls below this are re-seeded from the batch during training; 0 disables.
+            Codewords whose EMA usage falls below this fraction of the mean codeword's are re-seeded from the
+            batch during training; 0 disables. Relative, so it does not depend on the batch size.
         checkpoint_kind (`str`, *optional*, defaults to `"full"`):
             How `save_pretrained`/`push_to_hub` write the model: `"full"` (every weight) or `"adapter"` (only
             what AlignedVQ adds: codebook, DLP and the LoRA adapter, plus this config naming the base).

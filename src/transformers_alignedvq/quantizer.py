@@ -207,8 +207,9 @@ class VectorQuantizer(nn.Module):
         num_codebooks: residual stages.
         num_groups: groups the feature is split into (must divide ``dim``).
         ema_decay: EMA decay of the codebook statistics, in ``(0, 1)``.
-        dead_code_threshold: a codeword whose EMA cluster size falls below this is re-seeded with a feature
-            from the current batch; 0 disables re-seeding.
+        dead_code_threshold: a codeword whose EMA cluster size falls below this fraction of the mean cluster
+            size is re-seeded with a feature from the current batch (as an average-sized cluster); 0 disables
+            re-seeding. Relative, so the same value works for any batch size and codebook size.
         eps: Laplace smoothing of cluster sizes.
     """
 
@@ -378,7 +379,11 @@ class VectorQuantizer(nn.Module):
     def _reseed_dead_codes(self, stage_inputs: torch.Tensor) -> None:
         # cluster_size is identical on every rank, so every rank finds the same dead codes; the replacement
         # features come from rank 0's batch so the codebooks stay identical.
-        dead = self.cluster_size < self.dead_code_threshold  # (Q, G, K)
+        # The threshold is relative to the mean cluster size (the EMA of features per step divided by K), so
+        # what counts as dead does not depend on the batch size: with an absolute threshold, a batch of a few
+        # images (a few hundred features for thousands of codes) would keep re-seeding most of the codebook.
+        mean_size = self.cluster_size.mean(-1, keepdim=True)  # (Q, G, 1)
+        dead = self.cluster_size < self.dead_code_threshold * mean_size  # (Q, G, K)
         num_dead = int(dead.sum())
         if num_dead == 0:
             return
@@ -387,9 +392,10 @@ class VectorQuantizer(nn.Module):
         picks = torch.randint(n, (num_dead,), device=stage_inputs.device)
         samples = stage_inputs[pos[:, 0], pos[:, 1], picks].float().contiguous()
         broadcast_(samples)
+        size = mean_size.expand_as(self.cluster_size)[dead]  # a re-seeded code starts as an average one
         self.codebook[dead] = samples
-        self.embed_sum[dead] = samples
-        self.cluster_size[dead] = 1.0
+        self.embed_sum[dead] = samples * size.unsqueeze(-1)
+        self.cluster_size[dead] = size
 
     @torch.no_grad()
     def init_from_features(self, z: torch.Tensor, *, iters: int = 20, seed: int = 0) -> None:
@@ -408,7 +414,7 @@ class VectorQuantizer(nn.Module):
             residual = residual - self._lookup_stage(stage, nearest_codeword(residual, self.codebook[stage]))
         broadcast_(self.codebook)
         # Each codeword starts as if seen once: the EMA then moves it at the rate set by ema_decay, and a
-        # codeword never chosen decays below the dead-code threshold after ~log(threshold)/log(decay) steps.
+        # codeword chosen far less often than the average one falls below the dead-code threshold.
         self.cluster_size.fill_(1.0)
         self.embed_sum.copy_(self.codebook)
 
