@@ -13,23 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections import defaultdict
 
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import transformers_alignedvq  # noqa: F401  (registers the AlignedVQ Auto classes)
-from transformers_alignedvq.data import EASY_VQA_COLORS, EASY_VQA_SHAPES, load_easy_vqa
+from transformers_alignedvq.data import EASY_VQA_COLORS, load_easy_vqa, question_template
 from transformers_alignedvq.evaluation import evaluate_vqa
-
-
-def question_template(question: str) -> str:
-    """The easy-VQA question template: colour words become <colour>, shape words <shape>."""
-    text = question.lower()
-    for words, slot in ((EASY_VQA_COLORS, "<colour>"), (EASY_VQA_SHAPES, "<shape>")):
-        text = re.sub(r"\b(" + "|".join(words) + r")\b", slot, text)
-    return text
 
 
 def by_template(data, predictions) -> dict:

@@ -26,6 +26,7 @@ from transformers_alignedvq.data import (  # noqa: E402
     format_prompt,
     image_attributes,
     load_easy_vqa,
+    question_template,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,6 +123,13 @@ def test_image_attributes_answer_every_question(split):
         assert pred == a, (q, a, attrs[i])
         checked += 1
     assert checked > 0.9 * len(questions)
+
+
+def test_question_template():
+    assert question_template("Is there not a red shape in the image?") == "is there not a <colour> shape in the image?"
+    assert question_template("what is the color of the triangle?") == "what is the color of the <shape>?"
+    # whole words only: "shape" and "colored" are not attribute words
+    assert question_template("what shape is present?") == "what shape is present?"
 
 
 # ---------------------------------------------------------------- formatting

@@ -43,6 +43,7 @@ __all__ = [
     "format_conversation",
     "image_attributes",
     "load_easy_vqa",
+    "question_template",
     "EASY_VQA_COLORS",
     "EASY_VQA_SHAPES",
 ]
@@ -159,6 +160,16 @@ def image_attributes(questions: Sequence[str], answers: Sequence[str], image_ids
                     if named:
                         attrs[key] = named.pop()
     return out
+
+
+def question_template(question: str) -> str:
+    """The easy-VQA template of ``question``: colour words become ``<colour>``, shape words ``<shape>``."""
+    import re
+
+    text = question.lower()
+    for words, slot in ((EASY_VQA_COLORS, "<colour>"), (EASY_VQA_SHAPES, "<shape>")):
+        text = re.sub(r"\b(" + "|".join(words) + r")\b", slot, text)
+    return text
 
 
 def build_messages(question: str, answer: str | None = None) -> list[dict[str, Any]]:
