@@ -4,7 +4,8 @@
     python examples/build_bundled_model.py --base runs/base-easyvqa
     python examples/build_bundled_model.py --base runs/base-easyvqa --finetuned runs/paper/alignedvq_headline
 
-Steps: AlignedVQ finetune of the base (block 0, `ln1`, K=4096, DLP, LoRA merged afterwards), the static index
+Steps: AlignedVQ finetune of the base (the headline recipe of `paper_in_miniature.py`: `ln1` of block 1, K=4096,
+DLP, LoRA merged afterwards; k-means on 2,000 training images, two epochs), the static index
 distribution for the entropy-coded wire mode (counted on the training images), evaluation of the base and of
 the AlignedVQ model on the full easy-VQA test split, then a full checkpoint with its processor and a model
 card carrying those numbers, written into the package's assets folder.
@@ -57,7 +58,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True)
     p.add_argument("--output", default=str(ASSETS))
-    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--epochs", type=float, default=2.0)
+    p.add_argument("--split-layer", type=int, default=1)
+    p.add_argument("--calibration-images", type=int, default=2000)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--codebook-size", type=int, default=4096)
@@ -77,9 +80,12 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="alignedvq-bundle-"))
     argv = ["--base", args.base, "--output", str(work), "--epochs", str(args.epochs), "--lr", str(args.lr),
             "--batch-size", str(args.batch_size), "--codebook-size", str(args.codebook_size), "--no-progress",
+            "--split-layer", str(args.split_layer),
             "--merge-lora", "--logging-steps", "50"]
     if args.limit:
         argv += ["--limit", str(args.limit), "--calibration-images", "16", "--kmeans-iters", "2"]
+    else:
+        argv += ["--calibration-images", str(args.calibration_images)]
     finetune_alignedvq.main(argv)
     train_seconds = time.time() - started
     package(args, work, train_seconds=train_seconds, epochs=args.epochs)

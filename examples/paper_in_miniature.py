@@ -12,8 +12,8 @@ run (block 0, `ln1`, K=4096, 1 codebook, 1 group, DLP and LoRA appears in Table 
 bits sweep) reuse its result instead of training the same model again. Experiments:
 
 * Table 2/3: the base on raw (PNG) images, on JPEG-90 and JPEG-10 images, a LoRA finetune of the base for
-  one more epoch on clean images ("LLaVA 1+"), and AlignedVQ (block 0, `ln1`, K=4096, DLP, LoRA; the
-  headline run, finetuned for `--headline-epochs`); accuracy and bytes per image.
+  one more epoch on clean images ("LLaVA 1+"), and AlignedVQ (`ln1` of block `--headline-split-layer`, K=4096,
+  DLP, LoRA; the headline run, finetuned for `--headline-epochs`); accuracy and bytes per image.
 * Table 1: VQ at `ln1`, `attn`, `ln2`, `mlp` of block 0 (DLP and LoRA on).
 * Figure 7: vanilla VQ (`mlp`) -> `ln1` -> + DLP -> + LoRA, at every split layer the tower allows.
 * Table 4: 1-3 codebooks x 1-8 groups.
@@ -54,7 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--base", required=True)
     p.add_argument("--runs", default="runs/paper")
     p.add_argument("--doc", default="docs/results.md")
-    p.add_argument("--headline-epochs", type=float, default=1.0)
+    p.add_argument("--headline-epochs", type=float, default=2.0)
+    p.add_argument("--headline-split-layer", type=int, default=1,
+                   help="vision block of the headline run (ablations quantize block 0 unless they sweep the layer)")
     p.add_argument("--ablation-epochs", type=float, default=0.25)
     p.add_argument("--ablation-eval", type=int, default=2000, help="test questions scored per ablation")
     p.add_argument("--batch-size", type=int, default=32)
@@ -64,7 +66,7 @@ def parse_args(argv=None):
     p.add_argument("--keep-models", action="store_true", help="keep every finetuned checkpoint, not just the headline")
     p.add_argument("--train-limit", type=int, default=None, help="smoke runs: first N training questions only")
     p.add_argument("--test-limit", type=int, default=None, help="smoke runs: first N test questions only")
-    p.add_argument("--calibration-images", type=int, default=512, help="k-means images of the headline run")
+    p.add_argument("--calibration-images", type=int, default=2000, help="k-means images of the headline run")
     p.add_argument("--kmeans-iters", type=int, default=20, help="k-means iterations of the headline run")
     p.add_argument("--ablation-calibration-images", type=int, default=256)
     p.add_argument("--ablation-kmeans-iters", type=int, default=10)
@@ -256,7 +258,8 @@ def experiments(runner: Runner, args):
     runner.baseline("base_raw", None)
     runner.baseline("base_jpeg90", 90)
     runner.baseline("base_jpeg10", 10)
-    runner.alignedvq("alignedvq_headline", epochs=args.headline_epochs, full_eval=True, codebook_size=4096)
+    runner.alignedvq("alignedvq_headline", epochs=args.headline_epochs, full_eval=True, codebook_size=4096,
+                     split_layer=args.headline_split_layer)
     runner.llava_one_plus()
     for site in SPLIT_SITES:
         runner.alignedvq(f"table1_{site}", epochs=ab, split_site=site, codebook_size=4096)

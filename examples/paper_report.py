@@ -131,8 +131,8 @@ def write_report(runs: Path, doc: Path, args) -> None:
         f"| LLaVA (PNG image) | {_pct(get('base_raw'))} | {_bytes(get('base_raw'))} |",
         f"| LLaVA-JPEG-90 | {_pct(get('base_jpeg90'))} | {_bytes(get('base_jpeg90'))} |",
         f"| LLaVA-JPEG-10 | {_pct(get('base_jpeg10'))} | {_bytes(get('base_jpeg10'))} |",
-        f"| LLaVA 1+ (LoRA, one more epoch, clean images) | {_pct(get('llava_1plus'))} | {_bytes(get('base_raw'))} |",
-        f"| LLaVA-AlignedVQ (block 0, ln1, K=4096) | {_pct(get('alignedvq_headline'))} | "
+        f"| LLaVA 1+ (LoRA, {args.headline_epochs} more epoch(s), clean images) | {_pct(get('llava_1plus'))} | {_bytes(get('base_raw'))} |",
+        f"| LLaVA-AlignedVQ (block {args.headline_split_layer}, ln1, K=4096) | {_pct(get('alignedvq_headline'))} | "
         f"{_bytes(get('alignedvq_headline'))} |",
         "",
         "AlignedVQ bytes are whole wire frames (40-byte header and CRC included); image bytes are the file sizes.",
