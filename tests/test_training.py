@@ -101,6 +101,26 @@ def test_trainer_finetunes_codebook_dlp_and_lora_only(tmp_path):
     assert model.model.alignedvq.dlp_in.gate.item() != 0.0
 
 
+
+def test_trainer_runs_the_vanilla_baseline_with_nothing_to_differentiate(tmp_path):
+    """No DLP and no LoRA (Figure 7's vanilla VQ): no parameter takes a gradient, the codebook learns by EMA."""
+    model = tiny_alignedvq(codebook_size=8, use_dlp=False)
+    prepare_for_finetuning(model, lora_r=0)
+    assert trainable_parameters(model)[0] == 0
+    codebook_before = model.model.alignedvq.quantizer.codebook.clone()
+    weights_before = {n: p.clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2,
+        logging_steps=1, report_to="none", save_strategy="no", remove_unused_columns=False,
+        use_cpu=True, disable_tqdm=True,
+    )
+    trainer = AlignedVQTrainer(model=model, args=args, train_dataset=_Batches(6))
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3 and all(e["loss"] > 0 and "commitment_loss" in e for e in logged)
+    assert not torch.equal(model.model.alignedvq.quantizer.codebook, codebook_before)
+    assert all(torch.equal(p, weights_before[n]) for n, p in model.named_parameters())
+
 # ---------------------------------------------------------------- image-grouped finetuning
 
 BASE = Path(__file__).resolve().parents[1] / "artifacts" / "base-easyvqa"

@@ -230,6 +230,19 @@ class AlignedVQTrainer(Trainer):
             self._vq_count += 1
         return (loss, outputs) if return_outputs else loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if any(param.requires_grad for param in model.parameters()):
+            return super().training_step(model, inputs, num_items_in_batch)
+        # Nothing takes a gradient (the vanilla-VQ baseline: no DLP, no LoRA): the codebook still learns, by
+        # its EMA updates in the training-mode forward, so the step is that forward alone.
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad():
+            loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        if not (self.model_accepts_loss_kwargs and num_items_in_batch is not None):
+            loss = loss / self.current_gradient_accumulation_steps
+        return loss.detach()
+
     def log(self, logs: dict, *args, **kwargs):
         if self._vq_count and "loss" in logs:
             names = sorted(self._vq_sums)
