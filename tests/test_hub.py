@@ -156,6 +156,18 @@ def test_merged_lora_gives_a_full_checkpoint_without_adapter_files(setup, tmp_pa
     assert has_lora(setup.model), "merging must not touch the model it was copied from"
 
 
+@pytest.mark.parametrize("merge", [False, True])
+def test_a_checkpoint_loaded_with_its_lora_saves_again_under_its_own_names(setup, tmp_path, merge):
+    """Load a full checkpoint with an unmerged LoRA, save it again (merged or not): the result loads unchanged."""
+    loaded = AutoModel.from_pretrained(setup.dirs["full"])
+    assert has_lora(loaded)
+    loaded.save_pretrained(tmp_path, checkpoint_kind="full", merge_lora=merge)
+    keys = safetensors_keys(tmp_path / "model.safetensors")
+    assert keys == safetensors_keys(setup.dirs["full"] / "model.safetensors")
+    again = AutoModel.from_pretrained(tmp_path)
+    assert has_lora(again) is not merge
+    assert_same_outputs(again, setup.expected, atol=1e-5)
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_ema_state_is_saved_only_when_asked(setup, tmp_path, kind):
     weights = "model.safetensors" if kind == "full" else "alignedvq.safetensors"

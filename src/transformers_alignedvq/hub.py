@@ -317,7 +317,17 @@ def maybe_load_lora(model, path_or_id, kwargs: dict) -> None:
     # Both files land in the same local folder (the checkpoint's `lora/` or its Hub cache snapshot); PEFT
     # then loads from there without needing the Hub arguments.
     weights_path = _resolve(path_or_id, f"{LORA_SUBFOLDER}/{ADAPTER_WEIGHTS_NAME}", hub_kwargs)
+    # `load_adapter` replaces the key conversions the model was loaded with by the adapter's (which add PEFT's
+    # `base_model.model.` prefix); `save_pretrained` reverts those on every key, so a model loaded with its LoRA
+    # would save its full weights under prefixed names that no loader finds. Keep the model's own.
+    missing = object()
+    conversions = getattr(model, "_weight_conversions", missing)
     model.load_adapter(str(Path(weights_path).parent))
+    if conversions is missing:
+        if hasattr(model, "_weight_conversions"):
+            del model._weight_conversions
+    else:
+        model._weight_conversions = conversions
 
 
 # --------------------------------------------------------------------------------------------------------
