@@ -64,6 +64,11 @@ def main(argv=None):
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--codebook-size", type=int, default=4096)
+    p.add_argument(
+        "--storage-dtype", choices=["float16", "float32"], default="float16",
+        help="dtype of the stored weights (float16 halves the package); the model loads and runs in float32 either "
+        "way (fp16 matmuls are slow on CPUs), and is evaluated with exactly the stored values",
+    )
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--limit", type=int, default=None, help="smoke runs: first N train/test questions")
     p.add_argument(
@@ -102,6 +107,8 @@ def package(args, work: Path, *, train_seconds: float | None = None, epochs: flo
     model = LlavaAlignedVQForConditionalGeneration.from_pretrained(work).eval()
     if has_lora(model):
         merge_lora_(model)
+    if args.storage_dtype == "float16":  # evaluate the fp16-rounded weights that ship (the codebook stays fp32)
+        model = model.half().float()
     train = load_easy_vqa("train", limit=args.limit)
     test = load_easy_vqa("test", limit=args.limit)
     distribution = index_distribution(model, processor, train)
@@ -117,6 +124,7 @@ def package(args, work: Path, *, train_seconds: float | None = None, epochs: flo
         "finetune_seconds": train_seconds,
         "finetune_epochs": epochs,
         "finetuned_from": str(args.finetuned) if args.finetuned else "this script",
+        "storage_dtype": args.storage_dtype,
     }
     print(json.dumps(summary, indent=2))
 
@@ -137,6 +145,9 @@ def package(args, work: Path, *, train_seconds: float | None = None, epochs: flo
         },
     }
     model.save_pretrained(output, checkpoint_kind="full", eval_results=results)
+    if args.storage_dtype == "float16":
+        model.half().save_pretrained(output, checkpoint_kind="full", eval_results=results)
+        model.float()
     # The bundle is always loaded through the installed package, so it drops the remote-code copies of the
     # package's sources (they would only duplicate them and go stale) and the auto_map pointing at them.
     from transformers_alignedvq.hub import REMOTE_CODE_FILES
@@ -145,13 +156,37 @@ def package(args, work: Path, *, train_seconds: float | None = None, epochs: flo
         (output / name).unlink(missing_ok=True)
     config = json.loads((output / "config.json").read_text())
     config.pop("auto_map", None)
+    config["dtype"] = "float32"  # what `from_pretrained` (dtype="auto") loads, whatever the stored dtype
     (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     processor.save_pretrained(output)
     save_index_distribution(distribution, output)
     write_model_card(model, output, kind="full", eval_results=results)  # again: lists the final files
     (output / "build_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    check_bundle(model, processor, test, ours, output)
     print(f"wrote {output} ({sum(f.stat().st_size for f in output.rglob('*') if f.is_file()) / 1e6:.1f} MB)")
     return summary
+
+
+def check_bundle(model, processor, test, ours: dict, output: Path, questions: int = 128) -> None:
+    """The written bundle, loaded the way users load it, gives the evaluated model's weights and answers."""
+    from transformers import AutoModel
+
+    loaded = AutoModel.from_pretrained(output).eval()
+    if loaded.dtype != torch.float32:
+        raise RuntimeError(f"{output} loads as {loaded.dtype}, expected torch.float32")
+    ours_state, loaded_state = model.state_dict(), loaded.state_dict()
+    from transformers_alignedvq.hub import _EMA_BUFFERS  # training statistics, not saved (and not needed)
+
+    differing = [
+        k for k, v in ours_state.items()
+        if k.rpartition("alignedvq.")[2] not in _EMA_BUFFERS and (k not in loaded_state or not torch.equal(v, loaded_state[k]))
+    ]
+    if differing:
+        raise RuntimeError(f"{output} does not hold the evaluated weights: {differing[:5]}")
+    subset = test.select(range(min(questions, len(test))))
+    again = evaluate_vqa(loaded, processor, subset, batch_size=questions)["predictions"]
+    if again != ours["predictions"][: len(subset)]:
+        raise RuntimeError(f"{output} answers differently from the evaluated model")
 
 
 if __name__ == "__main__":

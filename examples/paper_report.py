@@ -134,6 +134,8 @@ def write_report(runs: Path, doc: Path, args) -> None:
         f"| LLaVA 1+ (LoRA, {args.headline_epochs} more epoch(s), clean images) | {_pct(get('llava_1plus'))} | {_bytes(get('base_raw'))} |",
         f"| LLaVA-AlignedVQ (block {args.headline_split_layer}, ln1, K=4096) | {_pct(get('alignedvq_headline'))} | "
         f"{_bytes(get('alignedvq_headline'))} |",
+        f"| same recipe, VQ at the block output (block {args.headline_split_layer}, mlp, K=4096) | "
+        f"{_pct(get('alignedvq_headline_mlp'))} | {_bytes(get('alignedvq_headline_mlp'))} |",
         "",
         "AlignedVQ bytes are whole wire frames (40-byte header and CRC included); image bytes are the file sizes.",
         "",
