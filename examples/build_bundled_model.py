@@ -60,6 +60,10 @@ def main(argv=None):
     p.add_argument("--output", default=str(ASSETS))
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--split-layer", type=int, default=1)
+    p.add_argument(
+        "--split-site", default="ln1", choices=["ln1", "attn", "ln2", "mlp"],
+        help="ln1 is AlignedVQ as specified; docs/results.md compares mlp (the block output), better on easy-VQA",
+    )
     p.add_argument("--calibration-images", type=int, default=2000)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--batch-size", type=int, default=32)
@@ -85,7 +89,7 @@ def main(argv=None):
     work = Path(tempfile.mkdtemp(prefix="alignedvq-bundle-"))
     argv = ["--base", args.base, "--output", str(work), "--epochs", str(args.epochs), "--lr", str(args.lr),
             "--batch-size", str(args.batch_size), "--codebook-size", str(args.codebook_size), "--no-progress",
-            "--split-layer", str(args.split_layer),
+            "--split-layer", str(args.split_layer), "--split-site", args.split_site,
             "--merge-lora", "--logging-steps", "50"]
     if args.limit:
         argv += ["--limit", str(args.limit), "--calibration-images", "16", "--kmeans-iters", "2"]
