@@ -208,8 +208,8 @@ class Runner:
                      "--kmeans-iters", str(self.args.ablation_kmeans_iters)]
         if self.args.train_limit:
             argv += ["--limit", str(self.args.train_limit)]
-        for key, value in options.items():
-            flag = "--" + key.replace("_", "-")
+        for option, value in options.items():
+            flag = "--" + option.replace("_", "-")
             if value is True:
                 argv.append(flag)
             elif value is not False:

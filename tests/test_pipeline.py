@@ -30,9 +30,15 @@ def test_pipeline_smoke(tmp_path):
               "--test-limit", "16", "--ablation-eval", "16", "--ablation-epochs", "1", "--headline-epochs", "1",
               "--calibration-images", "8", "--kmeans-iters", "2", "--ablation-calibration-images", "8",
               "--ablation-kmeans-iters", "2", "--batch-size", "8", "--threads", "1"]
-    out = run(*common, "--only", "base_raw", "base_jpeg10", "alignedvq_headline", "table1_mlp", "figure4")
+    out = run(*common, "--only", "base_raw", "base_jpeg10", "alignedvq_headline", "table1_mlp", "table1_ln1",
+              "bits_K4096", "figure4")
     results = {p.stem: json.loads(p.read_text()) for p in (runs / "results").glob("*.json")}
-    assert set(results) == {"base_raw", "base_jpeg10", "alignedvq_headline", "table1_mlp", "figure4_magnitudes"}
+    assert set(results) == {"base_raw", "base_jpeg10", "alignedvq_headline", "alignedvq_headline_mlp", "table1_mlp",
+                            "table1_ln1", "bits_K4096", "figure4_magnitudes"}  # --only matches name prefixes
+    # bits_K4096 is table1_ln1's configuration (block 0, ln1, K=4096): reused, not trained again
+    assert results["bits_K4096"]["same_run_as"] == "table1_ln1"
+    assert results["bits_K4096"]["accuracy"] == results["table1_ln1"]["accuracy"]
+    assert json.loads(results["table1_ln1"]["config_key"])["split_site"] == "ln1"
     head = results["alignedvq_headline"]
     # 65 tokens x 12 bits = 98 payload bytes + 36-byte header + 4-byte CRC
     assert head["bytes_per_image"] == 138 and head["num_examples"] == 16 and 0 <= head["accuracy"] <= 1
