@@ -20,6 +20,8 @@ bits sweep) reuse its result instead of training the same model again. Experimen
 * Table 4: 1-3 codebooks x 1-8 groups.
 * Figure 4: histograms and coefficient of variation of feature magnitudes at the four sites (no training).
 * Accuracy against bits: codebook sizes 16 ... 4096.
+* A diagnostic for where we disagree with the paper: Figure 7's VQ-LN1 at blocks 1 and 3 with the block input
+  kept unquantized for the residual connection (`residual_kept_unquantized`; not a deployable split).
 
 Ablations use `--ablation-epochs` of finetuning, a lighter k-means initialisation (`--ablation-calibration-images`,
 `--ablation-kmeans-iters`) and score `--ablation-eval` test questions; the headline and the baselines score the
@@ -29,6 +31,7 @@ full test split (9,673 questions). The document states both.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -72,6 +75,38 @@ def parse_args(argv=None):
     p.add_argument("--ablation-calibration-images", type=int, default=256)
     p.add_argument("--ablation-kmeans-iters", type=int, default=10)
     return p.parse_args(argv)
+
+
+@contextlib.contextmanager
+def residual_kept_unquantized():
+    """Diagnostic, not a split anyone can deploy: an ``ln1``-site split whose block input ``x`` reaches the cloud
+    unquantized for the residual connection, ``h = x + attn(q(ln1(x)))``. With only indices crossing, the
+    package must compute ``h = z + attn(z)`` with ``z = q(ln1(x))``; a single-process simulation that quantizes
+    only the LayerNorm output computes this instead. Patches `split` for the duration."""
+    from transformers_alignedvq import modeling_alignedvq, split
+
+    kept = {}
+    original_edge, original_cloud = modeling_alignedvq.edge_forward, split.block_from_site
+
+    def edge(tower, pixel_values, split_layer, site):
+        blocks = split.vision_blocks(tower)
+        hidden = split.embed(tower, pixel_values)
+        for block in blocks[:split_layer]:
+            hidden = block(hidden, None)
+        kept["x"] = hidden  # the cloud half of the same batch reads it back
+        return split.block_to_site(blocks[split_layer], hidden, site)
+
+    def cloud(block, z, site):
+        if site != "ln1" or kept.get("x") is None or kept["x"].shape != z.shape:
+            raise RuntimeError("residual_kept_unquantized: ln1 site only, edge and cloud on the same batch")
+        hidden = kept["x"] + split._attention(block, z)
+        return hidden + block.mlp(block.layer_norm2(hidden))
+
+    modeling_alignedvq.edge_forward, split.block_from_site = edge, cloud
+    try:
+        yield
+    finally:
+        modeling_alignedvq.edge_forward, split.block_from_site = original_edge, original_cloud
 
 
 class Runner:
@@ -184,10 +219,12 @@ class Runner:
         settings.update(options)
         return json.dumps({"epochs": epochs, "full_eval": full_eval, "lora": lora, **settings}, sort_keys=True)
 
-    def alignedvq(self, name: str, *, epochs: float, full_eval: bool = False, lora: bool = True, **options):
+    def alignedvq(self, name: str, *, epochs: float, full_eval: bool = False, lora: bool = True,
+                  residual_kept: bool = False, **options):
         if not self.wanted(name) or self.done(name):
             return
-        key = self._config_key(epochs, full_eval, lora, options)
+        keyed = {**options, "residual_kept": True} if residual_kept else options
+        key = self._config_key(epochs, full_eval, lora, keyed)
         for other in sorted((self.runs / "results").glob("*.json")):
             result = json.loads(other.read_text())
             if result.get("config_key") == key:
@@ -215,13 +252,14 @@ class Runner:
             elif value is not False:
                 argv += [flag, str(value)]
         start = time.time()
-        finetune_alignedvq.main(argv)
-        train_seconds = time.time() - start
-        model = LlavaAlignedVQForConditionalGeneration.from_pretrained(output).eval()
-        test = self.test if full_eval else self.ablation_test
-        result = evaluate_vqa(model, self.processor, test, batch_size=256)
+        with residual_kept_unquantized() if residual_kept else contextlib.nullcontext():
+            finetune_alignedvq.main(argv)
+            train_seconds = time.time() - start
+            model = LlavaAlignedVQForConditionalGeneration.from_pretrained(output).eval()
+            test = self.test if full_eval else self.ablation_test
+            result = evaluate_vqa(model, self.processor, test, batch_size=256)
         result.update(train_seconds=train_seconds, eval_questions=len(test), epochs=epochs, options=options, lora=lora,
-                      config_key=key)
+                      config_key=key, residual_kept=residual_kept)
         self.record(name, result)
         if not (self.args.keep_models or full_eval):
             import shutil
@@ -278,6 +316,10 @@ def experiments(runner: Runner, args):
     # headline recipe is also run with VQ at the block output, to compare the two at full budget.
     runner.alignedvq("alignedvq_headline_mlp", epochs=args.headline_epochs, full_eval=True, codebook_size=4096,
                      split_layer=args.headline_split_layer, split_site="mlp")
+    # Diagnostic for the disagreement: Figure 7's VQ-LN1 again, with the residual stream crossing unquantized.
+    for layer in range(1, num_layers, 2):
+        runner.alignedvq(f"diag_L{layer}_ln1_residual_kept", epochs=ab, lora=False, split_layer=layer, no_dlp=True,
+                         residual_kept=True)
 
 
 def main(argv=None):

@@ -18,7 +18,7 @@ def _bytes(result: dict | None) -> str:
     return f"{result['bytes_per_image']:,.0f}" if result else "—"
 
 
-def _agreement(get, layers) -> list[str]:
+def _agreement(get, layers, names) -> list[str]:
     """Each claim of the paper next to what our numbers say, decided by the numbers."""
     out = ["## Where we agree with the paper, and where we do not", ""]
 
@@ -71,22 +71,44 @@ def _agreement(get, layers) -> list[str]:
         "Ablations are scored on 2,000 questions, so their accuracies carry a binomial standard error of about "
         "0.4 points near 97% (less near 99%): differences under about one point between two ablations are noise.",
         "",
-        "### Why the LayerNorm site loses here (our reading; not an experiment of its own)",
+        "### Why the LayerNorm site loses here",
         "",
         "Only indices cross the split. For a LayerNorm site that means the dequantized `ln1(x)` must also stand in "
         "for the residual stream `x` that the rest of the block adds it to, and a per-token LayerNorm has removed "
         "each token's mean and scale, which no linear map (the output DLP) can restore. At block 0 the residual "
-        "stream is itself the output of CLIP's pre-LayerNorm, so this argument predicts the smallest loss there "
-        "(LN1 still trails the block output by two points at block 0, which it does not explain); deeper blocks "
-        "add unnormalised updates to the stream, and the VQ-LN1 column of Figure 7 falls with depth while VQ on the block output (which "
-        "quantizes the residual stream itself) does not. The paper's Figure 4 statistic holds here (LayerNorm "
-        "outputs do have the lower coefficient of variation), but it did not decide accuracy. The paper does not "
-        "say what its LN-site split feeds the residual connection; if the unquantized residual were kept (which "
-        "a real split cannot do), LN1 would be expected to lose far less. We have not tested that variant. DLP and "
-        "LoRA then recover part of the loss, most where the loss is largest; with the block output site, two "
-        "epochs of the same finetune come within the 0.5-point goal.",
+        "stream is itself the output of CLIP's pre-LayerNorm, so this predicts the smallest loss there; deeper "
+        "blocks add unnormalised updates to the stream, and the VQ-LN1 column of Figure 7 falls with depth while VQ "
+        "on the block output (which quantizes the residual stream itself) does not. The paper's Figure 4 statistic "
+        "holds here (LayerNorm outputs do have the lower coefficient of variation), but it did not decide accuracy. "
+        "The paper does not say what its LN-site split feeds the residual connection. The diagnostic below runs "
+        "Figure 7's VQ-LN1 again with the block input kept unquantized for the residual connection, "
+        "`h = x + attn(q(ln1(x)))`, as a single-process simulation that quantizes only the LayerNorm output would "
+        "compute; it is not a split anyone can deploy, since `x` would have to be sent as well.",
         "",
     ]
+    diag = sorted(int(k.split("_")[1][1:]) for k in (n for n in names if n.startswith("diag_L")))
+    if diag:
+        out += ["| split block | VQ-LN1, only indices cross | VQ-LN1, block input kept unquantized | VanillaVQ (mlp) |",
+                "|---|---|---|---|"]
+        for layer in diag:
+            out.append(f"| {layer} | {_pct(get(f'fig7_L{layer}_ln1'))} | {_pct(get(f'diag_L{layer}_ln1_residual_kept'))} "
+                       f"| {_pct(get(f'fig7_L{layer}_vanilla'))} |")
+        closed = []
+        for layer in diag:
+            ln, kept, vanilla = (acc(f"fig7_L{layer}_ln1"), acc(f"diag_L{layer}_ln1_residual_kept"),
+                                 acc(f"fig7_L{layer}_vanilla"))
+            if None not in (ln, kept, vanilla) and vanilla > ln:
+                closed.append((layer, kept - ln, (kept - ln) / (vanilla - ln)))
+        if closed:
+            text = ", ".join(f"block {layer}: {gain:+.2f} points, {100 * share:.0f}% of the gap to the block output"
+                             for layer, gain, share in closed)
+            if all(share >= 0.5 for _, _, share in closed):
+                verdict = ("so most of LN1's loss here is the residual stream being replaced, and the LayerNorm "
+                           "site's advantage in the paper plausibly rests on its residual stream not being "
+                           "quantized (we cannot check the paper's code)")
+            else:
+                verdict = "so the replaced residual stream does not explain most of LN1's loss here"
+            out += ["", f"Keeping the residual unquantized recovers {text}; {verdict}.", ""]
     return out
 
 
@@ -249,7 +271,7 @@ def write_report(runs: Path, doc: Path, args) -> None:
         lines += ["", "![accuracy vs bytes](figures/accuracy_vs_bytes.png)", ""]
 
     lines += _base_curve(Path(args.base), figures, plt)
-    lines += _agreement(get, layers)
+    lines += _agreement(get, layers, results)
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines) + "\n")
     print(f"wrote {doc}")

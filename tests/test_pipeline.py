@@ -31,10 +31,13 @@ def test_pipeline_smoke(tmp_path):
               "--calibration-images", "8", "--kmeans-iters", "2", "--ablation-calibration-images", "8",
               "--ablation-kmeans-iters", "2", "--batch-size", "8", "--threads", "1"]
     out = run(*common, "--only", "base_raw", "base_jpeg10", "alignedvq_headline", "table1_mlp", "table1_ln1",
-              "bits_K4096", "figure4")
+              "bits_K4096", "diag_", "figure4")
     results = {p.stem: json.loads(p.read_text()) for p in (runs / "results").glob("*.json")}
     assert set(results) == {"base_raw", "base_jpeg10", "alignedvq_headline", "alignedvq_headline_mlp", "table1_mlp",
-                            "table1_ln1", "bits_K4096", "figure4_magnitudes"}  # --only matches name prefixes
+                            "table1_ln1", "bits_K4096", "diag_L1_ln1_residual_kept", "figure4_magnitudes"}
+    # --only matches name prefixes; the diagnostic is keyed apart from the real split it resembles
+    diagnostic = results["diag_L1_ln1_residual_kept"]
+    assert diagnostic["residual_kept"] and "same_run_as" not in diagnostic
     # bits_K4096 is table1_ln1's configuration (block 0, ln1, K=4096): reused, not trained again
     assert results["bits_K4096"]["same_run_as"] == "table1_ln1"
     assert results["bits_K4096"]["accuracy"] == results["table1_ln1"]["accuracy"]
