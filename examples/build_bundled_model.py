@@ -7,10 +7,10 @@
 Steps: AlignedVQ finetune of the base (the headline recipe of `paper_in_miniature.py`: block 1, K=4096, DLP, LoRA
 merged afterwards; k-means on 2,000 training images, two epochs), with VQ on the block output (`mlp`) rather than
 the paper's `ln1`: on this model, where only indices cross the split, the block output lost 0.24 points and `ln1`
-1.18 at the same bytes (`docs/results.md`, Table 2/3; Table 1 and Figure 7 show the same at every block); then
-the static index distribution for the entropy-coded wire mode (counted on the training images), evaluation of the base and of
-the AlignedVQ model on the full easy-VQA test split, then a full checkpoint with its processor and a model
-card carrying those numbers, written into the package's assets folder.
+1.18 at the same bytes (`docs/results.md`, Table 2/3; Table 1 and Figure 7 show the same at every block). Then
+the static index distribution for the entropy-coded wire mode (counted on the training images), evaluation of
+the base and of the AlignedVQ model on the full easy-VQA test split, and a full checkpoint with its processor
+and a model card carrying those numbers, written into the package's assets folder and checked by loading it back.
 """
 
 from __future__ import annotations
@@ -150,10 +150,10 @@ def package(args, work: Path, *, train_seconds: float | None = None, epochs: flo
             "test questions": str(ours["num_examples"]),
         },
     }
-    model.save_pretrained(output, checkpoint_kind="full", eval_results=results)
     if args.storage_dtype == "float16":
-        model.half().save_pretrained(output, checkpoint_kind="full", eval_results=results)
-        model.float()
+        model.half()  # in place, for the write only (the quantizer's codebook stays fp32)
+    model.save_pretrained(output, checkpoint_kind="full", eval_results=results)
+    model.float()
     # The bundle is always loaded through the installed package, so it drops the remote-code copies of the
     # package's sources (they would only duplicate them and go stale) and the auto_map pointing at them.
     from transformers_alignedvq.hub import REMOTE_CODE_FILES
@@ -180,13 +180,10 @@ def check_bundle(model, processor, test, ours: dict, output: Path, questions: in
     loaded = AutoModel.from_pretrained(output).eval()
     if loaded.dtype != torch.float32:
         raise RuntimeError(f"{output} loads as {loaded.dtype}, expected torch.float32")
-    ours_state, loaded_state = model.state_dict(), loaded.state_dict()
-    from transformers_alignedvq.hub import _EMA_BUFFERS  # training statistics, not saved (and not needed)
-
-    differing = [
-        k for k, v in ours_state.items()
-        if k.rpartition("alignedvq.")[2] not in _EMA_BUFFERS and (k not in loaded_state or not torch.equal(v, loaded_state[k]))
-    ]
+    # Every weight, and the codebook (a buffer); the EMA statistics are training state and are not saved.
+    weights = {**dict(model.named_parameters()), "model.alignedvq.quantizer.codebook": model.model.alignedvq.quantizer.codebook}
+    loaded_state = loaded.state_dict()
+    differing = [k for k, v in weights.items() if k not in loaded_state or not torch.equal(v, loaded_state[k])]
     if differing:
         raise RuntimeError(f"{output} does not hold the evaluated weights: {differing[:5]}")
     subset = test.select(range(min(questions, len(test))))

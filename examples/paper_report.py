@@ -66,11 +66,14 @@ def _agreement(get, layers, names) -> list[str]:
     if one is not None and rest:
         claim("More codebooks or groups add little or nothing (Table 4)",
               f"best of the others {max(rest):.2f} vs 1x1 {one:.2f}", max(rest) - one <= 1.0)
+    out.append("")
+    ablation = get("table1_ln1")
+    if ablation and acc("table1_ln1") is not None:
+        n, p = ablation["eval_questions"], ablation["accuracy"]
+        out += [f"Ablations are scored on {n:,} questions: at {100 * p:.1f}% that is a binomial standard error of "
+                f"{100 * (p * (1 - p) / n) ** 0.5:.2f} points, so differences between two ablations under about "
+                "three times that are noise.", ""]
     out += [
-        "",
-        "Ablations are scored on 2,000 questions, so their accuracies carry a binomial standard error of about "
-        "0.4 points near 97% (less near 99%): differences under about one point between two ablations are noise.",
-        "",
         "### Why the LayerNorm site loses here",
         "",
         "Only indices cross the split. For a LayerNorm site that means the dequantized `ln1(x)` must also stand in "
@@ -86,17 +89,15 @@ def _agreement(get, layers, names) -> list[str]:
         "compute; it is not a split anyone can deploy, since `x` would have to be sent as well.",
         "",
     ]
-    diag = sorted(int(k.split("_")[1][1:]) for k in (n for n in names if n.startswith("diag_L")))
+    diag = sorted(int(name.split("_")[1][1:]) for name in names if name.startswith("diag_L"))
     if diag:
         out += ["| split block | VQ-LN1, only indices cross | VQ-LN1, block input kept unquantized | VanillaVQ (mlp) |",
                 "|---|---|---|---|"]
-        for layer in diag:
-            out.append(f"| {layer} | {_pct(get(f'fig7_L{layer}_ln1'))} | {_pct(get(f'diag_L{layer}_ln1_residual_kept'))} "
-                       f"| {_pct(get(f'fig7_L{layer}_vanilla'))} |")
         closed = []
         for layer in diag:
-            ln, kept, vanilla = (acc(f"fig7_L{layer}_ln1"), acc(f"diag_L{layer}_ln1_residual_kept"),
-                                 acc(f"fig7_L{layer}_vanilla"))
+            names_here = (f"fig7_L{layer}_ln1", f"diag_L{layer}_ln1_residual_kept", f"fig7_L{layer}_vanilla")
+            out.append(f"| {layer} | " + " | ".join(_pct(get(name)) for name in names_here) + " |")
+            ln, kept, vanilla = (acc(name) for name in names_here)
             if None not in (ln, kept, vanilla) and vanilla > ln:
                 closed.append((layer, kept - ln, (kept - ln) / (vanilla - ln)))
         if closed:

@@ -128,8 +128,9 @@ def test_image_attributes_answer_every_question(split):
 def test_question_template():
     assert question_template("Is there not a red shape in the image?") == "is there not a <colour> shape in the image?"
     assert question_template("what is the color of the triangle?") == "what is the color of the <shape>?"
-    # whole words only: "shape" and "colored" are not attribute words
+    # whole words only: "shape" is not a shape word, and "reddish" is not "red"
     assert question_template("what shape is present?") == "what shape is present?"
+    assert question_template("is it reddish?") == "is it reddish?"
 
 
 # ---------------------------------------------------------------- formatting

@@ -168,6 +168,7 @@ def test_a_checkpoint_loaded_with_its_lora_saves_again_under_its_own_names(setup
     assert has_lora(again) is not merge
     assert_same_outputs(again, setup.expected, atol=1e-5)
 
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_ema_state_is_saved_only_when_asked(setup, tmp_path, kind):
     weights = "model.safetensors" if kind == "full" else "alignedvq.safetensors"

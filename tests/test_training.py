@@ -72,6 +72,13 @@ class _Batches(torch.utils.data.Dataset):
         return self.items[i]
 
 
+def _training_args(tmp_path, **overrides) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, learning_rate=1e-2, report_to="none",
+        save_strategy="no", remove_unused_columns=False, use_cpu=True, disable_tqdm=True, **overrides,
+    )
+
+
 def test_trainer_finetunes_codebook_dlp_and_lora_only(tmp_path):
     model = tiny_alignedvq(codebook_size=8)
     prepare_for_finetuning(model, lora_r=4)
@@ -85,12 +92,8 @@ def test_trainer_finetunes_codebook_dlp_and_lora_only(tmp_path):
     frozen_before = model.model.vision_tower.embeddings.patch_embedding.weight.clone()
     codebook_before = model.model.alignedvq.quantizer.codebook.clone()
     lora_before = {n: p.clone() for n, p in model.named_parameters() if "lora_B" in n}
-    args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, learning_rate=1e-2,
-        logging_steps=2, report_to="none", save_strategy="no", remove_unused_columns=False,
-        use_cpu=True, disable_tqdm=True,
-    )
-    trainer = AlignedVQTrainer(model=model, args=args, train_dataset=_Batches(8))
+    trainer = AlignedVQTrainer(model=model, args=_training_args(tmp_path, max_steps=4, logging_steps=2),
+                               train_dataset=_Batches(8))
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert logged and all("commitment_loss" in e and "codebook_perplexity" in e for e in logged)
@@ -101,7 +104,6 @@ def test_trainer_finetunes_codebook_dlp_and_lora_only(tmp_path):
     assert model.model.alignedvq.dlp_in.gate.item() != 0.0
 
 
-
 def test_trainer_runs_the_vanilla_baseline_with_nothing_to_differentiate(tmp_path):
     """No DLP and no LoRA (Figure 7's vanilla VQ): no parameter takes a gradient, the codebook learns by EMA."""
     model = tiny_alignedvq(codebook_size=8, use_dlp=False)
@@ -109,17 +111,14 @@ def test_trainer_runs_the_vanilla_baseline_with_nothing_to_differentiate(tmp_pat
     assert trainable_parameters(model)[0] == 0
     codebook_before = model.model.alignedvq.quantizer.codebook.clone()
     weights_before = {n: p.clone() for n, p in model.named_parameters()}
-    args = TrainingArguments(
-        output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2,
-        logging_steps=1, report_to="none", save_strategy="no", remove_unused_columns=False,
-        use_cpu=True, disable_tqdm=True,
-    )
-    trainer = AlignedVQTrainer(model=model, args=args, train_dataset=_Batches(6))
+    trainer = AlignedVQTrainer(model=model, args=_training_args(tmp_path, max_steps=3, logging_steps=1),
+                               train_dataset=_Batches(6))
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "loss" in entry]
     assert len(logged) == 3 and all(e["loss"] > 0 and "commitment_loss" in e for e in logged)
     assert not torch.equal(model.model.alignedvq.quantizer.codebook, codebook_before)
     assert all(torch.equal(p, weights_before[n]) for n, p in model.named_parameters())
+
 
 # ---------------------------------------------------------------- image-grouped finetuning
 

@@ -25,6 +25,7 @@ Padding convention of :class:`VQACollator`:
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -164,8 +165,6 @@ def image_attributes(questions: Sequence[str], answers: Sequence[str], image_ids
 
 def question_template(question: str) -> str:
     """The easy-VQA template of ``question``: colour words become ``<colour>``, shape words ``<shape>``."""
-    import re
-
     text = question.lower()
     for words, slot in ((EASY_VQA_COLORS, "<colour>"), (EASY_VQA_SHAPES, "<shape>")):
         text = re.sub(r"\b(" + "|".join(words) + r")\b", slot, text)
