@@ -27,6 +27,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from transformers_alignedvq import AlignedVQConfig, LlavaAlignedVQForConditionalGeneration
 from transformers_alignedvq.hub import ALIGNEDVQ_WEIGHTS_NAME, alignedvq_state_dict, checkpoint_files
+from transformers_alignedvq.lora import add_lora, lora_state_dict
 
 LLAVA_7B_CONFIG = Path(__file__).resolve().parents[1] / "tests" / "data" / "llava-1.5-7b-hf.config.json"
 EMA_KEYS = ("model.alignedvq.quantizer.cluster_size", "model.alignedvq.quantizer.embed_sum")
@@ -72,7 +73,7 @@ def full_weights(model) -> dict[str, torch.Tensor]:
 
 def lora_weights(model) -> dict[str, torch.Tensor]:
     """The tensors of lora/adapter_model.safetensors, named as PEFT's format wants them."""
-    return {f"base_model.model.{k}": v for k, v in model.get_adapter_state_dict().items()}
+    return lora_state_dict(model)
 
 
 def human(n: int) -> str:
@@ -102,7 +103,7 @@ def tiny(out: Path) -> tuple[dict[str, dict[str, int]], int]:
     llava.save_pretrained(out / "base")
     model = LlavaAlignedVQForConditionalGeneration.from_llava(llava, codebook_size=256)
     model.config.base_model_name_or_path = str(out / "base")
-    model.add_adapter(LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False))
+    add_lora(model, LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False))
     model.half()  # as a 7B model is shared: fp16 weights and LoRA; the codebook stays fp32
 
     predicted = {"adapter/lora/adapter_model.safetensors": safetensors_size(lora_weights(model), {"format": "pt"})}
@@ -138,7 +139,7 @@ def llava_7b(out: Path) -> dict[str, int]:
         sizes[name] = (out / name).stat().st_size
 
     with torch.device("meta"):  # PEFT creates the LoRA layers on the meta device too
-        model.add_adapter(LoraConfig(r=128, lora_alpha=256, target_modules=LORA_7B_TARGETS))
+        add_lora(model, LoraConfig(r=128, lora_alpha=256, target_modules=LORA_7B_TARGETS))
     sizes["lora/adapter_model.safetensors"] = safetensors_size(lora_weights(model), {"format": "pt"}, dtype=torch.float16)
     return sizes
 

@@ -187,9 +187,10 @@ class Runner:
             param.requires_grad_(False)
         from peft import LoraConfig
 
+        from transformers_alignedvq.lora import add_lora
         from transformers_alignedvq.training import DEFAULT_LORA_TARGETS
 
-        model.add_adapter(LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=DEFAULT_LORA_TARGETS))
+        add_lora(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=DEFAULT_LORA_TARGETS))
         for n, param in model.named_parameters():
             param.requires_grad_("lora_" in n)
         start = time.time()

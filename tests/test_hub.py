@@ -33,7 +33,8 @@ from transformers import AutoModel
 
 import transformers_alignedvq as tav
 from tests.conftest import IMAGE_SIZE, NUM_PATCHES, prompt_ids, tiny_alignedvq, tiny_llava, tiny_llava_config
-from transformers_alignedvq.hub import CheckpointMismatchError, checkpoint_files, has_lora
+from transformers_alignedvq.hub import CheckpointMismatchError, checkpoint_files
+from transformers_alignedvq.lora import add_lora, enable_lora, has_lora
 
 KINDS = ("full", "adapter")
 CODEBOOK_SIZE = 16
@@ -88,15 +89,15 @@ def setup(tmp_path_factory):
         quantizer.embed_sum.copy_(torch.randn(quantizer.embed_sum.shape, generator=generator))
     model.config.base_model_name_or_path = str(base_dir)
     torch.manual_seed(1)
-    model.add_adapter(peft.LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False))
+    add_lora(model, peft.LoraConfig(r=4, target_modules=r".*language_model.*\.(q_proj|v_proj)", init_lora_weights=False))
     model.eval()
 
     pixels = torch.randn(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(123))
     input_ids = prompt_ids()
     indices, logits = run_model(model, pixels, input_ids)
-    model.disable_adapters()
+    enable_lora(model, False)
     _, logits_without_lora = run_model(model, pixels, input_ids)
-    model.enable_adapters()
+    enable_lora(model)
     # Otherwise a checkpoint that dropped the LoRA would pass every comparison below.
     assert not torch.allclose(logits, logits_without_lora, atol=1e-3)
 
@@ -502,7 +503,8 @@ torch.set_num_threads(1)
 from safetensors.torch import load_file
 from transformers import AutoModel
 import transformers_alignedvq
-from transformers_alignedvq.hub import download_edge, has_lora
+from transformers_alignedvq.hub import download_edge
+from transformers_alignedvq.lora import has_lora
 
 expected_path, revision, edge_cache = sys.argv[1], sys.argv[2] or None, sys.argv[3]
 expected = load_file(expected_path)

@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -237,11 +238,78 @@ def test_edge_side_imports_nothing_from_the_cloud():
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
-def test_commitment_loss_is_computed_only_where_it_can_be_used(pixels):
+def test_eval_forward_on_pixels_equals_the_cloud_on_the_edge_indices_loss_included(pixels):
     model = tiny_alignedvq()
     ids = prompt_ids()
-    with torch.no_grad():  # generation / inference: no second input-DLP pass
-        assert model(input_ids=ids, pixel_values=pixels).commitment_loss is None
-    out = model(input_ids=ids, pixel_values=pixels, labels=ids)  # gradient-enabled evaluation keeps it
+    out = model(input_ids=ids, pixel_values=pixels, labels=ids)
+    cloud = model.forward_from_indices(model.encode_edge(pixels), input_ids=ids, labels=ids)
+    assert out.commitment_loss is None and out.codebook_perplexity is None
+    assert torch.equal(out.loss, cloud.loss) and torch.equal(out.loss, out.lm_loss)
+    assert torch.equal(out.logits, cloud.logits)
+    model.train()  # training: the commitment term is part of the loss (Eq. 3)
+    out = model(input_ids=ids, pixel_values=pixels, labels=ids)
     assert out.commitment_loss is not None
     torch.testing.assert_close(out.loss, out.lm_loss + model.config.commitment_weight * out.commitment_loss)
+
+
+def test_output_carries_every_field_of_the_parents_output_unchanged(pixels):
+    import dataclasses
+
+    from transformers.models.llava.modeling_llava import LlavaCausalLMOutputWithPast
+
+    model = tiny_alignedvq()
+    ids = prompt_ids()
+    ours = {f.name for f in dataclasses.fields(tav.LlavaAlignedVQCausalLMOutputWithPast)}
+    assert {f.name for f in dataclasses.fields(LlavaCausalLMOutputWithPast)} <= ours
+    with torch.no_grad():
+        out = model(input_ids=ids, pixel_values=pixels, labels=ids, output_hidden_states=True, use_cache=True)
+        image = model.model.get_image_features(pixel_values=pixels)
+        embeds = model.model.embed_with_image(ids, None, image)
+        stock = LlavaForConditionalGeneration.forward(
+            model, inputs_embeds=embeds, labels=ids, output_hidden_states=True, use_cache=True
+        )
+    assert set(stock.keys()) <= set(out.keys())
+    for key, value in stock.items():
+        assert _same(out[key], value), key
+    with torch.no_grad():
+        as_tuple = model(input_ids=ids, pixel_values=pixels, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], out.logits)
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, (tuple, list)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b)  # a cache object: the same kind, filled by the same language model
+
+
+def test_no_call_is_reported_as_deprecated_by_the_installed_transformers(tmp_path):
+    # Transformers warns once per process, so the check runs in a fresh one.
+    code = """
+import logging, warnings, torch
+from tests.conftest import prompt_ids, tiny_alignedvq, NUM_PATCHES
+from transformers_alignedvq.training import prepare_for_finetuning, shared_image_prefix_loss
+records = []
+class Keep(logging.Handler):
+    def emit(self, record): records.append(record.getMessage())
+logging.getLogger("transformers").addHandler(Keep())
+warnings.simplefilter("always")
+with warnings.catch_warnings(record=True) as caught:
+    model = tiny_alignedvq()
+    ids = prompt_ids()
+    pixels = torch.randn(2, 3, 32, 32)
+    model.generate(input_ids=ids, image_indices=model.encode_edge(pixels), max_new_tokens=3)
+    model.generate(input_ids=ids, pixel_values=pixels, max_new_tokens=3, do_sample=False)
+    model(input_ids=ids, pixel_values=pixels, labels=ids, use_cache=True)
+    prepare_for_finetuning(model, lora_r=2).train()
+    labels = ids.clone(); labels[:, :NUM_PATCHES + 1] = -100
+    same = dict(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, pixel_values=pixels[:1].expand(2, -1, -1, -1))
+    shared_image_prefix_loss(model, same).lm_loss.backward()
+    model(**same).loss.backward()
+messages = records + [str(w.message) for w in caught]
+print([m for m in messages if "deprecat" in m.lower()])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(Path(__file__).parents[1]))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr

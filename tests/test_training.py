@@ -141,13 +141,16 @@ def easyvqa_batch():
 def _alignedvq_with_lora():
     torch.manual_seed(0)
     model = tav.LlavaAlignedVQForConditionalGeneration.from_llava(BASE, codebook_size=16)
-    prepare_for_finetuning(model, lora_r=4)
+    prepare_for_finetuning(model, lora_r=4, lora_dropout=0.0)
     for name, param in model.named_parameters():
         if "lora_B" in name:  # non-zero adapters, so their gradients are checked through the whole path
             torch.nn.init.normal_(param, std=0.05)
     with torch.no_grad():
         model.model.alignedvq.dlp_in.gate.fill_(0.3)
-    return model.eval()  # no dropout, no EMA: two forwards see the same weights
+    # Training mode (the commitment loss exists only there) with the EMA frozen and no dropout anywhere, so
+    # two forwards see the same weights.
+    model.model.alignedvq.quantizer.ema_decay = 1.0
+    return model.train()
 
 
 @pytest.mark.parametrize("kind", ["alignedvq", "llava"])
@@ -177,7 +180,7 @@ def test_shared_image_prefix_loss_matches_the_stock_forward(easyvqa_batch, kind)
         # The commitment loss is over the distinct images (each image once, not once per question).
         unique = torch.unique(batch["pixel_values"].flatten(1), dim=0).view(-1, *batch["pixel_values"].shape[1:])
         expected = model.model.get_image_features(pixel_values=unique).commitment_loss
-        assert torch.allclose(shared.commitment_loss, expected)
+        assert expected is not None and torch.allclose(shared.commitment_loss, expected)
         # a batch normalised by the Trainer's token count over accumulated micro-batches
         count = int((batch["labels"] != -100).sum())
         half = shared_image_prefix_loss(model, batch, num_items_in_batch=2 * count)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .dlp import DualLinearProjection
@@ -23,7 +22,7 @@ class AlignedVQLayerOutput:
     """Attributes:
     features: ``(*batch, dim)`` recovered features (output DLP applied), in the input dtype.
     indices: ``(*batch, codes_per_token)`` int64 codeword indices, exactly what the edge sends.
-    commitment_loss: scalar, unweighted ``||Z - sg(Q(Z))||^2`` on the quantizer input; ``None`` if not asked.
+    commitment_loss: scalar, unweighted ``||Z - sg(Q(Z))||^2`` on the quantizer input (training only).
     perplexity: scalar codebook perplexity of this batch (``None`` outside training).
     usage: scalar fraction of codewords used in this batch (``None`` outside training).
     """
@@ -159,29 +158,26 @@ class AlignedVQLayer(nn.Module):
         zq = zq.to(dtype or (param.dtype if param is not None else zq.dtype))
         return self.post_quantization(zq)
 
-    def forward(self, z: torch.Tensor, *, return_loss: bool = True) -> AlignedVQLayerOutput:
+    def forward(self, z: torch.Tensor) -> AlignedVQLayerOutput:
         """Both halves. Training: straight-through gradients, EMA codebook update, commitment loss and
-        codebook statistics. Evaluation: exactly ``decode(encode(z))``, so a model evaluated on pixels
-        computes what the edge and the cloud compute together."""
-        if self.training:
-            pre = self.pre_quantization(z)
-            out = self.quantizer(pre)
-            return AlignedVQLayerOutput(
-                features=self.post_quantization(out.quantized),
-                indices=out.indices,
-                commitment_loss=out.commitment_loss,
-                perplexity=out.perplexity,
-                usage=out.usage,
-            )
-        indices = self.encode(z)
-        features = self.decode(indices, dtype=z.dtype)
-        loss = None
-        if return_loss:
-            pre = self.pre_quantization(z)
-            loss = F.mse_loss(pre.float(), self.quantizer.decode(indices))
-        return AlignedVQLayerOutput(features=features, indices=indices, commitment_loss=loss)
+        codebook statistics. Evaluation: exactly ``decode(encode(z))`` and nothing else, so a model evaluated
+        on pixels computes what the edge and the cloud compute together (loss included)."""
+        if not self.training:
+            indices = self.encode(z)
+            return AlignedVQLayerOutput(features=self.decode(indices, dtype=z.dtype), indices=indices)
+        out = self.quantizer(self.pre_quantization(z))
+        return AlignedVQLayerOutput(
+            features=self.post_quantization(out.quantized),
+            indices=out.indices,
+            commitment_loss=out.commitment_loss,
+            perplexity=out.perplexity,
+            usage=out.usage,
+        )
 
     @torch.no_grad()
     def init_codebook(self, z: torch.Tensor, *, iters: int = 20, seed: int = 0) -> None:
-        """K-means initialisation from site features ``z`` ``(N, dim)`` (passed through the input DLP)."""
-        self.quantizer.init_from_features(self.pre_quantization(z), iters=iters, seed=seed)
+        """K-means initialisation from site features ``z`` ``(N, dim)`` of any dtype, passed through the input
+        DLP in fp32 (the codebook is fp32 whatever the model's dtype)."""
+        weight, bias = self._pre_quantization_affine()
+        pre = torch.addmm(bias, z.to(device=weight.device, dtype=torch.float32), weight.T)
+        self.quantizer.init_from_features(pre, iters=iters, seed=seed)

@@ -28,9 +28,12 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .errors import CheckpointMismatchError
+from .lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, has_lora, load_lora, merge_lora_, save_lora
+
 ALIGNEDVQ_WEIGHTS_NAME = "alignedvq.safetensors"
-ADAPTER_CONFIG_NAME = "adapter_config.json"
-ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 LORA_SUBFOLDER = "lora"
 # Transformers 5 keeps the image processor's settings inside processor_config.json (older checkpoints:
 # preprocessor_config.json); the edge needs them to resize and normalise images.
@@ -56,57 +59,14 @@ REMOTE_CODE_FILES = (
     "edge.py",
     "wire.py",
     "hub.py",
+    "lora.py",
+    "errors.py",
 )
 AUTO_MAP = {
     "AutoConfig": "configuration_alignedvq.AlignedVQConfig",
     "AutoModel": "modeling_alignedvq.LlavaAlignedVQForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_alignedvq.LlavaAlignedVQForConditionalGeneration",
 }
-
-
-class CheckpointMismatchError(ValueError):
-    """An adapter checkpoint does not fit the base model (or a file does not fit its config)."""
-
-
-# --------------------------------------------------------------------------------------------------------
-# LoRA helpers (PEFT layers injected in place, e.g. by `model.add_adapter(LoraConfig(...))`)
-# --------------------------------------------------------------------------------------------------------
-def has_lora(model) -> bool:
-    return bool(getattr(model, "_hf_peft_config_loaded", False))
-
-
-def merge_lora_(model) -> None:
-    """Merge every injected LoRA layer into its base weight and remove the adapter from the model."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
-    model._hf_peft_config_loaded = False
-    if hasattr(model, "peft_config"):
-        del model.peft_config
-
-
-def _base_state_dict(model) -> dict[str, torch.Tensor]:
-    """State dict under base-model names: LoRA wrappers' `base_layer.` removed, LoRA tensors left out."""
-    return {
-        key.replace(".base_layer.", "."): value
-        for key, value in model.state_dict().items()
-        if "lora_" not in key
-    }
-
-
-def _save_lora(model, directory: Path) -> None:
-    directory = directory / LORA_SUBFOLDER
-    directory.mkdir(exist_ok=True)
-    state = model.get_adapter_state_dict()
-    state = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in state.items()}
-    save_file(state, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-    adapter = model.active_adapters()[0]
-    peft_config = model.peft_config[adapter]
-    peft_config.save_pretrained(str(directory))
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -120,6 +80,15 @@ def alignedvq_state_dict(model, *, include_ema_state: bool = False) -> dict[str,
             continue
         state[_ALIGNEDVQ_PREFIX + key] = value.detach().cpu().contiguous()
     return state
+
+
+def _base_state_dict(model) -> dict[str, torch.Tensor]:
+    """State dict under base-model names: LoRA wrappers' `base_layer.` removed, LoRA tensors left out."""
+    return {
+        key.replace(".base_layer.", "."): value
+        for key, value in model.state_dict().items()
+        if "lora_" not in key
+    }
 
 
 def write_remote_code(directory: Path, config) -> None:
@@ -165,12 +134,16 @@ def save_checkpoint(
             state = _base_state_dict(model)
             if not include_ema_state:
                 state = {k: v for k, v in state.items() if k[len(_ALIGNEDVQ_PREFIX):] not in _EMA_BUFFERS}
-            # The stock path writes only adapter weights when PEFT layers are present; we want both.
+            # The stock path writes only adapter weights when Transformers' PEFT integration added the layers;
+            # we want every weight. A `state_dict` passed in (the Trainer passes the model's own) is replaced
+            # by the one computed here, under base-model names.
+            save_kwargs.pop("state_dict", None)
+            integration = getattr(model, "_hf_peft_config_loaded", False)
             model._hf_peft_config_loaded = False
             try:
                 save_function(model, str(directory), state_dict=state, **save_kwargs)
             finally:
-                model._hf_peft_config_loaded = lora
+                model._hf_peft_config_loaded = integration
         else:
             if not config.base_model_name_or_path:
                 raise ValueError(
@@ -186,7 +159,7 @@ def save_checkpoint(
             if model.can_generate() and model.generation_config is not None:
                 model.generation_config.save_pretrained(str(directory))
         if lora:
-            _save_lora(model, directory)
+            save_lora(model, directory / LORA_SUBFOLDER)
         if save_edge:
             model.edge_encoder().save_pretrained(directory)
         write_model_card(model, directory, kind=kind, eval_results=eval_results)
@@ -291,6 +264,8 @@ def apply_alignedvq_state(model, state: dict[str, torch.Tensor]) -> None:
         raise CheckpointMismatchError(
             f"{ALIGNEDVQ_WEIGHTS_NAME} does not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}."
         )
+    check_tensor_dtypes({k: _SAFETENSORS_DTYPES.get(v.dtype, str(v.dtype)) for k, v in state.items()},
+                        source=ALIGNEDVQ_WEIGHTS_NAME)
     wrong = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in local.items() if v.shape != own[k].shape]
     if wrong:
         raise CheckpointMismatchError(
@@ -314,20 +289,140 @@ def maybe_load_lora(model, path_or_id, kwargs: dict) -> None:
     config_path = _resolve(path_or_id, f"{LORA_SUBFOLDER}/{ADAPTER_CONFIG_NAME}", hub_kwargs, required=False)
     if config_path is None:
         return
-    # Both files land in the same local folder (the checkpoint's `lora/` or its Hub cache snapshot); PEFT
-    # then loads from there without needing the Hub arguments.
-    weights_path = _resolve(path_or_id, f"{LORA_SUBFOLDER}/{ADAPTER_WEIGHTS_NAME}", hub_kwargs)
-    # `load_adapter` replaces the key conversions the model was loaded with by the adapter's (which add PEFT's
-    # `base_model.model.` prefix); `save_pretrained` reverts those on every key, so a model loaded with its LoRA
-    # would save its full weights under prefixed names that no loader finds. Keep the model's own.
-    missing = object()
-    conversions = getattr(model, "_weight_conversions", missing)
-    model.load_adapter(str(Path(weights_path).parent))
-    if conversions is missing:
-        if hasattr(model, "_weight_conversions"):
-            del model._weight_conversions
-    else:
-        model._weight_conversions = conversions
+    # Both files land in the same local folder (the checkpoint's `lora/` or its Hub cache snapshot).
+    weights_path = _resolve(path_or_id, f"{LORA_SUBFOLDER}/{ADAPTER_WEIGHTS_NAME}", hub_kwargs, required=False)
+    if weights_path is None:
+        raise CheckpointMismatchError(
+            f"{path_or_id} has {LORA_SUBFOLDER}/{ADAPTER_CONFIG_NAME} but no {LORA_SUBFOLDER}/{ADAPTER_WEIGHTS_NAME}"
+        )
+    load_lora(model, Path(weights_path).parent)
+
+
+# --------------------------------------------------------------------------------------------------------
+# strict loading
+# --------------------------------------------------------------------------------------------------------
+# Kept in fp32 whatever the model's dtype (see `VectorQuantizer._apply`).
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
+FP32_TENSORS = frozenset(_ALIGNEDVQ_PREFIX + "quantizer." + name for name in ("codebook", "cluster_size", "embed_sum"))
+
+
+def read_safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
+    """``{tensor name: {"dtype", "shape", "data_offsets"}}`` of a safetensors file, after checking that the
+    file holds exactly the bytes its header describes. Reads only the header."""
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else -1
+        if not 0 < length <= size - 8:
+            raise CheckpointMismatchError(f"{path.name} is truncated or not a safetensors file ({size} bytes)")
+        try:
+            header = json.loads(handle.read(length))
+            header.pop("__metadata__", None)
+            end = max((int(entry["data_offsets"][1]) for entry in header.values()), default=0)
+            [(entry["dtype"], entry["shape"]) for entry in header.values()]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+            raise CheckpointMismatchError(f"{path.name} has a corrupt safetensors header: {exc}") from None
+    if 8 + length + end != size:
+        raise CheckpointMismatchError(
+            f"{path.name} is truncated or corrupt: its header describes {8 + length + end} bytes, the file has {size}"
+        )
+    return header
+
+
+def check_tensor_dtypes(dtypes: dict[str, str], *, source: str) -> None:
+    """Every tensor in one floating dtype (the checkpoint's storage dtype), the codebook state in fp32."""
+    wrong = [f"{name} ({dtype}, must be F32)" for name, dtype in dtypes.items() if name in FP32_TENSORS and dtype != "F32"]
+    rest = {name: dtype for name, dtype in dtypes.items() if name not in FP32_TENSORS}
+    counts: dict[str, int] = {}
+    for dtype in rest.values():
+        counts[dtype] = counts.get(dtype, 0) + 1
+    storage = max(counts, key=counts.get, default="F32")
+    if storage not in ("F32", "F16", "BF16", "F64"):
+        wrong.append(f"every weight is {storage}, not a floating dtype")
+    wrong += [f"{name} ({dtype}, the others are {storage})" for name, dtype in rest.items() if dtype != storage]
+    if wrong:
+        raise CheckpointMismatchError(f"{source} holds mis-typed tensors: {', '.join(sorted(wrong)[:5])}")
+
+
+def weight_files(path_or_id, hub_kwargs: dict) -> list[str]:
+    """Local paths of a checkpoint's safetensors weights (one file, or the shards its index names)."""
+    single = _resolve(path_or_id, WEIGHTS_NAME, hub_kwargs, required=False)
+    if single is not None:
+        return [single]
+    index = _resolve(path_or_id, WEIGHTS_INDEX_NAME, hub_kwargs, required=False)
+    if index is None:
+        raise CheckpointMismatchError(
+            f"{path_or_id} has neither {WEIGHTS_NAME} nor {WEIGHTS_INDEX_NAME}: AlignedVQ checkpoints are safetensors only"
+        )
+    try:
+        shards = sorted(set(read_json(index)["weight_map"].values()))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointMismatchError(f"{WEIGHTS_INDEX_NAME} of {path_or_id} is corrupt: {exc}") from None
+    return [_resolve(path_or_id, shard, hub_kwargs) for shard in shards]
+
+
+def check_weight_files(path_or_id, hub_kwargs: dict) -> None:
+    """Raise `CheckpointMismatchError` for a truncated or corrupt weights file or a mis-typed tensor."""
+    dtypes = {}
+    for path in weight_files(path_or_id, hub_kwargs):
+        dtypes.update({name: entry["dtype"] for name, entry in read_safetensors_header(path).items()})
+    check_tensor_dtypes(dtypes, source=str(path_or_id))
+
+
+def check_loading_info(info: dict, *, source: str, allowed_missing=()) -> None:
+    """Raise `CheckpointMismatchError` naming the tensors if Transformers' loading report shows any missing
+    (left at their random initialisation), unexpected or mis-shaped tensor, or any loading error."""
+    problems = []
+    missing = sorted(set(info.get("missing_keys", ())) - set(allowed_missing))
+    if missing:
+        problems.append(f"missing {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    unexpected = sorted(info.get("unexpected_keys", ()))
+    if unexpected:
+        problems.append(f"unexpected {unexpected[:5]}")
+    mismatched = sorted(info.get("mismatched_keys", ()))
+    if mismatched:
+        problems.append(f"of another shape {[m[0] if isinstance(m, tuple) else m for m in mismatched][:5]}")
+    errors = list(info.get("error_msgs", ())) + list(dict(info.get("conversion_errors", {}) or {}).values())
+    if errors:
+        problems.append(f"errors {errors[:3]}")
+    if problems:
+        raise CheckpointMismatchError(f"{source} does not fit the model: tensors " + "; ".join(problems))
+
+
+def read_alignedvq_config(path_or_id, kwargs: dict):
+    """The `AlignedVQConfig` of a saved AlignedVQ checkpoint; a plain LLaVA checkpoint is refused."""
+    from .configuration_alignedvq import AlignedVQConfig
+
+    values, _ = AlignedVQConfig.get_config_dict(path_or_id, **hub_kwargs_from(kwargs))
+    model_type = values.get("model_type")
+    if model_type != AlignedVQConfig.model_type:
+        raise CheckpointMismatchError(
+            f"{path_or_id} is a {model_type!r} checkpoint, not an AlignedVQ one. Convert it with "
+            f"LlavaAlignedVQForConditionalGeneration.from_llava({str(path_or_id)!r}, split_layer=..., "
+            "codebook_size=...), then init_codebook and finetune."
+        )
+    return AlignedVQConfig.from_dict(values)
+
+
+def load_full_checkpoint(load, path_or_id, config, *model_args, **kwargs):
+    """A full AlignedVQ checkpoint through ``load`` (the stock `from_pretrained`), strictly: the weights
+    files are checked before they are read, and the loading report after."""
+    want_info = kwargs.pop("output_loading_info", False)
+    check_weight_files(path_or_id, hub_kwargs_from(kwargs))
+    model, info = load(path_or_id, *model_args, config=config, output_loading_info=True, **kwargs)
+    check_loading_info(info, source=str(path_or_id))
+    maybe_load_lora(model, path_or_id, kwargs)
+    return (model, info) if want_info else model
+
+
+def load_llava(path_or_id, **load_kwargs):
+    """A plain `LlavaForConditionalGeneration` to convert; one that leaves weights uninitialised is refused."""
+    from transformers import LlavaForConditionalGeneration
+
+    model, info = LlavaForConditionalGeneration.from_pretrained(path_or_id, output_loading_info=True, **load_kwargs)
+    check_loading_info({"missing_keys": info.get("missing_keys", ())}, source=str(path_or_id))
+    return model
 
 
 # --------------------------------------------------------------------------------------------------------

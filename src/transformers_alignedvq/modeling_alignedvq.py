@@ -7,6 +7,13 @@ checkpoint loads into it with only the AlignedVQ parameters missing.
 Edge: :meth:`~LlavaAlignedVQForConditionalGeneration.encode_edge` (pixels -> indices).
 Cloud: :meth:`~LlavaAlignedVQForConditionalGeneration.forward_from_indices` and
 ``generate(..., image_indices=...)``. ``forward(pixel_values=...)`` computes exactly edge followed by cloud.
+
+How this extends LLaVA without restating it: the image features (from pixels or from indices) are computed by
+``LlavaAlignedVQModel.get_image_features`` and placed into the prompt's input embeddings, and the stock
+``LlavaForConditionalGeneration.forward`` / ``generate`` run on those embeddings with every other argument
+passed through untouched. Input embeddings are the one channel every Transformers 5 release shares, so
+nothing here depends on how a release names its cache or its image outputs; our output copies whatever fields
+the parent's output has and adds only the AlignedVQ ones.
 """
 
 from __future__ import annotations
@@ -225,14 +232,12 @@ class LlavaAlignedVQModel(LlavaModel):
             image_indices: `(batch_size, num_image_tokens[, codes_per_token])` int indices.
         """
         if (pixel_values is None) == (image_indices is None):
-            raise ValueError("Pass exactly one of pixel_values and image_indices.")
+            raise ValueError("Pass exactly one of pixel_values and image_indices, not both or neither.")
         config = self.config
         commitment = perplexity = usage = None
         if pixel_values is not None:
-            # The commitment loss costs a second input-DLP pass; skip it where nothing can use it (generation
-            # and other no-grad inference), keep it for training and gradient-enabled evaluation.
-            want_loss = self.training or torch.is_grad_enabled()
-            vq = self.alignedvq(self.edge_features(pixel_values), return_loss=want_loss)
+            # Training: straight-through, EMA update, commitment loss. Evaluation: exactly encode + decode.
+            vq = self.alignedvq(self.edge_features(pixel_values))
             recovered, indices = vq.features, vq.indices
             commitment, perplexity, usage = vq.commitment_loss, vq.perplexity, vq.usage
         else:
@@ -255,6 +260,17 @@ class LlavaAlignedVQModel(LlavaModel):
             codebook_perplexity=perplexity,
             codebook_usage=usage,
         )
+
+    def embed_with_image(self, input_ids, inputs_embeds, image_output: AlignedVQImageOutput) -> torch.Tensor:
+        """The prompt's input embeddings ``(batch_size, sequence_length, text_hidden_size)`` with the image
+        placeholder tokens replaced by ``image_output``'s features (LLaVA's own placeholder check)."""
+        if inputs_embeds is None:
+            if input_ids is None:
+                raise ValueError("Pass input_ids or inputs_embeds with the image placeholder tokens.")
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        features = torch.cat(list(image_output.pooler_output)).to(inputs_embeds.device, inputs_embeds.dtype)
+        mask = self.get_placeholder_mask(input_ids, inputs_embeds=inputs_embeds, image_features=features)
+        return inputs_embeds.masked_scatter(mask, features)
 
 
 class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
@@ -301,18 +317,18 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
         Args:
             llava: a loaded `LlavaForConditionalGeneration` (its modules are reused, not copied: do not keep
                 using it afterwards), or a Hub id / local folder of a LLaVA checkpoint.
-            load_kwargs: passed to `from_pretrained` when `llava` is a name (`dtype`, `device_map`,
-                `revision`, ...).
+            load_kwargs: passed to `LlavaForConditionalGeneration.from_pretrained` when `llava` is a name
+                (`dtype`, `device_map`, `revision`, ...). A checkpoint that leaves a weight of the model
+                uninitialised is refused (`hub.CheckpointMismatchError`).
             **vq_options: `AlignedVQConfig` fields (`split_layer`, `split_site`, `codebook_size`, ...).
+
+        Returns the model in the mode `llava` was in (a model loaded from a path is in eval mode). The new
+        codebook is random: call `init_codebook` before finetuning.
         """
         if isinstance(llava, (str, os.PathLike)):
-            from transformers import AutoConfig
+            from .hub import load_llava
 
-            load_kwargs = dict(load_kwargs or {})
-            config_kwargs = {k: load_kwargs[k] for k in ("revision", "token", "cache_dir") if k in load_kwargs}
-            base_config = AutoConfig.from_pretrained(llava, **config_kwargs)
-            config = AlignedVQConfig.from_llava_config(base_config, **vq_options)
-            return cls.from_pretrained(llava, config=config, **load_kwargs)
+            llava = load_llava(llava, **(load_kwargs or {}))
         if not isinstance(llava, LlavaForConditionalGeneration):
             raise TypeError(f"from_llava expects a LlavaForConditionalGeneration or a path, got {type(llava).__name__}.")
         config = AlignedVQConfig.from_llava_config(llava.config, **vq_options)
@@ -331,7 +347,9 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
             layer = layer.to(device=reference.device, dtype=reference.dtype)
         model.model.alignedvq = layer
         model.generation_config = llava.generation_config
-        return model
+        # The mode of the model given (eval after loading from a path): a forward in training mode moves the
+        # EMA codebook, which must never happen by accident.
+        return model.train(llava.training)
 
     @torch.no_grad()
     def init_codebook(self, pixel_batches, *, iters: int = 20, max_features: int = 200_000, seed: int = 0) -> int:
@@ -365,20 +383,19 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
     # ------------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
-        """Load a full or an adapter-only AlignedVQ checkpoint (see `hub.py`), or a llava-hf checkpoint
-        given an `AlignedVQConfig` (as `from_llava` does)."""
+        """Load a full or an adapter-only AlignedVQ checkpoint (see `hub.py`), strictly: a missing, unexpected,
+        mis-shaped or mis-typed tensor, or a truncated weights file, raises `hub.CheckpointMismatchError`.
+        A plain LLaVA checkpoint is refused with a pointer to `from_llava`."""
         # `from .hub import` (not `from . import hub`): Transformers copies remote-code files it finds that way.
-        from .hub import hub_kwargs_from, load_adapter_checkpoint, maybe_load_lora
+        from .hub import load_adapter_checkpoint, load_full_checkpoint, read_alignedvq_config
 
         config = kwargs.pop("config", None)
         if not isinstance(config, AlignedVQConfig):
-            config = AlignedVQConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs_from(kwargs))
+            config = read_alignedvq_config(pretrained_model_name_or_path, kwargs)
         if config.checkpoint_kind == "adapter":
             return load_adapter_checkpoint(cls, pretrained_model_name_or_path, config, **kwargs)
-        kwargs["config"] = config
-        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
-        maybe_load_lora(model, pretrained_model_name_or_path, kwargs)
-        return model
+        parent = super().from_pretrained
+        return load_full_checkpoint(parent, pretrained_model_name_or_path, config, *model_args, **kwargs)
 
     def save_pretrained(
         self,
@@ -454,78 +471,71 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
-        inputs_embeds: torch.Tensor | None = None,
+        *args,
+        image_indices: torch.Tensor | None = None,
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
-        labels: torch.LongTensor | None = None,
-        logits_to_keep: int | torch.Tensor = 0,
-        image_sizes: torch.Tensor | None = None,
-        mm_encoder_outputs: dict | None = None,
-        image_indices: torch.Tensor | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> LlavaAlignedVQCausalLMOutputWithPast:
+    ) -> LlavaAlignedVQCausalLMOutputWithPast | tuple:
         r"""
-        As [`LlavaForConditionalGeneration.forward`], with images given either as `pixel_values`
+        [`LlavaForConditionalGeneration.forward`] with images given either as `pixel_values`
         `(batch_size, channels, height, width)` (edge and cloud in one pass) or as `image_indices`
-        `(batch_size, num_image_tokens[, codes_per_token])` (cloud only). With `labels`, the loss is
-        `lm_loss + commitment_weight * commitment_loss`.
+        `(batch_size, num_image_tokens[, codes_per_token])` (cloud only). Every other argument goes to the
+        parent unchanged.
+
+        In training mode with `pixel_values` and `labels`, `loss = lm_loss + commitment_weight * commitment_loss`
+        (Eq. 3). In evaluation mode the result equals `forward_from_indices(encode_edge(pixel_values))` exactly,
+        loss included.
         """
-        image_output = None
+        image = None
         if pixel_values is not None or image_indices is not None:
-            if mm_encoder_outputs:
-                raise ValueError("Pass images as pixel_values, image_indices or mm_encoder_outputs, not several.")
-            image_output = self.model.get_image_features(
+            image = self.model.get_image_features(
                 pixel_values=pixel_values,
                 image_indices=image_indices,
                 vision_feature_layer=vision_feature_layer,
                 vision_feature_select_strategy=vision_feature_select_strategy,
             )
-            mm_encoder_outputs = {"image": image_output}
-        elif mm_encoder_outputs:
-            image_output = mm_encoder_outputs.get("image")
+            kwargs["inputs_embeds"] = self.model.embed_with_image(input_ids, kwargs.get("inputs_embeds"), image)
+            input_ids = None
+        outputs = super().forward(input_ids, None, *args, return_dict=True, **kwargs)
+        outputs = self._add_alignedvq_fields(outputs, image)
+        use_dict = return_dict if return_dict is not None else self.config.return_dict
+        return outputs if use_dict else outputs.to_tuple()
 
-        outputs = super().forward(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            labels=labels,
-            logits_to_keep=logits_to_keep,
-            mm_encoder_outputs=mm_encoder_outputs,
-            **kwargs,
-        )
-        commitment = getattr(image_output, "commitment_loss", None)
-        loss = outputs.loss
-        if loss is not None and commitment is not None:
-            loss = loss + self.config.commitment_weight * commitment.to(loss.dtype)
+    def _add_alignedvq_fields(self, outputs, image: AlignedVQImageOutput | None) -> LlavaAlignedVQCausalLMOutputWithPast:
+        """The parent's output, every field it set as it set it, plus ours."""
+        fields = dict(outputs.items())
+        lm_loss = outputs.loss
+        commitment = getattr(image, "commitment_loss", None)
+        if lm_loss is not None and commitment is not None:
+            fields["loss"] = lm_loss + self.config.commitment_weight * commitment.to(lm_loss.dtype)
         return LlavaAlignedVQCausalLMOutputWithPast(
-            loss=loss,
-            lm_loss=outputs.loss,
-            logits=outputs.logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
+            **fields,
+            lm_loss=lm_loss,
             commitment_loss=commitment,
-            codebook_perplexity=getattr(image_output, "codebook_perplexity", None),
-            codebook_usage=getattr(image_output, "codebook_usage", None),
-            image_indices=getattr(image_output, "image_indices", None),
+            codebook_perplexity=getattr(image, "codebook_perplexity", None),
+            codebook_usage=getattr(image, "codebook_usage", None),
+            image_indices=getattr(image, "image_indices", None),
         )
 
     def generate(self, *args, image_indices: torch.Tensor | None = None, **kwargs):
-        """`GenerationMixin.generate`, also accepting `image_indices` in place of `pixel_values`."""
-        if image_indices is not None:
-            if kwargs.get("pixel_values") is not None or kwargs.get("mm_encoder_outputs"):
-                raise ValueError("Pass images either as pixel_values or as image_indices, not both.")
-            with torch.no_grad():
-                image_output = self.model.get_image_features(image_indices=image_indices)
-            kwargs["mm_encoder_outputs"] = {"image": image_output}
-        return super().generate(*args, **kwargs)
+        """`GenerationMixin.generate`, with the image as `pixel_values` or as `image_indices`.
 
+        Pixels go through the edge and then the cloud, exactly as indices sent by a device would, in
+        either mode (generation never updates the codebook).
+        """
+        pixel_values = kwargs.pop("pixel_values", None)
+        if pixel_values is not None or image_indices is not None:
+            if pixel_values is not None and image_indices is not None:
+                raise ValueError("Pass images either as pixel_values or as image_indices, not both.")
+            if image_indices is None:
+                image_indices = self.encode_edge(pixel_values)
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            with torch.no_grad():
+                image = self.model.get_image_features(image_indices=image_indices)
+                kwargs["inputs_embeds"] = self.model.embed_with_image(input_ids, kwargs.get("inputs_embeds"), image)
+        return super().generate(*args, **kwargs)
 
 __all__ = [
     "AlignedVQImageOutput",

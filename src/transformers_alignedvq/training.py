@@ -10,8 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import inspect
+
 import torch
 from transformers import Trainer
+
+from .lora import add_lora
 
 # LoRA goes into the language model only; CLIP's attention also has q_proj/k_proj/v_proj, which must not match.
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -42,10 +46,8 @@ def prepare_for_finetuning(
     if lora_r:
         from peft import LoraConfig
 
-        model.add_adapter(
-            LoraConfig(r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=lora_dropout,
-                       target_modules=target_modules)
-        )
+        add_lora(model, LoraConfig(r=lora_r, lora_alpha=lora_alpha or 2 * lora_r, lora_dropout=lora_dropout,
+                                   target_modules=target_modules))
         for name, param in model.named_parameters():
             if "lora_" in name:
                 param.requires_grad_(True)
@@ -59,6 +61,12 @@ def trainable_parameters(model) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
     total = sum(p.numel() for p in model.parameters())
     return sum(p.numel() for p in model.parameters() if p.requires_grad), total
+
+
+def cache_argument(module) -> str:
+    """The name under which ``module.forward`` takes and returns its key/value cache: ``cache`` in
+    Transformers >= 5.24 (where ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 @dataclass
@@ -84,8 +92,8 @@ def shared_image_prefix_loss(model, batch, *, num_items_in_batch=None) -> Shared
     rounding (tested). The quantizer's EMA sees each distinct image once per step instead of once per question.
 
     Args:
-        model: a `LlavaForConditionalGeneration` or `LlavaAlignedVQForConditionalGeneration` (LoRA added with
-            ``add_adapter`` is fine; a `peft.PeftModel` is unwrapped).
+        model: a `LlavaForConditionalGeneration` or `LlavaAlignedVQForConditionalGeneration` (LoRA layers
+            injected in place are fine; a `peft.PeftModel` is unwrapped).
         batch: ``input_ids``, ``attention_mask``, ``labels`` and ``pixel_values`` (right padding).
         num_items_in_batch: when given (the `Trainer`'s count of supervised tokens over the accumulated
             micro-batches), the token losses are summed and divided by it, as the stock forward does.
@@ -130,15 +138,16 @@ def shared_image_prefix_loss(model, batch, *, num_items_in_batch=None) -> Shared
     prefix_ids = ids[first, :prefix]
     embeds = lm.get_input_embeddings()(prefix_ids)
     embeds = embeds.masked_scatter(is_image[first, :prefix].unsqueeze(-1), features.to(embeds.dtype))
-    cache = lm(inputs_embeds=embeds, use_cache=True).past_key_values
+    cache_name = cache_argument(lm)
+    cache = lm(inputs_embeds=embeds, use_cache=True)[cache_name]
     cache.reorder_cache(inverse)  # per-layer index_select: every row gets its image's prefix, gradients flow back
     suffix = ids.shape[1] - prefix
     out = lm(
         input_ids=ids[:, prefix:],
         attention_mask=mask,
         position_ids=torch.arange(prefix, ids.shape[1], device=ids.device).expand(ids.shape[0], suffix),
-        past_key_values=cache,
         use_cache=True,
+        **{cache_name: cache},
     )
     logits = model.lm_head(out.last_hidden_state[:, :-1]).float()
     targets = labels[:, prefix + 1 :].reshape(-1)
