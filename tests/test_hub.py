@@ -227,7 +227,7 @@ def test_mismatched_base_fails_before_its_weights_are_read(setup, tmp_path, make
 def test_garbage_base_weights_are_read_when_the_architecture_matches(setup, tmp_path):
     # The control for the test above: with a matching config the same garbage file is read, and fails otherwise.
     adapter = adapter_onto(setup, tmp_path, tiny_llava_config())
-    with pytest.raises(SafetensorError):
+    with pytest.raises(CheckpointMismatchError, match="model.safetensors is truncated or not a safetensors file"):
         AutoModel.from_pretrained(adapter)
 
 
@@ -250,6 +250,78 @@ def test_truncated_alignedvq_weights_fail_clearly(setup, tmp_path):
     path = tmp_path / "alignedvq.safetensors"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(CheckpointMismatchError, match="alignedvq.safetensors cannot be read"):
+        AutoModel.from_pretrained(tmp_path)
+
+
+def _tampered_full_checkpoint(setup, tmp_path, change) -> Path:
+    shutil.copytree(setup.dirs["full"], tmp_path, dirs_exist_ok=True)
+    path = tmp_path / "model.safetensors"
+    state = load_file(str(path))
+    change(state)
+    save_file(state, str(path), metadata={"format": "pt"})
+    return tmp_path
+
+
+def _drop(prefix):
+    return lambda state: [state.pop(k) for k in [k for k in state if k.startswith(prefix)]]
+
+
+STRICT_CASES = {
+    "codebook removed": (_drop("model.alignedvq.quantizer.codebook"), r"missing \['model.alignedvq.quantizer.codebook'\]"),
+    # on disk Transformers writes llava-hf's original names; the error names the model's
+    "language-model layer removed": (_drop("language_model.model.layers.1."), r"missing \['model.language_model.layers.1"),
+    "unexpected tensor": (lambda s: s.update(extra=torch.zeros(3)), r"unexpected \['extra'\]"),
+    "one tensor half precision": (
+        lambda s: s.update({"multi_modal_projector.linear_1.weight": s["multi_modal_projector.linear_1.weight"].half()}),
+        r"mis-typed tensors: multi_modal_projector.linear_1.weight \(F16, the others are F32\)",
+    ),
+    "codebook in bf16": (
+        lambda s: s.update({"model.alignedvq.quantizer.codebook": s["model.alignedvq.quantizer.codebook"].bfloat16()}),
+        r"model.alignedvq.quantizer.codebook \(BF16, must be F32\)",
+    ),
+    "DLP of another shape": (
+        lambda s: s.update({"model.alignedvq.dlp_in.proj.bias": torch.zeros(33)}),
+        r"of another shape \['model.alignedvq.dlp_in.proj.bias'",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", STRICT_CASES)
+def test_full_checkpoints_load_strictly(setup, tmp_path, case):
+    change, message = STRICT_CASES[case]
+    folder = _tampered_full_checkpoint(setup, tmp_path, change)
+    with pytest.raises(CheckpointMismatchError, match=message):
+        AutoModel.from_pretrained(folder)
+
+
+def test_whole_checkpoint_in_half_precision_is_not_mis_typed(setup, tmp_path):
+    # One storage dtype for every weight (as the bundled model uses) is fine; only the odd tensor out is not.
+    def to_half(state):
+        state.update({k: v.half() for k, v in state.items() if not k.startswith("model.alignedvq.quantizer.")})
+
+    folder = _tampered_full_checkpoint(setup, tmp_path, to_half)
+    assert_same_outputs(AutoModel.from_pretrained(folder, dtype=torch.float32), setup.expected, atol=2e-2)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "header", "trailing"])
+def test_damaged_weights_files_fail_with_the_same_error_type(setup, tmp_path, damage):
+    shutil.copytree(setup.dirs["full"], tmp_path, dirs_exist_ok=True)
+    path = tmp_path / "model.safetensors"
+    data = path.read_bytes()
+    data = {"truncated": data[: len(data) - 100], "header": data[:8] + b"{not json" + data[17:],
+            "trailing": data + b"\0" * 16}[damage]
+    path.write_bytes(data)
+    with pytest.raises(CheckpointMismatchError, match="model.safetensors"):
+        AutoModel.from_pretrained(tmp_path)
+
+
+def test_a_lora_adapter_that_does_not_fit_is_refused(setup, tmp_path):
+    shutil.copytree(setup.dirs["full"], tmp_path, dirs_exist_ok=True)
+    path = tmp_path / "lora" / "adapter_model.safetensors"
+    state = load_file(str(path))
+    state.pop(sorted(state)[0])
+    save_file(state, str(path))
+    with pytest.raises(CheckpointMismatchError, match="missing"):
         AutoModel.from_pretrained(tmp_path)
 
 

@@ -313,3 +313,44 @@ print([m for m in messages if "deprecat" in m.lower()])
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=str(Path(__file__).parents[1]))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout + out.stderr
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_init_codebook_works_on_a_half_precision_model(pixels, dtype):
+    model = tiny_alignedvq(calibrate=False).to(dtype)
+    with torch.no_grad():
+        model.model.alignedvq.dlp_in.gate.fill_(0.4)  # the features pass through a non-trivial input DLP
+    assert model.init_codebook([pixels], iters=3) == 2 * (NUM_PATCHES + 1)
+    codebook = model.model.alignedvq.quantizer.codebook
+    assert codebook.dtype == torch.float32 and torch.isfinite(codebook).all()
+    site = model.model.edge_features(pixels).reshape(-1, 32)
+    weight, bias = model.model.alignedvq._pre_quantization_affine()
+    pre = site.float() @ weight.T + bias
+    # every codeword is a mean of real (projected) features: each lies within their range
+    assert pre.min() - 1e-3 <= codebook.min() and codebook.max() <= pre.max() + 1e-3
+
+
+def test_from_pretrained_refuses_a_plain_llava_folder_and_points_to_from_llava(tmp_path):
+    tiny_llava().save_pretrained(tmp_path)
+    with pytest.raises(tav.CheckpointMismatchError, match="from_llava"):
+        tav.LlavaAlignedVQForConditionalGeneration.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_from_llava_keeps_the_mode_of_the_model_it_got(training, pixels):
+    llava = tiny_llava().train(training)
+    model = tav.LlavaAlignedVQForConditionalGeneration.from_llava(llava, codebook_size=8)
+    assert model.training is training
+    assert all(module.training is training for module in model.modules())
+    before = model.model.alignedvq.quantizer.codebook.clone()
+    with torch.no_grad():
+        model(input_ids=prompt_ids(), pixel_values=pixels)
+    assert torch.equal(model.model.alignedvq.quantizer.codebook, before) is not training
+
+
+def test_from_llava_on_a_path_returns_an_eval_model_with_the_base_weights(tmp_path):
+    llava = tiny_llava()
+    llava.save_pretrained(tmp_path)
+    model = tav.LlavaAlignedVQForConditionalGeneration.from_llava(str(tmp_path), codebook_size=8)
+    assert not model.training
+    assert torch.equal(model.lm_head.weight, llava.lm_head.weight)

@@ -10,6 +10,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 from .alignedvq_layer import AlignedVQLayer, AlignedVQLayerOutput
 from .configuration_alignedvq import SPLIT_SITES, AlignedVQConfig
 from .dlp import DualLinearProjection
+from .errors import CheckpointMismatchError
 from .modeling_alignedvq import (
     AlignedVQImageOutput,
     LlavaAlignedVQCausalLMOutputWithPast,
@@ -45,6 +46,7 @@ __all__ = [
     "SPLIT_SITES",
     "VQA_ACCURACY_METRIC",
     "AlignedVQConfig",
+    "CheckpointMismatchError",
     "AlignedVQImageOutput",
     "AlignedVQLayer",
     "AlignedVQLayerOutput",

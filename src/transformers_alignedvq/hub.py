@@ -409,17 +409,24 @@ def load_full_checkpoint(load, path_or_id, config, *model_args, **kwargs):
     """A full AlignedVQ checkpoint through ``load`` (the stock `from_pretrained`), strictly: the weights
     files are checked before they are read, and the loading report after."""
     want_info = kwargs.pop("output_loading_info", False)
+    # Transformers raises an untyped error on a mis-shaped tensor; asked to go on, it reports it to us instead.
+    user_ignores_shapes = kwargs.pop("ignore_mismatched_sizes", False)
     check_weight_files(path_or_id, hub_kwargs_from(kwargs))
-    model, info = load(path_or_id, *model_args, config=config, output_loading_info=True, **kwargs)
+    model, info = load(path_or_id, *model_args, config=config, output_loading_info=True,
+                       ignore_mismatched_sizes=True, **kwargs)
+    if user_ignores_shapes:
+        info = {**info, "mismatched_keys": ()}
     check_loading_info(info, source=str(path_or_id))
     maybe_load_lora(model, path_or_id, kwargs)
     return (model, info) if want_info else model
 
 
 def load_llava(path_or_id, **load_kwargs):
-    """A plain `LlavaForConditionalGeneration` to convert; one that leaves weights uninitialised is refused."""
+    """A plain `LlavaForConditionalGeneration` to convert. Its safetensors files are checked as ours are, and
+    a checkpoint that leaves weights uninitialised is refused."""
     from transformers import LlavaForConditionalGeneration
 
+    check_weight_files(path_or_id, hub_kwargs_from(load_kwargs))
     model, info = LlavaForConditionalGeneration.from_pretrained(path_or_id, output_loading_info=True, **load_kwargs)
     check_loading_info({"missing_keys": info.get("missing_keys", ())}, source=str(path_or_id))
     return model
