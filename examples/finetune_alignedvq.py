@@ -29,7 +29,12 @@ from transformers import AutoProcessor, TrainingArguments
 
 from transformers_alignedvq import LlavaAlignedVQForConditionalGeneration
 from transformers_alignedvq.data import VQACollator, load_easy_vqa
-from transformers_alignedvq.training import AlignedVQTrainer, prepare_for_finetuning, trainable_parameters
+from transformers_alignedvq.training import (
+    AlignedVQTrainer,
+    checkpointing_argument,
+    prepare_for_finetuning,
+    trainable_parameters,
+)
 
 
 def parse_args(argv=None):
@@ -152,7 +157,7 @@ def main(argv=None) -> dict:
         report_to="none",
         remove_unused_columns=False,
         bf16=args.bf16,
-        activation_checkpointing=args.gradient_checkpointing,
+        **checkpointing_argument(args.gradient_checkpointing),
         dataloader_num_workers=0,
         disable_tqdm=args.no_progress,
         seed=args.seed,

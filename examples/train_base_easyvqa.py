@@ -110,7 +110,6 @@ from transformers import (  # noqa: E402
     LlavaProcessor,
     PreTrainedTokenizerFast,
 )
-from transformers.modeling_outputs import BaseModelOutputWithPooling  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from transformers_alignedvq.data import (  # noqa: E402
@@ -351,22 +350,22 @@ def training_loss(model, batch) -> torch.Tensor:
 
     Rows with identical ``pixel_values`` (questions about the same image, see
     ``ImageGroupedBatchSampler``) share one vision forward; the per-row
-    features are handed to the stock forward through ``mm_encoder_outputs``,
-    so loss and gradients equal those of ``model(**batch)``: the shared
-    features just accumulate the gradient of every row that uses them.
+    features are placed into the prompts' input embeddings (the channel every
+    Transformers 5 release takes), so loss and gradients equal those of
+    ``model(**batch)``: the shared features just accumulate the gradient of
+    every row that uses them.
     """
     pv = batch["pixel_values"]
     unique, inverse = torch.unique(pv.flatten(1), dim=0, return_inverse=True)
     if unique.shape[0] == pv.shape[0]:
         return model(**batch).loss
     feats = model.get_image_features(pixel_values=unique.view(-1, *pv.shape[1:]), return_dict=True)
-    per_row = BaseModelOutputWithPooling(pooler_output=[feats.pooler_output[j] for j in inverse.tolist()])
-    out = model(
-        input_ids=batch["input_ids"],
-        attention_mask=batch["attention_mask"],
-        labels=batch["labels"],
-        mm_encoder_outputs={"image": per_row},
-    )
+    per_row = torch.cat([feats.pooler_output[j] for j in inverse.tolist()])
+    ids = batch["input_ids"]
+    embeds = model.get_input_embeddings()(ids)
+    mask = model.model.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=per_row)
+    embeds = embeds.masked_scatter(mask, per_row.to(embeds.dtype))
+    out = model(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"])
     return out.loss
 
 

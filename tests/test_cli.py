@@ -83,8 +83,7 @@ def test_export_edge_and_info(deployment, tmp_path, capsys):
     out = tmp_path / "edge"
     assert cli.main(["export-edge", "--model", str(deployment), "--output", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == [
-        "edge_config.json", "edge_model.safetensors", "preprocessor_config.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["edge_config.json", "edge_model.safetensors"]
     edge = AlignedVQEdgeEncoder.from_pretrained(out)
 
     assert cli.main(["info", "--model", str(out), "--json"]) == 0
@@ -126,10 +125,42 @@ def test_ask_prints_answer_bytes_and_time_split(deployment, server, tmp_path, ca
     assert result["answer"] in out
 
 
-def test_ask_errors_exit_1(server, tmp_path, capsys):
-    missing_image = str(tmp_path / "none.png")
-    assert cli.main(["ask", "--server", server.url, "--edge", str(tmp_path), "--image", missing_image, "q"]) == 1
-    assert "not found" in capsys.readouterr().err
+def test_ask_errors_are_one_line_and_exit_1(deployment, server, tmp_path, capsys):
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(picture)
+    (tmp_path / "notes.png").write_text("not an image")
+    cases = [
+        (["--edge", str(deployment), "--image", str(tmp_path / "none.png"), "q"], "image .* not found"),
+        (["--edge", str(deployment), "--image", str(tmp_path / "notes.png"), "q"], "cannot read the image"),
+        (["--edge", str(deployment), "--image", str(picture), "   "], "the question is empty"),
+        (["--edge", str(deployment / "config.json"), "--image", str(picture), "q"], "is a file; give the edge folder"),
+        (["--edge", str(tmp_path / "nowhere"), "--image", str(picture), "q"], "edge folder .* not found"),
+    ]
+    for args, message in cases:
+        assert cli.main(["ask", "--server", server.url, *args]) == 1
+        err = capsys.readouterr().err
+        assert re.fullmatch(rf"alignedvq: error: .*{message}.*\n", err), err
+    url = server.url.removeprefix("http://")
+    assert cli.main(["ask", "--server", url, "--edge", str(deployment), "--image", str(picture), "q"]) == 1
+    assert re.fullmatch(r"alignedvq: error: server URL .* must start with http:// or https://.*\n", capsys.readouterr().err)
+
+
+@pytest.mark.skipif(not hasattr(transformers_alignedvq, "DEFAULT_MODEL"), reason="no bundled model in this build")
+def test_ask_and_info_default_to_the_bundled_model(tmp_path, capsys):
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.full((64, 64, 3), 255, dtype=np.uint8)).save(picture)
+    with BackgroundServer(create_app(transformers_alignedvq.DEFAULT_MODEL, max_new_tokens=4)) as bundled:
+        assert cli.main(["ask", "--server", bundled.url, "--image", str(picture), "what shape is in the image?"]) == 0
+    assert re.search(r"^answer: +\S", capsys.readouterr().out, re.M)
+    assert cli.main(["info", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["split_layer"] == 1
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"alignedvq {transformers_alignedvq.__version__}"
 
 
 @pytest.mark.parametrize("command", ["serve", "demo"])

@@ -19,9 +19,13 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from transformers import AutoProcessor
+
 from transformers_alignedvq.client import EdgeClient, EdgeClientError, ServerError, ServerUnavailableError
-from transformers_alignedvq.edge import EDGE_WEIGHTS_NAME
 from transformers_alignedvq.edge_export import export_edge
+from transformers_alignedvq.edge_runtime import EDGE_WEIGHTS_NAME
+from transformers_alignedvq.preprocess import ImageInputError
+from transformers_alignedvq.wire import codebook_fingerprint
 from transformers_alignedvq.server import BackgroundServer, create_app
 from transformers_alignedvq.testing import save_tiny_deployment
 
@@ -92,7 +96,7 @@ def _start_probe_early(isolated_edge_process):
 
 @pytest.fixture(scope="module")
 def edge_client(edge_dir, server):
-    with EdgeClient(edge_dir, server.url, timeout=60, retries=3, backoff=0.01) as client:
+    with EdgeClient(edge_dir, server.url, timeout=60, retry_window=5, backoff=0.01) as client:
         yield client
 
 
@@ -109,10 +113,11 @@ def direct_answer(server, frame: bytes) -> dict:
 
 class FlakyProxy:
     """TCP proxy to the real server whose first ``misbehave`` connections fail: closed after the request
-    arrives (a dropped connection), or answered with ``canned`` bytes instead of being forwarded."""
+    arrives (a dropped connection), answered with ``canned`` bytes instead of being forwarded, or, ``silent``,
+    held open without an answer (a stuck server)."""
 
-    def __init__(self, target_port: int, *, misbehave: int, canned: bytes | None = None):
-        self.target_port, self.misbehave, self.canned = target_port, misbehave, canned
+    def __init__(self, target_port: int, *, misbehave: int, canned: bytes | None = None, silent: bool = False):
+        self.target_port, self.misbehave, self.canned, self.silent = target_port, misbehave, canned, silent
         self.connections = 0
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
@@ -152,6 +157,8 @@ class FlakyProxy:
                 self._read_request(conn)
                 if self.canned is not None:
                     conn.sendall(self.canned)
+                while self.silent and not self._closed and conn.recv(65536):
+                    pass  # until the client gives up and closes
                 return
             with socket.create_connection(("127.0.0.1", self.target_port)) as upstream:
                 def pump(src, dst):
@@ -184,11 +191,13 @@ def canned_503(retry_after: str) -> bytes:
 
 # ---------------------------------------------------------------------------------------------------------
 def test_export_edge_writes_only_the_edge_and_matches_the_model(deployment, edge_dir, edge_client, server):
-    assert sorted(p.name for p in edge_dir.iterdir()) == [
-        "edge_config.json", "edge_model.safetensors", "preprocessor_config.json"]
+    assert sorted(p.name for p in edge_dir.iterdir()) == ["edge_config.json", "edge_model.safetensors"]
     model = server.app.state.engine.model
-    pixels = edge_client.image_processor(images=image(1), return_tensors="pt")["pixel_values"]
-    assert torch.equal(edge_client.encoder(pixels), model.encode_edge(pixels))
+    # the preprocessing recorded in the edge folder is the deployment's own image processor's
+    pixels = AutoProcessor.from_pretrained(deployment).image_processor(images=image(1), return_tensors="pt")["pixel_values"]
+    np.testing.assert_allclose(edge_client.edge.preprocessing(image(1)), pixels.numpy(), atol=1e-6, rtol=0)
+    indices = torch.from_numpy(edge_client.edge.encode(pixels.numpy())).squeeze(-1)
+    assert torch.equal(indices, model.encode_edge(pixels))
     assert edge_client.fingerprint == model.codebook_fingerprint()
     assert edge_client.check_server()["codebook_fingerprint"] == model.codebook_fingerprint().hex()
 
@@ -213,8 +222,11 @@ def test_image_inputs_are_interchangeable(edge_client, tmp_path):
     inputs = (picture, path, str(path), path.read_bytes(), np.asarray(picture))
     frames = {edge_client.encode(x, QUESTION) for x in inputs}
     assert len(frames) == 1
-    with pytest.raises(TypeError, match="image must be"):
+    with pytest.raises(ImageInputError, match="image must be"):
         edge_client.encode(12, QUESTION)
+    (tmp_path / "notes.txt").write_text("not a picture")
+    with pytest.raises(ImageInputError, match="cannot read the image"):
+        edge_client.encode(tmp_path / "notes.txt", QUESTION)
     with pytest.raises(ValueError, match="non-empty"):
         edge_client.ask(picture, "  ")
 
@@ -228,7 +240,7 @@ def test_full_checkpoint_folder_works_as_edge_folder(deployment, edge_client, se
 def test_retries_after_a_dropped_connection(edge_dir, server):
     proxy = FlakyProxy(server.port, misbehave=1)
     try:
-        with EdgeClient(edge_dir, proxy.url, timeout=30, retries=3, backoff=0.01) as client:
+        with EdgeClient(edge_dir, proxy.url, timeout=30, retry_window=10, backoff=0.01) as client:
             answer = client.ask(image(6), QUESTION)
             assert answer.attempts == 2 and proxy.connections == 2
             assert answer.text == direct_answer(server, client.encode(image(6), QUESTION))["answer"]
@@ -239,7 +251,7 @@ def test_retries_after_a_dropped_connection(edge_dir, server):
 def test_retries_after_503_honouring_retry_after(edge_dir, server):
     proxy = FlakyProxy(server.port, misbehave=1, canned=canned_503("1"))
     try:
-        with EdgeClient(edge_dir, proxy.url, timeout=30, retries=2, backoff=0.0, max_backoff=5) as client:
+        with EdgeClient(edge_dir, proxy.url, timeout=30, retry_window=10, backoff=0.0, max_backoff=5) as client:
             start = time.perf_counter()
             answer = client.ask(image(7), QUESTION)
             assert time.perf_counter() - start >= 0.9  # waited the server's Retry-After, not the zero backoff
@@ -248,20 +260,60 @@ def test_retries_after_503_honouring_retry_after(edge_dir, server):
         proxy.close()
 
 
-def test_gives_up_after_the_retries(edge_dir, server):
-    proxy = FlakyProxy(server.port, misbehave=100)
+def test_gives_up_when_the_retry_window_is_over(edge_dir, server):
+    proxy = FlakyProxy(server.port, misbehave=1000)
     try:
-        with EdgeClient(edge_dir, proxy.url, timeout=30, retries=2, backoff=0.01) as client:
-            with pytest.raises(ServerUnavailableError, match="3 attempt"):
+        with EdgeClient(edge_dir, proxy.url, timeout=30, retry_window=1.0, backoff=0.05, max_backoff=0.2) as client:
+            start = time.monotonic()
+            with pytest.raises(ServerUnavailableError, match=r"attempt\(s\) in 1\.\d s"):
                 client.ask(image(8), QUESTION)
-        assert proxy.connections == 3
+            assert 1.0 <= time.monotonic() - start < 3.0
+        assert 4 <= proxy.connections <= 40  # backoff 0.05 s doubling to 0.2 s, jittered, over 1 s
     finally:
         proxy.close()
     with socket.create_server(("127.0.0.1", 0)) as probe:
         closed_port = probe.getsockname()[1]  # nothing listens once the block ends
-    with EdgeClient(edge_dir, f"http://127.0.0.1:{closed_port}", retries=1, backoff=0.01) as client:
+    with EdgeClient(edge_dir, f"http://127.0.0.1:{closed_port}", retry_window=0.2, backoff=0.01) as client:
         with pytest.raises(ServerUnavailableError, match="ConnectError"):
             client.ask(image(8), QUESTION)
+    with EdgeClient(edge_dir, f"http://127.0.0.1:{closed_port}", retry_window=0) as client:
+        with pytest.raises(ServerUnavailableError, match="after 1 attempt"):
+            client.ask(image(8), QUESTION)
+
+
+def test_a_read_timeout_is_retried_like_a_dropped_connection(edge_dir, server):
+    # The first connection gets no answer at all (the server is stuck or restarting): the client times out
+    # reading, and sends the same idempotent request again.
+    proxy = FlakyProxy(server.port, misbehave=1, silent=True)
+    try:
+        with EdgeClient(edge_dir, proxy.url, timeout=0.5, retry_window=10, backoff=0.01) as client:
+            answer = client.ask(image(6), QUESTION)
+            assert answer.attempts == 2 and answer.text
+    finally:
+        proxy.close()
+
+
+def test_default_retry_window_covers_a_server_restart_with_jitter(edge_dir):
+    with EdgeClient(edge_dir, "http://127.0.0.1:9", seed=0) as client:
+        assert client.retry_window == 30.0
+        waits = [client._delay(3, None, 100.0) for _ in range(50)]
+    assert 0.8 <= min(waits) < max(waits) <= 1.6  # 0.2 * 2**3 = 1.6, drawn from [half, all]
+
+
+def test_bad_server_urls_are_refused_up_front(edge_dir):
+    for url in ("127.0.0.1:8000", "cloud:8000", "ftp://cloud", "http://"):
+        with pytest.raises(EdgeClientError, match="must start with http"):
+            EdgeClient(edge_dir, url)
+
+
+def test_an_edge_saved_from_the_model_object_works(server, tmp_path, edge_client):
+    # The README's Python path: model.edge_encoder().save_pretrained(dir), no image processor file beside it.
+    model = server.app.state.engine.model
+    model.edge_encoder().save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edge_config.json", "edge_model.safetensors"]
+    with EdgeClient(tmp_path, server.url) as client:
+        assert client.encode(image(3), QUESTION) == edge_client.encode(image(3), QUESTION)
+        assert client.ask(image(3), QUESTION).text == edge_client.ask(image(3), QUESTION).text
 
 
 def test_client_errors_are_not_retried(edge_dir, server, tmp_path):
@@ -270,9 +322,14 @@ def test_client_errors_are_not_retried(edge_dir, server, tmp_path):
     state = load_file(str(other / EDGE_WEIGHTS_NAME))
     state["alignedvq.quantizer.codebook"] = state["alignedvq.quantizer.codebook"] + 1.0  # another codebook
     save_file(state, str(other / EDGE_WEIGHTS_NAME), metadata={"format": "pt"})
+    with pytest.raises(EdgeClientError, match="holds another codebook than edge_config.json records"):
+        EdgeClient(other, server.url)  # weights and config of two different edges
+    config = json.loads((other / "edge_config.json").read_text())
+    config["codebook_fingerprint"] = codebook_fingerprint(state["alignedvq.quantizer.codebook"]).hex()
+    (other / "edge_config.json").write_text(json.dumps(config))  # a consistent edge of another model
     proxy = FlakyProxy(server.port, misbehave=0)
     try:
-        with EdgeClient(other, proxy.url, retries=3, backoff=0.01) as client:
+        with EdgeClient(other, proxy.url, retry_window=5, backoff=0.01) as client:
             with pytest.raises(ServerError) as caught:
                 client.ask(image(9), QUESTION)
             assert caught.value.status == 409 and caught.value.type == "codebook_mismatch"
@@ -294,6 +351,8 @@ def test_edge_folder_errors(tmp_path, deployment, server):
     shutil.copy(deployment / "config.json", bare / "config.json")
     with pytest.raises(EdgeClientError, match="export-edge"):
         EdgeClient(bare, server.url)
+    with pytest.raises(EdgeClientError, match="is a file; give the edge folder"):
+        EdgeClient(deployment / "config.json", server.url)
 
 
 # Last: by now the subprocess started by the autouse fixture has had the whole module to finish.

@@ -37,6 +37,15 @@ def _default_model(explicit: str | None) -> str:
     return str(default)
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers-alignedvq")
+    except PackageNotFoundError:
+        return "unknown"
+
+
 def _set_threads(threads: int | None) -> None:
     if threads:
         import torch
@@ -74,14 +83,17 @@ def _edge_folder(path: str, scratch: Path) -> str:
 
 
 def cmd_ask(args) -> int:
-    from .client import EdgeClient
+    from .client import EdgeClient, check_server_url
 
     _set_threads(args.threads)
+    check_server_url(args.server)
+    if not args.question.strip():
+        raise CliError("the question is empty")
     if not Path(args.image).is_file():
         raise CliError(f"image {args.image} not found")
     with tempfile.TemporaryDirectory() as scratch:
-        edge = _edge_folder(args.edge, Path(scratch))
-        with EdgeClient(edge, args.server, timeout=args.timeout, retries=args.retries) as client:
+        edge = _edge_folder(_default_model(args.edge), Path(scratch))
+        with EdgeClient(edge, args.server, timeout=args.timeout, retry_window=args.retry_window) as client:
             answer = client.ask(args.image, args.question)
     if args.json:
         print(json.dumps({
@@ -113,7 +125,7 @@ def cmd_export_edge(args) -> int:
 def cmd_info(args) -> int:
     from .edge_export import describe_checkpoint
 
-    summary = describe_checkpoint(args.model)
+    summary = describe_checkpoint(_default_model(args.model))
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -184,7 +196,7 @@ def cmd_demo(args) -> int:
             raise CliError(str(exc)) from exc
         with BackgroundServer(app, host="127.0.0.1", port=0) as server, EdgeClient(edge_dir, server.url) as client:
             print(f"cloud server on {server.url}; edge client loaded from the exported edge part "
-                  f"({client.encoder.num_bytes() / 2**20:.2f} MiB of weights)")
+                  f"({client.edge.num_bytes / 2**20:.2f} MiB of weights)")
             correct = 0
             header = (f"{'question':<40} {'answer':<16} {'truth':<10} {'sent':>5} {'PNG':>6} {'JPEG90':>6} "
                       f"{'edge':>6} {'xfer':>6} {'cloud':>7}")
@@ -207,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignedvq", description="AlignedVQ edge-cloud split inference for LLaVA models.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the cloud server", description="Serve POST /v1/answer (see server.py).")
@@ -226,11 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     ask = sub.add_parser("ask", help="ask a question about an image via a server",
                          description="Run the edge part locally, send the indices, print the answer.")
     ask.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
-    ask.add_argument("--edge", required=True, help="exported edge folder, Hub id, or a full model folder")
+    ask.add_argument("--edge", help="edge folder, Hub id, or a full model folder (default: the bundled model's edge)")
     ask.add_argument("--image", required=True, help="image file")
     ask.add_argument("question")
-    ask.add_argument("--timeout", type=float, default=60.0)
-    ask.add_argument("--retries", type=int, default=3)
+    ask.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP attempt")
+    ask.add_argument("--retry-window", type=float, default=30.0,
+                     help="seconds during which a refused, dropped or timed-out request or a 503 is retried")
     ask.add_argument("--threads", type=int, default=None)
     ask.add_argument("--json", action="store_true", help="print the answer and timings as JSON")
     ask.set_defaults(func=cmd_ask)
@@ -243,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = sub.add_parser("info", help="print the edge/cloud contract of a model or edge folder",
                           description="Split point, codebook, bits per index, tokens, fingerprint, frame bytes.")
-    info.add_argument("--model", required=True, help="full model folder or exported edge folder")
+    info.add_argument("--model", help="full model folder or edge folder (default: the bundled model)")
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
 
@@ -259,22 +273,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    from .edge import EdgeCheckpointError
-    from .wire import WireFormatError
-
-    handled: tuple[type[BaseException], ...] = (CliError, EdgeCheckpointError, WireFormatError, FileNotFoundError)
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """What `main` prints as one line: our error types are ValueErrors (bad input, bad files), OSErrors (files),
+    and the client's errors (the server's answers). Anything else is a bug and keeps its traceback."""
+    errors: tuple[type[BaseException], ...] = (CliError, ValueError, OSError)
     try:
         from .client import EdgeClientError
-        from .edge_export import CheckpointError
+    except ImportError:  # httpx is optional (the `serve` or `edge` extra); without it only `ask` is unavailable
+        return errors
+    return errors + (EdgeClientError,)
 
-        handled += (EdgeClientError, CheckpointError)
-    except ImportError:  # httpx is optional (the `serve` extra); without it only `ask` is unavailable
-        pass
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except handled as exc:
+    except _user_errors() as exc:
         print(f"alignedvq: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -1,45 +1,51 @@
 """Edge client: image + question -> AlignedVQ frame -> cloud server -> answer.
 
-`EdgeClient` loads only what the device needs, an exported edge folder (see `export_edge`):
-``edge_config.json`` + ``edge_model.safetensors`` (`AlignedVQEdgeEncoder`) and ``preprocessor_config.json``
-(the image processor). It never builds the language model and never imports the server or FastAPI.
+`EdgeClient` loads only what the device needs, an edge folder (see `edge_runtime`): the edge's weights and
+``edge_config.json``, which also records the image preprocessing. It never builds the language model and
+never imports the server or FastAPI.
 
     client = EdgeClient("edge/", "http://cloud:8000")
     answer = client.ask("photo.jpg", "What color is the shape?")
     answer.text, answer.bytes_sent, answer.edge_ms, answer.transfer_ms, answer.cloud_ms
 
-Answering is a pure function of the frame (greedy decoding), so a request is safe to repeat: the client
-retries on a refused or dropped connection and on ``503`` (honouring ``Retry-After``), with bounded
-exponential backoff.
+Answering is a pure function of the frame (greedy decoding), so a request is safe to repeat. The client
+retries a refused or dropped connection, a connect/read/write timeout and a ``503`` (honouring
+``Retry-After``), waiting with jittered exponential backoff, for as long as ``retry_window`` seconds (30 by
+default: about what a server restart takes). Any other error status is final.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
-import numpy as np
-import torch
-from PIL import Image
 
 from . import wire
-from .edge import EDGE_CONFIG_NAME, EDGE_WEIGHTS_NAME, AlignedVQEdgeEncoder
-from .edge_export import PREPROCESSOR_CONFIG_NAME, PROCESSOR_CONFIG_NAME, export_edge, frame_geometry
+from .edge_runtime import (
+    EDGE_CONFIG_NAME,
+    EDGE_WEIGHTS_NAME,
+    EdgeFolderError,
+    EdgeRuntime,
+    frame_geometry,
+    load_edge_runtime,
+    load_index_distribution,
+)
 
 FRAME_MEDIA_TYPE = "application/octet-stream"
-# Either holds the image processor; a full checkpoint folder has the edge files and the second one.
-_IMAGE_PROCESSOR_FILES = (PREPROCESSOR_CONFIG_NAME, PROCESSOR_CONFIG_NAME)
-# Transport failures after which the same request can simply be sent again. Read/write timeouts are not
-# among them: the server may still be working on it, and piling on repeats would only add load.
-_RETRYABLE = (httpx.NetworkError, httpx.RemoteProtocolError, httpx.ConnectTimeout, httpx.PoolTimeout)
+DEFAULT_RETRY_WINDOW = 30.0
+# Transport failures after which the same request can simply be sent again: the request is idempotent, so a
+# read timeout (the server may still be computing) is retried too, within the retry window.
+_RETRYABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
-__all__ = ["Answer", "EdgeClient", "EdgeClientError", "ServerError", "ServerUnavailableError", "export_edge"]
+__all__ = ["Answer", "EdgeClient", "EdgeClientError", "ServerError", "ServerUnavailableError"]
 
 
 class EdgeClientError(RuntimeError):
@@ -55,7 +61,8 @@ class ServerError(EdgeClientError):
 
 
 class ServerUnavailableError(EdgeClientError):
-    """No answer after every retry: connection refused or dropped, or the server stayed overloaded."""
+    """No answer within the retry window: connection refused, dropped or timed out, or the server stayed
+    overloaded."""
 
 
 @dataclass
@@ -77,8 +84,22 @@ class Answer:
     attempts: int = 1
 
 
-def _local_edge_folder(path: str | os.PathLike) -> Path:
+def check_server_url(url: str) -> str:
+    """``url`` without a trailing slash; `EdgeClientError` unless it is an http(s) URL with a host."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise EdgeClientError(
+            f"server URL {url!r} must start with http:// or https:// and name a host, e.g. http://cloud:8000"
+        )
+    return url.rstrip("/")
+
+
+def edge_folder(path: str | os.PathLike) -> Path:
+    """The local edge folder for ``path``: an edge folder, a full checkpoint folder with the edge files, or a
+    Hub repo id (only the edge files are fetched)."""
     directory = Path(path)
+    if directory.is_file():
+        raise EdgeClientError(f"{path} is a file; give the edge folder (the one holding {EDGE_CONFIG_NAME})")
     if directory.is_dir():
         if not (directory / EDGE_CONFIG_NAME).is_file() and (directory / "config.json").is_file():
             raise EdgeClientError(
@@ -86,76 +107,60 @@ def _local_edge_folder(path: str | os.PathLike) -> Path:
                 f"(`alignedvq export-edge --model {directory} --output EDGE_DIR`)"
             )
         missing = [name for name in (EDGE_CONFIG_NAME, EDGE_WEIGHTS_NAME) if not (directory / name).is_file()]
-        if not any((directory / name).is_file() for name in _IMAGE_PROCESSOR_FILES):
-            missing.append(PREPROCESSOR_CONFIG_NAME)
         if missing:
-            raise EdgeClientError(f"{directory} is not an exported edge folder: missing {', '.join(missing)}")
+            raise EdgeClientError(f"{directory} is not an edge folder: missing {', '.join(missing)}")
         return directory
     if os.path.exists(path) or str(path).startswith((".", "/", "~")):
         raise EdgeClientError(f"edge folder {path} not found")
-    # Otherwise a Hub repo id: fetch the edge files only, never the full checkpoint.
     from huggingface_hub import snapshot_download
 
     from .hub import EDGE_FILES
 
     try:
-        folder = Path(snapshot_download(str(path), allow_patterns=sorted({*EDGE_FILES, *_IMAGE_PROCESSOR_FILES})))
+        folder = Path(snapshot_download(str(path), allow_patterns=list(EDGE_FILES)))
     except Exception as exc:  # the hub raises many types (offline, 404, auth); all mean "cannot get it"
         raise EdgeClientError(f"cannot fetch the edge files of {path!r} from the Hub: {exc}") from exc
-    return _local_edge_folder(folder)
-
-
-def _as_image(image) -> Image.Image:
-    if isinstance(image, Image.Image):
-        return image.convert("RGB")
-    if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
-            return opened.convert("RGB")
-    if isinstance(image, (bytes, bytearray)):
-        import io
-
-        with Image.open(io.BytesIO(image)) as opened:
-            return opened.convert("RGB")
-    if isinstance(image, np.ndarray):
-        return Image.fromarray(image).convert("RGB")
-    raise TypeError(f"image must be a PIL image, a path, encoded bytes or an HxWxC array, got {type(image).__name__}")
+    return edge_folder(folder)
 
 
 class EdgeClient:
     """Runs the edge part of an AlignedVQ model and asks a cloud server (`transformers_alignedvq.server`).
 
     Args:
-        model_dir: an exported edge folder (`export_edge`), a full checkpoint folder that carries the edge
-            files (only those and the image processor are read), or a Hub repo id (only those are fetched).
+        model_dir: an edge folder (`alignedvq export-edge`, or `model.edge_encoder().save_pretrained(dir)`), a
+            full checkpoint folder that carries the edge files (only those are read), or a Hub repo id (only
+            those are fetched).
         server_url: the server's base URL, e.g. ``http://127.0.0.1:8000``.
         timeout: seconds per HTTP attempt (connect, write, read each).
-        retries: extra attempts after the first on a refused/dropped connection or a 503.
-        backoff: first wait between attempts in seconds, doubled each time, at most ``max_backoff``; a 503's
-            ``Retry-After`` replaces it (also capped at ``max_backoff``).
+        retry_window: seconds during which failed attempts are retried (0: never retry). Each wait is capped
+            by what is left of the window, so an unreachable server fails after about ``retry_window`` (plus
+            the last attempt's ``timeout``).
+        backoff: first wait between attempts in seconds, doubled each time up to ``max_backoff``; each wait is
+            drawn uniformly from [half, all] of that (jitter, so devices that lost the server together do not
+            return together). A 503's ``Retry-After`` replaces it.
+        backend: the edge runtime (`edge_runtime.load_edge_runtime`).
+        entropy_coding: True: always send the entropy-coded frame; None (default): per frame, the smaller of
+            the coded and the bit-packed one; False: never code.
     """
 
-    def __init__(self, model_dir: str | os.PathLike, server_url: str, *, timeout: float = 60.0, retries: int = 3,
-                 backoff: float = 0.2, max_backoff: float = 5.0, device: str | torch.device = "cpu",
-                 transport: httpx.BaseTransport | None = None, entropy_coding: bool | None = None):
-        from transformers import AutoImageProcessor
-
-        if retries < 0 or backoff < 0 or max_backoff < 0:
-            raise ValueError(f"retries, backoff and max_backoff must be >= 0, got {retries}, {backoff}, {max_backoff}")
-        directory = _local_edge_folder(model_dir)
-        self.encoder = AlignedVQEdgeEncoder.from_pretrained(directory).to(device).eval()
-        self.image_processor = AutoImageProcessor.from_pretrained(directory)
-        self.device = torch.device(device)
-        self.server_url = server_url.rstrip("/")
-        self.retries, self.backoff, self.max_backoff = retries, backoff, max_backoff
-        vision = self.encoder.vision_config
-        self.geometry = frame_geometry(vision.image_size, vision.patch_size)
-        self.codebook_size = self.encoder.settings["codebook_size"]
-        self.fingerprint = self.encoder.codebook_fingerprint()
-        # Lossless entropy coding needs the index distribution from the edge folder. True: always use it;
-        # None (default): per frame, send whichever of the coded and the bit-packed frame is smaller (ANS has
-        # a 12-byte header that short frames do not repay); False: never.
-        from .hub import load_index_distribution
-
+    def __init__(self, model_dir: str | os.PathLike, server_url: str, *, timeout: float = 60.0,
+                 retry_window: float = DEFAULT_RETRY_WINDOW, backoff: float = 0.2, max_backoff: float = 5.0,
+                 backend: str = "auto", device: str = "cpu", transport: httpx.BaseTransport | None = None,
+                 entropy_coding: bool | None = None, seed: int | None = None):
+        if retry_window < 0 or backoff < 0 or max_backoff < 0 or timeout <= 0:
+            raise ValueError(f"need timeout > 0 and retry_window, backoff, max_backoff >= 0; got "
+                             f"{timeout}, {retry_window}, {backoff}, {max_backoff}")
+        self.server_url = check_server_url(server_url)
+        directory = edge_folder(model_dir)
+        try:
+            self.edge: EdgeRuntime = load_edge_runtime(directory, backend=backend, device=device)
+        except EdgeFolderError as exc:
+            raise EdgeClientError(str(exc)) from exc
+        self.retry_window, self.backoff, self.max_backoff = retry_window, backoff, max_backoff
+        self._random = random.Random(seed)
+        self.geometry = frame_geometry(self.edge.image_size, self.edge.patch_size)
+        self.codebook_size = self.edge.codebook_size
+        self.fingerprint = self.edge.fingerprint
         distribution = load_index_distribution(directory) if entropy_coding is not False else None
         if entropy_coding and distribution is None:
             raise EdgeClientError(f"{directory} has no index distribution; entropy coding is not available")
@@ -180,17 +185,14 @@ class EdgeClient:
     # -------------------------------------------------------------------------------------------------
     def encode(self, image, question: str) -> bytes:
         """The frame the edge sends for ``image`` and ``question`` (no network)."""
-        pixels = self.image_processor(images=_as_image(image), return_tensors="pt")["pixel_values"]
-        indices = self.encoder(pixels.to(self.device, dtype=torch.float32))[0].cpu().numpy()
+        indices = self.edge.encode_image(image)
         options = dict(codebook_size=self.codebook_size, codebook_fingerprint=self.fingerprint, prompt=question,
                        grid=self.geometry["grid"], has_cls_token=self.geometry["has_cls_token"])
+        plain = None if self.always_entropy_code else wire.encode_frame(indices, **options)
         if self.entropy_model is None:
-            return wire.encode_frame(indices, **options)
+            return plain
         coded = wire.encode_frame(indices, entropy_model=self.entropy_model, **options)
-        if self.always_entropy_code:
-            return coded
-        plain = wire.encode_frame(indices, **options)
-        return coded if len(coded) < len(plain) else plain
+        return coded if plain is None or len(coded) < len(plain) else plain
 
     def server_info(self) -> dict:
         """``GET /v1/model`` (with the same retries as `ask`)."""
@@ -201,7 +203,7 @@ class EdgeClient:
         """Raise `EdgeClientError` unless the server decodes this edge's frames (same codebook and tokens)."""
         info = self.server_info()
         ours = {"codebook_fingerprint": self.fingerprint.hex(), "codebook_size": self.codebook_size,
-                "num_tokens": self.geometry["num_tokens"], "codes_per_token": self.encoder.codes_per_token}
+                "num_tokens": self.geometry["num_tokens"], "codes_per_token": self.edge.codes_per_token}
         wrong = {k: (v, info.get(k)) for k, v in ours.items() if info.get(k) != v}
         if wrong:
             details = ", ".join(f"{k}: edge {a!r}, server {b!r}" for k, (a, b) in wrong.items())
@@ -211,7 +213,7 @@ class EdgeClient:
     def ask(self, image, question: str) -> Answer:
         """Encode ``image`` on the edge, send the frame with ``question``, return the server's answer."""
         if not isinstance(question, str) or not question.strip():
-            raise ValueError("question must be a non-empty string")
+            raise ValueError("the question must be a non-empty string")
         start = time.perf_counter()
         frame = self.encode(image, question)
         edge_ms = 1000 * (time.perf_counter() - start)
@@ -221,29 +223,24 @@ class EdgeClient:
         body = response.json()
         cloud_ms = float(body["timing_ms"]["total"])
         return Answer(
-            text=body["answer"],
-            bytes_sent=len(frame),
-            edge_ms=edge_ms,
-            transfer_ms=max(0.0, round_trip_ms - cloud_ms),
-            cloud_ms=cloud_ms,
-            total_ms=1000 * (time.perf_counter() - start),
-            server=body,
-            attempts=attempts,
+            text=body["answer"], bytes_sent=len(frame), edge_ms=edge_ms,
+            transfer_ms=max(0.0, round_trip_ms - cloud_ms), cloud_ms=cloud_ms,
+            total_ms=1000 * (time.perf_counter() - start), server=body, attempts=attempts,
         )
 
     # -------------------------------------------------------------------------------------------------
-    def _wait(self, attempt: int, retry_after: str | None) -> None:
-        delay = min(self.max_backoff, self.backoff * 2**attempt)
+    def _delay(self, attempt: int, retry_after: str | None, remaining: float) -> float:
+        delay = min(self.max_backoff, self.backoff * 2**attempt) * self._random.uniform(0.5, 1.0)
         if retry_after is not None:
             try:
-                delay = min(self.max_backoff, max(0.0, float(retry_after)))
+                delay = max(0.0, float(retry_after))
             except ValueError:  # an HTTP date: keep the exponential delay
                 pass
-        time.sleep(delay)
+        return min(delay, remaining)
 
     def _send(self, method: str, path: str, **kwargs) -> tuple[httpx.Response, int]:
-        last_problem = "no attempt made"
-        for attempt in range(self.retries + 1):
+        start, attempt, last_problem = time.monotonic(), 0, "no attempt made"
+        while True:
             retry_after = None
             try:
                 response = self._http.request(method, path, **kwargs)
@@ -257,11 +254,14 @@ class EdgeClient:
                     raise error
                 last_problem = str(error)
                 retry_after = response.headers.get("retry-after")
-            if attempt < self.retries:
-                self._wait(attempt, retry_after)
-        raise ServerUnavailableError(
-            f"{method} {self.server_url}{path} failed after {self.retries + 1} attempt(s): {last_problem}"
-        )
+            attempt += 1
+            remaining = self.retry_window - (time.monotonic() - start)
+            if remaining <= 0:
+                raise ServerUnavailableError(
+                    f"{method} {self.server_url}{path} failed after {attempt} attempt(s) in "
+                    f"{time.monotonic() - start:.1f} s: {last_problem}"
+                )
+            time.sleep(self._delay(attempt - 1, retry_after, remaining))
 
 
 def _error_of(response: httpx.Response) -> ServerError:

@@ -20,10 +20,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import split
+from .edge_runtime import EDGE_CONFIG_NAME, EDGE_WEIGHTS_NAME
 from .alignedvq_layer import AlignedVQLayer
+from .preprocess import ImagePreprocessing, read_preprocessing
 
-EDGE_CONFIG_NAME = "edge_config.json"
-EDGE_WEIGHTS_NAME = "edge_model.safetensors"
 EDGE_FORMAT_VERSION = 1
 
 # Submodules of the split block the edge never runs, by site.
@@ -46,9 +46,11 @@ class AlignedVQEdgeEncoder(nn.Module):
         vision_config: the vision tower's config (a `PretrainedConfig` or its dict).
         settings: AlignedVQ settings: `split_layer`, `split_site`, `codebook_size`, `codebook_dim`,
             `num_codebooks`, `num_groups`, `use_dlp`.
+        preprocessing: how images become pixels (`preprocess.ImagePreprocessing`); defaults to the standard
+            one of the tower's family at its image size.
     """
 
-    def __init__(self, vision_config, settings: dict):
+    def __init__(self, vision_config, settings: dict, preprocessing: ImagePreprocessing | None = None):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -57,6 +59,9 @@ class AlignedVQEdgeEncoder(nn.Module):
             vision_config = AutoConfig.for_model(values.pop("model_type"), **values)
         self.vision_config = vision_config
         self.settings = dict(settings)
+        self.preprocessing = preprocessing or ImagePreprocessing.for_vision_config(
+            vision_config.model_type, vision_config.image_size
+        )
         split_layer, site = settings["split_layer"], settings["split_site"]
         # Blocks are built on the meta device and materialised empty (weights are loaded afterwards); the
         # embeddings are built for real because they hold non-persistent buffers (position ids) that no
@@ -92,11 +97,12 @@ class AlignedVQEdgeEncoder(nn.Module):
         return self.settings["num_codebooks"] * self.settings["num_groups"]
 
     @classmethod
-    def from_model(cls, model) -> "AlignedVQEdgeEncoder":
-        """Copy the edge part out of a `LlavaAlignedVQForConditionalGeneration`."""
+    def from_model(cls, model, preprocessing: ImagePreprocessing | None = None) -> "AlignedVQEdgeEncoder":
+        """Copy the edge part out of a `LlavaAlignedVQForConditionalGeneration` (``preprocessing``: see the
+        class)."""
         config = model.config
         settings = {key: getattr(config, key) for key in _SETTINGS}
-        edge = cls(config.vision_config, settings)
+        edge = cls(config.vision_config, settings, preprocessing)
         source = {f"model.vision_tower.{k}": v for k, v in model.model.vision_tower.state_dict().items()}
         source.update({f"model.alignedvq.{k}": v for k, v in model.model.alignedvq.state_dict().items()})
         wanted = edge.state_dict()
@@ -142,6 +148,8 @@ class AlignedVQEdgeEncoder(nn.Module):
             "format": "alignedvq-edge",
             "format_version": EDGE_FORMAT_VERSION,
             "vision_config": self.vision_config.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
+            "codebook_fingerprint": self.codebook_fingerprint().hex(),
             **self.settings,
         }
         (directory / EDGE_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -169,7 +177,11 @@ class AlignedVQEdgeEncoder(nn.Module):
         missing = [key for key in ("vision_config", *_SETTINGS) if key not in config]
         if missing:
             raise EdgeCheckpointError(f"{config_path.name} lacks {missing}.")
-        edge = cls(config["vision_config"], {key: config[key] for key in _SETTINGS})
+        try:
+            preprocessing = read_preprocessing(directory, config)
+        except ValueError as exc:
+            raise EdgeCheckpointError(f"{config_path.name}: {exc}") from exc
+        edge = cls(config["vision_config"], {key: config[key] for key in _SETTINGS}, preprocessing)
         try:
             state = load_file(str(weights_path))
         except (SafetensorError, OSError) as exc:
@@ -185,6 +197,12 @@ class AlignedVQEdgeEncoder(nn.Module):
         if wrong:
             raise EdgeCheckpointError(f"{weights_path.name} has tensors of the wrong shape: {wrong[:5]}.")
         edge.load_state_dict(state)
+        recorded = config.get("codebook_fingerprint")
+        if recorded is not None and recorded != edge.codebook_fingerprint().hex():
+            raise EdgeCheckpointError(
+                f"{weights_path.name} holds another codebook than {config_path.name} records "
+                f"(fingerprint {edge.codebook_fingerprint().hex()} vs {recorded}); the files do not belong together."
+            )
         return edge.eval()
 
 

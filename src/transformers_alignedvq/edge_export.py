@@ -1,7 +1,7 @@
 """What the edge device needs, cut out of a full checkpoint, and a summary of the edge/cloud contract.
 
 * `export_edge(model_dir, out_dir)`: the edge encoder weights (``edge_config.json`` +
-  ``edge_model.safetensors``) plus the image processor (``preprocessor_config.json``), which is all
+  ``edge_model.safetensors``), with the image preprocessing recorded in ``edge_config.json``: all
   `transformers_alignedvq.client.EdgeClient` loads.
 * `describe(...)`, `describe_checkpoint(path)`: split point, codebook size, bits per index, tokens, codebook
   fingerprint and frame size, for ``GET /v1/model`` and ``alignedvq info``. `describe_checkpoint` reads
@@ -19,12 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from . import wire
-from .edge import EDGE_CONFIG_NAME, EDGE_WEIGHTS_NAME
-from .hub import INDEX_DISTRIBUTION_NAME
+from .edge_runtime import EDGE_CONFIG_NAME, EDGE_WEIGHTS_NAME, INDEX_DISTRIBUTION_NAME, frame_geometry
 
-PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
-# Transformers 5 saves a processor's image processor inside this file instead of the one above.
-PROCESSOR_CONFIG_NAME = "processor_config.json"
 # Key of the codebook tensor in a full checkpoint and in an edge checkpoint.
 _FULL_CODEBOOK_KEY = "model.alignedvq.quantizer.codebook"
 _EDGE_CODEBOOK_KEY = "alignedvq.quantizer.codebook"
@@ -32,12 +28,6 @@ _EDGE_CODEBOOK_KEY = "alignedvq.quantizer.codebook"
 
 class CheckpointError(ValueError):
     """A model or edge folder is missing files or is not an AlignedVQ checkpoint."""
-
-
-def frame_geometry(image_size: int, patch_size: int) -> dict[str, Any]:
-    """Tokens per image and the grid recorded in frames: CLIP order, CLS token first."""
-    side = image_size // patch_size
-    return {"grid": (side, side), "has_cls_token": True, "num_tokens": side * side + 1}
 
 
 def describe(*, settings: dict[str, Any], image_size: int, patch_size: int, fingerprint: bytes) -> dict[str, Any]:
@@ -131,14 +121,13 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def export_edge(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Load the full model in ``model_dir``, save its edge encoder and image processor into ``out_dir``.
-
-    The image processor is copied as the model folder's ``preprocessor_config.json`` when there is one;
-    Transformers 5 keeps it inside ``processor_config.json`` instead, so otherwise it is loaded and saved,
-    which writes the same settings as a standalone ``preprocessor_config.json``.
-    """
+    """Load the full model in ``model_dir``, save its edge encoder into ``out_dir`` with the preprocessing
+    of the folder's image processor (or, without one, the vision tower family's standard one) recorded in
+    ``edge_config.json``, plus the entropy model when the folder has one."""
     import torch
-    from transformers import AutoImageProcessor, AutoModel
+    from transformers import AutoModel
+
+    from .preprocess import read_preprocessing
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
@@ -146,21 +135,16 @@ def export_edge(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
     if not hasattr(model, "edge_encoder"):
         raise CheckpointError(f"{model_dir} holds a {type(model).__name__}, not an AlignedVQ model")
+    vision = model.config.vision_config
+    try:
+        preprocessing = read_preprocessing(model_dir, {"vision_config": vision.to_dict()})
+    except ValueError as exc:
+        raise CheckpointError(f"{model_dir}: {exc}") from exc
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.eval().edge_encoder().save_pretrained(out_dir)
+    edge = model.eval().edge_encoder()
+    edge.preprocessing = preprocessing
+    edge.save_pretrained(out_dir)
     distribution = model_dir / INDEX_DISTRIBUTION_NAME
     if distribution.is_file():
         shutil.copyfile(distribution, out_dir / INDEX_DISTRIBUTION_NAME)
-    source = model_dir / PREPROCESSOR_CONFIG_NAME
-    if source.is_file():
-        shutil.copyfile(source, out_dir / PREPROCESSOR_CONFIG_NAME)
-    else:
-        try:
-            image_processor = AutoImageProcessor.from_pretrained(model_dir)
-        except (OSError, ValueError) as exc:
-            raise CheckpointError(
-                f"{model_dir} has no image processor ({PREPROCESSOR_CONFIG_NAME} or processor_config.json); "
-                "save the model's processor next to it"
-            ) from exc
-        image_processor.save_pretrained(out_dir)
     return out_dir

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .edge_runtime import INDEX_DISTRIBUTION_NAME, load_index_distribution  # noqa: F401 (re-exported)
 from .errors import CheckpointMismatchError
 from .lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, has_lora, load_lora, merge_lora_, save_lora
 
@@ -44,8 +45,6 @@ EDGE_FILES = (
     "preprocessor_config.json",
     "index_distribution.safetensors",
 )
-# Static index distribution for the lossless entropy-coded wire mode (estimated on training data).
-INDEX_DISTRIBUTION_NAME = "index_distribution.safetensors"
 _ALIGNEDVQ_PREFIX = "model.alignedvq."
 _EMA_BUFFERS = ("quantizer.cluster_size", "quantizer.embed_sum")
 # Source files a checkpoint carries for `trust_remote_code=True` (the modeling file and what it imports).
@@ -61,6 +60,8 @@ REMOTE_CODE_FILES = (
     "hub.py",
     "lora.py",
     "errors.py",
+    "edge_runtime.py",
+    "preprocess.py",
 )
 AUTO_MAP = {
     "AutoConfig": "configuration_alignedvq.AlignedVQConfig",
@@ -443,20 +444,6 @@ def save_index_distribution(distribution, directory: str | os.PathLike) -> Path:
     arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in distribution.to_arrays().items()}
     save_file(arrays, str(path), metadata={"format": "alignedvq-index-distribution"})
     return path
-
-
-def load_index_distribution(directory: str | os.PathLike):
-    """The folder's `wire.IndexDistribution`, or None when it has none."""
-    from .wire import IndexDistribution
-
-    path = Path(directory) / INDEX_DISTRIBUTION_NAME
-    if not path.is_file():
-        return None
-    try:
-        arrays = {k: v.numpy() for k, v in load_file(str(path)).items()}
-    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
-        raise CheckpointMismatchError(f"{path.name} cannot be read (truncated or corrupt?): {exc}") from exc
-    return IndexDistribution.from_arrays(arrays)
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -461,11 +461,18 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
 
         return codebook_fingerprint(self.model.alignedvq.quantizer.codebook)
 
-    def edge_encoder(self):
-        """A standalone module with only what the edge needs; see `AlignedVQEdgeEncoder`."""
+    def edge_encoder(self, image_processor=None):
+        """A standalone module with only what the edge needs; see `AlignedVQEdgeEncoder`. Pass the model's
+        image processor to record its exact preprocessing (default: the vision tower family's standard one)."""
         from .edge import AlignedVQEdgeEncoder
+        from .preprocess import ImagePreprocessing
 
-        return AlignedVQEdgeEncoder.from_model(self)
+        preprocessing = None
+        if image_processor is not None:
+            settings = getattr(image_processor, "image_processor", image_processor)  # a whole processor works too
+            settings = settings if isinstance(settings, dict) else settings.to_dict()
+            preprocessing = ImagePreprocessing.from_image_processor(settings)
+        return AlignedVQEdgeEncoder.from_model(self, preprocessing)
 
     def forward(
         self,

@@ -69,6 +69,18 @@ def cache_argument(module) -> str:
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
+def checkpointing_argument(enabled: bool) -> dict:
+    """`TrainingArguments` keyword for activation checkpointing: ``activation_checkpointing`` where the
+    installed Transformers has it (``gradient_checkpointing`` is its deprecated alias there), otherwise the
+    old name."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    return {"activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing": enabled}
+
+
 @dataclass
 class SharedPrefixLoss:
     """What :func:`shared_image_prefix_loss` computed: the language-model loss and the VQ terms."""
@@ -196,6 +208,9 @@ class AlignedVQTrainer(Trainer):
         if "image_id" not in getattr(dataset, "column_names", ()):
             raise ValueError("images_per_batch needs a train_dataset with an 'image_id' column")
         sampler = ImageGroupedBatchSampler(list(dataset["image_id"]), self.images_per_batch, seed=self.args.seed)
+        # Batches hold all the questions of N images, so their sizes differ: accelerate must not try to even
+        # them out across processes (older releases refuse a batch sampler without a fixed batch size).
+        self.accelerator.even_batches = False
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=sampler,
