@@ -31,7 +31,7 @@ from transformers_alignedvq.lora import add_lora, lora_state_dict
 
 LLAVA_7B_CONFIG = Path(__file__).resolve().parents[1] / "tests" / "data" / "llava-1.5-7b-hf.config.json"
 EMA_KEYS = ("model.alignedvq.quantizer.cluster_size", "model.alignedvq.quantizer.embed_sum")
-EDGE_FILES = ("edge_config.json", "edge_model.safetensors", "preprocessor_config.json")
+EDGE_FILES = ("edge_config.json", "edge_model.safetensors")
 LORA_7B_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 # safetensors lays tensors out by dtype, in descending order of its dtype enum, then by name.

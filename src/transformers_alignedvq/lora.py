@@ -55,14 +55,15 @@ def lora_state_dict(model) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     state = get_peft_model_state_dict(model, adapter_name=_adapter_name(model))
-    return {_PEFT_PREFIX + key: value.detach().cpu().contiguous() for key, value in state.items()}
+    return {_PEFT_PREFIX + key: value.detach() for key, value in state.items()}
 
 
 def save_lora(model, directory: str | os.PathLike) -> Path:
     """Write the injected adapter in PEFT's format into ``directory``."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(lora_state_dict(model), str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    state = {key: value.cpu().contiguous() for key, value in lora_state_dict(model).items()}
+    save_file(state, str(directory / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
     lora_config(model).save_pretrained(str(directory))
     return directory
 
