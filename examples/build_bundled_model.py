@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import finetune_alignedvq  # noqa: E402
 from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
 
-from transformers_alignedvq import LlavaAlignedVQForConditionalGeneration, wire  # noqa: E402
+from transformers_alignedvq import SPLIT_SITES, LlavaAlignedVQForConditionalGeneration, wire  # noqa: E402
 from transformers_alignedvq.data import load_easy_vqa  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
 from transformers_alignedvq.hub import has_lora, merge_lora_, save_index_distribution, write_model_card  # noqa: E402
@@ -63,7 +63,7 @@ def main(argv=None):
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--split-layer", type=int, default=1)
     p.add_argument(
-        "--split-site", default="mlp", choices=["ln1", "attn", "ln2", "mlp"],
+        "--split-site", default="mlp", choices=list(SPLIT_SITES),
         help="mlp (the block output) is what docs/results.md measured best on easy-VQA; ln1 is the paper's site",
     )
     p.add_argument("--calibration-images", type=int, default=2000)

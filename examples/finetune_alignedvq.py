@@ -46,12 +46,14 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="use only the first N training examples")
     # AlignedVQ
     p.add_argument("--split-layer", type=int, default=0)
-    p.add_argument("--split-site", default="ln1", choices=["ln1", "attn", "ln2", "mlp"])
+    p.add_argument("--split-site", default="ln1", choices=["input", "ln1", "attn", "ln2", "mlp"])
     p.add_argument("--codebook-size", type=int, default=4096)
     p.add_argument("--num-codebooks", type=int, default=1)
     p.add_argument("--num-groups", type=int, default=1)
     p.add_argument("--no-dlp", action="store_true", help="plain VQ without Dual Linear Projection")
     p.add_argument("--lora-r", type=int, default=16, help="0 disables LoRA")
+    p.add_argument("--lora-cloud-vision", action="store_true",
+                   help="also LoRA in the vision blocks the cloud runs (not in the paper's recipe)")
     p.add_argument("--commitment-weight", type=float, default=0.25)
     p.add_argument("--ema-decay", type=float, default=0.99)
     p.add_argument("--calibration-images", type=int, default=512)
@@ -139,7 +141,8 @@ def main(argv=None) -> dict:
         images_per_batch = max(1, round(args.batch_size / per_image))
     if images_per_batch:
         print(f"batches of the questions of {images_per_batch} images (image prefix shared per image)")
-    prepare_for_finetuning(model, lora_r=args.lora_r or None, train_dlp=not args.no_dlp)
+    prepare_for_finetuning(model, lora_r=args.lora_r or None, train_dlp=not args.no_dlp,
+                           lora_cloud_vision=args.lora_cloud_vision)
     trainable, total = trainable_parameters(model)
     print(f"trainable parameters: {trainable:,} of {total:,}")
 

@@ -7,7 +7,7 @@ from tests.conftest import IMAGE_SIZE, tiny_alignedvq
 from transformers_alignedvq.edge import EDGE_CONFIG_NAME, EDGE_WEIGHTS_NAME, AlignedVQEdgeEncoder, EdgeCheckpointError
 
 
-@pytest.mark.parametrize("site", ["ln1", "attn", "ln2", "mlp"])
+@pytest.mark.parametrize("site", ["input", "ln1", "attn", "ln2", "mlp"])
 def test_edge_encoder_matches_the_model_and_holds_only_edge_weights(tmp_path, pixels, site):
     model = tiny_alignedvq(split_layer=1, split_site=site, num_codebooks=2)
     with torch.no_grad():
@@ -19,7 +19,7 @@ def test_edge_encoder_matches_the_model_and_holds_only_edge_weights(tmp_path, pi
     assert not any(n.startswith(("language_model", "multi_modal_projector", "lm_head")) for n in names)
     assert not any("dlp_out" in n or "embed_sum" in n or "cluster_size" in n for n in names)
     assert not any(n.startswith("encoder.layers.2.") for n in names), "blocks after the split stay in the cloud"
-    unused = {"ln1": "self_attn", "attn": "layer_norm2", "ln2": "mlp"}.get(site)
+    unused = {"input": "layer_norm1", "ln1": "self_attn", "attn": "layer_norm2", "ln2": "mlp"}.get(site)
     if unused:
         assert not any(n.startswith(f"encoder.layers.1.{unused}") for n in names)
     full = sum(t.numel() * t.element_size() for t in model.state_dict().values())
@@ -56,6 +56,7 @@ def test_edge_checkpoint_errors(tmp_path, pixels):
     with pytest.raises(EdgeCheckpointError, match="not valid JSON"):
         AlignedVQEdgeEncoder.from_pretrained(tmp_path)
 
+    (tmp_path / EDGE_CONFIG_NAME).write_text(json.dumps(config))
     weights.unlink()
     with pytest.raises(EdgeCheckpointError, match="not found"):
         AlignedVQEdgeEncoder.from_pretrained(tmp_path)

@@ -78,12 +78,15 @@ def test_split_halves_recompose_the_stock_clip_block():
     torch.testing.assert_close(hidden[3], stock[3])
 
 
-def test_only_the_mlp_site_with_an_identity_quantizer_reproduces_llava(pixels):
-    # With a codebook holding every site feature exactly, `mlp` (the residual stream) is lossless and the
-    # model must equal the stock LLaVA it came from: checks that nothing else in the cloud path differs.
+@pytest.mark.parametrize("site,split_layer", [("mlp", 0), ("input", 0), ("input", 1)])
+def test_residual_stream_sites_with_an_identity_quantizer_reproduce_llava(pixels, site, split_layer):
+    # With a codebook holding every site feature exactly, the residual-stream sites (`input`, `mlp`) are
+    # lossless and the model must equal the stock LLaVA it came from: nothing else in the cloud path differs.
     llava = tiny_llava()
     reference = tiny_llava()
-    model = tav.LlavaAlignedVQForConditionalGeneration.from_llava(llava, split_site="mlp", codebook_size=34).eval()
+    model = tav.LlavaAlignedVQForConditionalGeneration.from_llava(
+        llava, split_site=site, split_layer=split_layer, codebook_size=34
+    ).eval()
     features = model.model.edge_features(pixels).reshape(-1, 32)
     with torch.no_grad():
         model.model.alignedvq.quantizer.codebook[0, 0] = features

@@ -252,3 +252,27 @@ def test_commitment_loss_is_weighted_once_per_optimizer_step(easyvqa_batch, tmp_
     weight = model.config.commitment_weight
     assert torch.allclose(outputs.lm_loss, model(**batch).lm_loss / 4, atol=1e-6)
     assert torch.allclose(loss, outputs.lm_loss + weight * outputs.commitment_loss / 4, atol=1e-6)
+
+
+def test_cloud_vision_lora_adapts_only_blocks_the_cloud_runs(pixels):
+    from tests.conftest import prompt_ids, tiny_alignedvq
+    from transformers_alignedvq.training import cloud_vision_lora_targets
+
+    model = tiny_alignedvq(split_site="ln1", split_layer=0)
+    prepare_for_finetuning(model, lora_r=2, lora_cloud_vision=True)
+    adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if "lora_A" in n and "vision_tower" in n}
+    assert adapted and all(".layers.1." in n for n in adapted)  # block 0 holds the split: its ln1 is on the edge
+    edge_before = model.edge_encoder().state_dict()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    model.train()
+    ids = prompt_ids()
+    model(input_ids=ids, pixel_values=pixels, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_A" in n and "vision_tower" in n)
+    torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
+    edge_after = model.edge_encoder().state_dict()
+    vision = [k for k in edge_before if not k.startswith("alignedvq.")]  # the edge's DLP trains, its tower not
+    assert vision and all(torch.equal(edge_before[k], edge_after[k]) for k in vision)
+    with pytest.raises(ValueError, match="no vision block runs entirely in the cloud"):
+        cloud_vision_lora_targets(tiny_alignedvq(split_site="mlp", split_layer=1).config)

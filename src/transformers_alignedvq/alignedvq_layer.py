@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 from .dlp import DualLinearProjection
-from .quantizer import VectorQuantizer, nearest_codeword, squared_norms
+from .quantizer import VectorQuantizer, nearest_codeword
+from .search import fold_codebook
 
 
 @dataclass
@@ -116,23 +117,15 @@ class AlignedVQLayer(nn.Module):
         return weight, bias
 
     def _folded_tables(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Search tables with the pre-quantization map folded into the codebook.
-
-        ``||Mz + c - e||^2 = ||e||^2 - 2 e.c - 2 (e M).z + const``, so searching raw site features against
-        ``e M`` with offsets ``||e||^2 - 2 e.c`` picks the same codeword as projecting first, and saves the
-        ``dim x dim`` input-DLP matmul on the edge. Cached until a parameter or the codebook changes.
-        """
+        """`search.fold_codebook` tables for the current weights: searching raw site features against them
+        picks the same codeword as projecting first, and saves the ``dim x dim`` input-DLP matmul. Cached
+        until a parameter or the codebook changes (training moves both); the edge module keeps them as
+        buffers instead."""
         tensors = [self.quantizer.codebook, *self.parameters()]
         key = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in tensors)
         if self._folded_cache is None or self._folded_cache[0] != key:
             with torch.no_grad():
-                codebook = self.quantizer.codebook[0, 0]  # (K, d)
-                weight, bias = self._pre_quantization_affine()
-                # Centre on the codebook mean (distances are translation invariant) to keep precision.
-                center = codebook.mean(0)
-                codebook, bias = codebook - center, bias - center
-                folded = codebook @ weight  # (K, dim)
-                offsets = squared_norms(codebook) - 2.0 * codebook @ bias
+                folded, offsets = fold_codebook(self.quantizer.codebook[0, 0], *self._pre_quantization_affine())
             self._folded_cache = (key, folded, offsets)
         return self._folded_cache[1], self._folded_cache[2]
 

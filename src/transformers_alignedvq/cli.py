@@ -111,15 +111,32 @@ def cmd_ask(args) -> int:
 
 
 def cmd_export_edge(args) -> int:
-    from .edge import AlignedVQEdgeEncoder
     from .edge_export import export_edge
+    from .edge_runtime import load_edge_runtime
+    from .search import SearchConfig
 
-    out = export_edge(args.model, args.output)
-    edge = AlignedVQEdgeEncoder.from_pretrained(out)  # proves the export loads on its own
+    calibration = None
+    if args.int8:
+        if not args.calibration_images:
+            raise CliError("--int8 needs --calibration-images DIR (real images the edge will see)")
+        calibration = _image_files(args.calibration_images, args.calibration_count)
+    search = SearchConfig(args.search, rank=args.search_rank, candidates=args.search_candidates)
+    out = export_edge(_default_model(args.model), args.output, format=args.format, int8=args.int8,
+                      calibration_images=calibration, search=search)
+    edge = load_edge_runtime(out, backend="onnx" if args.format == "onnx" else "torch")  # proves it loads alone
     files = sorted(p.name for p in Path(out).iterdir())
-    print(f"edge part of {args.model} written to {out}: {', '.join(files)}")
-    print(f"edge weights: {edge.num_bytes() / 2**20:.2f} MiB, codebook fingerprint {edge.codebook_fingerprint().hex()}")
+    print(f"edge part of {args.model or 'the bundled model'} written to {out}: {', '.join(files)}")
+    print(f"edge weights: {edge.num_bytes / 2**20:.2f} MiB ({edge.backend}), codebook fingerprint "
+          f"{edge.fingerprint.hex()}, search {search.method}")
     return 0
+
+
+def _image_files(folder: str, count: int) -> list[Path]:
+    suffixes = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff"}
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in suffixes)[:count]
+    if not files:
+        raise CliError(f"no image files in {folder}")
+    return files
 
 
 def cmd_info(args) -> int:
@@ -250,9 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
     ask.set_defaults(func=cmd_ask)
 
     export = sub.add_parser("export-edge", help="write the edge part of a model folder",
-                            description="Save the edge encoder and the image processor config into a folder.")
-    export.add_argument("--model", required=True, help="full model folder")
+                            description="Save the edge encoder, its image preprocessing and search settings into "
+                            "a folder: PyTorch weights, or an ONNX graph that runs with onnxruntime alone.",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    export.add_argument("--model", help="full model folder (default: the bundled model)")
     export.add_argument("--output", required=True, help="edge folder to write")
+    export.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
+    export.add_argument("--int8", action="store_true", help="ONNX: int8 convolutions and matrix products")
+    export.add_argument("--calibration-images", help="folder of real images to calibrate --int8 on")
+    export.add_argument("--calibration-count", type=int, default=256, help="at most this many calibration images")
+    export.add_argument("--search", choices=["exact", "shortlist"], default="exact",
+                        help="codeword search: exact, or a low-rank shortlist re-ranked exactly (faster)")
+    export.add_argument("--search-rank", type=int, default=32, help="shortlist: dimensions of the first pass")
+    export.add_argument("--search-candidates", type=int, default=8, help="shortlist: codewords re-ranked exactly")
     export.set_defaults(func=cmd_export_edge)
 
     info = sub.add_parser("info", help="print the edge/cloud contract of a model or edge folder",

@@ -31,8 +31,7 @@ import httpx
 from . import wire
 from .edge_runtime import (
     EDGE_CONFIG_NAME,
-    EDGE_WEIGHTS_NAME,
-    EdgeFolderError,
+    EdgeCheckpointError,
     EdgeRuntime,
     frame_geometry,
     load_edge_runtime,
@@ -106,9 +105,8 @@ def edge_folder(path: str | os.PathLike) -> Path:
                 f"{directory} is a model folder without the edge files; export its edge part first "
                 f"(`alignedvq export-edge --model {directory} --output EDGE_DIR`)"
             )
-        missing = [name for name in (EDGE_CONFIG_NAME, EDGE_WEIGHTS_NAME) if not (directory / name).is_file()]
-        if missing:
-            raise EdgeClientError(f"{directory} is not an edge folder: missing {', '.join(missing)}")
+        if not (directory / EDGE_CONFIG_NAME).is_file():
+            raise EdgeClientError(f"{directory} is not an edge folder: missing {EDGE_CONFIG_NAME}")
         return directory
     if os.path.exists(path) or str(path).startswith((".", "/", "~")):
         raise EdgeClientError(f"edge folder {path} not found")
@@ -138,14 +136,16 @@ class EdgeClient:
         backoff: first wait between attempts in seconds, doubled each time up to ``max_backoff``; each wait is
             drawn uniformly from [half, all] of that (jitter, so devices that lost the server together do not
             return together). A 503's ``Retry-After`` replaces it.
-        backend: the edge runtime (`edge_runtime.load_edge_runtime`).
+        backend, threads: the edge runtime (`edge_runtime.load_edge_runtime`): ``"auto"`` runs an ONNX edge
+            with onnxruntime when the folder has one, otherwise the PyTorch edge.
         entropy_coding: True: always send the entropy-coded frame; None (default): per frame, the smaller of
             the coded and the bit-packed one; False: never code.
     """
 
     def __init__(self, model_dir: str | os.PathLike, server_url: str, *, timeout: float = 60.0,
                  retry_window: float = DEFAULT_RETRY_WINDOW, backoff: float = 0.2, max_backoff: float = 5.0,
-                 backend: str = "auto", device: str = "cpu", transport: httpx.BaseTransport | None = None,
+                 backend: str = "auto", threads: int | None = None, device: str = "cpu",
+                 transport: httpx.BaseTransport | None = None,
                  entropy_coding: bool | None = None, seed: int | None = None):
         if retry_window < 0 or backoff < 0 or max_backoff < 0 or timeout <= 0:
             raise ValueError(f"need timeout > 0 and retry_window, backoff, max_backoff >= 0; got "
@@ -153,8 +153,8 @@ class EdgeClient:
         self.server_url = check_server_url(server_url)
         directory = edge_folder(model_dir)
         try:
-            self.edge: EdgeRuntime = load_edge_runtime(directory, backend=backend, device=device)
-        except EdgeFolderError as exc:
+            self.edge: EdgeRuntime = load_edge_runtime(directory, backend=backend, threads=threads, device=device)
+        except EdgeCheckpointError as exc:
             raise EdgeClientError(str(exc)) from exc
         self.retry_window, self.backoff, self.max_backoff = retry_window, backoff, max_backoff
         self._random = random.Random(seed)

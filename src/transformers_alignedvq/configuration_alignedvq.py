@@ -21,6 +21,8 @@ class AlignedVQConfig(LlavaConfig):
     Split semantics (the vision tower is a stack of pre-norm blocks
     ``h = x + attn(ln1(x)); out = h + mlp(ln2(h))``):
 
+    - ``input``: the block input ``x``, the residual stream itself (at block 0: the embeddings after CLIP's
+      pre-LayerNorm; the edge then runs no transformer block at all);
     - ``ln1``: the output of block ``split_layer``'s first LayerNorm, ``ln1(x)``;
     - ``attn``: the residual stream after the attention sublayer, ``h``;
     - ``ln2``: the output of the second LayerNorm, ``ln2(h)``;
@@ -38,7 +40,7 @@ class AlignedVQConfig(LlavaConfig):
             Index (0-based) of the vision block that holds the split site. Every vision feature layer LLaVA
             reads (``vision_feature_layer``) must come after this block.
         split_site (`str`, *optional*, defaults to `"ln1"`):
-            One of ``"ln1"``, ``"attn"``, ``"ln2"``, ``"mlp"`` (see above).
+            One of ``"input"``, ``"ln1"``, ``"attn"``, ``"ln2"``, ``"mlp"`` (see above).
         codebook_size (`int`, *optional*, defaults to 4096):
             Codewords per codebook ``K``; an index costs ``ceil(log2 K)`` bits on the wire.
         num_codebooks (`int`, *optional*, defaults to 1):
@@ -70,7 +72,7 @@ class AlignedVQConfig(LlavaConfig):
     model_type = "llava_alignedvq"
 
     split_layer: int = 0
-    split_site: Literal["ln1", "attn", "ln2", "mlp"] = "ln1"
+    split_site: Literal["input", "ln1", "attn", "ln2", "mlp"] = "ln1"
     codebook_size: int = 4096
     num_codebooks: int = 1
     num_groups: int = 1

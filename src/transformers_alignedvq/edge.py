@@ -20,23 +20,28 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import split
-from .edge_runtime import EDGE_CONFIG_NAME, EDGE_WEIGHTS_NAME
+from .edge_runtime import (
+    EDGE_CONFIG_NAME,
+    EDGE_FORMAT_VERSION,
+    EDGE_SETTINGS,
+    EDGE_WEIGHTS_NAME,
+    EdgeCheckpointError,
+    read_edge_config,
+    write_edge_config,
+)
 from .alignedvq_layer import AlignedVQLayer
 from .preprocess import ImagePreprocessing, read_preprocessing
+from .search import CodewordSearch, SearchConfig, fold_codebook
 
-EDGE_FORMAT_VERSION = 1
 
 # Submodules of the split block the edge never runs, by site.
 _UNUSED_AT_SITE = {
+    "input": ("layer_norm1", "self_attn", "layer_norm2", "mlp"),
     "ln1": ("self_attn", "layer_norm2", "mlp"),
     "attn": ("layer_norm2", "mlp"),
     "ln2": ("mlp",),
     "mlp": (),
 }
-
-
-class EdgeCheckpointError(ValueError):
-    """An edge checkpoint is missing, truncated, or does not match the expected architecture."""
 
 
 class AlignedVQEdgeEncoder(nn.Module):
@@ -48,9 +53,12 @@ class AlignedVQEdgeEncoder(nn.Module):
             `num_codebooks`, `num_groups`, `use_dlp`.
         preprocessing: how images become pixels (`preprocess.ImagePreprocessing`); defaults to the standard
             one of the tower's family at its image size.
+        search: how codewords are found (`search.SearchConfig`: exact by default, or a shortlist re-ranked
+            exactly). The search tables are derived from the weights (`refresh_search`), never saved.
     """
 
-    def __init__(self, vision_config, settings: dict, preprocessing: ImagePreprocessing | None = None):
+    def __init__(self, vision_config, settings: dict, preprocessing: ImagePreprocessing | None = None,
+                 search: SearchConfig | None = None):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -62,6 +70,7 @@ class AlignedVQEdgeEncoder(nn.Module):
         self.preprocessing = preprocessing or ImagePreprocessing.for_vision_config(
             vision_config.model_type, vision_config.image_size
         )
+        self.search_config = search or SearchConfig()
         split_layer, site = settings["split_layer"], settings["split_site"]
         # Blocks are built on the meta device and materialised empty (weights are loaded afterwards); the
         # embeddings are built for real because they hold non-persistent buffers (position ids) that no
@@ -91,18 +100,35 @@ class AlignedVQEdgeEncoder(nn.Module):
         for name, child in self.named_children():
             if name != "embeddings":
                 child.to_empty(device="cpu")
+        self.search = None
 
     @property
     def codes_per_token(self) -> int:
         return self.settings["num_codebooks"] * self.settings["num_groups"]
 
+    def refresh_search(self, config: SearchConfig | None = None) -> "AlignedVQEdgeEncoder":
+        """(Re)build the search tables from the current weights, optionally with another search config.
+        Residual or grouped codebooks keep the generic exact search."""
+        self.search_config = config or self.search_config
+        layer = self.alignedvq
+        self.search = None
+        if layer.can_fold:
+            with torch.no_grad():
+                folded, offsets = fold_codebook(layer.quantizer.codebook[0, 0], *layer._pre_quantization_affine())
+            device = layer.quantizer.codebook.device
+            self.search = CodewordSearch(folded, offsets, self.search_config).to(device)
+        elif self.search_config.method != "exact":
+            raise ValueError("only a single codebook and group supports the shortlist search")
+        return self
+
     @classmethod
-    def from_model(cls, model, preprocessing: ImagePreprocessing | None = None) -> "AlignedVQEdgeEncoder":
-        """Copy the edge part out of a `LlavaAlignedVQForConditionalGeneration` (``preprocessing``: see the
-        class)."""
+    def from_model(cls, model, preprocessing: ImagePreprocessing | None = None,
+                   search: SearchConfig | None = None) -> "AlignedVQEdgeEncoder":
+        """Copy the edge part out of a `LlavaAlignedVQForConditionalGeneration` (``preprocessing`` and
+        ``search``: see the class)."""
         config = model.config
-        settings = {key: getattr(config, key) for key in _SETTINGS}
-        edge = cls(config.vision_config, settings, preprocessing)
+        settings = {key: getattr(config, key) for key in EDGE_SETTINGS}
+        edge = cls(config.vision_config, settings, preprocessing, search)
         source = {f"model.vision_tower.{k}": v for k, v in model.model.vision_tower.state_dict().items()}
         source.update({f"model.alignedvq.{k}": v for k, v in model.model.alignedvq.state_dict().items()})
         wanted = edge.state_dict()
@@ -110,7 +136,7 @@ class AlignedVQEdgeEncoder(nn.Module):
             {k: source[f"model.vision_tower.{k}" if not k.startswith("alignedvq.") else f"model.{k}"].detach().cpu() for k in wanted}
         )
         device = model.model.alignedvq.quantizer.codebook.device
-        return edge.to(device).eval()
+        return edge.to(device).refresh_search().eval()
 
     # ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -119,6 +145,8 @@ class AlignedVQEdgeEncoder(nn.Module):
         vision = self.vision_config
         split.check_pixel_values(pixel_values, num_channels=vision.num_channels, image_size=vision.image_size)
         z = split.edge_forward(self, pixel_values, self.settings["split_layer"], self.settings["split_site"])
+        if self.search is not None:
+            return self.search(z)
         indices = self.alignedvq.encode(z)
         return indices.squeeze(-1) if self.codes_per_token == 1 else indices
 
@@ -140,19 +168,24 @@ class AlignedVQEdgeEncoder(nn.Module):
         return codebook_fingerprint(self.codebook())
 
     # ------------------------------------------------------------------------------------------------
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
-        """Write ``edge_config.json`` and ``edge_model.safetensors`` into ``directory``; returns the weights path."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        config = {
+    def edge_config(self) -> dict:
+        """What ``edge_config.json`` holds: the split settings, the vision tower's config, the image
+        preprocessing, the search, and the codebook fingerprint frames must carry."""
+        return {
             "format": "alignedvq-edge",
             "format_version": EDGE_FORMAT_VERSION,
             "vision_config": self.vision_config.to_dict(),
             "preprocessing": self.preprocessing.to_dict(),
+            "search": self.search_config.to_dict(),
             "codebook_fingerprint": self.codebook_fingerprint().hex(),
             **self.settings,
         }
-        (directory / EDGE_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write ``edge_config.json`` and ``edge_model.safetensors`` into ``directory``; returns the weights path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_edge_config(directory, self.edge_config())
         weights = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         path = directory / EDGE_WEIGHTS_NAME
         save_file(weights, str(path), metadata={"format": "pt"})
@@ -162,26 +195,16 @@ class AlignedVQEdgeEncoder(nn.Module):
     def from_pretrained(cls, directory: str | os.PathLike) -> "AlignedVQEdgeEncoder":
         """Load an edge encoder saved by `save_pretrained` (or shipped inside a full checkpoint)."""
         directory = Path(directory)
-        config_path, weights_path = directory / EDGE_CONFIG_NAME, directory / EDGE_WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise EdgeCheckpointError(f"{path.name} not found in {directory}; is this an AlignedVQ edge checkpoint?")
-        try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise EdgeCheckpointError(f"{config_path.name} is not valid JSON: {exc}") from exc
-        if config.get("format") != "alignedvq-edge" or config.get("format_version") != EDGE_FORMAT_VERSION:
-            raise EdgeCheckpointError(
-                f"{config_path.name} is not an AlignedVQ edge config of format version {EDGE_FORMAT_VERSION}."
-            )
-        missing = [key for key in ("vision_config", *_SETTINGS) if key not in config]
-        if missing:
-            raise EdgeCheckpointError(f"{config_path.name} lacks {missing}.")
+        config = read_edge_config(directory)
+        weights_path = directory / EDGE_WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise EdgeCheckpointError(f"{weights_path.name} not found in {directory}; is this a PyTorch edge folder?")
         try:
             preprocessing = read_preprocessing(directory, config)
+            search = SearchConfig.from_dict(config.get("search"))
         except ValueError as exc:
-            raise EdgeCheckpointError(f"{config_path.name}: {exc}") from exc
-        edge = cls(config["vision_config"], {key: config[key] for key in _SETTINGS}, preprocessing)
+            raise EdgeCheckpointError(f"{EDGE_CONFIG_NAME}: {exc}") from exc
+        edge = cls(config["vision_config"], {key: config[key] for key in EDGE_SETTINGS}, preprocessing, search)
         try:
             state = load_file(str(weights_path))
         except (SafetensorError, OSError) as exc:
@@ -191,19 +214,18 @@ class AlignedVQEdgeEncoder(nn.Module):
         unexpected = sorted(set(state) - set(expected))
         if missing or unexpected:
             raise EdgeCheckpointError(
-                f"{weights_path.name} does not match {config_path.name}: missing {missing[:5]}, unexpected {unexpected[:5]}."
+                f"{weights_path.name} does not match {EDGE_CONFIG_NAME}: missing {missing[:5]}, unexpected {unexpected[:5]}."
             )
         wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if state[k].shape != v.shape]
         if wrong:
             raise EdgeCheckpointError(f"{weights_path.name} has tensors of the wrong shape: {wrong[:5]}.")
         edge.load_state_dict(state)
+        edge.refresh_search()
         recorded = config.get("codebook_fingerprint")
         if recorded is not None and recorded != edge.codebook_fingerprint().hex():
             raise EdgeCheckpointError(
-                f"{weights_path.name} holds another codebook than {config_path.name} records "
+                f"{weights_path.name} holds another codebook than {EDGE_CONFIG_NAME} records "
                 f"(fingerprint {edge.codebook_fingerprint().hex()} vs {recorded}); the files do not belong together."
             )
         return edge.eval()
 
-
-_SETTINGS = ("split_layer", "split_site", "codebook_size", "codebook_dim", "num_codebooks", "num_groups", "use_dlp")

@@ -15,11 +15,22 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from . import wire
-from .edge_runtime import EDGE_CONFIG_NAME, EDGE_WEIGHTS_NAME, INDEX_DISTRIBUTION_NAME, frame_geometry
+from .edge_runtime import (
+    EDGE_CONFIG_NAME,
+    EDGE_ONNX_NAME,
+    EDGE_WEIGHTS_NAME,
+    INDEX_DISTRIBUTION_NAME,
+    frame_geometry,
+    write_edge_config,
+)
+from .search import SearchConfig
+
+EXPORT_FORMATS = ("safetensors", "onnx")
 
 # Key of the codebook tensor in a full checkpoint and in an edge checkpoint.
 _FULL_CODEBOOK_KEY = "model.alignedvq.quantizer.codebook"
@@ -103,9 +114,11 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         config = json.loads((directory / EDGE_CONFIG_NAME).read_text())
         vision = config.get("vision_config", {})
         weights, key, kind = [directory / EDGE_WEIGHTS_NAME], _EDGE_CODEBOOK_KEY, "edge"
+        if "onnx" in config:  # an ONNX edge has no codebook tensor; its config records the fingerprint
+            weights, kind = [], "edge (onnx, int8)" if config["onnx"].get("int8") else "edge (onnx)"
     else:
         raise CheckpointError(f"{directory} holds neither config.json nor {EDGE_CONFIG_NAME}")
-    if not weights or not all(p.is_file() for p in weights):
+    if not all(p.is_file() for p in weights) or (not weights and "onnx" not in config):
         raise CheckpointError(f"no safetensors weights found in {directory}")
     try:
         image_size, patch_size = int(vision["image_size"]), int(vision["patch_size"])
@@ -115,36 +128,71 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         settings=_settings(config),
         image_size=image_size,
         patch_size=patch_size,
-        fingerprint=wire.codebook_fingerprint(_read_tensor(weights, key)),
+        fingerprint=wire.codebook_fingerprint(_read_tensor(weights, key)) if weights
+        else bytes.fromhex(config["codebook_fingerprint"]),
     )
     return {"checkpoint": kind, **summary}
 
 
-def export_edge(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
-    """Load the full model in ``model_dir``, save its edge encoder into ``out_dir`` with the preprocessing
-    of the folder's image processor (or, without one, the vision tower family's standard one) recorded in
-    ``edge_config.json``, plus the entropy model when the folder has one."""
+def export_edge(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, format: str = "safetensors",
+                int8: bool = False, calibration_images: Iterable | None = None,
+                search: SearchConfig | None = None) -> Path:
+    """Load the full model in ``model_dir`` and write its edge part into ``out_dir``.
+
+    The image preprocessing of the folder's image processor (or, without one, the vision tower family's
+    standard one) is recorded in ``edge_config.json``, and the entropy model is copied when the folder has one.
+
+    Args:
+        format: ``"safetensors"`` (the PyTorch edge, ``edge_model.safetensors``) or ``"onnx"``
+            (``edge_model.onnx``, run by onnxruntime without PyTorch; see `edge_onnx`).
+        int8: ONNX only: quantize the edge's convolutions and matrix products to int8, calibrated on
+            ``calibration_images`` (real images; anything `preprocess.load_image` takes).
+        search: how the edge finds codewords (`search.SearchConfig`; default exact).
+    """
     import torch
     from transformers import AutoModel
 
     from .preprocess import read_preprocessing
 
+    if format not in EXPORT_FORMATS:
+        raise ValueError(f"format={format!r} must be one of {EXPORT_FORMATS}")
+    if int8 and format != "onnx":
+        raise ValueError("int8 export is for the ONNX format")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir} is not a saved model folder (no config.json)")
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
     if not hasattr(model, "edge_encoder"):
         raise CheckpointError(f"{model_dir} holds a {type(model).__name__}, not an AlignedVQ model")
-    vision = model.config.vision_config
     try:
-        preprocessing = read_preprocessing(model_dir, {"vision_config": vision.to_dict()})
+        preprocessing = read_preprocessing(model_dir, {"vision_config": model.config.vision_config.to_dict()})
     except ValueError as exc:
         raise CheckpointError(f"{model_dir}: {exc}") from exc
     out_dir.mkdir(parents=True, exist_ok=True)
     edge = model.eval().edge_encoder()
     edge.preprocessing = preprocessing
-    edge.save_pretrained(out_dir)
+    edge.refresh_search(search)
+    if format == "safetensors":
+        edge.save_pretrained(out_dir)
+    else:
+        _export_onnx_folder(edge, out_dir, int8=int8, calibration_images=calibration_images)
     distribution = model_dir / INDEX_DISTRIBUTION_NAME
     if distribution.is_file():
         shutil.copyfile(distribution, out_dir / INDEX_DISTRIBUTION_NAME)
     return out_dir
+
+
+def _export_onnx_folder(edge, out_dir: Path, *, int8: bool, calibration_images: Iterable | None) -> None:
+    from .edge_onnx import export_onnx
+
+    calibration = None
+    if int8:
+        if calibration_images is None:
+            raise ValueError("int8 export needs calibration images")
+        calibration = [edge.preprocessing(image) for image in calibration_images]
+        if not calibration:
+            raise ValueError("int8 export got no calibration images")
+    export_onnx(edge, out_dir / EDGE_ONNX_NAME, int8=int8, calibration=calibration)
+    config = edge.edge_config()
+    config["onnx"] = {"file": EDGE_ONNX_NAME, "int8": int8, "calibration_images": len(calibration or ())}
+    write_edge_config(out_dir, config)

@@ -1,34 +1,42 @@
 """What the device runs: an edge folder loaded for pixels -> indices, behind one small interface.
 
-An edge folder holds ``edge_config.json`` (settings, preprocessing, codebook fingerprint) and the edge's
-weights: ``edge_model.safetensors`` (the PyTorch `edge.AlignedVQEdgeEncoder`) and/or ``edge_model.onnx``
-(the same computation as an ONNX graph, run by ONNX Runtime without PyTorch or Transformers). A full
-checkpoint folder carries the same files. `load_edge_runtime` picks the backend; the client only sees
-`EdgeRuntime`.
+An edge folder holds ``edge_config.json`` (split settings, vision tower config, image preprocessing, search,
+codebook fingerprint) and the edge's weights in one or both forms:
 
-This module imports numpy only at the top; each backend imports its runtime when it is chosen.
+* ``edge_model.onnx``: the edge as one ONNX graph (`edge_onnx.export_onnx`), run by ONNX Runtime with numpy,
+  without PyTorch or Transformers (``pip install "transformers-alignedvq[edge]"``);
+* ``edge_model.safetensors``: the PyTorch `edge.AlignedVQEdgeEncoder` (needs torch and transformers).
+
+A full checkpoint folder carries the safetensors form. `load_edge_runtime` picks a backend ("auto": ONNX when
+the folder has it and onnxruntime is installed, else PyTorch); the client only sees `EdgeRuntime`. This module
+imports numpy only; each backend imports its runtime when it is chosen.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from .preprocess import ImagePreprocessing
+from .preprocess import ImagePreprocessing, read_preprocessing
 
 EDGE_CONFIG_NAME = "edge_config.json"
 EDGE_WEIGHTS_NAME = "edge_model.safetensors"
+EDGE_ONNX_NAME = "edge_model.onnx"
+EDGE_FORMAT_VERSION = 1
 # Static index distribution for the lossless entropy-coded wire mode (estimated on training data).
 INDEX_DISTRIBUTION_NAME = "index_distribution.safetensors"
-BACKENDS = ("torch",)
+EDGE_SETTINGS = ("split_layer", "split_site", "codebook_size", "codebook_dim", "num_codebooks", "num_groups", "use_dlp")
+BACKENDS = ("onnx", "torch")
 
 
-class EdgeFolderError(ValueError):
-    """An edge folder is missing files, or they cannot be read or do not belong together."""
+class EdgeCheckpointError(ValueError):
+    """An edge folder is missing files, or they cannot be read, or do not belong together."""
 
 
 @dataclass
@@ -37,11 +45,11 @@ class EdgeRuntime:
 
     Attributes:
         directory: the folder it came from.
-        backend: ``"torch"``.
+        backend: ``"onnx"`` or ``"torch"``.
         preprocessing: image -> pixels.
         codebook_size, codes_per_token, image_size, patch_size: the edge/cloud contract.
         fingerprint: the 16-byte codebook fingerprint frames carry.
-        num_bytes: bytes of weights the backend holds.
+        num_bytes: bytes of the weights the backend loaded.
     """
 
     directory: Path
@@ -53,11 +61,16 @@ class EdgeRuntime:
     patch_size: int
     fingerprint: bytes
     num_bytes: int
-    _encode: object
+    _encode: Callable[[np.ndarray], np.ndarray]
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """Pixels ``(batch, 3, size, size)`` float32 -> indices ``(batch, tokens, codes_per_token)`` int64."""
-        return self._encode(pixels)
+        pixels = np.asarray(pixels, dtype=np.float32)
+        expected = (3, self.image_size, self.image_size)
+        if pixels.ndim != 4 or pixels.shape[1:] != expected:
+            raise ValueError(f"pixels must have shape (batch, {', '.join(map(str, expected))}), got {pixels.shape}")
+        indices = self._encode(np.ascontiguousarray(pixels))
+        return indices.reshape(pixels.shape[0], -1, self.codes_per_token).astype(np.int64, copy=False)
 
     def encode_image(self, image) -> np.ndarray:
         """One image (anything `preprocess.load_image` takes) -> indices ``(tokens, codes_per_token)``."""
@@ -68,6 +81,33 @@ def frame_geometry(image_size: int, patch_size: int) -> dict:
     """Tokens per image and the grid recorded in frames: CLIP order, CLS token first."""
     side = image_size // patch_size
     return {"grid": (side, side), "has_cls_token": True, "num_tokens": side * side + 1}
+
+
+def read_edge_config(directory: str | os.PathLike) -> dict:
+    """``edge_config.json`` of ``directory``, checked for its format and the settings every backend needs."""
+    path = Path(directory) / EDGE_CONFIG_NAME
+    if not path.is_file():
+        raise EdgeCheckpointError(f"{EDGE_CONFIG_NAME} not found in {directory}; is this an AlignedVQ edge folder?")
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EdgeCheckpointError(f"{EDGE_CONFIG_NAME} is not valid JSON: {exc}") from None
+    if not isinstance(config, dict) or config.get("format") != "alignedvq-edge" or config.get(
+        "format_version"
+    ) != EDGE_FORMAT_VERSION:
+        raise EdgeCheckpointError(
+            f"{EDGE_CONFIG_NAME} is not an AlignedVQ edge config of format version {EDGE_FORMAT_VERSION}."
+        )
+    missing = [key for key in ("vision_config", *EDGE_SETTINGS) if key not in config]
+    if missing:
+        raise EdgeCheckpointError(f"{EDGE_CONFIG_NAME} lacks {missing}.")
+    return config
+
+
+def write_edge_config(directory: str | os.PathLike, config: dict) -> Path:
+    path = Path(directory) / EDGE_CONFIG_NAME
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return path
 
 
 def load_index_distribution(directory: str | os.PathLike):
@@ -88,61 +128,103 @@ def load_index_distribution(directory: str | os.PathLike):
     return IndexDistribution.from_arrays(arrays)
 
 
-def read_edge_config(directory: str | os.PathLike) -> dict:
-    path = Path(directory) / EDGE_CONFIG_NAME
-    if not path.is_file():
-        raise EdgeFolderError(f"{EDGE_CONFIG_NAME} not found in {directory}; is this an AlignedVQ edge folder?")
-    try:
-        config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise EdgeFolderError(f"{path.name} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or config.get("format") != "alignedvq-edge":
-        raise EdgeFolderError(f"{path.name} is not an AlignedVQ edge config")
-    return config
+# ------------------------------------------------------------------------------------------------------------
+def load_edge_runtime(directory: str | os.PathLike, *, backend: str = "auto", threads: int | None = None,
+                      device: str = "cpu") -> EdgeRuntime:
+    """Load the edge folder ``directory``.
 
-
-def load_edge_runtime(directory: str | os.PathLike, *, backend: str = "auto", device: str = "cpu") -> EdgeRuntime:
-    """Load the edge folder ``directory`` with ``backend`` (``"auto"``: the only one available)."""
+    Args:
+        backend: ``"onnx"``, ``"torch"`` or ``"auto"`` (ONNX when the folder has ``edge_model.onnx`` and
+            onnxruntime is installed, otherwise PyTorch).
+        threads: CPU threads for the ONNX backend (default: onnxruntime's choice); the PyTorch backend uses
+            ``torch.set_num_threads``.
+        device: the PyTorch backend's device.
+    """
     directory = Path(directory)
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"backend={backend!r} must be 'auto' or one of {BACKENDS}")
+    config = read_edge_config(directory)
+    has_onnx = (directory / EDGE_ONNX_NAME).is_file()
+    if backend == "auto":
+        backend = "onnx" if has_onnx and importlib.util.find_spec("onnxruntime") else "torch"
+    if backend == "onnx":
+        return _onnx_runtime(directory, config, threads)
+    if not (directory / EDGE_WEIGHTS_NAME).is_file():
+        hint = " (install onnxruntime to run its edge_model.onnx)" if has_onnx else ""
+        raise EdgeCheckpointError(f"{directory} has no {EDGE_WEIGHTS_NAME} for the PyTorch backend{hint}")
+    if not importlib.util.find_spec("torch"):
+        raise EdgeCheckpointError(f"{directory} holds only the PyTorch edge and torch is not installed")
     return _torch_runtime(directory, device)
+
+
+def _contract(directory: Path, config: dict, preprocessing: ImagePreprocessing) -> dict:
+    vision = config["vision_config"]
+    return dict(
+        directory=directory, preprocessing=preprocessing, codebook_size=int(config["codebook_size"]),
+        codes_per_token=int(config["num_codebooks"]) * int(config["num_groups"]),
+        image_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]),
+    )
+
+
+def _onnx_runtime(directory: Path, config: dict, threads: int | None) -> EdgeRuntime:
+    import onnxruntime as ort
+
+    path = directory / EDGE_ONNX_NAME
+    if not path.is_file():
+        raise EdgeCheckpointError(f"{EDGE_ONNX_NAME} not found in {directory}; export it with "
+                                  "`alignedvq export-edge --format onnx`")
+    try:
+        fingerprint = bytes.fromhex(config["codebook_fingerprint"])
+        preprocessing = read_preprocessing(directory, config)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise EdgeCheckpointError(f"{EDGE_CONFIG_NAME} of an ONNX edge lacks a valid setting: {exc}") from None
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    try:
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own types for unreadable or invalid graphs
+        raise EdgeCheckpointError(f"{EDGE_ONNX_NAME} cannot be loaded: {exc}") from None
+    (graph_input,), (graph_output,) = session.get_inputs(), session.get_outputs()
+    per_image = graph_input.shape[0] == 1  # a graph exported for one image at a time
+
+    def encode(pixels: np.ndarray) -> np.ndarray:
+        if per_image and pixels.shape[0] != 1:
+            return np.concatenate([encode(pixels[i : i + 1]) for i in range(pixels.shape[0])])
+        return session.run([graph_output.name], {graph_input.name: pixels})[0]
+
+    return EdgeRuntime(backend="onnx", fingerprint=fingerprint, num_bytes=path.stat().st_size, _encode=encode,
+                       **_contract(directory, config, preprocessing))
 
 
 def _torch_runtime(directory: Path, device: str) -> EdgeRuntime:
     import torch
 
-    from .edge import AlignedVQEdgeEncoder, EdgeCheckpointError
+    from .edge import AlignedVQEdgeEncoder
 
-    try:
-        encoder = AlignedVQEdgeEncoder.from_pretrained(directory).to(device).eval()
-    except EdgeCheckpointError as exc:
-        raise EdgeFolderError(str(exc)) from exc
-    codes = encoder.codes_per_token
+    encoder = AlignedVQEdgeEncoder.from_pretrained(directory).to(device).eval()
 
     def encode(pixels: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
-            indices = encoder(torch.from_numpy(np.asarray(pixels, dtype=np.float32)).to(device))
-        return indices.reshape(indices.shape[0], indices.shape[1], codes).cpu().numpy()
+            return encoder(torch.from_numpy(pixels).to(device)).cpu().numpy()
 
-    vision = encoder.vision_config
-    return EdgeRuntime(
-        directory=directory, backend="torch", preprocessing=encoder.preprocessing,
-        codebook_size=encoder.settings["codebook_size"], codes_per_token=codes,
-        image_size=vision.image_size, patch_size=vision.patch_size,
-        fingerprint=encoder.codebook_fingerprint(), num_bytes=encoder.num_bytes(), _encode=encode,
-    )
+    return EdgeRuntime(backend="torch", fingerprint=encoder.codebook_fingerprint(), num_bytes=encoder.num_bytes(),
+                       _encode=encode, **_contract(directory, read_edge_config(directory), encoder.preprocessing))
 
 
 __all__ = [
     "BACKENDS",
     "EDGE_CONFIG_NAME",
+    "EDGE_FORMAT_VERSION",
+    "EDGE_ONNX_NAME",
+    "EDGE_SETTINGS",
     "EDGE_WEIGHTS_NAME",
     "INDEX_DISTRIBUTION_NAME",
-    "EdgeFolderError",
+    "EdgeCheckpointError",
     "EdgeRuntime",
     "frame_geometry",
     "load_edge_runtime",
     "load_index_distribution",
     "read_edge_config",
+    "write_edge_config",
 ]

@@ -5,6 +5,10 @@ Works on any tower shaped like Transformers' CLIP/SigLIP vision models: ``tower.
 ``layer_norm2`` and ``mlp``, computing ``h = x + attn(ln1(x)); out = h + mlp(ln2(h))``. No Transformers
 import: the edge uses these functions on the edge-only module too.
 
+Sites inside block ``b``: ``input`` (the block input, i.e. the residual stream: for ``b = 0`` the embeddings after
+the pre-LayerNorm, for ``b > 0`` the same tensor as ``mlp`` of block ``b - 1``), ``ln1``, ``attn``, ``ln2``, ``mlp``
+(the block output).
+
 Hidden-state numbering follows Transformers: hidden state 0 is the embeddings output (after the pre-LayerNorm),
 hidden state ``i`` is the output of block ``i - 1``.
 """
@@ -14,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-SPLIT_SITES = ("ln1", "attn", "ln2", "mlp")
+SPLIT_SITES = ("input", "ln1", "attn", "ln2", "mlp")
 
 
 def vision_blocks(tower: nn.Module) -> nn.ModuleList:
@@ -57,6 +61,8 @@ def _attention(block: nn.Module, normed: torch.Tensor) -> torch.Tensor:
 
 def block_to_site(block: nn.Module, x: torch.Tensor, site: str) -> torch.Tensor:
     """Edge half of a block: block input ``x`` -> the features at ``site``."""
+    if site == "input":
+        return x
     normed = block.layer_norm1(x)
     if site == "ln1":
         return normed
@@ -74,6 +80,8 @@ def block_from_site(block: nn.Module, z: torch.Tensor, site: str) -> torch.Tenso
     residual stream as well, since nothing else crosses the split."""
     if site == "mlp":
         return z
+    if site == "input":
+        return block(z, None)
     if site == "ln1":
         z = z + _attention(block, z)
     if site in ("ln1", "attn"):

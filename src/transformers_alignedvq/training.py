@@ -21,6 +21,18 @@ from .lora import add_lora
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
+def cloud_vision_lora_targets(config) -> str:
+    """PEFT ``target_modules`` regex for the linear layers of the vision blocks the cloud runs entirely (after
+    the split, and the split block itself when the site is its input): adapting them changes nothing on the
+    edge, so the edge, its codebook and the frames stay as they are."""
+    first = config.split_layer + (0 if config.split_site == "input" else 1)
+    last = max(config.feature_layer_indices())  # hidden state i is the output of block i - 1
+    blocks = "|".join(str(i) for i in range(first, last))
+    if not blocks:
+        raise ValueError("no vision block runs entirely in the cloud before the features LLaVA reads")
+    return rf".*vision_tower.*encoder\.layers\.({blocks})\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
+
+
 def prepare_for_finetuning(
     model,
     *,
@@ -28,6 +40,7 @@ def prepare_for_finetuning(
     lora_alpha: int | None = None,
     lora_dropout: float = 0.05,
     target_modules: str | list[str] = DEFAULT_LORA_TARGETS,
+    lora_cloud_vision: bool = False,
     train_dlp: bool = True,
 ):
     """Freeze the model except the AlignedVQ projections and (if ``lora_r``) fresh LoRA adapters.
@@ -37,12 +50,18 @@ def prepare_for_finetuning(
         lora_r: LoRA rank for the language model; ``None`` or 0 trains no LoRA (the paper's "VQ-LN1-DLP").
         lora_alpha: LoRA scaling numerator; defaults to ``2 * lora_r``.
         target_modules: PEFT ``target_modules`` (a regex over module names, or a list).
+        lora_cloud_vision: also put LoRA into the vision blocks the cloud runs (`cloud_vision_lora_targets`),
+            so the cloud side of the tower adapts to quantized inputs; not in the paper's recipe.
         train_dlp: train the DLP (and the codebook projections when ``codebook_dim`` is smaller).
 
     Returns the model, with ``requires_grad`` set; the codebook itself follows the EMA during training.
     """
     for param in model.parameters():
         param.requires_grad_(False)
+    if lora_cloud_vision:
+        if not isinstance(target_modules, str):
+            raise ValueError("lora_cloud_vision combines with a regex target_modules only")
+        target_modules = f"({target_modules})|({cloud_vision_lora_targets(model.config)})"
     if lora_r:
         from peft import LoraConfig
 
