@@ -355,6 +355,49 @@ def test_edge_folder_errors(tmp_path, deployment, server):
         EdgeClient(deployment / "config.json", server.url)
 
 
+# A device without PyTorch or Transformers, emulated: any import of them fails as if they were not installed.
+_WITHOUT_TORCH = textwrap.dedent(
+    """
+    import importlib.abc, importlib.machinery, json, sys
+
+    class Absent(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("torch", "transformers", "onnx", "onnxscript"):
+                return importlib.machinery.ModuleSpec(name, self)
+        def create_module(self, spec):
+            raise ModuleNotFoundError(f"No module named {spec.name!r}", name=spec.name)
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.insert(0, Absent())
+    import numpy as np
+    from transformers_alignedvq.client import EdgeClient
+
+    with EdgeClient(sys.argv[1], sys.argv[2], threads=1) as client:
+        image = np.random.default_rng(5).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+        answer = client.ask(image, "what color is the shape ?")
+        frame = client.encode(image, "what color is the shape ?")
+    print(json.dumps({"answer": answer.text, "backend": client.edge.backend, "frame": frame.hex(),
+                      "modules": sorted(sys.modules)}))
+    """
+)
+
+
+def test_an_onnx_edge_answers_on_a_device_without_torch(deployment, server, edge_client, tmp_path):
+    pytest.importorskip("onnxscript")
+    onnx_dir = export_edge(deployment, tmp_path / "onnx-edge", format="onnx")
+    assert sorted(p.name for p in onnx_dir.iterdir()) == ["edge_config.json", "edge_model.onnx"]
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_TORCH, str(onnx_dir), server.url],
+                         capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["backend"] == "onnx"
+    assert not {m.split(".")[0] for m in result["modules"]} & {"torch", "transformers"}
+    image = np.random.default_rng(5).integers(0, 256, (48, 48, 3), dtype=np.uint8)
+    assert bytes.fromhex(result["frame"]) == edge_client.encode(image, QUESTION)  # the PyTorch edge's frame
+    assert result["answer"] == edge_client.ask(image, QUESTION).text
+
+
 # Last: by now the subprocess started by the autouse fixture has had the whole module to finish.
 def test_edge_process_answers_without_server_or_language_model_code(isolated_edge_result, edge_client):
     assert isolated_edge_result["answer"] == edge_client.ask(

@@ -7,7 +7,6 @@ it unchanged. On a device with only the ``edge`` extra (onnxruntime, numpy, Pill
 heavy, and the edge modules (`client`, `edge_runtime`, `preprocess`, `wire`) work on their own.
 """
 
-from importlib.util import find_spec as _find_spec
 from pathlib import Path as _Path
 
 from .errors import CheckpointMismatchError
@@ -25,7 +24,34 @@ if (_Path(__file__).parent / "assets" / "tiny-easyvqa" / "config.json").is_file(
 
 __all__ = ["VQA_ACCURACY_METRIC", "CheckpointMismatchError"]
 
-if _find_spec("torch") and _find_spec("transformers"):
+
+def _installed_cloud_side() -> bool:
+    """Whether torch and transformers import (the [cloud] extra); False on an edge install."""
+    try:
+        import torch  # noqa: F401
+        import transformers  # noqa: F401
+    except ModuleNotFoundError as exc:
+        if exc.name in ("torch", "transformers"):
+            return False
+        raise
+    return True
+
+
+def _check_cloud_versions() -> None:
+    """A base install does not pin Transformers (the [cloud] extra does): refuse an untested release here."""
+    from importlib.metadata import version
+
+    installed = version("transformers")
+    numbers = tuple(int(part) for part in installed.split(".")[:3] if part.isdigit())
+    if not (5, 16, 1) <= numbers < (6,):
+        raise ImportError(
+            f"transformers-alignedvq needs transformers>=5.16.1,<6 (found {installed}); "
+            'install "transformers-alignedvq[cloud]"'
+        )
+
+
+if _installed_cloud_side():
+    _check_cloud_versions()
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
     from .alignedvq_layer import AlignedVQLayer, AlignedVQLayerOutput

@@ -85,7 +85,6 @@ def _edge_folder(path: str, scratch: Path) -> str:
 def cmd_ask(args) -> int:
     from .client import EdgeClient, check_server_url
 
-    _set_threads(args.threads)
     check_server_url(args.server)
     if not args.question.strip():
         raise CliError("the question is empty")
@@ -93,7 +92,8 @@ def cmd_ask(args) -> int:
         raise CliError(f"image {args.image} not found")
     with tempfile.TemporaryDirectory() as scratch:
         edge = _edge_folder(_default_model(args.edge), Path(scratch))
-        with EdgeClient(edge, args.server, timeout=args.timeout, retry_window=args.retry_window) as client:
+        with EdgeClient(edge, args.server, timeout=args.timeout, retry_window=args.retry_window,
+                        threads=args.threads) as client:
             answer = client.ask(args.image, args.question)
     if args.json:
         print(json.dumps({
@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP attempt")
     ask.add_argument("--retry-window", type=float, default=30.0,
                      help="seconds during which a refused, dropped or timed-out request or a 503 is retried")
-    ask.add_argument("--threads", type=int, default=None)
+    ask.add_argument("--threads", type=int, default=None, help="CPU threads of the edge runtime")
     ask.add_argument("--json", action="store_true", help="print the answer and timings as JSON")
     ask.set_defaults(func=cmd_ask)
 

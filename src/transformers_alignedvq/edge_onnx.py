@@ -117,7 +117,8 @@ def _quantize_front(path: Path, scratch: Path, calibration: Iterable[np.ndarray]
             return None if batch is None else {INPUT_NAME: np.ascontiguousarray(batch, dtype=np.float32)}
 
     prepared, quantized = scratch / "front.pre.onnx", scratch / "front.int8.onnx"
-    quant_pre_process(str(path), str(prepared))
+    # ONNX shape inference is enough for these graphs; ORT's symbolic one fails on them in older releases.
+    quant_pre_process(str(path), str(prepared), skip_symbolic_shape=True)
     quantize_static(
         str(prepared), str(quantized), Reader(), quant_format=QuantFormat.QOperator,
         op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True,

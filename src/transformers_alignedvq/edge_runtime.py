@@ -14,7 +14,7 @@ imports numpy only; each backend imports its runtime when it is chosen.
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import os
 from dataclasses import dataclass
@@ -136,8 +136,7 @@ def load_edge_runtime(directory: str | os.PathLike, *, backend: str = "auto", th
     Args:
         backend: ``"onnx"``, ``"torch"`` or ``"auto"`` (ONNX when the folder has ``edge_model.onnx`` and
             onnxruntime is installed, otherwise PyTorch).
-        threads: CPU threads for the ONNX backend (default: onnxruntime's choice); the PyTorch backend uses
-            ``torch.set_num_threads``.
+        threads: CPU threads (default: the runtime's choice; PyTorch's is process-wide).
         device: the PyTorch backend's device.
     """
     directory = Path(directory)
@@ -146,15 +145,28 @@ def load_edge_runtime(directory: str | os.PathLike, *, backend: str = "auto", th
     config = read_edge_config(directory)
     has_onnx = (directory / EDGE_ONNX_NAME).is_file()
     if backend == "auto":
-        backend = "onnx" if has_onnx and importlib.util.find_spec("onnxruntime") else "torch"
+        backend = "onnx" if has_onnx and _importable("onnxruntime") else "torch"
     if backend == "onnx":
         return _onnx_runtime(directory, config, threads)
     if not (directory / EDGE_WEIGHTS_NAME).is_file():
         hint = " (install onnxruntime to run its edge_model.onnx)" if has_onnx else ""
         raise EdgeCheckpointError(f"{directory} has no {EDGE_WEIGHTS_NAME} for the PyTorch backend{hint}")
-    if not importlib.util.find_spec("torch"):
-        raise EdgeCheckpointError(f"{directory} holds only the PyTorch edge and torch is not installed")
-    return _torch_runtime(directory, device)
+    if not _importable("torch"):
+        raise EdgeCheckpointError(
+            f"{directory} holds only the PyTorch edge and torch is not installed; export an ONNX edge "
+            "(`alignedvq export-edge --format onnx`) for a device without PyTorch"
+        )
+    return _torch_runtime(directory, device, threads)
+
+
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name == name:
+            return False
+        raise
+    return True
 
 
 def _contract(directory: Path, config: dict, preprocessing: ImagePreprocessing) -> dict:
@@ -197,11 +209,13 @@ def _onnx_runtime(directory: Path, config: dict, threads: int | None) -> EdgeRun
                        **_contract(directory, config, preprocessing))
 
 
-def _torch_runtime(directory: Path, device: str) -> EdgeRuntime:
+def _torch_runtime(directory: Path, device: str, threads: int | None) -> EdgeRuntime:
     import torch
 
     from .edge import AlignedVQEdgeEncoder
 
+    if threads:
+        torch.set_num_threads(threads)
     encoder = AlignedVQEdgeEncoder.from_pretrained(directory).to(device).eval()
 
     def encode(pixels: np.ndarray) -> np.ndarray:

@@ -62,6 +62,7 @@ REMOTE_CODE_FILES = (
     "errors.py",
     "edge_runtime.py",
     "preprocess.py",
+    "search.py",
 )
 AUTO_MAP = {
     "AutoConfig": "configuration_alignedvq.AlignedVQConfig",
