@@ -203,6 +203,7 @@ def demo_samples(images: int, questions_per_image: int, split: str = "test") -> 
 def cmd_demo(args) -> int:
     from .client import EdgeClient
     from .edge_export import export_edge
+    from .connection_limits import ConnectionLimits
     from .server import BackgroundServer, ServerConfigError, create_app
 
     _set_threads(args.threads)
@@ -216,7 +217,10 @@ def cmd_demo(args) -> int:
             app = create_app(model, max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size)
         except ServerConfigError as exc:
             raise CliError(str(exc)) from exc
-        with BackgroundServer(app, host="127.0.0.1", port=0) as server, EdgeClient(edge_dir, server.url) as client:
+        # One client on loopback: small limits, so the demo also runs where few open files are allowed.
+        limits = ConnectionLimits(max_connections=64, backlog=64)
+        with BackgroundServer(app, host="127.0.0.1", port=0, limits=limits) as server, \
+                EdgeClient(edge_dir, server.url) as client:
             print(f"cloud server on {server.url}; edge client loaded from the exported edge part "
                   f"({client.edge.num_bytes / 2**20:.2f} MiB of weights)")
             correct = 0

@@ -25,10 +25,10 @@ Errors are JSON ``{"error": {"type": ..., "message": ...}}``:
 code  type                       when
 ====  =========================  ==============================================================
 400   ``empty_body``             no body
-401   ``unauthorized``           API keys are on and the request has none, or an unknown one
 400   ``malformed_frame``        not a valid frame: bad magic, truncated, trailing bytes, bad CRC,
                                  unknown version or flags, inconsistent header, bad padding,
                                  prompt not UTF-8
+401   ``unauthorized``           API keys are on and the request has none, or an unknown one
 404   ``not_found``              unknown route
 405   ``method_not_allowed``     wrong HTTP method
 409   ``codebook_mismatch``      the frame's codebook fingerprint is not this model's
@@ -721,9 +721,9 @@ class BackgroundServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        self._server = make_server(self.app, limits=self.limits, drain=getattr(self.app.state, "drain", None),
-                                   log_level=self.log_level, ssl_certfile=self.ssl_certfile,
-                                   ssl_keyfile=self.ssl_keyfile)
+        drain = getattr(getattr(self.app, "state", None), "drain", None)  # set by `create_app`
+        self._server = make_server(self.app, limits=self.limits, drain=drain, log_level=self.log_level,
+                                   ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True,
                                         name="alignedvq-uvicorn")
         self._thread.start()
