@@ -3,6 +3,7 @@ graceful shutdown, clients that leave, health, API keys and TLS (`http_guard`, `
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import socket
@@ -175,54 +176,54 @@ def test_client_that_left_after_sending_its_body_is_not_computed(deployment, fra
         gate.restore()
 
 
-def test_sigterm_drain_answers_everything_received_then_refuses_connections(deployment, frame):
-    app = create_app(deployment, max_new_tokens=2, max_batch_size=2, max_wait_ms=0, warmup=False)
+@contextlib.contextmanager
+def held_requests(deployment, frame, *, count: int, max_batch_size: int, shutdown_timeout: float):
+    """A running server whose worker is blocked (`Gate`) while it holds ``count`` posted requests; yields
+    ``(server, gate, futures of the responses)``."""
+    app = create_app(deployment, max_new_tokens=2, max_batch_size=max_batch_size, max_wait_ms=0, warmup=False)
     batcher, gate = app.state.batcher, Gate(app.state.batcher)
-    server = BackgroundServer(app, limits=ConnectionLimits(shutdown_timeout=20)).start()
+    server = BackgroundServer(app, limits=ConnectionLimits(shutdown_timeout=shutdown_timeout)).start()
     try:
-        with ThreadPoolExecutor(6) as pool:
-            sent = [pool.submit(httpx.post, f"{server.url}/v1/answer", content=frame, headers=OCTET, timeout=30)
-                    for _ in range(6)]
-            wait_for(lambda: batcher.queue_depth() + len(batcher._taken) == 6)
-            stopper = threading.Thread(target=server.stop)
-            stopper.start()
-            wait_for(lambda: batcher.stopping)
-            late = httpx.post(f"{server.url}/v1/answer", content=frame, headers=OCTET, timeout=10)
-            assert_error(late, 503, "shutting_down")
-            assert late.headers["connection"] == "close" and late.headers["retry-after"] == "1"
-            gate.release.set()
-            assert [future.result(30).status_code for future in sent] == [200] * 6
-            stopper.join(30)
+        with ThreadPoolExecutor(count) as pool:
+            try:
+                sent = [pool.submit(httpx.post, f"{server.url}/v1/answer", content=frame, headers=OCTET, timeout=30)
+                        for _ in range(count)]
+                wait_for(lambda: batcher.queue_depth() + len(batcher._taken) == count)
+                yield server, gate, sent
+            finally:
+                gate.restore()
+    finally:
+        server.stop()
+
+
+def test_sigterm_drain_answers_everything_received_then_refuses_connections(deployment, frame):
+    with held_requests(deployment, frame, count=6, max_batch_size=2, shutdown_timeout=20) as (server, gate, sent):
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        wait_for(lambda: server.app.state.batcher.stopping)
+        late = httpx.post(f"{server.url}/v1/answer", content=frame, headers=OCTET, timeout=10)
+        assert_error(late, 503, "shutting_down")
+        assert late.headers["connection"] == "close" and late.headers["retry-after"] == "1"
+        gate.release.set()
+        assert [future.result(30).status_code for future in sent] == [200] * 6
+        stopper.join(30)
         assert not stopper.is_alive()
         with pytest.raises(httpx.ConnectError):
             httpx.get(f"{server.url}/healthz", timeout=2)
-    finally:
-        gate.restore()
-        server.stop()
 
 
 def test_sigterm_answers_503_to_what_cannot_finish_within_the_timeout(deployment, frame):
-    app = create_app(deployment, max_new_tokens=2, max_batch_size=1, max_wait_ms=0, warmup=False)
-    batcher, gate = app.state.batcher, Gate(app.state.batcher)
-    server = BackgroundServer(app, limits=ConnectionLimits(shutdown_timeout=1.0)).start()
-    try:
-        with ThreadPoolExecutor(3) as pool:
-            sent = [pool.submit(httpx.post, f"{server.url}/v1/answer", content=frame, headers=OCTET, timeout=30)
-                    for _ in range(3)]
-            wait_for(lambda: batcher.queue_depth() + len(batcher._taken) == 3)
-            start = time.monotonic()
-            stopper = threading.Thread(target=server.stop)
-            stopper.start()
-            responses = [future.result(30) for future in sent]  # the worker stays blocked
-            assert time.monotonic() - start < 3
-            for response in responses:
-                assert_error(response, 503, "shutting_down")
-            gate.release.set()  # lets the blocked batch end, so the process could exit
-            stopper.join(30)
+    with held_requests(deployment, frame, count=3, max_batch_size=1, shutdown_timeout=1.0) as (server, gate, sent):
+        start = time.monotonic()
+        stopper = threading.Thread(target=server.stop)
+        stopper.start()
+        responses = [future.result(30) for future in sent]  # the worker stays blocked
+        assert time.monotonic() - start < 3
+        for response in responses:
+            assert_error(response, 503, "shutting_down")
+        gate.release.set()  # lets the blocked batch end, so the server can stop
+        stopper.join(30)
         assert not stopper.is_alive()
-    finally:
-        gate.restore()
-        server.stop()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -486,23 +486,24 @@ async def _read_body(request: Request, max_body_bytes: int) -> bytes:
 
 
 async def _unless_client_leaves(request: Request, future: asyncio.Future):
-    """The future's result; if the client disconnects first, the future is cancelled (the batcher then drops
-    the job unless its batch already runs)."""
+    """The future's result; if the client disconnects first, the future is cancelled at once (the batcher then
+    drops the job unless its batch already runs)."""
 
-    async def client_left() -> None:
+    async def cancel_when_client_leaves() -> None:
         # The body is read, so the next message is the disconnect.
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        future.cancel()
 
-    watcher = asyncio.ensure_future(client_left())
+    watcher = asyncio.ensure_future(cancel_when_client_leaves())
     try:
-        await asyncio.wait({future, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await future
+    except asyncio.CancelledError:
+        if not (watcher.done() and future.cancelled()):
+            raise  # this handler itself was cancelled
+        raise ApiError(400, "client_disconnected", "the client disconnected before the answer was ready") from None
     finally:
         watcher.cancel()
-    if not future.done():
-        future.cancel()
-        raise ApiError(400, "client_disconnected", "the client disconnected before the answer was ready")
-    return future.result()
 
 
 def _load(model_dir_or_model, processor, device, dtype):
