@@ -404,3 +404,25 @@ def test_serve_help_shows_every_limit_with_its_default(capsys):
         shown = re.search(rf"{flag} [A-Z_]+ .*?\(default: ([^)]*)\)", text)
         assert shown and shown.group(1) == str(value), flag
     assert "--max-body-bytes" in text and "largest valid frame" in text
+
+
+def test_ask_sends_the_key_from_a_file_or_the_environment(deployment, tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    from transformers_alignedvq.edge_export import export_edge
+
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(picture)
+    key_file = tmp_path / "key"
+    key_file.write_text(KEY + "\n")
+    monkeypatch.delenv(cli.API_KEY_ENV, raising=False)
+    app = create_app(deployment, max_new_tokens=2, max_wait_ms=0, api_keys=[KEY])
+    with BackgroundServer(app) as server:
+        edge = export_edge(deployment, tmp_path / "edge")
+        ask = ["ask", "--server", server.url, "--edge", str(edge), "--image", str(picture), "what ?"]
+        assert cli.main(ask + ["--retry-window", "0"]) == 1
+        assert "401 unauthorized" in capsys.readouterr().err
+        assert cli.main(ask + ["--api-key-file", str(key_file)]) == 0
+        monkeypatch.setenv(cli.API_KEY_ENV, KEY)
+        assert cli.main(ask) == 0
+    assert capsys.readouterr().out.count("answer:") == 2
