@@ -95,12 +95,12 @@ def _api_key(path: str | None) -> str | None:
     if path is None:
         return os.environ.get(API_KEY_ENV) or None
     try:
-        key = Path(path).read_text(encoding="utf-8").strip().splitlines()
+        lines = Path(path).read_text(encoding="utf-8").strip().splitlines()
     except (OSError, UnicodeDecodeError) as exc:
         raise CliError(f"cannot read the API key file {path}: {exc}") from exc
-    if not key:
+    if not lines:
         raise CliError(f"the API key file {path} is empty")
-    return key[0].strip()
+    return lines[0].strip()
 
 
 def cmd_ask(args) -> int:
