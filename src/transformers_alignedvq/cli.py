@@ -1,6 +1,6 @@
 """``alignedvq`` command line: serve, ask, export-edge, info, demo.
 
-    alignedvq serve --model MODEL_DIR --host 0.0.0.0 --port 8000
+    alignedvq serve --model MODEL_DIR --host 0.0.0.0 --api-keys-file KEYS --ssl-certfile CERT --ssl-keyfile KEY
     alignedvq export-edge --model MODEL_DIR --output EDGE_DIR
     alignedvq ask --server http://cloud:8000 --edge EDGE_DIR --image photo.png "What color is the shape?"
     alignedvq info --model MODEL_DIR_OR_EDGE_DIR
