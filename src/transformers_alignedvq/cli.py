@@ -1,6 +1,6 @@
 """``alignedvq`` command line: serve, ask, export-edge, info, demo.
 
-    alignedvq serve --model MODEL_DIR --host 0.0.0.0 --port 8000
+    alignedvq serve --model MODEL_DIR --host 0.0.0.0 --api-keys-file KEYS --ssl-certfile CERT --ssl-keyfile KEY
     alignedvq export-edge --model MODEL_DIR --output EDGE_DIR
     alignedvq ask --server http://cloud:8000 --edge EDGE_DIR --image photo.png "What color is the shape?"
     alignedvq info --model MODEL_DIR_OR_EDGE_DIR
@@ -15,11 +15,16 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 NO_BUNDLED_MODEL = "no bundled model in this build; pass --model"
+API_KEY_ENV = "ALIGNEDVQ_API_KEY"
+# `serve` flags that are fields of `ConnectionLimits`, in the order --help lists them.
+_LIMIT_FLAGS = ("max_connections", "backlog", "header_timeout", "body_timeout", "keep_alive_timeout",
+                "max_header_bytes", "shutdown_timeout")
 
 
 class CliError(Exception):
@@ -55,18 +60,20 @@ def _set_threads(threads: int | None) -> None:
 
 # --------------------------------------------------------------------------------------------------------
 def cmd_serve(args) -> int:
-    from .server import ServerConfigError, serve
+    from .auth import load_api_keys
+    from .connection_limits import ConnectionLimits
+    from .server import serve
 
     _set_threads(args.threads)
     model = _default_model(args.model)
-    try:
-        serve(
-            model, host=args.host, port=args.port, log_level=args.log_level,
-            max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
-            max_new_tokens=args.max_new_tokens, device=args.device, dtype=args.dtype,
-        )
-    except ServerConfigError as exc:
-        raise CliError(str(exc)) from exc
+    limits = ConnectionLimits(**{name: getattr(args, name) for name in _LIMIT_FLAGS})
+    serve(
+        model, host=args.host, port=args.port, log_level=args.log_level, limits=limits,
+        api_keys=load_api_keys(args.api_keys_file), ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+        docs=args.docs, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        max_new_tokens=args.max_new_tokens, max_prompt_bytes=args.max_prompt_bytes,
+        max_body_bytes=args.max_body_bytes, device=args.device, dtype=args.dtype,
+    )
     return 0
 
 
@@ -82,6 +89,20 @@ def _edge_folder(path: str, scratch: Path) -> str:
     return path
 
 
+def _api_key(path: str | None) -> str | None:
+    """The key from ``path`` (its first line), else from $ALIGNEDVQ_API_KEY; never from the command line, where
+    other users of the machine could read it."""
+    if path is None:
+        return os.environ.get(API_KEY_ENV) or None
+    try:
+        lines = Path(path).read_text(encoding="utf-8").strip().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read the API key file {path}: {exc}") from exc
+    if not lines:
+        raise CliError(f"the API key file {path} is empty")
+    return lines[0].strip()
+
+
 def cmd_ask(args) -> int:
     from .client import EdgeClient, check_server_url
 
@@ -93,7 +114,7 @@ def cmd_ask(args) -> int:
     with tempfile.TemporaryDirectory() as scratch:
         edge = _edge_folder(_default_model(args.edge), Path(scratch))
         with EdgeClient(edge, args.server, timeout=args.timeout, retry_window=args.retry_window,
-                        threads=args.threads) as client:
+                        threads=args.threads, api_key=_api_key(args.api_key_file)) as client:
             answer = client.ask(args.image, args.question)
     if args.json:
         print(json.dumps({
@@ -198,6 +219,7 @@ def demo_samples(images: int, questions_per_image: int, split: str = "test") -> 
 def cmd_demo(args) -> int:
     from .client import EdgeClient
     from .edge_export import export_edge
+    from .connection_limits import ConnectionLimits
     from .server import BackgroundServer, ServerConfigError, create_app
 
     _set_threads(args.threads)
@@ -211,7 +233,10 @@ def cmd_demo(args) -> int:
             app = create_app(model, max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size)
         except ServerConfigError as exc:
             raise CliError(str(exc)) from exc
-        with BackgroundServer(app, host="127.0.0.1", port=0) as server, EdgeClient(edge_dir, server.url) as client:
+        # One client on loopback: small limits, so the demo also runs where few open files are allowed.
+        limits = ConnectionLimits(max_connections=64, backlog=64)
+        with BackgroundServer(app, host="127.0.0.1", port=0, limits=limits) as server, \
+                EdgeClient(edge_dir, server.url) as client:
             print(f"cloud server on {server.url}; edge client loaded from the exported edge part "
                   f"({client.edge.num_bytes / 2**20:.2f} MiB of weights)")
             correct = 0
@@ -232,6 +257,60 @@ def cmd_demo(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------------------
+_LIMIT_HELP = {
+    "max_connections": "open client connections at most; beyond it the one idle longest is closed",
+    "backlog": "listen backlog, also the most connections accepted at once (<= --max-connections)",
+    "header_timeout": "seconds to send a request head, from connecting or from the previous answer",
+    "body_timeout": "seconds to send the body, from the end of the head",
+    "keep_alive_timeout": "seconds an idle keep-alive connection stays open",
+    "max_header_bytes": "most bytes of an unfinished request head buffered per connection (400 beyond)",
+    "shutdown_timeout": "on SIGTERM, seconds to answer requests already received (503 after that)",
+}
+
+
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help unless the help already tells, or there is no value to show."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _add_serve_parser(sub) -> None:
+    from .auth import API_KEYS_ENV
+    from .connection_limits import ConnectionLimits
+
+    serve = sub.add_parser("serve", help="run the cloud server", formatter_class=_DefaultsFormatter,
+                           description="Serve POST /v1/answer (see server.py and docs/serving.md). SIGTERM drains: "
+                                       "requests already received are answered, then the process exits.")
+    serve.add_argument("--model", help="model folder or Hub id (default: the bundled model, if any)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 for all interfaces")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port")
+    serve.add_argument("--max-batch-size", type=int, default=8, help="requests per generate call")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits to fill up")
+    serve.add_argument("--max-queue", type=int, default=64, help="queued requests at most (503 beyond)")
+    serve.add_argument("--max-new-tokens", type=int, default=32, help="answer length in tokens at most")
+    serve.add_argument("--max-prompt-bytes", type=int, default=2048, help="question length in UTF-8 bytes at most")
+    serve.add_argument("--max-body-bytes", type=int, default=None,
+                       help="request body at most (default: the largest valid frame with the longest question)")
+    types = {"max_connections": int, "backlog": int, "max_header_bytes": int}
+    for name in _LIMIT_FLAGS:
+        serve.add_argument(f"--{name.replace('_', '-')}", type=types.get(name, float),
+                           default=getattr(ConnectionLimits, name), help=_LIMIT_HELP[name])
+    serve.add_argument("--api-keys-file", default=None,
+                       help=f"file of API keys, one per line; ${API_KEYS_ENV} (comma-separated) adds more. With "
+                            "keys, every route but /healthz needs 'Authorization: Bearer KEY' (default: none)")
+    serve.add_argument("--ssl-certfile", default=None, help="PEM certificate chain: serve HTTPS (default: plain HTTP)")
+    serve.add_argument("--ssl-keyfile", default=None, help="PEM private key of --ssl-certfile")
+    serve.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
+    serve.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
+    serve.add_argument("--dtype", default=None, help="e.g. float32, bfloat16, auto")
+    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    serve.add_argument("--log-level", default="info", help="uvicorn log level")
+    serve.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignedvq", description="AlignedVQ edge-cloud split inference for LLaVA models.",
@@ -239,19 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the cloud server", description="Serve POST /v1/answer (see server.py).")
-    serve.add_argument("--model", help="model folder or Hub id (default: the bundled model, if any)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--max-batch-size", type=int, default=8)
-    serve.add_argument("--max-wait-ms", type=float, default=5.0)
-    serve.add_argument("--max-queue", type=int, default=64)
-    serve.add_argument("--max-new-tokens", type=int, default=32)
-    serve.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
-    serve.add_argument("--dtype", default=None, help="e.g. float32, bfloat16, auto")
-    serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    serve.add_argument("--log-level", default="info")
-    serve.set_defaults(func=cmd_serve)
+    _add_serve_parser(sub)
 
     ask = sub.add_parser("ask", help="ask a question about an image via a server",
                          description="Run the edge part locally, send the indices, print the answer.")
@@ -263,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--retry-window", type=float, default=30.0,
                      help="seconds during which a refused, dropped or timed-out request or a 503 is retried")
     ask.add_argument("--threads", type=int, default=None, help="CPU threads of the edge runtime")
+    ask.add_argument("--api-key-file", help=f"file whose first line is the server's API key (default: ${API_KEY_ENV})")
     ask.add_argument("--json", action="store_true", help="print the answer and timings as JSON")
     ask.set_defaults(func=cmd_ask)
 

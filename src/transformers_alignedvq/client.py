@@ -140,13 +140,14 @@ class EdgeClient:
             with onnxruntime when the folder has one, otherwise the PyTorch edge.
         entropy_coding: True: always send the entropy-coded frame; None (default): per frame, the smaller of
             the coded and the bit-packed one; False: never code.
+        api_key: sent as ``Authorization: Bearer <api_key>`` to a server that has API keys on.
     """
 
     def __init__(self, model_dir: str | os.PathLike, server_url: str, *, timeout: float = 60.0,
                  retry_window: float = DEFAULT_RETRY_WINDOW, backoff: float = 0.2, max_backoff: float = 5.0,
                  backend: str = "auto", threads: int | None = None, device: str = "cpu",
-                 transport: httpx.BaseTransport | None = None,
-                 entropy_coding: bool | None = None, seed: int | None = None):
+                 transport: httpx.BaseTransport | None = None, entropy_coding: bool | None = None,
+                 seed: int | None = None, api_key: str | None = None):
         if retry_window < 0 or backoff < 0 or max_backoff < 0 or timeout <= 0:
             raise ValueError(f"need timeout > 0 and retry_window, backoff, max_backoff >= 0; got "
                              f"{timeout}, {retry_window}, {backoff}, {max_backoff}")
@@ -170,7 +171,8 @@ class EdgeClient:
             # httpx writes the headers and the body separately; with Nagle's algorithm on, the small body then
             # waits for the server's delayed ACK (~40 ms on Linux), more than a whole frame takes on the wire.
             transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
-        self._http = httpx.Client(base_url=self.server_url, timeout=timeout, transport=transport)
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._http = httpx.Client(base_url=self.server_url, timeout=timeout, transport=transport, headers=headers)
 
     # -------------------------------------------------------------------------------------------------
     def close(self) -> None:

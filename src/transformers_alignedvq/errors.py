@@ -7,4 +7,8 @@ class CheckpointMismatchError(ValueError):
     architecture. The message names what is wrong."""
 
 
-__all__ = ["CheckpointMismatchError"]
+class ServerConfigError(ValueError):
+    """The model folder or the server settings cannot be served (raised at start-up, never per request)."""
+
+
+__all__ = ["CheckpointMismatchError", "ServerConfigError"]

@@ -11,9 +11,13 @@ Routes:
   {"receive_body", "decode_frame", "queue", "generate", "total"}}``. ``generate`` is the cloud vision part
   (codebook lookup, rest of the vision tower, projector) plus the language model; ``total`` runs from the
   last body byte to the response (receiving the body is transfer time, reported apart as ``receive_body``).
-* ``GET /healthz`` -> ``{"status": "ok", "queue_depth", ...}``.
+* ``GET /healthz`` -> ``{"status": "ok" | "unhealthy" | "shutting_down", "last_generate", ...}``, 200 only when
+  ``ok``: the last generate (the warm-up, then every batch) succeeded and the server is not stopping.
 * ``GET /v1/model`` -> the edge/cloud contract (split, codebook size, bits per index, tokens, codebook
   fingerprint, frame bytes) and the serving limits.
+
+With API keys (`transformers_alignedvq.auth`), every route but ``/healthz`` needs ``Authorization: Bearer
+<key>``. ``/docs`` and ``/openapi.json`` exist only with ``docs=True``.
 
 Errors are JSON ``{"error": {"type": ..., "message": ...}}``:
 
@@ -24,6 +28,7 @@ code  type                       when
 400   ``malformed_frame``        not a valid frame: bad magic, truncated, trailing bytes, bad CRC,
                                  unknown version or flags, inconsistent header, bad padding,
                                  prompt not UTF-8
+401   ``unauthorized``           API keys are on and the request has none, or an unknown one
 404   ``not_found``              unknown route
 405   ``method_not_allowed``     wrong HTTP method
 409   ``codebook_mismatch``      the frame's codebook fingerprint is not this model's
@@ -38,13 +43,20 @@ code  type                       when
                                  image placeholder token
 503   ``overloaded``             the request queue is full (``Retry-After`` says when to retry)
 503   ``shutting_down``          the server is stopping
-500   ``internal_error``         a bug: nothing a client sends should cause it
+500   ``internal_error``         a bug or a failing model; the message never carries internals (the
+                                 log has them)
 ====  =========================  ==============================================================
 
 Concurrent requests are batched: requests wait in a bounded asyncio queue; one worker takes the first,
 collects more until it has ``max_batch_size`` or ``max_wait_ms`` passed, and runs one left-padded greedy
 ``generate`` in a worker thread, so the event loop keeps accepting (and refusing) requests meanwhile.
-Greedy decoding with an attention mask makes a batched answer equal to the unbatched one.
+Greedy decoding with an attention mask makes a batched answer equal to the unbatched one. A job whose client
+disconnects while it waits is dropped before its batch runs.
+
+Connections are bounded by `transformers_alignedvq.http_guard` (a cap on open connections, deadlines for the
+request head and body) when served with `serve` or `BackgroundServer`. On SIGTERM the server stops taking
+work: requests already received are answered (or get 503 ``shutting_down`` once ``shutdown_timeout`` is
+near), new ones get 503, every response says ``Connection: close``, then the process exits.
 """
 
 from __future__ import annotations
@@ -59,7 +71,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from fastapi import FastAPI, Request
@@ -68,7 +80,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from . import wire
+from .auth import BearerAuth
+from .connection_limits import ConnectionLimits
 from .edge_export import describe
+from .errors import ServerConfigError
+from .http_guard import exposure_warnings, logging_config, make_server
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +93,9 @@ DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_MAX_PROMPT_BYTES = 2048
 # LLaVA-1.5's format, for tokenizers saved without a chat template.
 FALLBACK_PROMPT = "USER: {image}\n{question} ASSISTANT:"
-
-
-class ServerConfigError(ValueError):
-    """The model folder or the server settings cannot be served (raised at start-up, never per request)."""
+# After SIGTERM, how long requests already on the wire get to be read before the listening socket closes.
+DRAIN_GRACE_S = 0.1
+CLOSE = {"Connection": "close"}  # on answers sent before the body is read: the rest of it is not wanted
 
 
 class ApiError(Exception):
@@ -244,20 +259,47 @@ class QueueFull(Exception):
     pass
 
 
+class EngineHealth:
+    """Whether the model answered the last time it was asked: the warm-up, then every batch."""
+
+    def __init__(self):
+        self.last_ok: bool | None = None
+        self.last_at: float | None = None
+        self.consecutive_failures = 0
+
+    def record(self, ok: bool) -> None:
+        self.last_ok, self.last_at = ok, time.monotonic()
+        self.consecutive_failures = 0 if ok else self.consecutive_failures + 1
+
+    @property
+    def ok(self) -> bool:
+        return self.last_ok is not False
+
+    def snapshot(self) -> dict:
+        return {
+            "last_generate": {None: "not_run", True: "ok", False: "failed"}[self.last_ok],
+            "seconds_since_last_generate": None if self.last_at is None else time.monotonic() - self.last_at,
+            "consecutive_failures": self.consecutive_failures,
+        }
+
+
 class DynamicBatcher:
     """Bounded queue + one worker that runs `run_batch` on up to ``max_batch_size`` queued jobs at once."""
 
     def __init__(self, run_batch: Callable[[list[_Job]], list[_Result]], *, max_batch_size: int,
-                 max_wait_ms: float, max_queue: int):
+                 max_wait_ms: float, max_queue: int, health: EngineHealth | None = None):
         self.run_batch = run_batch
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_ms / 1000.0, max_queue
+        self.health = health or EngineHealth()
         self.queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._batch_seconds = 0.0  # moving average, for Retry-After
+        self._taken: list[_Job] = []  # jobs the worker took from the queue and has not answered yet
         self.in_flight = 0
         self.batches = 0
         self.requests = 0
+        self.abandoned = 0  # jobs dropped because their client left before their batch ran
         self.stopping = False
 
     async def start(self) -> None:
@@ -268,6 +310,15 @@ class DynamicBatcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignedvq-generate")
         self._task = asyncio.create_task(self._worker(), name="alignedvq-batcher")
 
+    async def drain(self, deadline: float) -> None:
+        """Take no new jobs; answer the queued and running ones until ``deadline`` (`time.monotonic`), then
+        answer what is left with 503."""
+        self.stopping = True
+        await asyncio.sleep(DRAIN_GRACE_S)
+        while (self.queue_depth() or self._taken) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        self._refuse_pending()
+
     async def stop(self) -> None:
         self.stopping = True
         if self._task is not None:
@@ -276,12 +327,17 @@ class DynamicBatcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        while self.queue is not None and not self.queue.empty():
-            job = self.queue.get_nowait()
-            if not job.future.done():
-                job.future.set_exception(ApiError(503, "shutting_down", "the server is shutting down"))
+        self._refuse_pending()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+
+    def _refuse_pending(self) -> None:
+        pending = list(self._taken)
+        while self.queue is not None and not self.queue.empty():
+            pending.append(self.queue.get_nowait())
+        for job in pending:
+            if not job.future.done():
+                job.future.set_exception(_shutting_down())
 
     def queue_depth(self) -> int:
         return self.queue.qsize() if self.queue is not None else 0
@@ -293,7 +349,7 @@ class DynamicBatcher:
 
     def submit(self, job: _Job) -> None:
         if self.stopping or self.queue is None:
-            raise ApiError(503, "shutting_down", "the server is shutting down")
+            raise _shutting_down()
         try:
             self.queue.put_nowait(job)
         except asyncio.QueueFull:
@@ -301,22 +357,24 @@ class DynamicBatcher:
 
     async def _collect(self) -> list[_Job]:
         assert self.queue is not None
-        batch = [await self.queue.get()]
+        self._taken = [await self.queue.get()]
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
-        while len(batch) < self.max_batch_size:
+        while len(self._taken) < self.max_batch_size:
             if not self.queue.empty():
-                batch.append(self.queue.get_nowait())
+                self._taken.append(self.queue.get_nowait())
                 continue
             remaining = deadline - loop.time()
             if remaining <= 0:
                 break
             try:
-                batch.append(await asyncio.wait_for(self.queue.get(), remaining))
+                self._taken.append(await asyncio.wait_for(self.queue.get(), remaining))
             except asyncio.TimeoutError:
                 break
         # A job whose client went away was cancelled: do not spend compute on it.
-        return [job for job in batch if not job.future.done()]
+        self.abandoned += sum(job.future.cancelled() for job in self._taken)
+        self._taken = [job for job in self._taken if not job.future.done()]
+        return self._taken
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -330,27 +388,122 @@ class DynamicBatcher:
             self.in_flight = len(batch)
             try:
                 results = await loop.run_in_executor(self._executor, self.run_batch, batch)
-            except Exception as exc:  # a bug or a model failure: every waiting client gets a 500, the server lives
+            except Exception:  # a bug or a model failure: every waiting client gets a 500, the server lives
                 logger.exception("batched generate failed")
+                self.health.record(False)
                 for job in batch:
                     if not job.future.done():
-                        job.future.set_exception(exc)
+                        job.future.set_exception(
+                            ApiError(500, "internal_error", "the model failed on this request; see the server log"))
             else:
+                self.health.record(True)
                 for job, result in zip(batch, results):
                     if not job.future.done():
                         job.future.set_result(result)
             finally:
                 self.in_flight = 0
+                self._taken = []
             seconds = time.perf_counter() - started
             self._batch_seconds = seconds if self.batches == 0 else 0.8 * self._batch_seconds + 0.2 * seconds
             self.batches += 1
             self.requests += len(batch)
 
 
+def _shutting_down() -> ApiError:
+    return ApiError(503, "shutting_down", "the server is shutting down; retry (another replica, or after restart)",
+                    {"Retry-After": "1"})
+
+
 def _error_response(error: ApiError) -> JSONResponse:
     return JSONResponse(
         {"error": {"type": error.type, "message": error.message}}, status_code=error.status, headers=error.headers
     )
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        types = {404: "not_found", 405: "method_not_allowed"}
+        return _error_response(ApiError(exc.status_code, types.get(exc.status_code, "http_error"), str(exc.detail),
+                                        dict(exc.headers or {})))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception):
+        # The exception's text may name files, settings or data: it goes to the log, never to the client.
+        logger.exception("unhandled error in %s %s", request.method, request.url.path)
+        return _error_response(ApiError(500, "internal_error", "internal error; see the server log"))
+
+
+class _CloseWhileDraining:
+    """ASGI middleware: while the server drains for shutdown, every response says ``Connection: close``."""
+
+    def __init__(self, app, *, draining: Callable[[], bool]):
+        self.app, self.draining = app, draining
+
+    async def __call__(self, scope, receive, send) -> None:
+        async def send_closing(message):
+            if message["type"] == "http.response.start" and self.draining():
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, send_closing if scope["type"] == "http" else send)
+
+
+async def _read_body(request: Request, max_body_bytes: int) -> bytes:
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != FRAME_MEDIA_TYPE:
+        raise ApiError(415, "unsupported_media_type",
+                       f"send the frame as {FRAME_MEDIA_TYPE}, got Content-Type {media_type or '(none)'!r}", CLOSE)
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise ApiError(415, "unsupported_media_type", f"Content-Encoding {encoding!r} is not supported", CLOSE)
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            declared_bytes = int(declared)
+        except ValueError:
+            raise ApiError(400, "bad_request", f"invalid Content-Length {declared!r}", CLOSE) from None
+        if declared_bytes > max_body_bytes:
+            raise ApiError(413, "payload_too_large",
+                           f"body of {declared_bytes} bytes exceeds the limit of {max_body_bytes} bytes", CLOSE)
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:  # chunked uploads have no Content-Length to check up front
+                raise ApiError(413, "payload_too_large", f"body exceeds the limit of {max_body_bytes} bytes", CLOSE)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "client_disconnected", "the client disconnected while sending the body") from None
+    body = b"".join(chunks)
+    if not body:
+        raise ApiError(400, "empty_body", "the body is empty; send one AlignedVQ frame")
+    return body
+
+
+async def _unless_client_leaves(request: Request, future: asyncio.Future):
+    """The future's result; if the client disconnects first, the future is cancelled at once (the batcher then
+    drops the job unless its batch already runs)."""
+
+    async def cancel_when_client_leaves() -> None:
+        # The body is read, so the next message is the disconnect.
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        future.cancel()
+
+    watcher = asyncio.ensure_future(cancel_when_client_leaves())
+    try:
+        return await future
+    except asyncio.CancelledError:
+        if not (watcher.done() and future.cancelled()):
+            raise  # this handler itself was cancelled
+        raise ApiError(400, "client_disconnected", "the client disconnected before the answer was ready") from None
+    finally:
+        watcher.cancel()
 
 
 def _load(model_dir_or_model, processor, device, dtype):
@@ -395,12 +548,16 @@ def create_app(
     dtype: str | torch.dtype | None = None,
     entropy_model: wire.IndexDistribution | None = None,
     warmup: bool = True,
+    api_keys: Sequence[str] | None = None,
+    docs: bool = False,
 ) -> FastAPI:
     """The cloud app for a saved model folder (or Hub id), or a loaded model plus its ``processor``.
 
     ``max_body_bytes`` defaults to the largest valid frame: the index frame plus a prompt of
     ``max_prompt_bytes`` (plus entropy-header slack when an ``entropy_model`` is given). ``warmup`` runs one
-    tiny generate before serving, which also proves the processor and the model fit together.
+    tiny generate before serving, which also proves the processor and the model fit together (a failure is a
+    `ServerConfigError`). ``api_keys`` (see `transformers_alignedvq.auth.load_api_keys`) turns bearer-token
+    authentication on. ``docs`` serves ``/docs`` and ``/openapi.json``.
     """
     if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0 or max_prompt_bytes < 1:
         raise ServerConfigError(
@@ -419,14 +576,21 @@ def create_app(
         if entropy_model is not None:  # an ANS payload can exceed the raw one on improbable indices
             max_body_bytes += wire.ENTROPY_EXTENSION_SIZE + summary["payload_bytes"]
     num_tokens, codes = summary["num_tokens"], summary["codes_per_token"]
+    health = EngineHealth()
     if warmup:
         zeros = torch.zeros(num_tokens, codes, dtype=torch.long)
-        engine.generate([(zeros, engine.input_ids("warm up"))])
+        try:
+            engine.generate([(zeros, engine.input_ids("warm up"))])
+        except Exception as exc:
+            raise ServerConfigError(f"the warm-up generate failed, so the model cannot answer: "
+                                    f"{type(exc).__name__}: {exc}") from exc
+        health.record(True)
 
     def run_batch(jobs: list[_Job]) -> list[_Result]:
         return engine.generate([(job.indices, job.input_ids) for job in jobs])
 
-    batcher = DynamicBatcher(run_batch, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue)
+    batcher = DynamicBatcher(run_batch, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                             health=health)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -436,39 +600,32 @@ def create_app(
         finally:
             await batcher.stop()
 
-    app = FastAPI(title="AlignedVQ cloud", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app = FastAPI(title="AlignedVQ cloud", lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
     app.state.engine, app.state.batcher = engine, batcher
     app.state.max_body_bytes, app.state.max_prompt_bytes = max_body_bytes, max_prompt_bytes
-
-    @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError):
-        return _error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        types = {404: "not_found", 405: "method_not_allowed"}
-        return _error_response(ApiError(exc.status_code, types.get(exc.status_code, "http_error"), str(exc.detail),
-                                        dict(exc.headers or {})))
-
-    @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception):
-        logger.exception("unhandled error")
-        return _error_response(ApiError(500, "internal_error", f"{type(exc).__name__}: {exc}"))
+    app.state.drain = batcher.drain  # called by `http_guard.GuardedServer` on SIGTERM
+    app.add_middleware(_CloseWhileDraining, draining=lambda: batcher.stopping)
+    if api_keys:
+        app.add_middleware(BearerAuth, keys=api_keys)
+    _add_error_handlers(app)
 
     @app.get("/healthz")
     async def healthz():
-        return {
-            "status": "shutting_down" if batcher.stopping else "ok",
+        status = "shutting_down" if batcher.stopping else "ok" if health.ok else "unhealthy"
+        return JSONResponse({
+            "status": status,
+            **health.snapshot(),
             "queue_depth": batcher.queue_depth(),
             "max_queue": max_queue,
             "in_flight": batcher.in_flight,
             "batches": batcher.batches,
             "requests": batcher.requests,
-        }
+            "abandoned": batcher.abandoned,
+        }, status_code=200 if status == "ok" else 503)
 
     info = {
         "model_type": model.config.model_type,
-        "name_or_path": str(getattr(model, "name_or_path", "") or ""),
         **summary,
         "lm_image_tokens": engine.lm_image_tokens,
         "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
@@ -486,41 +643,10 @@ def create_app(
     async def model_info():
         return info
 
-    async def read_body(request: Request) -> bytes:
-        media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if media_type != FRAME_MEDIA_TYPE:
-            raise ApiError(415, "unsupported_media_type",
-                           f"send the frame as {FRAME_MEDIA_TYPE}, got Content-Type {media_type or '(none)'!r}")
-        encoding = request.headers.get("content-encoding", "identity").strip().lower()
-        if encoding not in ("", "identity"):
-            raise ApiError(415, "unsupported_media_type", f"Content-Encoding {encoding!r} is not supported")
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            try:
-                declared_bytes = int(declared)
-            except ValueError:
-                raise ApiError(400, "bad_request", f"invalid Content-Length {declared!r}") from None
-            if declared_bytes > max_body_bytes:
-                raise ApiError(413, "payload_too_large",
-                               f"body of {declared_bytes} bytes exceeds the limit of {max_body_bytes} bytes")
-        chunks, size = [], 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > max_body_bytes:  # chunked uploads have no Content-Length to check up front
-                    raise ApiError(413, "payload_too_large", f"body exceeds the limit of {max_body_bytes} bytes")
-                chunks.append(chunk)
-        except ClientDisconnect:
-            raise ApiError(400, "client_disconnected", "the client disconnected while sending the body") from None
-        body = b"".join(chunks)
-        if not body:
-            raise ApiError(400, "empty_body", "the body is empty; send one AlignedVQ frame")
-        return body
-
     @app.post("/v1/answer")
     async def answer(request: Request):
         t_start = time.perf_counter()
-        body = await read_body(request)
+        body = await _read_body(request, max_body_bytes)
         t_body = time.perf_counter()
         try:
             frame = wire.decode_frame(
@@ -546,7 +672,7 @@ def create_app(
             retry = batcher.retry_after_seconds()
             raise ApiError(503, "overloaded", f"the request queue is full ({max_queue}); retry in {retry} s",
                            {"Retry-After": str(retry)}) from None
-        result: _Result = await job.future
+        result: _Result = await _unless_client_leaves(request, job.future)
         t_done = time.perf_counter()
         return {
             "answer": result.text,
@@ -567,27 +693,28 @@ def create_app(
 
 @dataclass
 class BackgroundServer:
-    """Run an ASGI app with uvicorn in a daemon thread (demos, tests, benchmarks).
+    """Run an ASGI app with uvicorn in a daemon thread (demos, tests, benchmarks), bounded like `serve`.
 
     The listening socket is bound before the thread starts, so ``port=0`` picks a free port with no race.
-    Use as a context manager, or call `start` / `stop`.
+    Use as a context manager, or call `start` / `stop` (which drains like SIGTERM does for `serve`).
     """
 
     app: Any
     host: str = "127.0.0.1"
     port: int = 0
     log_level: str = "warning"
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    ssl_certfile: str | os.PathLike | None = None
+    ssl_keyfile: str | os.PathLike | None = None
     _server: Any = field(default=None, init=False, repr=False)
     _thread: threading.Thread | None = field(default=None, init=False, repr=False)
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}"
+        return f"{'https' if self.ssl_certfile else 'http'}://{host}:{self.port}"
 
     def start(self, timeout: float = 60.0) -> "BackgroundServer":
-        import uvicorn
-
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         # proto must say TCP: asyncio sets TCP_NODELAY on accepted connections only then, and without it a
         # keep-alive response written in two parts stalls ~40 ms on the client's delayed ACK.
@@ -595,7 +722,9 @@ class BackgroundServer:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
-        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level=self.log_level))
+        drain = getattr(getattr(self.app, "state", None), "drain", None)  # set by `create_app`
+        self._server = make_server(self.app, limits=self.limits, drain=drain, log_level=self.log_level,
+                                   ssl_certfile=self.ssl_certfile, ssl_keyfile=self.ssl_keyfile)
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [sock]}, daemon=True,
                                         name="alignedvq-uvicorn")
         self._thread.start()
@@ -627,13 +756,27 @@ def serve(
     host: str = "127.0.0.1",
     port: int = 8000,
     log_level: str = "info",
+    limits: ConnectionLimits | None = None,
+    api_keys: Sequence[str] | None = None,
+    ssl_certfile: str | os.PathLike | None = None,
+    ssl_keyfile: str | os.PathLike | None = None,
     **app_kwargs,
 ) -> None:
-    """Serve until interrupted (blocking). ``app_kwargs`` go to `create_app`."""
-    import uvicorn
+    """Serve until SIGTERM or SIGINT (blocking), then drain and exit. ``app_kwargs`` go to `create_app`.
 
-    app = create_app(model_dir_or_model, **app_kwargs)
-    uvicorn.run(app, host=host, port=port, log_level=log_level)
+    ``limits`` bound connections (`ConnectionLimits`); ``api_keys`` turn on bearer-token authentication;
+    ``ssl_certfile`` and ``ssl_keyfile`` (PEM) serve HTTPS.
+    """
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise ServerConfigError("HTTPS needs both ssl_certfile and ssl_keyfile")
+    limits = limits or ConnectionLimits()
+    limits.ensure_fd_limit()  # before the model loads: a limit that cannot hold is a start-up error
+    for warning in exposure_warnings(host, auth=bool(api_keys), tls=ssl_certfile is not None):
+        logger.warning(warning)
+    app = create_app(model_dir_or_model, api_keys=api_keys, **app_kwargs)
+    server = make_server(app, limits=limits, drain=app.state.drain, host=host, port=port, log_level=log_level,
+                         log_config=logging_config(), ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+    server.run()
 
 
 __all__ = [
@@ -642,6 +785,7 @@ __all__ = [
     "ApiError",
     "BackgroundServer",
     "DynamicBatcher",
+    "EngineHealth",
     "ServerConfigError",
     "classify_wire_error",
     "create_app",
