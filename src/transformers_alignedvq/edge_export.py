@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from . import wire
-from .edge_runtime import EDGE_CONFIG_NAME, EDGE_WEIGHTS_NAME, INDEX_DISTRIBUTION_NAME, frame_geometry
+from .edge_runtime import EDGE_CONFIG_NAME, EDGE_WEIGHTS_NAME, frame_geometry
+from .entropy import ENTROPY_MODEL_NAME
 
 # Key of the codebook tensor in a full checkpoint and in an edge checkpoint.
 _FULL_CODEBOOK_KEY = "model.alignedvq.quantizer.codebook"
@@ -51,8 +52,9 @@ def describe(*, settings: dict[str, Any], image_size: int, patch_size: int, fing
         "patch_size": patch_size,
         "codebook_fingerprint": fingerprint.hex(),
         "payload_bytes": payload,
-        # Without a prompt; a prompt adds 4 bytes of length plus its UTF-8 bytes.
-        "frame_bytes": payload + wire.frame_overhead_bytes(),
+        # A raw frame without a prompt; a prompt adds its UTF-8 bytes plus a 1-2 byte length.
+        "frame_bytes": wire.max_frame_bytes(codebook_size=size, num_tokens=geometry["num_tokens"],
+                                            codes_per_token=codes, grid=geometry["grid"]),
     }
 
 
@@ -144,7 +146,6 @@ def export_edge(model_dir: str | os.PathLike, out_dir: str | os.PathLike) -> Pat
     edge = model.eval().edge_encoder()
     edge.preprocessing = preprocessing
     edge.save_pretrained(out_dir)
-    distribution = model_dir / INDEX_DISTRIBUTION_NAME
-    if distribution.is_file():
-        shutil.copyfile(distribution, out_dir / INDEX_DISTRIBUTION_NAME)
+    if (model_dir / ENTROPY_MODEL_NAME).is_file():
+        shutil.copyfile(model_dir / ENTROPY_MODEL_NAME, out_dir / ENTROPY_MODEL_NAME)
     return out_dir

@@ -22,8 +22,6 @@ from .preprocess import ImagePreprocessing
 
 EDGE_CONFIG_NAME = "edge_config.json"
 EDGE_WEIGHTS_NAME = "edge_model.safetensors"
-# Static index distribution for the lossless entropy-coded wire mode (estimated on training data).
-INDEX_DISTRIBUTION_NAME = "index_distribution.safetensors"
 BACKENDS = ("torch",)
 
 
@@ -68,24 +66,6 @@ def frame_geometry(image_size: int, patch_size: int) -> dict:
     """Tokens per image and the grid recorded in frames: CLIP order, CLS token first."""
     side = image_size // patch_size
     return {"grid": (side, side), "has_cls_token": True, "num_tokens": side * side + 1}
-
-
-def load_index_distribution(directory: str | os.PathLike):
-    """The folder's static index distribution (`wire.IndexDistribution`, for entropy-coded frames), or None
-    when it has none. numpy + safetensors only."""
-    from safetensors.numpy import load_file
-
-    from .errors import CheckpointMismatchError
-    from .wire import IndexDistribution
-
-    path = Path(directory) / INDEX_DISTRIBUTION_NAME
-    if not path.is_file():
-        return None
-    try:
-        arrays = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
-        raise CheckpointMismatchError(f"{path.name} cannot be read (truncated or corrupt?): {exc}") from exc
-    return IndexDistribution.from_arrays(arrays)
 
 
 def read_edge_config(directory: str | os.PathLike) -> dict:
@@ -138,11 +118,9 @@ __all__ = [
     "BACKENDS",
     "EDGE_CONFIG_NAME",
     "EDGE_WEIGHTS_NAME",
-    "INDEX_DISTRIBUTION_NAME",
     "EdgeFolderError",
     "EdgeRuntime",
     "frame_geometry",
     "load_edge_runtime",
-    "load_index_distribution",
     "read_edge_config",
 ]

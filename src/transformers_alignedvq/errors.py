@@ -7,4 +7,8 @@ class CheckpointMismatchError(ValueError):
     architecture. The message names what is wrong."""
 
 
-__all__ = ["CheckpointMismatchError"]
+class WireFormatError(ValueError):
+    """A wire frame, an entropy model, or an argument used to build or check either, is invalid."""
+
+
+__all__ = ["CheckpointMismatchError", "WireFormatError"]
