@@ -21,6 +21,7 @@ This module imports numpy only at the top: it runs on the edge.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 import os
@@ -166,7 +167,7 @@ class EntropyModel:
                                   f"{MAX_PIECES} non-empty pieces")
         raw = data.tobytes()
         try:
-            pieces = [raw[start:end].decode("utf-8") for start, end in zip([0, *ends[:-1]], ends)]
+            pieces = [raw[start:end].decode("utf-8") for start, end in zip([0, *ends[:-1]][: len(ends)], ends, strict=True)]
         except UnicodeDecodeError as exc:
             raise WireFormatError(f"entropy model: a question piece is not UTF-8: {exc}") from None
         if len(set(pieces)) != len(pieces) or any(split_pieces(p) != [p] for p in pieces):
@@ -197,7 +198,8 @@ class EntropyModel:
             raise WireFormatError(f"indices must be in [0, {k})")
         ranks, escapes = np.zeros((NUM_CONTEXTS, NUM_RANKS + 1)), np.zeros(k)
 
-        def count(context: int, candidates: list[int], value: int) -> int:
+        def count(context: int, candidates: list[int], patches) -> int:
+            value = next(patches)
             rank = candidates.index(value) if value in candidates else _ESCAPE
             ranks[context, rank] += 1
             if rank == _ESCAPE:
@@ -205,8 +207,7 @@ class EntropyModel:
             return value
 
         for image in table.tolist():
-            patches = iter(image[int(bool(has_cls_token)):])
-            _walk_patches(height, width, lambda context, candidates: count(context, candidates, next(patches)))
+            _walk_patches(height, width, functools.partial(count, patches=iter(image[int(bool(has_cls_token)):])))
         arrays = {
             "geometry": np.array([k, height, width, int(bool(has_cls_token))], dtype=np.int64),
             "cls_probabilities": _normalised(np.bincount(table[:, 0], minlength=k) if has_cls_token
@@ -288,14 +289,15 @@ class EntropyModel:
         return symbols
 
     def _question_symbols(self, question: str) -> list[tuple[Any, int]]:
-        symbols, context, end = [], 0, len(self._pieces) + 1
+        symbols, context = [], 0
+        escape, end = len(self._pieces), len(self._pieces) + 1
         for piece in split_pieces(question):
             piece_id = self._piece_ids.get(piece)
             if piece_id is None:
-                symbols.append((("question_probabilities", context), end - 1))
+                symbols.append((("question_probabilities", context), escape))
                 symbols += [(("question_byte_probabilities", None), byte) for byte in piece.encode("utf-8")]
                 symbols.append((("question_byte_probabilities", None), _END_OF_PIECE))
-                context = end
+                context = escape + 1
             else:
                 symbols.append((("question_probabilities", context), piece_id))
                 context = piece_id + 1
