@@ -118,6 +118,10 @@ def easy_vqa(model_dir: Path) -> None:
     test, _, _ = easy_vqa_indices(model_dir, "test")
     print(f"easy-VQA, {model_dir.name}: {len(test)} test images, {test.shape[1]} tokens, K={model.codebook_size}; "
           f"{model!r}")
+    height, width = model.grid
+    patches = test[:, 1:].reshape(len(test), height, width)
+    print(f"patches equal to their left neighbour: {np.mean(patches[:, :, 1:] == patches[:, :, :-1]):.1%}, "
+          f"to their upper neighbour: {np.mean(patches[:, 1:] == patches[:, :-1]):.1%}")
     for question in (None, QUESTION):
         title = "without a question" if question is None else f"with the question {question!r}"
         print_sizes(f"frame bytes, {title}", frame_sizes(test, training, model, edge.fingerprint, question))
