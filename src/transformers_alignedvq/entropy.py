@@ -21,7 +21,6 @@ This module imports numpy only at the top: it runs on the edge.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import os
@@ -102,6 +101,25 @@ def _walk_patches(height: int, width: int, take) -> list[int]:
         recent.insert(0, value)
         del recent[NUM_RANKS:]
     return grid
+
+
+def _index_symbols(tokens: list[int], height: int, width: int, has_cls_token: bool) -> list[tuple[Any, int]]:
+    """The symbols coding ``tokens``, in decoding order, each with the key of its table (name, row)."""
+    symbols: list[tuple[Any, int]] = []
+    if has_cls_token:
+        symbols.append((("cls_probabilities", None), tokens[0]))
+    patches = iter(tokens[int(has_cls_token):])
+
+    def take(context: int, candidates: list[int]) -> int:
+        value = next(patches)
+        rank = candidates.index(value) if value in candidates else _ESCAPE
+        symbols.append((("rank_probabilities", context), rank))
+        if rank == _ESCAPE:
+            symbols.append((("escape_probabilities", None), value))
+        return value
+
+    _walk_patches(height, width, take)
+    return symbols
 
 
 def _normalised(counts: np.ndarray, smoothing: float) -> np.ndarray:
@@ -197,17 +215,12 @@ class EntropyModel:
         if table.size and (table.min() < 0 or table.max() >= k):
             raise WireFormatError(f"indices must be in [0, {k})")
         ranks, escapes = np.zeros((NUM_CONTEXTS, NUM_RANKS + 1)), np.zeros(k)
-
-        def count(context: int, candidates: list[int], patches) -> int:
-            value = next(patches)
-            rank = candidates.index(value) if value in candidates else _ESCAPE
-            ranks[context, rank] += 1
-            if rank == _ESCAPE:
-                escapes[value] += 1
-            return value
-
         for image in table.tolist():
-            _walk_patches(height, width, functools.partial(count, patches=iter(image[int(bool(has_cls_token)):])))
+            for (name, row), symbol in _index_symbols(image, height, width, bool(has_cls_token)):
+                if name == "rank_probabilities":
+                    ranks[row, symbol] += 1
+                elif name == "escape_probabilities":
+                    escapes[symbol] += 1
         arrays = {
             "geometry": np.array([k, height, width, int(bool(has_cls_token))], dtype=np.int64),
             "cls_probabilities": _normalised(np.bincount(table[:, 0], minlength=k) if has_cls_token
@@ -270,24 +283,6 @@ class EntropyModel:
             model = self._models[key] = _constriction().stream.model.Categorical(table, perfect=False)
         return model
 
-    def _index_symbols(self, tokens: list[int]) -> list[tuple[Any, int]]:
-        symbols: list[tuple[Any, int]] = []
-        start = int(self.has_cls_token)
-        if start:
-            symbols.append((("cls_probabilities", None), tokens[0]))
-        patches = iter(tokens[start:])
-
-        def take(context: int, candidates: list[int]) -> int:
-            value = next(patches)
-            rank = candidates.index(value) if value in candidates else _ESCAPE
-            symbols.append((("rank_probabilities", context), rank))
-            if rank == _ESCAPE:
-                symbols.append((("escape_probabilities", None), value))
-            return value
-
-        _walk_patches(*self.grid, take)
-        return symbols
-
     def _question_symbols(self, question: str) -> list[tuple[Any, int]]:
         symbols, context = [], 0
         escape, end = len(self._pieces), len(self._pieces) + 1
@@ -313,7 +308,7 @@ class EntropyModel:
         """Payloads for ``tokens`` (shape ``(num_tokens,)``): without the question, and with it coded first
         (None when there is no question or it is longer than ``MAX_CODED_PROMPT_BYTES``)."""
         coder = _constriction().stream.stack.AnsCoder()
-        self._push(coder, self._index_symbols(tokens.tolist()))
+        self._push(coder, _index_symbols(tokens.tolist(), *self.grid, self.has_cls_token))
         with_question = None
         if question is not None and len(question.encode("utf-8")) <= MAX_CODED_PROMPT_BYTES:
             both = coder.clone()

@@ -453,8 +453,8 @@ class _Header:
 class _Reader:
     """Reads a frame body front to back; running past the end is a truncation error."""
 
-    def __init__(self, buf: bytes, end: int):
-        self.buf, self.offset, self.end = buf, 0, end
+    def __init__(self, buf: bytes, start: int):
+        self.buf, self.offset, self.end = buf, start, len(buf) - CRC_SIZE
 
     def take(self, count: int, what: str) -> bytes:
         if self.offset + count > self.end:
@@ -475,6 +475,13 @@ class _Reader:
                     break
                 return value
         raise WireFormatError(f"invalid header: {what} does not fit in 32 bits")
+
+    def check_consumed(self) -> None:
+        if self.offset != self.end:
+            raise WireFormatError(
+                f"{self.end - self.offset} trailing bytes after the CRC: expected exactly {self.offset + CRC_SIZE} "
+                f"bytes, got {self.end + CRC_SIZE}; send exactly one frame per message"
+            )
 
 
 def _truncated(needed: int, got: int, what: str) -> WireFormatError:
@@ -533,8 +540,7 @@ def _parse_v2(buf: bytes) -> _Header:
                      has_cls_token=bool(flags & FLAG_CLS_TOKEN), prompt_mode=flags >> PROMPT_SHIFT)
     if header.prompt_mode == 3 or (header.prompt_mode == PROMPT_CODED and coder != CODER_CONTEXT_MODEL):
         raise WireFormatError(f"invalid header: prompt mode {header.prompt_mode} with coder {coder}")
-    reader = _Reader(buf, len(buf) - CRC_SIZE)
-    reader.offset = _PREFIX.size
+    reader = _Reader(buf, _PREFIX.size)
     if coder == CODER_RAW:
         header.codebook_size = reader.varint("codebook size")
         header.num_tokens = reader.varint("token count")
@@ -552,10 +558,7 @@ def _parse_v2(buf: bytes) -> _Header:
         size = raw_payload_bytes(header.num_tokens, codebook_size=header.codebook_size,
                                  codes_per_token=header.codes_per_token)
         header.payload = reader.take(size, "the index payload")
-        if reader.offset != reader.end:
-            extra = reader.end - reader.offset
-            raise WireFormatError(f"{extra} trailing bytes after the CRC: expected exactly "
-                                  f"{reader.offset + CRC_SIZE} bytes, got {len(buf)}; send exactly one frame per message")
+        reader.check_consumed()
     else:
         header.payload = reader.take(reader.end - reader.offset, "the payload")
     return header
@@ -583,16 +586,13 @@ def _parse_v1(buf: bytes) -> _Header:
     if bits != (k - 1).bit_length():
         raise WireFormatError(f"invalid header: bits_per_index is {bits} but codebook size K={k} needs "
                               f"{(k - 1).bit_length()}")
-    reader = _Reader(buf, len(buf) - CRC_SIZE)
-    reader.offset = _V1_HEADER.size
+    reader = _Reader(buf, _V1_HEADER.size)
     header.payload = reader.take(raw_payload_bytes(tokens, codebook_size=k, codes_per_token=codes),
                                  "the index payload")
     if flags & _V1_FLAG_PROMPT:
         header.prompt_mode = PROMPT_UTF8
         header.prompt = reader.take(_U32.unpack(reader.take(4, "the prompt length"))[0], "the prompt")
-    if reader.offset != reader.end:
-        raise WireFormatError(f"{reader.end - reader.offset} trailing bytes after the CRC: expected exactly "
-                              f"{reader.offset + CRC_SIZE} bytes, got {len(buf)}; send exactly one frame per message")
+    reader.check_consumed()
     return header
 
 
