@@ -52,7 +52,7 @@ def describe(*, settings: dict[str, Any], image_size: int, patch_size: int, fing
         "patch_size": patch_size,
         "codebook_fingerprint": fingerprint.hex(),
         "payload_bytes": payload,
-        # A raw frame without a prompt; a prompt adds its UTF-8 bytes plus a 1-2 byte length.
+        # A raw frame without a prompt; a prompt adds its UTF-8 bytes and their count as a varint.
         "frame_bytes": wire.max_frame_bytes(codebook_size=size, num_tokens=geometry["num_tokens"],
                                             codes_per_token=codes, grid=geometry["grid"]),
     }
