@@ -8,7 +8,7 @@ Steps: AlignedVQ finetune of the base (the headline recipe of `paper_in_miniatur
 merged afterwards; k-means on 2,000 training images, two epochs), with VQ on the block output (`mlp`) rather than
 the paper's `ln1`: on this model, where only indices cross the split, the block output lost 0.24 points and `ln1`
 1.18 at the same bytes (`docs/results.md`, Table 2/3; Table 1 and Figure 7 show the same at every block). Then
-the static index distribution for the entropy-coded wire mode (counted on the training images), evaluation of
+the entropy model of coded wire frames (`fit_entropy_model.py`, on the training split), evaluation of
 the base and of the AlignedVQ model on the full easy-VQA test split, and a full checkpoint with its processor
 and a model card carrying those numbers, written into the package's assets folder and checked by loading it back.
 """
@@ -23,37 +23,27 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 import finetune_alignedvq  # noqa: E402
+import fit_entropy_model  # noqa: E402
 from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
 
-from transformers_alignedvq import SPLIT_SITES, LlavaAlignedVQForConditionalGeneration, wire  # noqa: E402
+from transformers_alignedvq import SPLIT_SITES, LlavaAlignedVQForConditionalGeneration  # noqa: E402
 from transformers_alignedvq.data import load_easy_vqa  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
-from transformers_alignedvq.hub import has_lora, merge_lora_, save_index_distribution, write_model_card  # noqa: E402
+from transformers_alignedvq.hub import has_lora, merge_lora_, write_model_card  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "transformers_alignedvq" / "assets" / "tiny-easyvqa"
 
 
-@torch.no_grad()
-def index_distribution(model, processor, data, batch_size: int = 64) -> wire.IndexDistribution:
-    """Index counts over every distinct training image, smoothed (see `wire.IndexDistribution`)."""
-    seen, images = set(), []
-    for row in data:
-        if row["image_id"] not in seen:
-            seen.add(row["image_id"])
-            images.append(row["image"].convert("RGB"))
-    counts = np.zeros((model.config.codes_per_token, model.config.codebook_size))
-    for start in range(0, len(images), batch_size):
-        pixels = processor.image_processor(images=images[start : start + batch_size], return_tensors="pt")["pixel_values"]
-        indices = model.encode_edge(pixels).reshape(-1, model.config.codes_per_token).numpy()
-        for code in range(indices.shape[1]):
-            counts[code] += np.bincount(indices[:, code], minlength=model.config.codebook_size)
-    return wire.IndexDistribution.from_counts(counts)
+def fit_entropy(model, processor):
+    """The entropy model of coded frames, fitted on the training split by `fit_entropy_model.py`."""
+    with tempfile.TemporaryDirectory() as scratch:
+        model.edge_encoder(processor).save_pretrained(scratch)
+        return fit_entropy_model.fit(Path(scratch))
 
 
 def main(argv=None):
@@ -104,7 +94,7 @@ def main(argv=None):
 
 
 def package(args, work: Path, *, train_seconds: float | None = None, epochs: float | None = None) -> dict:
-    """Evaluate the finetuned model in ``work`` and write the bundle (merged LoRA, index distribution, card)."""
+    """Evaluate the finetuned model in ``work`` and write the bundle (merged LoRA, entropy model, card)."""
     if train_seconds is None:  # an existing finetune: its own Trainer log says how long and how far it trained
         log = json.loads((work / "training_log.json").read_text())
         final = next(entry for entry in reversed(log) if "train_runtime" in entry)
@@ -115,10 +105,9 @@ def package(args, work: Path, *, train_seconds: float | None = None, epochs: flo
         merge_lora_(model)
     if args.storage_dtype == "float16":  # evaluate the fp16-rounded weights that ship (the codebook stays fp32)
         model = model.half().float()
-    train = load_easy_vqa("train", limit=args.limit)
     test = load_easy_vqa("test", limit=args.limit)
-    distribution = index_distribution(model, processor, train)
-    ours = evaluate_vqa(model, processor, test, batch_size=256, entropy_model=distribution)
+    entropy_model = fit_entropy(model, processor)
+    ours = evaluate_vqa(model, processor, test, batch_size=256, entropy_model=entropy_model)
     base = evaluate_vqa(LlavaForConditionalGeneration.from_pretrained(args.base).eval(), processor, test, batch_size=256)
     summary = {
         "test_questions": ours["num_examples"],
@@ -145,7 +134,7 @@ def package(args, work: Path, *, train_seconds: float | None = None, epochs: flo
             "easy-VQA test accuracy, AlignedVQ (%)": f"{100 * ours['accuracy']:.2f}",
             "easy-VQA test accuracy, base LLaVA on PNG images (%)": f"{100 * base['accuracy']:.2f}",
             "bytes per image (wire frame, bit-packed)": f"{ours['bytes_per_image']:.0f}",
-            "bytes per image (wire frame, entropy-coded)": f"{ours.get('entropy_coded_bytes_per_image', 0):.1f}",
+            "bytes per image (wire frame, coded)": f"{ours.get('entropy_coded_bytes_per_image', 0):.1f}",
             "bytes per image (PNG)": f"{base['bytes_per_image']:.1f}",
             "test questions": str(ours["num_examples"]),
         },
@@ -165,7 +154,7 @@ def package(args, work: Path, *, train_seconds: float | None = None, epochs: flo
     config["dtype"] = "float32"  # what `from_pretrained` (dtype="auto") loads, whatever the stored dtype
     (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     processor.save_pretrained(output)
-    save_index_distribution(distribution, output)
+    entropy_model.save(output)
     write_model_card(model, output, kind="full", eval_results=results)  # again: lists the final files
     (output / "build_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     check_bundle(model, processor, test, ours, output)

@@ -36,3 +36,32 @@ def test_bundled_model_is_safetensors_with_its_edge_part_and_card():
     with torch.no_grad():
         edge = tav.LlavaAlignedVQForConditionalGeneration.from_pretrained(folder).edge_encoder()
     assert edge.num_bytes() < 10_000_000
+
+
+def test_bundled_entropy_model_codes_test_images_losslessly():
+    pytest.importorskip("constriction")
+    import numpy as np
+
+    from transformers_alignedvq import wire
+    from transformers_alignedvq.data import load_easy_vqa
+    from transformers_alignedvq.edge_runtime import frame_geometry, load_edge_runtime
+    from transformers_alignedvq.entropy import load_entropy_model
+
+    edge = load_edge_runtime(tav.TINY_EASYVQA)
+    model = load_entropy_model(tav.TINY_EASYVQA)
+    geometry = frame_geometry(edge.image_size, edge.patch_size)
+    assert (model.codebook_size, model.grid, model.has_cls_token) == (
+        edge.codebook_size, geometry["grid"], geometry["has_cls_token"])
+    rows = load_easy_vqa("test", limit=40)
+    options = dict(codebook_size=edge.codebook_size, codebook_fingerprint=edge.fingerprint, grid=geometry["grid"],
+                   has_cls_token=True)
+    raw, coded = [], []
+    for row in rows:
+        indices = edge.encode_image(row["image"])
+        raw.append(wire.encode_frame(indices, prompt=row["question"], **options))
+        coded.append(wire.encode_frame(indices, prompt=row["question"], entropy_model=model, **options))
+        frame = wire.decode_frame(coded[-1], codebook_fingerprint=edge.fingerprint, entropy_model=model)
+        np.testing.assert_array_equal(frame.indices, indices)
+        assert frame.prompt == row["question"]
+    # The model was fitted on the training split: on test images a coded frame is far below a raw one.
+    assert np.mean([len(f) for f in coded]) < 0.5 * np.mean([len(f) for f in raw])

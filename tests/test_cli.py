@@ -94,7 +94,8 @@ def test_export_edge_and_info(deployment, tmp_path, capsys):
     assert edge_info == full_info
     assert full_info["codebook_fingerprint"] == edge.codebook_fingerprint().hex()
     assert (full_info["codebook_size"], full_info["bits_per_index"], full_info["num_tokens"]) == (12, 4, 17)
-    assert full_info["frame_bytes"] == 36 + 9 + 4  # header + ceil(17 * 4 / 8) + CRC
+    # 13 fixed header bytes, varints K, T, C and the 4 x 4 grid, ceil(17 * 4 / 8) payload bytes, CRC
+    assert full_info["frame_bytes"] == 13 + 5 + 9 + 4
 
     assert cli.main(["info", "--model", str(deployment)]) == 0
     assert re.search(r"^bits_per_index\s+4$", capsys.readouterr().out, re.M)
@@ -117,11 +118,11 @@ def test_ask_prints_answer_bytes_and_time_split(deployment, server, tmp_path, ca
     assert cli.main(args) == 0
     out = capsys.readouterr().out
     assert re.search(r"^answer: +\S", out, re.M)
-    assert re.search(r"^bytes sent: 78$", out, re.M)  # 49-byte frame + 4-byte length + 25-byte question
+    assert re.search(r"^bytes sent: 57$", out, re.M)  # 31-byte frame + 1-byte length + 25-byte question
     assert re.search(r"edge [\d.]+ \+ transfer [\d.]+ \+ cloud [\d.]+ = [\d.]+", out)
     assert cli.main(args + ["--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["bytes_sent"] == 78 and result["server"]["bytes_received"] == 78
+    assert result["bytes_sent"] == 57 and result["server"]["bytes_received"] == 57
     assert result["answer"] in out
 
 

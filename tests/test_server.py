@@ -157,11 +157,12 @@ def test_batched_answers_equal_unbatched(deployment, engine):
 def _bad_requests(engine, max_body_bytes: int) -> dict[str, tuple[bytes, dict, int, str, str]]:
     """name -> (body, headers, status, error type, message fragment)."""
     good = make_frame(engine)
+    payload = len(good) - 4 - wire.raw_payload_bytes(17, codebook_size=12)  # the payload follows the question
     flipped = bytearray(good)
-    flipped[wire.HEADER_SIZE] ^= 0xFF  # first payload byte, CRC left stale
+    flipped[payload] ^= 0xFF  # first payload byte, CRC left stale
     # Token 0 = 15 >= K = 12 with a correct CRC: only the range check can catch it.
     out_of_range = bytearray(good[:-4])
-    out_of_range[wire.HEADER_SIZE] = 0xF0 | (out_of_range[wire.HEADER_SIZE] & 0x0F)
+    out_of_range[payload] = 0xF0 | (out_of_range[payload] & 0x0F)
     other_fingerprint = bytes(16)
     return {
         "empty body": (b"", OCTET, 400, "empty_body", "empty"),
@@ -171,7 +172,7 @@ def _bad_requests(engine, max_body_bytes: int) -> dict[str, tuple[bytes, dict, i
         "not a frame": (b"GET / HTTP/1.1\r\n\r\n" * 3, OCTET, 400, "malformed_frame", "magic"),
         "bad crc": (bytes(flipped), OCTET, 400, "malformed_frame", "CRC-32 mismatch"),
         "trailing bytes": (good + b"\0", OCTET, 400, "malformed_frame", "trailing"),
-        "future version": (with_crc(good[:4] + b"\x02" + good[5:-4]), OCTET, 400, "malformed_frame", "version"),
+        "future version": (with_crc(good[:2] + b"\x03" + good[3:-4]), OCTET, 400, "malformed_frame", "version"),
         "wrong fingerprint": (make_frame(engine, codebook_fingerprint=other_fingerprint), OCTET, 409,
                               "codebook_mismatch", "fingerprint mismatch"),
         "wrong token count": (make_frame(engine, np.zeros(10, dtype=np.int64), grid=None, has_cls_token=False),
@@ -191,7 +192,7 @@ def _bad_requests(engine, max_body_bytes: int) -> dict[str, tuple[bytes, dict, i
         "compressed": (zlib.compress(good), {**OCTET, "Content-Encoding": "gzip"}, 415, "unsupported_media_type",
                        "gzip"),
         "oversized": (good + bytes(max_body_bytes), OCTET, 413, "payload_too_large", "limit"),
-        "question over the limit": (make_frame(engine, question="a" * (max_body_bytes - 40)), OCTET, 413,
+        "question over the limit": (make_frame(engine, question="a" * (max_body_bytes - 32)), OCTET, 413,
                                     "payload_too_large", ""),
     }
 

@@ -35,8 +35,8 @@ from .edge_runtime import (
     EdgeRuntime,
     frame_geometry,
     load_edge_runtime,
-    load_index_distribution,
 )
+from .entropy import load_entropy_model
 
 FRAME_MEDIA_TYPE = "application/octet-stream"
 DEFAULT_RETRY_WINDOW = 30.0
@@ -138,8 +138,9 @@ class EdgeClient:
             return together). A 503's ``Retry-After`` replaces it.
         backend, threads: the edge runtime (`edge_runtime.load_edge_runtime`): ``"auto"`` runs an ONNX edge
             with onnxruntime when the folder has one, otherwise the PyTorch edge.
-        entropy_coding: True: always send the entropy-coded frame; None (default): per frame, the smaller of
-            the coded and the bit-packed one; False: never code.
+        entropy_coding: True: always send the coded frame (indices under the folder's entropy model, the
+            question too where that is shorter); None (default): per frame, the smaller of the coded and the
+            raw one; False: never code.
         api_key: sent as ``Authorization: Bearer <api_key>`` to a server that has API keys on.
     """
 
@@ -162,10 +163,10 @@ class EdgeClient:
         self.geometry = frame_geometry(self.edge.image_size, self.edge.patch_size)
         self.codebook_size = self.edge.codebook_size
         self.fingerprint = self.edge.fingerprint
-        distribution = load_index_distribution(directory) if entropy_coding is not False else None
-        if entropy_coding and distribution is None:
-            raise EdgeClientError(f"{directory} has no index distribution; entropy coding is not available")
-        self.entropy_model = distribution
+        entropy_model = load_entropy_model(directory) if entropy_coding is not False else None
+        if entropy_coding and entropy_model is None:
+            raise EdgeClientError(f"{directory} has no entropy model; coded frames are not available")
+        self.entropy_model = entropy_model
         self.always_entropy_code = bool(entropy_coding)
         if transport is None:
             # httpx writes the headers and the body separately; with Nagle's algorithm on, the small body then

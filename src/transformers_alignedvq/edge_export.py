@@ -24,10 +24,10 @@ from .edge_runtime import (
     EDGE_CONFIG_NAME,
     EDGE_ONNX_NAME,
     EDGE_WEIGHTS_NAME,
-    INDEX_DISTRIBUTION_NAME,
     frame_geometry,
     write_edge_config,
 )
+from .entropy import ENTROPY_MODEL_NAME
 from .search import SearchConfig
 
 EXPORT_FORMATS = ("safetensors", "onnx")
@@ -62,8 +62,9 @@ def describe(*, settings: dict[str, Any], image_size: int, patch_size: int, fing
         "patch_size": patch_size,
         "codebook_fingerprint": fingerprint.hex(),
         "payload_bytes": payload,
-        # Without a prompt; a prompt adds 4 bytes of length plus its UTF-8 bytes.
-        "frame_bytes": payload + wire.frame_overhead_bytes(),
+        # A raw frame without a prompt; a prompt adds its UTF-8 bytes and their count as a varint.
+        "frame_bytes": wire.max_frame_bytes(codebook_size=size, num_tokens=geometry["num_tokens"],
+                                            codes_per_token=codes, grid=geometry["grid"]),
     }
 
 
@@ -176,9 +177,8 @@ def export_edge(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, for
         edge.save_pretrained(out_dir)
     else:
         _export_onnx_folder(edge, out_dir, int8=int8, calibration_images=calibration_images)
-    distribution = model_dir / INDEX_DISTRIBUTION_NAME
-    if distribution.is_file():
-        shutil.copyfile(distribution, out_dir / INDEX_DISTRIBUTION_NAME)
+    if (model_dir / ENTROPY_MODEL_NAME).is_file():
+        shutil.copyfile(model_dir / ENTROPY_MODEL_NAME, out_dir / ENTROPY_MODEL_NAME)
     return out_dir
 
 

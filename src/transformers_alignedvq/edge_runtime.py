@@ -29,8 +29,6 @@ EDGE_CONFIG_NAME = "edge_config.json"
 EDGE_WEIGHTS_NAME = "edge_model.safetensors"
 EDGE_ONNX_NAME = "edge_model.onnx"
 EDGE_FORMAT_VERSION = 1
-# Static index distribution for the lossless entropy-coded wire mode (estimated on training data).
-INDEX_DISTRIBUTION_NAME = "index_distribution.safetensors"
 EDGE_SETTINGS = ("split_layer", "split_site", "codebook_size", "codebook_dim", "num_codebooks", "num_groups", "use_dlp")
 BACKENDS = ("onnx", "torch")
 
@@ -108,24 +106,6 @@ def write_edge_config(directory: str | os.PathLike, config: dict) -> Path:
     path = Path(directory) / EDGE_CONFIG_NAME
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return path
-
-
-def load_index_distribution(directory: str | os.PathLike):
-    """The folder's static index distribution (`wire.IndexDistribution`, for entropy-coded frames), or None
-    when it has none. numpy + safetensors only."""
-    from safetensors.numpy import load_file
-
-    from .errors import CheckpointMismatchError
-    from .wire import IndexDistribution
-
-    path = Path(directory) / INDEX_DISTRIBUTION_NAME
-    if not path.is_file():
-        return None
-    try:
-        arrays = load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
-        raise CheckpointMismatchError(f"{path.name} cannot be read (truncated or corrupt?): {exc}") from exc
-    return IndexDistribution.from_arrays(arrays)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -233,12 +213,10 @@ __all__ = [
     "EDGE_ONNX_NAME",
     "EDGE_SETTINGS",
     "EDGE_WEIGHTS_NAME",
-    "INDEX_DISTRIBUTION_NAME",
     "EdgeCheckpointError",
     "EdgeRuntime",
     "frame_geometry",
     "load_edge_runtime",
-    "load_index_distribution",
     "read_edge_config",
     "write_edge_config",
 ]

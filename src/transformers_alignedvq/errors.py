@@ -11,4 +11,8 @@ class ServerConfigError(ValueError):
     """The model folder or the server settings cannot be served (raised at start-up, never per request)."""
 
 
-__all__ = ["CheckpointMismatchError", "ServerConfigError"]
+class WireFormatError(ValueError):
+    """A wire frame, an entropy model, or an argument used to build or check either, is invalid."""
+
+
+__all__ = ["CheckpointMismatchError", "ServerConfigError", "WireFormatError"]

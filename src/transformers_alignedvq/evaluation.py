@@ -148,7 +148,7 @@ def evaluate_vqa(
         processor: the model's `LlavaProcessor`.
         dataset: rows with ``image`` (PIL), ``question``, ``answer`` (str or list of str).
         jpeg_quality: for ``mode="pixels"``, JPEG-compress every image at this quality first (bytes counted).
-        entropy_model: an `IndexDistribution` to measure entropy-coded frame sizes too.
+        entropy_model: an `entropy.EntropyModel` to measure coded frame sizes (without the question) too.
 
     Returns accuracy, mean bytes per image on the wire (frame incl. header and CRC, or the JPEG/PNG file),
     and per-example predictions.

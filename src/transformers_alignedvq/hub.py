@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .edge_runtime import INDEX_DISTRIBUTION_NAME, load_index_distribution  # noqa: F401 (re-exported)
+from .entropy import ENTROPY_MODEL_NAME, load_entropy_model  # noqa: F401 (re-exported)
 from .errors import CheckpointMismatchError
 from .lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, has_lora, load_lora, merge_lora_, save_lora
 
@@ -43,7 +43,7 @@ EDGE_FILES = (
     "edge_model.safetensors",
     "processor_config.json",
     "preprocessor_config.json",
-    "index_distribution.safetensors",
+    ENTROPY_MODEL_NAME,
 )
 _ALIGNEDVQ_PREFIX = "model.alignedvq."
 _EMA_BUFFERS = ("quantizer.cluster_size", "quantizer.embed_sum")
@@ -57,6 +57,7 @@ REMOTE_CODE_FILES = (
     "split.py",
     "edge.py",
     "wire.py",
+    "entropy.py",
     "hub.py",
     "lora.py",
     "errors.py",
@@ -432,19 +433,6 @@ def load_llava(path_or_id, **load_kwargs):
     model, info = LlavaForConditionalGeneration.from_pretrained(path_or_id, output_loading_info=True, **load_kwargs)
     check_loading_info({"missing_keys": info.get("missing_keys", ())}, source=str(path_or_id))
     return model
-
-
-# --------------------------------------------------------------------------------------------------------
-# entropy model
-# --------------------------------------------------------------------------------------------------------
-def save_index_distribution(distribution, directory: str | os.PathLike) -> Path:
-    """Store a `wire.IndexDistribution` beside a checkpoint (or edge folder)."""
-    import numpy as np
-
-    path = Path(directory) / INDEX_DISTRIBUTION_NAME
-    arrays = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in distribution.to_arrays().items()}
-    save_file(arrays, str(path), metadata={"format": "alignedvq-index-distribution"})
-    return path
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -32,13 +32,14 @@ code  type                       when
 404   ``not_found``              unknown route
 405   ``method_not_allowed``     wrong HTTP method
 409   ``codebook_mismatch``      the frame's codebook fingerprint is not this model's
+409   ``entropy_model_mismatch`` a coded frame names an entropy model this server does not hold
 413   ``payload_too_large``      body (or its Content-Length) above ``max_body_bytes``, or the
                                  question above ``max_prompt_bytes``
 415   ``unsupported_media_type`` Content-Type not ``application/octet-stream``, or a
                                  Content-Encoding other than identity
 422   ``incompatible_frame``     a well-formed frame this model cannot use: codebook size, token
-                                 count or codes per token differ, an index >= K, entropy-coded
-                                 without (or with another) entropy model
+                                 count or codes per token differ, an index >= K, a version-1
+                                 entropy-coded frame
 422   ``invalid_question``       no prompt in the frame, a blank question, or one that contains the
                                  image placeholder token
 503   ``overloaded``             the request queue is full (``Retry-After`` says when to retry)
@@ -114,9 +115,8 @@ _WIRE_ERRORS = (
     ("token count mismatch", 422, "incompatible_frame"),
     ("codes per token mismatch", 422, "incompatible_frame"),
     ("decoded index out of range", 422, "incompatible_frame"),
-    ("frame is entropy-coded", 422, "incompatible_frame"),
-    ("entropy model mismatch", 422, "incompatible_frame"),
-    ("entropy distribution mismatch", 422, "incompatible_frame"),
+    ("entropy model mismatch", 409, "entropy_model_mismatch"),
+    ("version-1 entropy-coded frames", 422, "incompatible_frame"),
 )
 
 
@@ -546,7 +546,7 @@ def create_app(
     max_body_bytes: int | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
-    entropy_model: wire.IndexDistribution | None = None,
+    entropy_model: wire.EntropyModel | None = None,
     warmup: bool = True,
     api_keys: Sequence[str] | None = None,
     docs: bool = False,
@@ -554,7 +554,7 @@ def create_app(
     """The cloud app for a saved model folder (or Hub id), or a loaded model plus its ``processor``.
 
     ``max_body_bytes`` defaults to the largest valid frame: the index frame plus a prompt of
-    ``max_prompt_bytes`` (plus entropy-header slack when an ``entropy_model`` is given). ``warmup`` runs one
+    ``max_prompt_bytes`` (or the largest coded one, when an ``entropy_model`` is given). ``warmup`` runs one
     tiny generate before serving, which also proves the processor and the model fit together (a failure is a
     `ServerConfigError`). ``api_keys`` (see `transformers_alignedvq.auth.load_api_keys`) turns bearer-token
     authentication on. ``docs`` serves ``/docs`` and ``/openapi.json``.
@@ -566,16 +566,21 @@ def create_app(
         )
     model, processor, tokenizer = _load(model_dir_or_model, processor, device, dtype)
     if entropy_model is None and isinstance(model_dir_or_model, (str, os.PathLike)) and os.path.isdir(model_dir_or_model):
-        from .hub import load_index_distribution
+        from .entropy import load_entropy_model
 
-        entropy_model = load_index_distribution(model_dir_or_model)
+        entropy_model = load_entropy_model(model_dir_or_model)
     engine = AnswerEngine(model, tokenizer, processor=processor, max_new_tokens=max_new_tokens)
     summary = engine.summary
     if max_body_bytes is None:
-        max_body_bytes = summary["frame_bytes"] + wire.PROMPT_LENGTH_SIZE + max_prompt_bytes
-        if entropy_model is not None:  # an ANS payload can exceed the raw one on improbable indices
-            max_body_bytes += wire.ENTROPY_EXTENSION_SIZE + summary["payload_bytes"]
+        max_body_bytes = wire.max_frame_bytes(
+            codebook_size=summary["codebook_size"], num_tokens=summary["num_tokens"],
+            codes_per_token=summary["codes_per_token"], grid=tuple(summary["grid"]), prompt_bytes=max_prompt_bytes,
+            entropy_coded=entropy_model is not None)
     num_tokens, codes = summary["num_tokens"], summary["codes_per_token"]
+    if entropy_model is not None and (entropy_model.codebook_size, entropy_model.num_tokens, codes) != (
+            summary["codebook_size"], num_tokens, 1):
+        raise ServerConfigError(f"the entropy model ({entropy_model!r}) does not fit this model's frames "
+                                f"(K={summary['codebook_size']}, {num_tokens} tokens x {codes} codes)")
     health = EngineHealth()
     if warmup:
         zeros = torch.zeros(num_tokens, codes, dtype=torch.long)
@@ -629,7 +634,7 @@ def create_app(
         **summary,
         "lm_image_tokens": engine.lm_image_tokens,
         "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
-        "entropy_distribution_id": entropy_model.distribution_id.hex() if entropy_model is not None else None,
+        "entropy_model_id": entropy_model.model_id.hex() if entropy_model is not None else None,
         "max_new_tokens": max_new_tokens,
         "max_batch_size": max_batch_size,
         "max_wait_ms": max_wait_ms,

@@ -1,150 +1,101 @@
 """Binary wire format for AlignedVQ edge-to-cloud frames.
 
-The edge device runs the first layers of the vision encoder, vector-quantizes
-each image token and sends only the codebook indices.  This module turns those
-indices (plus an optional text prompt) into one self-describing, CRC-protected
-byte string and back.  It depends on ``numpy`` only, so it can run on small
-edge devices; the optional entropy-coded mode additionally needs
-``constriction`` (``pip install constriction``).
+The edge device runs the first layers of the vision encoder, vector-quantizes each image token and sends
+only the codebook indices. This module turns those indices (plus an optional question) into one
+self-describing, CRC-protected byte string and back. It depends on ``numpy`` only, so it runs on small edge
+devices; coded frames (coder 1) additionally need ``constriction`` and an `entropy.EntropyModel`.
 
-Frame layout (format version 1)
-===============================
+Frame layout, version 2 (the layout, byte by byte, with examples: ``docs/wire-format.md``)::
 
-All multi-byte integers are **little-endian**.  Offsets are in bytes.
+    off  size  field
+    0    2     magic b"AV"
+    2    1     version, 2
+    3    1     flags: bit 0 token 0 is a CLS token (coder 0), bit 1 grid recorded (coder 0),
+                      bits 2-3 prompt: 0 none, 1 UTF-8 section, 2 coded in the payload (coder 1);
+                      bits 4-7 reserved, 0
+    4    1     coder: 0 raw bit-packed indices, 1 context-model ANS (`entropy.EntropyModel`)
+    5    8     codebook fingerprint: the first 8 bytes of `codebook_fingerprint`
+    13   ...   coder 0: varints K, T, C, then grid height and width if flag bit 1
+               coder 1: 4-byte id of the entropy model; K, T, C and the grid are the model's
+    ...        prompt section if prompt mode 1: varint L, then L bytes of UTF-8
+    ...        payload: coder 0: ceil(T * C * b / 8) bytes, b = ceil(log2 K), MSB-first bit stream;
+                        coder 1: every byte up to the CRC
+    -4   4     CRC-32 (``zlib.crc32``, little-endian) of every preceding byte
 
-Fixed header, 36 bytes::
+Varints are unsigned LEB128 (7 bits per byte, low bits first, at most 5 bytes, no redundant zero bytes).
+Version-1 frames (``b"AVQF"``, 36-byte header) with raw payloads still decode; version-1 entropy-coded
+frames are refused with a message saying so.
 
-    off  size  type      field
-    0    4     bytes     magic, always b"AVQF" ("AlignedVQ Frame")
-    4    1     u8        format version, currently 1
-    5    1     u8        flags (bit 0: entropy-coded payload,
-                                bit 1: token 0 is a CLS token,
-                                bit 2: a prompt section is present;
-                                bits 3-7 are reserved and must be 0)
-    6    1     u8        bits_per_index b = ceil(log2 K)  (1..32)
-    7    1     u8        codes_per_token C (residual depth x groups, 1..255)
-    8    4     u32       codebook_size K (2 .. 2**32 - 1)
-    12   4     u32       num_tokens T (>= 1), including the CLS token if any
-    16   2     u16       grid_h, patch rows    (0 together with grid_w: no grid)
-    18   2     u16       grid_w, patch columns
-    20   16    bytes     codebook fingerprint, see ``codebook_fingerprint``
-
-When a grid is given, ``T == grid_h * grid_w + (1 if CLS flag else 0)``; the
-CLS token, if present, is token 0 (CLIP order).  LLaVA-1.5 (CLIP ViT-L/14 at
-336 px) is ``grid 24 x 24 + CLS = 577 tokens``.
-
-Entropy extension, 12 bytes, present only when flag bit 0 is set::
-
-    36   8     bytes     distribution id (``IndexDistribution.distribution_id``)
-    44   4     u32       entropy payload length P in bytes (multiple of 4)
-
-Index payload, immediately after the header (and extension, if any):
-
-* raw mode: ``ceil(T * C * b / 8)`` bytes.  Indices are taken in row-major
-  order (token 0 code 0, token 0 code 1, ..., token 1 code 0, ...), each one
-  written as exactly ``b`` bits, most significant bit first, into a big-endian
-  bit stream (bit 7 of byte 0 is the first bit).  The final byte is padded with
-  zero bits; non-zero padding is rejected.
-* entropy mode: ``P`` bytes, a sequence of little-endian u32 words produced by
-  ``constriction``'s ANS coder (``constriction.stream.stack.AnsCoder``,
-  ``Categorical(..., perfect=False)`` models).  Code position 0 of all tokens is
-  decoded first, then code position 1, and so on, each position with its own
-  probability table.
-
-Prompt section, present only when flag bit 2 is set::
-
-    +0   4     u32       prompt length L in bytes
-    +4   L     bytes     prompt, UTF-8 (strict; no BOM is added or removed)
-
-Trailer::
-
-    +0   4     u32       CRC-32 (``zlib.crc32``) of every preceding byte
-
-A frame is exactly this long: trailing bytes are an error, so frames must be
-delimited by the transport (one frame per HTTP body / message).
-
-Every malformed frame or invalid argument raises ``WireFormatError`` (a
-``ValueError``) with a message saying what is wrong; ``decode_frame`` raises
-nothing else for any byte string.  Using the entropy mode without
+Every malformed frame or invalid argument raises ``WireFormatError`` (a ``ValueError``) with a message
+saying what is wrong; ``decode_frame`` raises nothing else for any byte string. Coding without
 ``constriction`` installed raises ``ModuleNotFoundError`` naming the package.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import operator
 import struct
 import zlib
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from .entropy import MODEL_ID_SIZE, EntropyModel
+from .errors import WireFormatError
+
 __all__ = [
+    "CODER_CONTEXT_MODEL",
+    "CODER_RAW",
     "CRC_SIZE",
-    "DISTRIBUTION_ID_SIZE",
-    "ENTROPY_EXTENSION_SIZE",
     "FINGERPRINT_SIZE",
-    "FLAG_CLS_TOKEN",
-    "FLAG_ENTROPY_CODED",
-    "FLAG_PROMPT",
     "FORMAT_VERSION",
-    "HEADER_SIZE",
     "MAGIC",
-    "MAX_CODEBOOK_SIZE",
-    "MAX_CODES_PER_TOKEN",
-    "MAX_ENTROPY_CODEBOOK_SIZE",
-    "MAX_ENTROPY_SYMBOLS",
+    "WIRE_FINGERPRINT_SIZE",
+    "EntropyModel",
     "Frame",
-    "IndexDistribution",
     "WireFormatError",
     "bits_per_index",
     "codebook_fingerprint",
     "decode_frame",
     "encode_frame",
-    "frame_overhead_bytes",
+    "max_frame_bytes",
     "raw_payload_bytes",
 ]
 
-MAGIC = b"AVQF"
-FORMAT_VERSION = 1
+MAGIC = b"AV"
+FORMAT_VERSION = 2
+CODER_RAW = 0
+CODER_CONTEXT_MODEL = 1
 
-FLAG_ENTROPY_CODED = 0x01
-FLAG_CLS_TOKEN = 0x02
-FLAG_PROMPT = 0x04
-_KNOWN_FLAGS = FLAG_ENTROPY_CODED | FLAG_CLS_TOKEN | FLAG_PROMPT
+FLAG_CLS_TOKEN = 0x01
+FLAG_GRID = 0x02
+PROMPT_SHIFT = 2
+PROMPT_NONE, PROMPT_UTF8, PROMPT_CODED = 0, 1, 2
+_KNOWN_FLAGS = FLAG_CLS_TOKEN | FLAG_GRID | 0x3 << PROMPT_SHIFT
 
-_HEADER = struct.Struct("<4sBBBBIIHH16s")
-_ENTROPY_EXTENSION = struct.Struct("<8sI")
+_PREFIX = struct.Struct("<2sBBB8s")  # magic, version, flags, coder, fingerprint
 _U32 = struct.Struct("<I")
-
-HEADER_SIZE = _HEADER.size  # 36
-ENTROPY_EXTENSION_SIZE = _ENTROPY_EXTENSION.size  # 12
-PROMPT_LENGTH_SIZE = _U32.size
 CRC_SIZE = _U32.size
-FINGERPRINT_SIZE = 16
-DISTRIBUTION_ID_SIZE = 8
+FINGERPRINT_SIZE = 16  # what `codebook_fingerprint` returns
+WIRE_FINGERPRINT_SIZE = 8  # what a version-2 frame carries: collision odds in docs/wire-format.md
+MAX_VARINT_BYTES = 5
 
 MAX_CODEBOOK_SIZE = 2**32 - 1
 MAX_CODES_PER_TOKEN = 255
 MAX_TOKENS = 2**32 - 1
 MAX_GRID_SIDE = 2**16 - 1
-# constriction's default ANS coder quantizes probabilities to 24 bits, so every
-# symbol must keep at least one quantum; 2**20 leaves room for a useful model.
-MAX_ENTROPY_CODEBOOK_SIZE = 2**20
-# The entropy payload length does not bound the number of decoded symbols (a
-# near-certain symbol costs almost no bits), so a hostile header could make the
-# decoder allocate without limit.  4M codes (32 MiB of int64) is thousands of
-# LLaVA images per frame.
-MAX_ENTROPY_SYMBOLS = 2**22
+# Every coded symbol keeps at least one 2**-24 quantum of constriction's fixed-point tables, so it costs at
+# most 3 bytes; the coder's final state adds at most 8.
+_MAX_SYMBOL_BYTES = 3
+_MAX_CODER_TAIL = 8
 
-_DISTRIBUTION_DOMAIN = b"AVQ index distribution v1\x00"
-
-
-class WireFormatError(ValueError):
-    """A frame, or an argument used to build or check one, is invalid."""
+# Version 1 (decoded only): b"AVQF", u8 version, u8 flags, u8 bits, u8 codes, u32 K, u32 T, u16 grid_h,
+# u16 grid_w, 16-byte fingerprint; flags 0x01 entropy-coded, 0x02 CLS, 0x04 prompt (u32 length + UTF-8).
+_V1_MAGIC = b"AVQF"
+_V1_HEADER = struct.Struct("<4sBBBBIIHH16s")
+_V1_FLAG_ENTROPY, _V1_FLAG_CLS, _V1_FLAG_PROMPT = 0x01, 0x02, 0x04
 
 
 # --------------------------------------------------------------------------- #
@@ -211,14 +162,31 @@ def raw_payload_bytes(num_tokens: int, *, codebook_size: int, codes_per_token: i
     return (total_bits * bits_per_index(codebook_size) + 7) // 8
 
 
-def frame_overhead_bytes(*, prompt: str | None = None, entropy_coded: bool = False) -> int:
-    """Bytes of a frame that are not index payload: header, extension, prompt section, CRC."""
-    size = HEADER_SIZE + CRC_SIZE
-    if entropy_coded:
-        size += ENTROPY_EXTENSION_SIZE
-    if prompt is not None:
-        size += PROMPT_LENGTH_SIZE + len(_encode_prompt(prompt))
-    return size
+def _varint_bytes(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)
+
+
+def max_frame_bytes(*, codebook_size: int, num_tokens: int, codes_per_token: int = 1,
+                    grid: tuple[int, int] | None = None, prompt_bytes: int = 0, entropy_coded: bool = False) -> int:
+    """The largest valid frame for these settings and a UTF-8 prompt of ``prompt_bytes`` bytes (0: none).
+
+    A raw frame (coder 0) with that grid and prompt is exactly this long; with ``entropy_coded`` the bound
+    also covers coded frames (any payload the coder can produce, the prompt coded or UTF-8), for sizing a
+    server's request limit.
+    """
+    k, tokens, codes = (_as_int(v, name) for v, name in ((codebook_size, "codebook_size"),
+                        (num_tokens, "num_tokens"), (codes_per_token, "codes_per_token")))
+    prompt = _as_int(prompt_bytes, "prompt_bytes")
+    utf8 = _varint_bytes(prompt) + prompt if prompt else 0
+    sides = sum(_varint_bytes(_as_int(side, "grid side")) for side in grid) if grid is not None else 0
+    raw = (_PREFIX.size + _varint_bytes(k) + _varint_bytes(tokens) + _varint_bytes(codes) + sides + utf8
+           + raw_payload_bytes(tokens, codebook_size=k, codes_per_token=codes) + CRC_SIZE)
+    if not entropy_coded:
+        return raw
+    # Two symbols per token at most (rank, escaped index); a coded question at most three per byte + 1.
+    symbols = 2 * tokens * codes + (3 * prompt + 1 if prompt else 0)
+    coded = _PREFIX.size + MODEL_ID_SIZE + utf8 + _MAX_SYMBOL_BYTES * symbols + _MAX_CODER_TAIL + CRC_SIZE
+    return max(raw, coded)
 
 
 def codebook_fingerprint(codebook: Any) -> bytes:
@@ -292,196 +260,6 @@ def _unpack_indices(payload: bytes, count: int, bits: int) -> np.ndarray:
     return out
 
 
-def _constriction() -> Any:
-    try:
-        import constriction
-    except ImportError as exc:
-        raise ModuleNotFoundError(
-            "the entropy-coded wire mode needs the 'constriction' package; install it with "
-            "`pip install constriction` (or `pip install transformers-alignedvq[entropy]`), "
-            "or send raw frames (entropy_model=None)",
-            name="constriction",
-        ) from exc
-    return constriction
-
-
-# --------------------------------------------------------------------------- #
-# entropy model
-# --------------------------------------------------------------------------- #
-
-
-class IndexDistribution:
-    """Static per-code-position probability tables for the entropy-coded mode.
-
-    ``probabilities`` has shape ``(codes_per_token, codebook_size)``; row ``c``
-    models the indices at code position ``c`` of every token.  All entries must
-    be finite and strictly positive, so every index stays encodable.  The
-    tables are stored as float64 and identified on the wire by
-    ``distribution_id``; they are not renormalised after loading, since that
-    would change the id.
-    """
-
-    __slots__ = ("_probabilities", "_distribution_id", "_models")
-
-    ARRAY_KEY = "probabilities"
-
-    def __init__(self, probabilities: Any) -> None:
-        table = _to_numpy(probabilities, "probabilities")
-        if table.dtype.kind not in "fiu":
-            raise WireFormatError(f"probabilities must be numeric, got dtype {table.dtype}")
-        if table.ndim == 1:
-            table = table[None, :]
-        if table.ndim != 2:
-            raise WireFormatError(
-                f"probabilities must have shape (codes_per_token, codebook_size), got {table.shape}"
-            )
-        codes, k = table.shape
-        if not 1 <= codes <= MAX_CODES_PER_TOKEN:
-            raise WireFormatError(
-                f"probabilities has {codes} code positions; expected 1..{MAX_CODES_PER_TOKEN}"
-            )
-        if not 2 <= k <= MAX_ENTROPY_CODEBOOK_SIZE:
-            raise WireFormatError(
-                f"entropy coding supports codebook sizes 2..{MAX_ENTROPY_CODEBOOK_SIZE}, got {k}"
-            )
-        table = np.array(table, dtype=np.float64, order="C")
-        if not np.all(np.isfinite(table)) or not np.all(table > 0):
-            raise WireFormatError(
-                "probabilities must be finite and strictly positive (use additive smoothing)"
-            )
-        table.setflags(write=False)
-        self._probabilities = table
-        digest = hashlib.sha256(_DISTRIBUTION_DOMAIN)
-        digest.update(struct.pack("<II", codes, k))
-        digest.update(table.astype("<f8", copy=False).tobytes())
-        self._distribution_id = digest.digest()[:DISTRIBUTION_ID_SIZE]
-        self._models: list[Any] | None = None
-
-    @classmethod
-    def from_counts(cls, counts: Any, *, smoothing: float = 1.0) -> IndexDistribution:
-        """Estimate ``(counts + smoothing) / sum`` per code position; ``smoothing`` must be > 0."""
-        table = _to_numpy(counts, "counts")
-        if table.dtype.kind not in "fiu":
-            raise WireFormatError(f"counts must be numeric, got dtype {table.dtype}")
-        table = np.asarray(table, dtype=np.float64)
-        if not np.all(np.isfinite(table)) or np.any(table < 0):
-            raise WireFormatError("counts must be finite and non-negative")
-        try:
-            alpha = float(smoothing)
-        except (TypeError, ValueError):
-            alpha = math.nan
-        if not (math.isfinite(alpha) and alpha > 0):
-            raise WireFormatError(
-                f"smoothing must be a positive finite number so no index gets probability 0, got {smoothing!r}"
-            )
-        smoothed = table + alpha
-        return cls(smoothed / smoothed.sum(axis=-1, keepdims=True))
-
-    @classmethod
-    def from_indices(
-        cls, indices: Any, *, codebook_size: int, smoothing: float = 1.0
-    ) -> IndexDistribution:
-        """Count indices of shape ``(N,)`` or ``(N, codes_per_token)`` and smooth them."""
-        k = _as_int(codebook_size, "codebook_size")
-        if not 2 <= k <= MAX_ENTROPY_CODEBOOK_SIZE:
-            raise WireFormatError(
-                f"entropy coding supports codebook sizes 2..{MAX_ENTROPY_CODEBOOK_SIZE}, got {k}"
-            )
-        table = _validate_indices(indices, k)
-        counts = np.stack([np.bincount(col, minlength=k) for col in table.T])
-        return cls.from_counts(counts, smoothing=smoothing)
-
-    @classmethod
-    def from_arrays(cls, arrays: Mapping[str, Any], *, prefix: str = "") -> IndexDistribution:
-        """Rebuild from the mapping written by ``to_arrays`` (e.g. a safetensors state dict)."""
-        key = prefix + cls.ARRAY_KEY
-        if key not in arrays:
-            raise WireFormatError(f"no entropy-model table under key {key!r}")
-        return cls(arrays[key])
-
-    def to_arrays(self, *, prefix: str = "") -> dict[str, np.ndarray]:
-        """``{prefix + "probabilities": float64 (codes_per_token, codebook_size)}``."""
-        return {prefix + self.ARRAY_KEY: self._probabilities.copy()}
-
-    @property
-    def probabilities(self) -> np.ndarray:
-        return self._probabilities
-
-    @property
-    def codebook_size(self) -> int:
-        return int(self._probabilities.shape[1])
-
-    @property
-    def codes_per_token(self) -> int:
-        return int(self._probabilities.shape[0])
-
-    @property
-    def distribution_id(self) -> bytes:
-        """First 8 bytes of SHA-256 over a domain tag, ``<u32 C, u32 K>`` and the float64 LE tables."""
-        return self._distribution_id
-
-    def ideal_bits(self, indices: Any) -> float:
-        """Shannon code length of ``indices`` under this model, in bits (ANS gets within a few bytes)."""
-        table = _validate_indices(indices, self.codebook_size)
-        self._check_codes(table.shape[1])
-        normalised = self._probabilities / self._probabilities.sum(axis=1, keepdims=True)
-        picked = normalised[np.arange(table.shape[1])[None, :], table]
-        return float(-np.log2(picked).sum())
-
-    def __repr__(self) -> str:
-        return (
-            f"IndexDistribution(codes_per_token={self.codes_per_token}, "
-            f"codebook_size={self.codebook_size}, id={self._distribution_id.hex()})"
-        )
-
-    def _check_codes(self, codes_per_token: int) -> None:
-        if codes_per_token != self.codes_per_token:
-            raise WireFormatError(
-                f"entropy model has {self.codes_per_token} code position(s) per token but the "
-                f"indices have {codes_per_token}"
-            )
-
-    def _coding_models(self) -> list[Any]:
-        # Built lazily (needs constriction) and cached: construction is the
-        # expensive part, coding 577 symbols is tens of microseconds.
-        if self._models is None:
-            categorical = _constriction().stream.model.Categorical
-            # perfect=False is pinned explicitly: encoder and decoder must agree
-            # on it, and constriction's default changed between releases.
-            self._models = [categorical(row, perfect=False) for row in self._probabilities]
-        return self._models
-
-    def _encode_payload(self, table: np.ndarray) -> bytes:
-        models = self._coding_models()
-        coder = _constriction().stream.stack.AnsCoder()
-        # ANS is a stack: push the last code position first so the decoder pops
-        # position 0 first.
-        for position in reversed(range(table.shape[1])):
-            coder.encode_reverse(
-                np.ascontiguousarray(table[:, position], dtype=np.int32), models[position]
-            )
-        return np.asarray(coder.get_compressed(), dtype="<u4").tobytes()
-
-    def _decode_payload(self, payload: bytes, num_tokens: int) -> np.ndarray:
-        models = self._coding_models()
-        stack = _constriction().stream.stack
-        words = np.frombuffer(payload, dtype="<u4").astype(np.uint32)
-        try:
-            coder = stack.AnsCoder(words)
-            columns = [coder.decode(model, num_tokens) for model in models]
-            leftover = not coder.is_empty()
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # noqa: BLE001 - pyo3 maps Rust panics to a BaseException
-            raise WireFormatError(f"entropy-coded payload is corrupt: {exc}") from None
-        if leftover:
-            raise WireFormatError(
-                "entropy-coded payload has unread data after the last index; the frame is corrupt "
-                "or was encoded with a different constriction version"
-            )
-        return np.stack(columns, axis=1).astype(np.int64)
-
-
 # --------------------------------------------------------------------------- #
 # frames
 # --------------------------------------------------------------------------- #
@@ -489,7 +267,11 @@ class IndexDistribution:
 
 @dataclass(frozen=True, eq=False)
 class Frame:
-    """A decoded frame.  ``indices`` is read-only, shape ``(num_tokens, codes_per_token)``, int64."""
+    """A decoded frame. ``indices`` is read-only, shape ``(num_tokens, codes_per_token)``, int64.
+
+    ``fingerprint`` is what the frame carries (8 bytes in version 2, 16 in version 1); ``model_id`` names
+    the entropy model of a coded frame (None for raw ones).
+    """
 
     indices: np.ndarray
     codebook_size: int
@@ -501,7 +283,7 @@ class Frame:
     prompt: str | None
     fingerprint: bytes
     entropy_coded: bool
-    distribution_id: bytes | None
+    model_id: bytes | None
     version: int
     flags: int
     payload_bytes: int
@@ -573,79 +355,286 @@ def _grid_fields(grid: Any, has_cls_token: Any, num_tokens: int) -> tuple[int, i
     return height, width
 
 
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _check_model(entropy_model: Any, k: int, num_tokens: int, codes: int, grid: Any, has_cls_token: bool) -> None:
+    if not isinstance(entropy_model, EntropyModel):
+        raise WireFormatError(
+            f"entropy_model must be an EntropyModel or None, got {type(entropy_model).__name__}")
+    if entropy_model.codebook_size != k:
+        raise WireFormatError(f"codebook size mismatch: entropy model is for K={entropy_model.codebook_size}, "
+                              f"frame uses K={k}")
+    if codes != 1 or num_tokens != entropy_model.num_tokens:
+        raise WireFormatError(f"the entropy model codes {entropy_model.num_tokens} tokens of one code each, the "
+                              f"indices have {num_tokens} x {codes}; send raw frames (entropy_model=None)")
+    if grid is not None and (tuple(grid), has_cls_token) != (entropy_model.grid, entropy_model.has_cls_token):
+        raise WireFormatError(f"grid {tuple(grid)} (CLS {has_cls_token}) differs from the entropy model's "
+                              f"{entropy_model.grid} (CLS {entropy_model.has_cls_token})")
+
+
 def encode_frame(
     indices: Any,
     *,
     codebook_size: int,
     codebook_fingerprint: bytes,
     prompt: str | None = None,
-    entropy_model: IndexDistribution | None = None,
+    entropy_model: EntropyModel | None = None,
     grid: tuple[int, int] | None = None,
     has_cls_token: bool = False,
 ) -> bytes:
-    """Serialise codebook indices into one frame.
+    """Serialise codebook indices (and a prompt) into one version-2 frame.
 
-    ``indices``: integer array of shape ``(num_tokens,)`` or
-    ``(num_tokens, codes_per_token)`` with values in ``[0, codebook_size)``.
-    ``grid``/``has_cls_token`` optionally record the patch layout, e.g.
-    ``grid=(24, 24), has_cls_token=True`` for LLaVA-1.5's 577 tokens.  With an
-    ``entropy_model`` the payload is ANS-coded (lossless), otherwise bit-packed.
+    ``indices``: integer array of shape ``(num_tokens,)`` or ``(num_tokens, codes_per_token)`` with values
+    in ``[0, codebook_size)``. ``grid``/``has_cls_token`` optionally record the patch layout, e.g.
+    ``grid=(24, 24), has_cls_token=True`` for LLaVA-1.5's 577 tokens. With an ``entropy_model`` the
+    indices are coded (lossless) under it, and so is the prompt when that is shorter than its UTF-8;
+    otherwise the indices are bit-packed.
     """
     k = _as_int(codebook_size, "codebook_size")
     bits = bits_per_index(k)
-    fingerprint = _as_fingerprint(codebook_fingerprint, "codebook_fingerprint")
+    fingerprint = _as_fingerprint(codebook_fingerprint, "codebook_fingerprint")[:WIRE_FINGERPRINT_SIZE]
     table = _validate_indices(indices, k)
     num_tokens, codes = table.shape
     grid_h, grid_w = _grid_fields(grid, has_cls_token, num_tokens)
-
-    flags = FLAG_CLS_TOKEN if has_cls_token else 0
-    if entropy_model is not None:
-        if not isinstance(entropy_model, IndexDistribution):
-            raise WireFormatError(
-                f"entropy_model must be an IndexDistribution or None, got {type(entropy_model).__name__}"
-            )
-        if entropy_model.codebook_size != k:
-            raise WireFormatError(
-                f"codebook size mismatch: entropy model is for K={entropy_model.codebook_size}, "
-                f"frame uses K={k}"
-            )
-        entropy_model._check_codes(codes)
-        if num_tokens * codes > MAX_ENTROPY_SYMBOLS:
-            raise WireFormatError(
-                f"{num_tokens * codes} codes exceed the entropy-mode limit of {MAX_ENTROPY_SYMBOLS} "
-                "per frame; split the frame or use raw mode"
-            )
-        flags |= FLAG_ENTROPY_CODED
-    prompt_bytes = None
-    if prompt is not None:
-        prompt_bytes = _encode_prompt(prompt)
-        if len(prompt_bytes) > 0xFFFFFFFF:
-            raise WireFormatError("prompt is longer than 2**32 - 1 bytes")
-        flags |= FLAG_PROMPT
-
-    parts = [
-        _HEADER.pack(
-            MAGIC, FORMAT_VERSION, flags, bits, codes, k, num_tokens, grid_h, grid_w, fingerprint
-        )
-    ]
-    if entropy_model is not None:
-        payload = entropy_model._encode_payload(table)
-        parts.append(_ENTROPY_EXTENSION.pack(entropy_model.distribution_id, len(payload)))
+    prompt_bytes = None if prompt is None else _encode_prompt(prompt)
+    utf8_section = b"" if prompt_bytes is None else _varint(len(prompt_bytes)) + prompt_bytes
+    prompt_mode = PROMPT_NONE if prompt is None else PROMPT_UTF8
+    if entropy_model is None:
+        flags = (FLAG_CLS_TOKEN if has_cls_token else 0) | (FLAG_GRID if grid_h else 0)
+        fields = _varint(k) + _varint(num_tokens) + _varint(codes)
+        if grid_h:
+            fields += _varint(grid_h) + _varint(grid_w)
+        body = fields + utf8_section + _pack_indices(table.reshape(-1), bits)
+        coder = CODER_RAW
     else:
-        payload = _pack_indices(table.reshape(-1), bits)
-    parts.append(payload)
-    if prompt_bytes is not None:
-        parts.append(_U32.pack(len(prompt_bytes)))
-        parts.append(prompt_bytes)
-    body = b"".join(parts)
-    return body + _U32.pack(zlib.crc32(body))
+        _check_model(entropy_model, k, num_tokens, codes, grid, has_cls_token)
+        alone, with_prompt = entropy_model.encode_payload(table[:, 0], prompt)
+        if with_prompt is not None and len(with_prompt) < len(alone) + len(utf8_section):
+            body, prompt_mode = entropy_model.model_id + with_prompt, PROMPT_CODED
+        else:
+            body = entropy_model.model_id + utf8_section + alone
+        flags, coder = 0, CODER_CONTEXT_MODEL
+    head = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags | prompt_mode << PROMPT_SHIFT, coder, fingerprint)
+    frame = head + body
+    return frame + _U32.pack(zlib.crc32(frame))
+
+
+# --------------------------------------------------------------------------- #
+# decoding
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class _Header:
+    """What a frame's header says, before its payload is decoded."""
+
+    version: int
+    flags: int
+    fingerprint: bytes
+    coder: int
+    codebook_size: int = 0
+    num_tokens: int = 0
+    codes_per_token: int = 1
+    grid: tuple[int, int] | None = None
+    has_cls_token: bool = False
+    model_id: bytes | None = None
+    prompt_mode: int = PROMPT_NONE
+    prompt: bytes | None = None
+    payload: bytes = b""
+
+
+class _Reader:
+    """Reads a frame body front to back; running past the end is a truncation error."""
+
+    def __init__(self, buf: bytes, start: int):
+        self.buf, self.offset, self.end = buf, start, len(buf) - CRC_SIZE
+
+    def take(self, count: int, what: str) -> bytes:
+        if self.offset + count > self.end:
+            raise _truncated(self.offset + count + CRC_SIZE, self.end + CRC_SIZE, what)
+        chunk = self.buf[self.offset : self.offset + count]
+        self.offset += count
+        return chunk
+
+    def varint(self, what: str) -> int:
+        value = 0
+        for shift in range(0, 7 * MAX_VARINT_BYTES, 7):
+            byte = self.take(1, what)[0]
+            value |= (byte & 0x7F) << shift
+            if not byte & 0x80:
+                if byte == 0 and shift:
+                    raise WireFormatError(f"invalid header: {what} has a redundant zero byte")
+                if value > 0xFFFFFFFF:
+                    break
+                return value
+        raise WireFormatError(f"invalid header: {what} does not fit in 32 bits")
+
+    def check_consumed(self) -> None:
+        if self.offset != self.end:
+            raise WireFormatError(
+                f"{self.end - self.offset} trailing bytes after the CRC: expected exactly {self.offset + CRC_SIZE} "
+                f"bytes, got {self.end + CRC_SIZE}; send exactly one frame per message"
+            )
 
 
 def _truncated(needed: int, got: int, what: str) -> WireFormatError:
     return WireFormatError(
-        f"frame truncated: {what} needs at least {needed} bytes, got {got}; "
-        "the transport cut the frame short"
+        f"frame truncated: {what} needs at least {needed} bytes, got {got}; the transport cut the frame short"
     )
+
+
+def _check_crc(buf: bytes) -> None:
+    (stored,) = _U32.unpack_from(buf, len(buf) - CRC_SIZE)
+    computed = zlib.crc32(memoryview(buf)[: len(buf) - CRC_SIZE])
+    if stored != computed:
+        raise WireFormatError(
+            f"CRC-32 mismatch: stored 0x{stored:08x}, computed 0x{computed:08x}; the frame was corrupted in transit"
+        )
+
+
+def _raw_geometry(header: _Header) -> None:
+    k, tokens, codes = header.codebook_size, header.num_tokens, header.codes_per_token
+    if k < 2:
+        raise WireFormatError(f"invalid header: codebook size {k}, must be at least 2")
+    if not 1 <= codes <= MAX_CODES_PER_TOKEN:
+        raise WireFormatError(f"invalid header: codes_per_token is {codes}, must be 1..{MAX_CODES_PER_TOKEN}")
+    if tokens == 0:
+        raise WireFormatError("invalid header: num_tokens is 0")
+    if header.grid is None:
+        if header.has_cls_token:
+            raise WireFormatError("invalid header: CLS flag set without a grid")
+        return
+    grid_h, grid_w = header.grid
+    if not (1 <= grid_h <= MAX_GRID_SIDE and 1 <= grid_w <= MAX_GRID_SIDE):
+        raise WireFormatError(f"invalid header: grid {grid_h}x{grid_w} needs sides in 1..{MAX_GRID_SIDE}")
+    if grid_h * grid_w + int(header.has_cls_token) != tokens:
+        raise WireFormatError(
+            f"invalid header: grid {grid_h}x{grid_w}{' + CLS' if header.has_cls_token else ''} does not give "
+            f"num_tokens={tokens}"
+        )
+
+
+def _parse_v2(buf: bytes) -> _Header:
+    if len(buf) < _PREFIX.size + CRC_SIZE:
+        raise _truncated(_PREFIX.size + CRC_SIZE, len(buf), "the header and CRC")
+    _, version, flags, coder, fingerprint = _PREFIX.unpack_from(buf)
+    if version != FORMAT_VERSION:
+        raise WireFormatError(
+            f"unsupported wire format version {version}; this decoder reads versions 1 and {FORMAT_VERSION}, "
+            "update transformers-alignedvq on the older side"
+        )
+    if flags & ~_KNOWN_FLAGS:
+        raise WireFormatError(f"unknown flag bits 0x{flags & ~_KNOWN_FLAGS:02x} set (flags 0x{flags:02x}); "
+                              "the frame was written by a newer encoder or is corrupt")
+    if coder not in (CODER_RAW, CODER_CONTEXT_MODEL):
+        raise WireFormatError(f"unsupported coder {coder}: this decoder knows 0 (raw) and 1 (context model); "
+                              "update transformers-alignedvq on the older side")
+    header = _Header(version=version, flags=flags, fingerprint=fingerprint, coder=coder,
+                     has_cls_token=bool(flags & FLAG_CLS_TOKEN), prompt_mode=flags >> PROMPT_SHIFT)
+    if header.prompt_mode == 3 or (header.prompt_mode == PROMPT_CODED and coder != CODER_CONTEXT_MODEL):
+        raise WireFormatError(f"invalid header: prompt mode {header.prompt_mode} with coder {coder}")
+    reader = _Reader(buf, _PREFIX.size)
+    if coder == CODER_RAW:
+        header.codebook_size = reader.varint("codebook size")
+        header.num_tokens = reader.varint("token count")
+        header.codes_per_token = reader.varint("codes per token")
+        if flags & FLAG_GRID:
+            header.grid = (reader.varint("grid height"), reader.varint("grid width"))
+        _raw_geometry(header)
+    else:
+        if flags & (FLAG_CLS_TOKEN | FLAG_GRID):
+            raise WireFormatError("invalid header: grid/CLS flags set in a coded frame (the model implies them)")
+        header.model_id = reader.take(MODEL_ID_SIZE, "the entropy model id")
+    if header.prompt_mode == PROMPT_UTF8:
+        header.prompt = reader.take(reader.varint("prompt length"), "the prompt")
+    if coder == CODER_RAW:
+        size = raw_payload_bytes(header.num_tokens, codebook_size=header.codebook_size,
+                                 codes_per_token=header.codes_per_token)
+        header.payload = reader.take(size, "the index payload")
+        reader.check_consumed()
+    else:
+        header.payload = reader.take(reader.end - reader.offset, "the payload")
+    return header
+
+
+def _parse_v1(buf: bytes) -> _Header:
+    fixed = _V1_HEADER.size + CRC_SIZE
+    if len(buf) < fixed:
+        raise _truncated(fixed, len(buf), "the version-1 header and CRC")
+    _, version, flags, bits, codes, k, tokens, grid_h, grid_w, fingerprint = _V1_HEADER.unpack_from(buf)
+    if version != 1:
+        raise WireFormatError(f"unsupported wire format version {version}; this decoder reads versions 1 and "
+                              f"{FORMAT_VERSION}")
+    if flags & _V1_FLAG_ENTROPY:
+        raise WireFormatError("version-1 entropy-coded frames are not supported; this decoder reads version-1 "
+                              "raw frames and version-2 frames, update transformers-alignedvq on the edge")
+    if flags & ~(_V1_FLAG_CLS | _V1_FLAG_PROMPT):
+        raise WireFormatError(f"unknown flag bits 0x{flags & ~0x07:02x} set (flags 0x{flags:02x})")
+    if (grid_h == 0) != (grid_w == 0):
+        raise WireFormatError(f"invalid header: grid {grid_h}x{grid_w} has exactly one zero side")
+    header = _Header(version=1, flags=flags, fingerprint=fingerprint, coder=CODER_RAW, codebook_size=k,
+                     num_tokens=tokens, codes_per_token=codes, grid=(grid_h, grid_w) if grid_h else None,
+                     has_cls_token=bool(flags & _V1_FLAG_CLS))
+    _raw_geometry(header)
+    if bits != (k - 1).bit_length():
+        raise WireFormatError(f"invalid header: bits_per_index is {bits} but codebook size K={k} needs "
+                              f"{(k - 1).bit_length()}")
+    reader = _Reader(buf, _V1_HEADER.size)
+    header.payload = reader.take(raw_payload_bytes(tokens, codebook_size=k, codes_per_token=codes),
+                                 "the index payload")
+    if flags & _V1_FLAG_PROMPT:
+        header.prompt_mode = PROMPT_UTF8
+        header.prompt = reader.take(_U32.unpack(reader.take(4, "the prompt length"))[0], "the prompt")
+    reader.check_consumed()
+    return header
+
+
+def _check_fingerprint(header: _Header, expected: bytes | None) -> None:
+    if expected is None:
+        return
+    ours = _as_fingerprint(expected, "expected codebook_fingerprint")[: len(header.fingerprint)]
+    if ours != header.fingerprint:
+        raise WireFormatError(
+            f"codebook fingerprint mismatch: frame has {header.fingerprint.hex()}, this model has {ours.hex()}; "
+            "the edge and the cloud use different codebooks, deploy the same checkpoint on both"
+        )
+
+
+def _check_geometry(header: _Header, expected: dict[str, Any]) -> None:
+    checks = (("codebook_size", header.codebook_size, "codebook size mismatch: frame uses K={}, this model "
+               "expects K={}"),
+              ("num_tokens", header.num_tokens, "token count mismatch: frame has {} tokens, this model expects "
+               "{} per image; check the vision tower / image resolution"),
+              ("codes_per_token", header.codes_per_token, "codes per token mismatch: frame has {}, this model "
+               "expects {}"))
+    for name, value, message in checks:
+        if expected[name] is not None and _as_int(expected[name], f"expected {name}") != value:
+            raise WireFormatError(message.format(value, expected[name]))
+
+
+def _model_for(header: _Header, entropy_model: Any) -> EntropyModel:
+    if entropy_model is None:
+        raise WireFormatError(
+            f"entropy model mismatch: the frame is coded with entropy model {header.model_id.hex()} and this "
+            "side has none; load the checkpoint's entropy model (entropy_model=...)"
+        )
+    if not isinstance(entropy_model, EntropyModel):
+        raise WireFormatError(f"entropy_model must be an EntropyModel, got {type(entropy_model).__name__}")
+    if entropy_model.model_id != header.model_id:
+        raise WireFormatError(
+            f"entropy model mismatch: the frame is coded with entropy model {header.model_id.hex()}, this side "
+            f"has {entropy_model.model_id.hex()}; edge and cloud must load the same entropy model"
+        )
+    header.codebook_size, header.num_tokens = entropy_model.codebook_size, entropy_model.num_tokens
+    header.grid, header.has_cls_token = entropy_model.grid, entropy_model.has_cls_token
+    return entropy_model
 
 
 def decode_frame(
@@ -655,13 +644,13 @@ def decode_frame(
     codebook_fingerprint: bytes | None = None,
     num_tokens: int | None = None,
     codes_per_token: int | None = None,
-    entropy_model: IndexDistribution | None = None,
+    entropy_model: EntropyModel | None = None,
 ) -> Frame:
-    """Parse and verify one frame.
+    """Parse and verify one frame (version 2, or a raw version-1 frame).
 
-    Each keyword that is not ``None`` is an expectation of the receiving model
-    and is checked against the header.  ``entropy_model`` is required for
-    entropy-coded frames and must be the distribution the edge used.
+    Each keyword that is not ``None`` is an expectation of the receiving model and is checked against the
+    header. ``entropy_model`` is required for coded frames and must be the one the edge used. The work done
+    is bounded by the frame's length (raw) or by the entropy model (coded), whatever the header claims.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireFormatError(f"frame must be bytes-like, got {type(data).__name__}")
@@ -669,188 +658,40 @@ def decode_frame(
         buf = bytes(data)
     except (TypeError, ValueError, BufferError) as exc:
         raise WireFormatError(f"frame buffer could not be read: {exc}") from None
-    size = len(buf)
-
-    if buf[: len(MAGIC)] != MAGIC[: min(size, len(MAGIC))]:
-        raise WireFormatError(
-            f"bad magic {buf[:4]!r}: expected {MAGIC!r}; this is not an AlignedVQ frame"
-        )
-    fixed = HEADER_SIZE + CRC_SIZE
-    if size < fixed:
-        raise _truncated(fixed, size, "the fixed header and CRC")
-    (_, version, flags, bits, codes, k, tokens, grid_h, grid_w, fingerprint) = _HEADER.unpack_from(buf)
-
-    if version != FORMAT_VERSION:
-        raise WireFormatError(
-            f"unsupported wire format version {version}; this decoder reads version "
-            f"{FORMAT_VERSION}, update transformers-alignedvq on the older side"
-        )
-    if flags & ~_KNOWN_FLAGS:
-        raise WireFormatError(
-            f"unknown flag bits 0x{flags & ~_KNOWN_FLAGS:02x} set (flags 0x{flags:02x}); "
-            "the frame was written by a newer encoder or is corrupt"
-        )
-    if k < 2:
-        raise WireFormatError(f"invalid header: codebook size {k}, must be at least 2")
-    if bits != (k - 1).bit_length():
-        raise WireFormatError(
-            f"invalid header: bits_per_index is {bits} but codebook size K={k} needs "
-            f"{(k - 1).bit_length()}"
-        )
-    if codes == 0:
-        raise WireFormatError("invalid header: codes_per_token is 0")
-    if tokens == 0:
-        raise WireFormatError("invalid header: num_tokens is 0")
-    has_cls = bool(flags & FLAG_CLS_TOKEN)
-    if (grid_h == 0) != (grid_w == 0):
-        raise WireFormatError(f"invalid header: grid {grid_h}x{grid_w} has exactly one zero side")
-    if grid_h == 0 and has_cls:
-        raise WireFormatError("invalid header: CLS flag set without a grid")
-    if grid_h and grid_h * grid_w + int(has_cls) != tokens:
-        raise WireFormatError(
-            f"invalid header: grid {grid_h}x{grid_w}{' + CLS' if has_cls else ''} does not "
-            f"give num_tokens={tokens}"
-        )
-
-    entropy_coded = bool(flags & FLAG_ENTROPY_CODED)
-    offset = HEADER_SIZE
-    distribution_id = None
-    if entropy_coded:
-        if size < offset + ENTROPY_EXTENSION_SIZE + CRC_SIZE:
-            raise _truncated(offset + ENTROPY_EXTENSION_SIZE + CRC_SIZE, size, "the entropy header")
-        distribution_id, payload_len = _ENTROPY_EXTENSION.unpack_from(buf, offset)
-        offset += ENTROPY_EXTENSION_SIZE
-        if payload_len % 4:
-            raise WireFormatError(
-                f"invalid header: entropy payload length {payload_len} is not a multiple of 4"
-            )
-        if k > MAX_ENTROPY_CODEBOOK_SIZE:
-            raise WireFormatError(
-                f"invalid header: entropy-coded frame with K={k} > {MAX_ENTROPY_CODEBOOK_SIZE}"
-            )
-        if tokens * codes > MAX_ENTROPY_SYMBOLS:
-            raise WireFormatError(
-                f"invalid header: entropy-coded frame claims {tokens * codes} codes, more than "
-                f"the limit of {MAX_ENTROPY_SYMBOLS}"
-            )
+    version_1 = buf[2:3] == _V1_MAGIC[2:3]  # a version-2 frame has its version byte there
+    magic = _V1_MAGIC if version_1 else MAGIC
+    if buf[: len(magic)] != magic[: len(buf)]:
+        raise WireFormatError(f"bad magic {buf[:4]!r}: expected {MAGIC!r}; this is not an AlignedVQ frame")
+    header = _parse_v1(buf) if version_1 else _parse_v2(buf)
+    _check_crc(buf)
+    _check_fingerprint(header, codebook_fingerprint)
+    model = _model_for(header, entropy_model) if header.coder == CODER_CONTEXT_MODEL else None
+    _check_geometry(header, {"codebook_size": codebook_size, "num_tokens": num_tokens,
+                             "codes_per_token": codes_per_token})
+    bits = (header.codebook_size - 1).bit_length()
+    prompt_bytes = header.prompt
+    if model is None:
+        table = _unpack_indices(header.payload, header.num_tokens * header.codes_per_token, bits)
+        table = table.reshape(header.num_tokens, header.codes_per_token)
     else:
-        payload_len = (tokens * codes * bits + 7) // 8
-    payload_start = offset
-    offset += payload_len
-
-    has_prompt = bool(flags & FLAG_PROMPT)
-    prompt_len = 0
-    if has_prompt:
-        if size < offset + PROMPT_LENGTH_SIZE + CRC_SIZE:
-            raise _truncated(
-                offset + PROMPT_LENGTH_SIZE + CRC_SIZE, size, "the index payload and prompt length"
-            )
-        (prompt_len,) = _U32.unpack_from(buf, offset)
-        offset += PROMPT_LENGTH_SIZE
-    prompt_start = offset
-    offset += prompt_len
-    total = offset + CRC_SIZE
-    if size < total:
-        raise WireFormatError(
-            f"frame truncated: expected {total} bytes, got {size}; the transport cut the frame short"
-        )
-    if size > total:
-        raise WireFormatError(
-            f"{size - total} trailing bytes after the CRC: expected exactly {total} bytes, got "
-            f"{size}; send exactly one frame per message"
-        )
-    (stored_crc,) = _U32.unpack_from(buf, offset)
-    computed_crc = zlib.crc32(memoryview(buf)[:offset])
-    if stored_crc != computed_crc:
-        raise WireFormatError(
-            f"CRC-32 mismatch: stored 0x{stored_crc:08x}, computed 0x{computed_crc:08x}; the "
-            "frame was corrupted in transit"
-        )
-
-    if codebook_fingerprint is not None:
-        expected_fp = _as_fingerprint(codebook_fingerprint, "expected codebook_fingerprint")
-        if expected_fp != fingerprint:
-            raise WireFormatError(
-                f"codebook fingerprint mismatch: frame has {fingerprint.hex()}, this model has "
-                f"{expected_fp.hex()}; the edge and the cloud use different codebooks, deploy the "
-                "same checkpoint on both"
-            )
-    if codebook_size is not None:
-        expected_k = _as_int(codebook_size, "expected codebook_size")
-        if expected_k != k:
-            raise WireFormatError(
-                f"codebook size mismatch: frame uses K={k}, this model expects K={expected_k}"
-            )
-    if num_tokens is not None:
-        expected_tokens = _as_int(num_tokens, "expected num_tokens")
-        if expected_tokens != tokens:
-            raise WireFormatError(
-                f"token count mismatch: frame has {tokens} tokens, this model expects "
-                f"{expected_tokens} per image; check the vision tower / image resolution"
-            )
-    if codes_per_token is not None:
-        expected_codes = _as_int(codes_per_token, "expected codes_per_token")
-        if expected_codes != codes:
-            raise WireFormatError(
-                f"codes per token mismatch: frame has {codes}, this model expects {expected_codes}"
-            )
-
-    payload = buf[payload_start : payload_start + payload_len]
-    if entropy_coded:
-        if entropy_model is None:
-            raise WireFormatError(
-                f"frame is entropy-coded with distribution {distribution_id.hex()}; pass the "
-                "matching entropy_model=IndexDistribution to decode it"
-            )
-        if not isinstance(entropy_model, IndexDistribution):
-            raise WireFormatError(
-                f"entropy_model must be an IndexDistribution, got {type(entropy_model).__name__}"
-            )
-        if entropy_model.codebook_size != k or entropy_model.codes_per_token != codes:
-            raise WireFormatError(
-                f"entropy model mismatch: model is for K={entropy_model.codebook_size} x "
-                f"{entropy_model.codes_per_token} code(s), frame has K={k} x {codes}"
-            )
-        if entropy_model.distribution_id != distribution_id:
-            raise WireFormatError(
-                f"entropy distribution mismatch: frame was coded with {distribution_id.hex()}, "
-                f"this side has {entropy_model.distribution_id.hex()}; edge and cloud must load "
-                "the same index distribution"
-            )
-        table = entropy_model._decode_payload(payload, tokens)
-    else:
-        table = _unpack_indices(payload, tokens * codes, bits).reshape(tokens, codes)
-
-    too_big = np.flatnonzero(table >= k)
+        tokens, coded_prompt = model.decode_payload(header.payload, with_question=header.prompt_mode == PROMPT_CODED)
+        table = tokens[:, None]
+        if coded_prompt is not None:
+            prompt_bytes = coded_prompt.encode("utf-8")
+    too_big = np.flatnonzero(table >= header.codebook_size)
     if too_big.size:
-        token, code = divmod(int(too_big[0]), codes)
-        raise WireFormatError(
-            f"decoded index out of range: token {token}, code {code} is {int(table[token, code])}, "
-            f"but codebook size K={k}"
-        )
+        token, code = divmod(int(too_big[0]), header.codes_per_token)
+        raise WireFormatError(f"decoded index out of range: token {token}, code {code} is "
+                              f"{int(table[token, code])}, but codebook size K={header.codebook_size}")
     table.setflags(write=False)
-
-    prompt = None
-    if has_prompt:
-        try:
-            prompt = buf[prompt_start : prompt_start + prompt_len].decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise WireFormatError(f"prompt is not valid UTF-8: {exc}") from None
-
+    try:
+        prompt = None if prompt_bytes is None else prompt_bytes.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise WireFormatError(f"prompt is not valid UTF-8: {exc}") from None
     return Frame(
-        indices=table,
-        codebook_size=k,
-        bits_per_index=bits,
-        codes_per_token=codes,
-        num_tokens=tokens,
-        grid=(grid_h, grid_w) if grid_h else None,
-        has_cls_token=has_cls,
-        prompt=prompt,
-        fingerprint=fingerprint,
-        entropy_coded=entropy_coded,
-        distribution_id=distribution_id,
-        version=version,
-        flags=flags,
-        payload_bytes=payload_len,
-        frame_bytes=total,
+        indices=table, codebook_size=header.codebook_size, bits_per_index=bits,
+        codes_per_token=header.codes_per_token, num_tokens=header.num_tokens, grid=header.grid,
+        has_cls_token=header.has_cls_token, prompt=prompt, fingerprint=header.fingerprint,
+        entropy_coded=model is not None, model_id=header.model_id, version=header.version, flags=header.flags,
+        payload_bytes=len(header.payload), frame_bytes=len(buf),
     )

@@ -1,0 +1,435 @@
+"""Static entropy models for coded wire frames (coder 1 of `wire`): lossless, fitted on training data.
+
+One `EntropyModel` belongs to one codebook and one token grid. It codes
+
+* the **indices** with a context model: each patch (raster order) is either one of up to ``NUM_RANKS``
+  candidates (its left, upper, upper-right and upper-left neighbours, then the most recent other values of
+  the image) or an escape followed by the index under a static table. The rank's probabilities depend on a
+  context of 128 classes (which neighbours exist, which of them are equal, how many values the image has
+  shown so far). The CLS token has its own static table.
+* the **question** as pieces (``" shape"``, ``"?"``; a word with its leading space, a punctuation mark, a
+  run of spaces) under a bigram model over the training questions' pieces; a piece outside the vocabulary
+  is escaped and spelled in UTF-8 bytes under a static byte table. No tokenizer is needed on the device.
+
+Every table is a probability vector stored as float64 and turned into a ``constriction`` ``Categorical``
+(``perfect=False``) when first used. The model is identified on the wire by the first ``MODEL_ID_SIZE``
+bytes of SHA-256 over its arrays. Coding and decoding use ``constriction``'s ANS coder (32-bit words) with
+the exact symbol order written in ``docs/wire-format.md``.
+
+This module imports numpy only at the top: it runs on the edge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import struct
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import CheckpointMismatchError, WireFormatError
+
+ENTROPY_MODEL_NAME = "entropy_model.safetensors"
+MODEL_ID_SIZE = 4
+NUM_RANKS = 8
+NUM_CONTEXTS = 128
+MAX_CODEBOOK_SIZE = 2**20  # every symbol keeps one 2**-24 quantum of constriction's fixed-point tables
+MAX_TOKENS = 2**16
+MAX_PIECES = 4096
+# A coded question longer than this is refused by the decoder (bounded work whatever the payload says);
+# the encoder sends longer ones as UTF-8.
+MAX_CODED_PROMPT_BYTES = 4096
+
+_ESCAPE = NUM_RANKS  # rank symbol meaning "not a candidate: the index follows under the escape table"
+_END_OF_PIECE = 256
+# A word or mark takes the one space before it; other whitespace forms runs (the last space of a run before a
+# word stays with the word).
+_PIECE = re.compile(r"\s?\w+|\s?[^\w\s]|\s+(?!\S)|\s+")
+_ID_DOMAIN = b"AVQ entropy model v2\x00"
+_ARRAYS = ("geometry", "cls_probabilities", "rank_probabilities", "escape_probabilities", "question_pieces",
+           "question_piece_ends", "question_probabilities", "question_byte_probabilities")
+
+
+def _constriction() -> Any:
+    try:
+        import constriction
+    except ImportError as exc:
+        raise ModuleNotFoundError(
+            "coded wire frames need the 'constriction' package; install it with "
+            "`pip install transformers-alignedvq[entropy]`, or send raw frames (entropy_model=None)",
+            name="constriction",
+        ) from exc
+    return constriction
+
+
+def split_pieces(text: str) -> list[str]:
+    """``text`` cut into the pieces the question model codes; ``"".join`` gives ``text`` back."""
+    return _PIECE.findall(text)
+
+
+def _walk_patches(height: int, width: int, take) -> list[int]:
+    """Visit the patches in raster order; ``take(context, candidates)`` returns each patch's index.
+
+    The context (0..127) and the candidate list depend only on patches already visited, so the encoder,
+    the decoder and the fit see the same ones.
+    """
+    grid: list[int] = []
+    recent: list[int] = []  # the most recent distinct values, newest first
+    for position in range(height * width):
+        row, col = divmod(position, width)
+        left = grid[-1] if col else None
+        up = grid[position - width] if row else None
+        up_left = grid[position - width - 1] if row and col else None
+        up_right = grid[position - width + 1] if row and col < width - 1 else None
+        context = ((col > 0) | (row > 0) << 1 | (row > 0 and col > 0 and left == up) << 2
+                   | (up_left is not None and up_left == left) << 3
+                   | (up_right is not None and up_right == up) << 4 | min(len(recent), 3) << 5)
+        candidates: list[int] = []
+        for value in (left, up, up_right, up_left, *recent):
+            if value is not None and value not in candidates:
+                candidates.append(value)
+        value = take(context, candidates[:NUM_RANKS])
+        grid.append(value)
+        if value in recent:
+            recent.remove(value)
+        recent.insert(0, value)
+        del recent[NUM_RANKS:]
+    return grid
+
+
+def _index_symbols(tokens: list[int], height: int, width: int, has_cls_token: bool) -> list[tuple[Any, int]]:
+    """The symbols coding ``tokens``, in decoding order, each with the key of its table (name, row)."""
+    symbols: list[tuple[Any, int]] = []
+    if has_cls_token:
+        symbols.append((("cls_probabilities", None), tokens[0]))
+    patches = iter(tokens[int(has_cls_token):])
+
+    def take(context: int, candidates: list[int]) -> int:
+        value = next(patches)
+        rank = candidates.index(value) if value in candidates else _ESCAPE
+        symbols.append((("rank_probabilities", context), rank))
+        if rank == _ESCAPE:
+            symbols.append((("escape_probabilities", None), value))
+        return value
+
+    _walk_patches(height, width, take)
+    return symbols
+
+
+def _normalised(counts: np.ndarray, smoothing: float) -> np.ndarray:
+    smoothed = np.asarray(counts, dtype=np.float64) + smoothing
+    return smoothed / smoothed.sum(axis=-1, keepdims=True)
+
+
+class EntropyModel:
+    """The static models coded frames are written with; see the module docstring.
+
+    Build one with `EntropyModel.fit`, store it with `save` and read it with `load_entropy_model`. The
+    constructor takes the arrays `to_arrays` returns (e.g. a safetensors file's) and checks them.
+    """
+
+    def __init__(self, arrays: Mapping[str, Any]) -> None:
+        missing = [key for key in _ARRAYS if key not in arrays]
+        if missing:
+            raise WireFormatError(f"entropy model lacks the arrays {missing}")
+        self._arrays = {key: np.array(arrays[key], order="C") for key in _ARRAYS}
+        for array in self._arrays.values():
+            array.setflags(write=False)
+        self._check()
+        digest = hashlib.sha256(_ID_DOMAIN)
+        for key in _ARRAYS:
+            array = self._arrays[key]
+            digest.update(struct.pack(f"<{2 + array.ndim}I", len(key), array.ndim, *array.shape) + key.encode())
+            digest.update(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
+        self._model_id = digest.digest()[:MODEL_ID_SIZE]
+        self._models: dict[Any, Any] = {}
+
+    # ------------------------------------------------------------------------------------------------
+    def _check(self) -> None:
+        a = self._arrays
+        geometry = a["geometry"]
+        if geometry.shape != (4,) or geometry.dtype.kind not in "iu":
+            raise WireFormatError("entropy model: geometry must be 4 integers (K, grid height, width, CLS)")
+        k, height, width, cls = (int(v) for v in geometry)
+        if not 2 <= k <= MAX_CODEBOOK_SIZE:
+            raise WireFormatError(f"entropy model: codebook size must be in 2..{MAX_CODEBOOK_SIZE}, got {k}")
+        if height < 1 or width < 1 or cls not in (0, 1) or height * width + cls > MAX_TOKENS:
+            raise WireFormatError(
+                f"entropy model: grid {height}x{width} (CLS {cls}) must have 1..{MAX_TOKENS} tokens")
+        pieces = self._read_pieces()
+        shapes = {"cls_probabilities": (k,), "rank_probabilities": (NUM_CONTEXTS, NUM_RANKS + 1),
+                  "escape_probabilities": (k,), "question_probabilities": (len(pieces) + 2,) * 2,
+                  "question_byte_probabilities": (_END_OF_PIECE + 1,)}
+        for key, shape in shapes.items():
+            table = a[key]
+            if table.shape != shape or table.dtype != np.float64:
+                raise WireFormatError(f"entropy model: {key} must be float64 of shape {shape}, got "
+                                      f"{table.dtype} {table.shape}")
+            if not (np.all(np.isfinite(table)) and np.all(table > 0)):
+                raise WireFormatError(f"entropy model: {key} must be finite and strictly positive")
+        self._pieces = pieces
+        self._piece_ids = {piece: i for i, piece in enumerate(pieces)}
+
+    def _read_pieces(self) -> list[str]:
+        data, ends = self._arrays["question_pieces"], self._arrays["question_piece_ends"]
+        if data.dtype != np.uint8 or data.ndim != 1 or ends.ndim != 1 or ends.dtype.kind not in "iu":
+            raise WireFormatError("entropy model: question pieces must be uint8 bytes and integer ends")
+        if len(ends) > MAX_PIECES or np.any(np.diff(ends, prepend=0) < 1) or (len(ends) and ends[-1] != len(data)):
+            raise WireFormatError(f"entropy model: question piece ends must rise to the byte count, at most "
+                                  f"{MAX_PIECES} non-empty pieces")
+        raw = data.tobytes()
+        try:
+            pieces = [raw[start:end].decode("utf-8") for start, end in zip([0, *ends[:-1]][: len(ends)], ends, strict=True)]
+        except UnicodeDecodeError as exc:
+            raise WireFormatError(f"entropy model: a question piece is not UTF-8: {exc}") from None
+        if len(set(pieces)) != len(pieces) or any(split_pieces(p) != [p] for p in pieces):
+            raise WireFormatError("entropy model: question pieces must be distinct single pieces")
+        return pieces
+
+    # ------------------------------------------------------------------------------------------------
+    @classmethod
+    def fit(cls, indices: Any, *, codebook_size: int, grid: tuple[int, int], has_cls_token: bool,
+            questions: Iterable[str] = (), smoothing: float = 0.5, max_pieces: int = 256) -> EntropyModel:
+        """Fit on training images' indices, shape ``(images, tokens)``, and training questions.
+
+        ``smoothing`` is added to every count, so every index, rank and byte stays codable.
+        ``max_pieces`` caps the question vocabulary (the most frequent pieces seen at least twice); its
+        bigram table has ``(max_pieces + 2) ** 2`` entries.
+        """
+        if not (isinstance(smoothing, (int, float)) and math.isfinite(smoothing) and smoothing > 0):
+            raise WireFormatError(f"smoothing must be a positive number, got {smoothing!r}")
+        k, (height, width) = int(codebook_size), (int(grid[0]), int(grid[1]))
+        table = np.asarray(indices)
+        tokens = height * width + bool(has_cls_token)
+        if table.ndim == 3 and table.shape[2] == 1:
+            table = table[:, :, 0]
+        if table.ndim != 2 or table.shape[1] != tokens or table.dtype.kind not in "iu":
+            raise WireFormatError(f"indices must be integers of shape (images, {tokens}), got "
+                                  f"{table.dtype} {table.shape}")
+        if table.size and (table.min() < 0 or table.max() >= k):
+            raise WireFormatError(f"indices must be in [0, {k})")
+        ranks, escapes = np.zeros((NUM_CONTEXTS, NUM_RANKS + 1)), np.zeros(k)
+        for image in table.tolist():
+            for (name, row), symbol in _index_symbols(image, height, width, bool(has_cls_token)):
+                if name == "rank_probabilities":
+                    ranks[row, symbol] += 1
+                elif name == "escape_probabilities":
+                    escapes[symbol] += 1
+        arrays = {
+            "geometry": np.array([k, height, width, int(bool(has_cls_token))], dtype=np.int64),
+            "cls_probabilities": _normalised(np.bincount(table[:, 0], minlength=k) if has_cls_token
+                                             else np.zeros(k), smoothing),
+            "rank_probabilities": _normalised(ranks, smoothing),
+            "escape_probabilities": _normalised(escapes, smoothing),
+            **_fit_questions(list(questions), smoothing, max_pieces),
+        }
+        return cls(arrays)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The model's arrays (numpy), as `save` stores them."""
+        return {key: array.copy() for key, array in self._arrays.items()}
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``entropy_model.safetensors`` into ``directory`` (beside a checkpoint or an edge folder)."""
+        from safetensors.numpy import save_file
+
+        path = Path(directory) / ENTROPY_MODEL_NAME
+        save_file(self.to_arrays(), str(path), metadata={"format": "alignedvq-entropy-model",
+                                                         "model_id": self.model_id.hex()})
+        return path
+
+    # ------------------------------------------------------------------------------------------------
+    @property
+    def model_id(self) -> bytes:
+        """``MODEL_ID_SIZE`` bytes naming this model in coded frames."""
+        return self._model_id
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self._arrays["geometry"][0])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return int(self._arrays["geometry"][1]), int(self._arrays["geometry"][2])
+
+    @property
+    def has_cls_token(self) -> bool:
+        return bool(self._arrays["geometry"][3])
+
+    @property
+    def num_tokens(self) -> int:
+        height, width = self.grid
+        return height * width + int(self.has_cls_token)
+
+    def __repr__(self) -> str:
+        return (f"EntropyModel(codebook_size={self.codebook_size}, grid={self.grid}, "
+                f"has_cls_token={self.has_cls_token}, pieces={len(self._pieces)}, id={self.model_id.hex()})")
+
+    # ------------------------------------------------------------------------------------------------
+    def _model(self, key: Any) -> Any:
+        # Built on first use and kept: building a 4096-entry table takes ~20 us, coding a symbol ~0.1 us.
+        model = self._models.get(key)
+        if model is None:
+            name, row = key
+            table = self._arrays[name] if row is None else self._arrays[name][row]
+            # perfect=False is pinned: encoder and decoder must quantize tables alike, and constriction's
+            # default changed in 0.5.
+            model = self._models[key] = _constriction().stream.model.Categorical(table, perfect=False)
+        return model
+
+    def _question_symbols(self, question: str) -> list[tuple[Any, int]]:
+        symbols, context = [], 0
+        escape, end = len(self._pieces), len(self._pieces) + 1
+        for piece in split_pieces(question):
+            piece_id = self._piece_ids.get(piece)
+            if piece_id is None:
+                symbols.append((("question_probabilities", context), escape))
+                symbols += [(("question_byte_probabilities", None), byte) for byte in piece.encode("utf-8")]
+                symbols.append((("question_byte_probabilities", None), _END_OF_PIECE))
+                context = escape + 1
+            else:
+                symbols.append((("question_probabilities", context), piece_id))
+                context = piece_id + 1
+        symbols.append((("question_probabilities", context), end))
+        return symbols
+
+    def _push(self, coder: Any, symbols: list[tuple[Any, int]]) -> None:
+        # ANS is a stack: push in reverse so the decoder pops in order.
+        for key, symbol in reversed(symbols):
+            coder.encode_reverse(symbol, self._model(key))
+
+    def encode_payload(self, tokens: np.ndarray, question: str | None) -> tuple[bytes, bytes | None]:
+        """Payloads for ``tokens`` (shape ``(num_tokens,)``): without the question, and with it coded first
+        (None when there is no question or it is longer than ``MAX_CODED_PROMPT_BYTES``)."""
+        coder = _constriction().stream.stack.AnsCoder()
+        self._push(coder, _index_symbols(tokens.tolist(), *self.grid, self.has_cls_token))
+        with_question = None
+        if question is not None and len(question.encode("utf-8")) <= MAX_CODED_PROMPT_BYTES:
+            both = coder.clone()
+            self._push(both, self._question_symbols(question))
+            with_question = _words_to_bytes(both.get_compressed())
+        return _words_to_bytes(coder.get_compressed()), with_question
+
+    def decode_payload(self, payload: bytes, *, with_question: bool) -> tuple[np.ndarray, str | None]:
+        """Inverse of `encode_payload`: ``(tokens int64 (num_tokens,), question or None)``.
+
+        The work is bounded by the model (its token count, ``MAX_CODED_PROMPT_BYTES``), not by the payload.
+        """
+        words = np.frombuffer(bytes(payload) + bytes(-len(payload) % 4), dtype="<u4").astype(np.uint32)
+        try:
+            coder = _constriction().stream.stack.AnsCoder(words)
+            question = self._decode_question(coder) if with_question else None
+            tokens = self._decode_indices(coder)
+            leftover = not coder.is_empty()
+        except WireFormatError:
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - pyo3 maps Rust panics to a BaseException
+            raise WireFormatError(f"entropy-coded payload is corrupt: {exc}") from None
+        if leftover:
+            raise WireFormatError("entropy-coded payload has unread data after the last index; the frame is "
+                                  "corrupt or was coded with another constriction release")
+        return np.array(tokens, dtype=np.int64), question
+
+    def _decode_indices(self, coder: Any) -> list[int]:
+        head = [int(coder.decode(self._model(("cls_probabilities", None))))] if self.has_cls_token else []
+
+        def take(context: int, candidates: list[int]) -> int:
+            rank = int(coder.decode(self._model(("rank_probabilities", context))))
+            if rank == _ESCAPE:
+                return int(coder.decode(self._model(("escape_probabilities", None))))
+            if rank >= len(candidates):
+                raise WireFormatError(f"entropy-coded payload is corrupt: rank {rank} of {len(candidates)} "
+                                      "candidates")
+            return candidates[rank]
+
+        return head + _walk_patches(*self.grid, take)
+
+    def _decode_question(self, coder: Any) -> str:
+        out, context, escape = bytearray(), 0, len(self._pieces)
+        while True:
+            symbol = int(coder.decode(self._model(("question_probabilities", context))))
+            if symbol == escape + 1:
+                break
+            if symbol == escape:
+                start = len(out)
+                while (byte := int(coder.decode(self._model(("question_byte_probabilities", None))))) != _END_OF_PIECE:
+                    out.append(byte)
+                    if len(out) > MAX_CODED_PROMPT_BYTES:
+                        break
+                if len(out) == start:
+                    raise WireFormatError("entropy-coded payload is corrupt: empty escaped question piece")
+                context = escape + 1
+            else:
+                out += self._pieces[symbol].encode("utf-8")
+                context = symbol + 1
+            if len(out) > MAX_CODED_PROMPT_BYTES:
+                raise WireFormatError(f"coded prompt is longer than {MAX_CODED_PROMPT_BYTES} bytes; the frame "
+                                      "is corrupt")
+        try:
+            return out.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise WireFormatError(f"prompt is not valid UTF-8: {exc}") from None
+
+
+def _words_to_bytes(words: np.ndarray) -> bytes:
+    # Little-endian words; zero bytes at the end of the last word are dropped (the decoder pads them back),
+    # which removes most of the unused high bits of the coder's final state.
+    raw = np.asarray(words, dtype="<u4").tobytes()
+    keep = len(raw)
+    while keep > len(raw) - 3 and keep > 0 and raw[keep - 1] == 0:
+        keep -= 1
+    return raw[:keep]
+
+
+def _fit_questions(questions: list[str], smoothing: float, max_pieces: int) -> dict[str, np.ndarray]:
+    if not 0 <= max_pieces <= MAX_PIECES:
+        raise WireFormatError(f"max_pieces must be in 0..{MAX_PIECES}, got {max_pieces}")
+    split = [split_pieces(question) for question in questions]
+    frequent = Counter(piece for pieces in split for piece in pieces).most_common()
+    vocabulary = [piece for piece, n in frequent if n >= 2][:max_pieces]
+    ids = {piece: i for i, piece in enumerate(vocabulary)}
+    escape = len(vocabulary)
+    bigrams, byte_counts = np.zeros((escape + 2, escape + 2)), np.zeros(_END_OF_PIECE + 1)
+    for pieces in split:
+        context = 0
+        for piece in pieces:
+            symbol = ids.get(piece, escape)
+            bigrams[context, symbol] += 1
+            context = symbol + 1
+            if symbol == escape:
+                byte_counts[_END_OF_PIECE] += 1
+        bigrams[context, escape + 1] += 1
+        # Bytes of every piece, not only the rare ones, so the byte table has seen the language.
+        byte_counts[:256] += np.bincount(np.frombuffer("".join(pieces).encode("utf-8"), np.uint8), minlength=256)
+    encoded = [piece.encode("utf-8") for piece in vocabulary]
+    return {
+        "question_pieces": np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(),
+        "question_piece_ends": np.cumsum([len(piece) for piece in encoded], dtype=np.int64),
+        "question_probabilities": _normalised(bigrams, smoothing),
+        "question_byte_probabilities": _normalised(byte_counts, smoothing),
+    }
+
+
+def load_entropy_model(directory: str | os.PathLike) -> EntropyModel | None:
+    """The folder's ``entropy_model.safetensors`` as an `EntropyModel`, or None when it has none. numpy +
+    safetensors only; a truncated, corrupt or inconsistent file raises `CheckpointMismatchError`."""
+    from safetensors.numpy import load_file
+
+    path = Path(directory) / ENTROPY_MODEL_NAME
+    if not path.is_file():
+        return None
+    try:
+        return EntropyModel(load_file(str(path)))
+    except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
+        raise CheckpointMismatchError(f"{path.name} cannot be read (truncated, corrupt or invalid?): {exc}") from exc
+
+
+__all__ = ["ENTROPY_MODEL_NAME", "MODEL_ID_SIZE", "EntropyModel", "load_entropy_model", "split_pieces"]

@@ -1,0 +1,117 @@
+"""The entropy model of coded frames (`transformers_alignedvq.entropy`): fitting, storage, identity, the
+question model, and the bounds the decoder keeps whatever the payload says."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from transformers_alignedvq.entropy import (
+    ENTROPY_MODEL_NAME,
+    MAX_CODED_PROMPT_BYTES,
+    EntropyModel,
+    load_entropy_model,
+    split_pieces,
+)
+from transformers_alignedvq.errors import CheckpointMismatchError, WireFormatError
+
+from tests.wire_data import QUESTIONS, blocky_images, small_model
+
+pytest.importorskip("constriction")
+MODEL = small_model()
+MODEL_ARRAYS = MODEL.to_arrays()
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=60))
+def test_pieces_put_back_together_give_the_text(text):
+    assert "".join(split_pieces(text)) == text
+
+
+def test_pieces_are_words_with_their_space_and_marks():
+    assert split_pieces("what color is  the shape?\n") == ["what", " color", " is", " ", " the", " shape", "?", "\n"]
+
+
+def test_fit_save_load_keeps_the_model_and_its_id(tmp_path):
+    path = MODEL.save(tmp_path)
+    assert path.name == ENTROPY_MODEL_NAME
+    loaded = load_entropy_model(tmp_path)
+    assert loaded.model_id == MODEL.model_id and len(MODEL.model_id) == 4
+    assert (loaded.codebook_size, loaded.grid, loaded.has_cls_token, loaded.num_tokens) == (64, (6, 6), True, 37)
+    image = blocky_images(1, seed=5)[0]
+    assert loaded.encode_payload(image, "q") == MODEL.encode_payload(image, "q")  # deterministic, same tables
+    assert load_entropy_model(tmp_path / "missing") is None
+    refit = EntropyModel.fit(blocky_images(200), codebook_size=64, grid=(6, 6), has_cls_token=True,
+                             questions=QUESTIONS, smoothing=0.25)
+    assert refit.model_id != MODEL.model_id
+
+
+def test_corrupt_file_is_a_checkpoint_error(tmp_path):
+    path = MODEL.save(tmp_path)
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CheckpointMismatchError, match=ENTROPY_MODEL_NAME):
+        load_entropy_model(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("rank_probabilities", np.zeros((128, 9)), "strictly positive"),
+        ("escape_probabilities", np.ones(63), "shape"),
+        ("geometry", np.array([64, 0, 6, 1]), "grid"),
+        ("geometry", np.array([2**21, 6, 6, 1]), "codebook size"),
+        ("question_piece_ends", np.array([1, 1]), "ends"),
+        ("question_pieces", np.frombuffer(b"\xff" * 100, np.uint8), "UTF-8|ends"),
+    ],
+)
+def test_invalid_arrays_are_refused(key, value, words):
+    with pytest.raises(WireFormatError, match=words):
+        EntropyModel({**MODEL_ARRAYS, key: value})
+    with pytest.raises(WireFormatError, match="lacks"):
+        EntropyModel({k: v for k, v in MODEL_ARRAYS.items() if k != key})
+
+
+def test_fit_rejects_bad_input():
+    with pytest.raises(WireFormatError, match="shape"):
+        EntropyModel.fit(np.zeros((3, 36), int), codebook_size=64, grid=(6, 6), has_cls_token=True)
+    with pytest.raises(WireFormatError, match=r"\[0, 64\)"):
+        EntropyModel.fit(np.full((3, 37), 64), codebook_size=64, grid=(6, 6), has_cls_token=True)
+    with pytest.raises(WireFormatError, match="smoothing"):
+        EntropyModel.fit(np.zeros((3, 37), int), codebook_size=64, grid=(6, 6), has_cls_token=True, smoothing=0)
+
+
+def test_model_without_cls_or_questions_round_trips():
+    images = blocky_images(30)[:, 1:]
+    model = EntropyModel.fit(images, codebook_size=64, grid=(6, 6), has_cls_token=False)
+    for image in images[:5]:
+        _, coded = model.encode_payload(image, "anything at all ☃")
+        tokens, question = model.decode_payload(coded, with_question=True)
+        np.testing.assert_array_equal(tokens, image)
+        assert question == "anything at all ☃"
+
+
+def test_training_questions_cost_little_and_others_still_round_trip():
+    image = blocky_images(1)[0]
+    alone, _ = MODEL.encode_payload(image, None)
+    for question in ("what color is the shape?", "What is the COLOUR of the shape?", "a\tb\n ?? ¿qué?", ""):
+        _, coded = MODEL.encode_payload(image, question)
+        assert MODEL.decode_payload(coded, with_question=True)[1] == question
+    _, known = MODEL.encode_payload(image, "what color is the shape?")
+    assert len(known) - len(alone) <= 2  # 24 bytes of UTF-8
+    assert MODEL.encode_payload(image, "x" * (MAX_CODED_PROMPT_BYTES + 1))[1] is None
+
+
+def test_decoding_is_bounded_by_the_model_not_the_payload():
+    # A payload that would spell an endless question stops at MAX_CODED_PROMPT_BYTES (or earlier, corrupt).
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        payload = rng.integers(0, 256, size=rng.integers(0, 64), dtype=np.uint8).tobytes()
+        for with_question in (False, True):
+            try:
+                tokens, question = MODEL.decode_payload(payload, with_question=with_question)
+            except WireFormatError:
+                continue
+            assert tokens.shape == (37,) and np.all((tokens >= 0) & (tokens < 64))
+            assert question is None or len(question.encode()) <= MAX_CODED_PROMPT_BYTES
