@@ -1,135 +1,191 @@
-"""Edge-side cost at LLaVA-1.5 scale: CLIP ViT-L/14-336 (random weights), 577 tokens x 1024, K = 4096.
+"""Edge cost at LLaVA-1.5 scale: CLIP ViT-L/14-336 (random weights), 577 tokens x 1024, K = 4096, one thread.
 
-Prints milliseconds per image, measured side by side in one run (medians over repeats, interleaved so
-machine noise hits every method alike):
+For each candidate split site, a k-means codebook (K = 4096) is fitted on that site's features of natural photos
+(`skimage.data`, random crops) and the edge (pixels -> indices) is timed, side by side in one run (medians,
+interleaved so machine noise hits every method alike):
 
-* the whole edge part (embeddings, blocks before the split, split site, input DLP, codeword search);
-* the quantization alone: ours (input DLP folded into the codebook), ours without folding (DLP matmul, then
-  search), a plain ``torch.cdist(...).argmin()`` after the DLP, and vector-quantize-pytorch's
-  ``VectorQuantize`` (eval mode, same codebook) when it is installed.
+* ``torch, exact``: the PyTorch edge module with the exact search (what the edge ran before the ONNX path);
+* ``onnx, exact``: the same graph in ONNX Runtime;
+* ``onnx, shortlist``: ONNX Runtime with the low-rank shortlist search (`search.CodewordSearch`);
+* ``onnx int8, shortlist``: the same with the front (patch embedding and blocks) in int8, calibrated on photos;
+* ``search alone``: the dense exact search and the shortlist on the site features, without the front.
 
-    python benchmarks/edge_encode.py [--batch 1] [--repeats 7] [--threads N] [--plot out.png]
+Agreement is the share of tokens of held-out photos (crops of photos the codebook never saw) whose index equals
+an fp64 exact search's. The random weights make these timings real (the arithmetic is LLaVA's) but the
+agreement only indicative: real CLIP features have another spectrum.
+
+    python benchmarks/edge_encode.py [--sites input_0 ln1_0 mlp_0 mlp_1] [--repeats 15] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+import sys
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from transformers_alignedvq import split
-from transformers_alignedvq.alignedvq_layer import AlignedVQLayer
-from transformers_alignedvq.quantizer import nearest_codeword
+from transformers_alignedvq.edge import AlignedVQEdgeEncoder
+from transformers_alignedvq.edge_onnx import export_onnx, export_search
+from transformers_alignedvq.preprocess import ImagePreprocessing
+from transformers_alignedvq.quantizer import kmeans
+from transformers_alignedvq.search import CodewordSearch, SearchConfig
+
+SITES = {"input_0": (0, "input"), "ln1_0": (0, "ln1"), "mlp_0": (0, "mlp"), "mlp_1": (1, "mlp")}
+FIT_PHOTOS = ("coffee", "colorwheel", "hubble_deep_field", "immunohistochemistry", "retina", "rocket", "camera",
+              "coins", "page")
+HELD_OUT_PHOTOS = ("astronaut", "chelsea")  # chelsea is the cat of `cat`, which is left out of the fit set
 
 
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
+def llava_tower() -> tuple[CLIPVisionConfig, CLIPVisionModel]:
+    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                              image_size=336, patch_size=14, projection_dim=768)
+    return vision, CLIPVisionModel(vision).eval()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--codebook-size", type=int, default=4096)
-    parser.add_argument("--split-layer", type=int, default=0)
-    parser.add_argument("--split-site", default="ln1", choices=split.SPLIT_SITES)
-    parser.add_argument("--plot", default=None, help="write a bar chart to this PNG path")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
+def photo_crops(names, per_photo: int, seed: int) -> list[Image.Image]:
+    import skimage.data
 
-    vision = CLIPVisionConfig(
-        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-        image_size=336, patch_size=14, projection_dim=768,
-    )
-    tower = CLIPVisionModel(vision).eval()
-    layer = AlignedVQLayer(1024, args.codebook_size).eval()
-    with torch.no_grad():  # a trained DLP has a non-zero gate; folding must handle it
-        layer.dlp_in.gate.fill_(0.1)
-    pixels = torch.randn(args.batch, 3, 336, 336)
+    rng = np.random.default_rng(seed)
+    crops = []
+    for name in names:
+        photo = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        width, height = photo.size
+        for _ in range(per_photo):
+            scale = rng.uniform(0.4, 1.0)
+            w, h = int(width * scale), int(height * scale)
+            x, y = int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1))
+            crop = photo.crop((x, y, x + w, y + h))
+            crops.append(crop.transpose(Image.FLIP_LEFT_RIGHT) if rng.random() < 0.5 else crop)
+    return crops
+
+
+def build_edge(vision, tower, layer: int, site: str, fit_pixels: torch.Tensor, kmeans_iters: int) -> AlignedVQEdgeEncoder:
+    settings = dict(split_layer=layer, split_site=site, codebook_size=4096, codebook_dim=1024, num_codebooks=1,
+                    num_groups=1, use_dlp=True)
+    edge = AlignedVQEdgeEncoder(vision, settings)
+    tower_state = {k.removeprefix("vision_model."): v for k, v in tower.state_dict().items()}
+    state = {k: tower_state[k] for k in edge.state_dict() if not k.startswith("alignedvq.")}
+    layer_state = edge.alignedvq.state_dict()
+    generator = torch.Generator().manual_seed(0)
+    layer_state["dlp_in.gate"] = torch.tensor(0.1)  # a finetuned DLP has a non-zero gate; folding must handle it
+    layer_state["dlp_in.proj.weight"] = 0.02 * torch.randn(1024, 1024, generator=generator)
+    layer_state["dlp_in.proj.bias"] = torch.zeros(1024)
+    edge.load_state_dict({**state, **{f"alignedvq.{k}": v for k, v in layer_state.items() if "quantizer" not in k},
+                          "alignedvq.quantizer.codebook": torch.zeros(1, 1, 4096, 1024)})
     with torch.no_grad():
-        site = split.edge_forward(tower, pixels, args.split_layer, args.split_site)
-    flat = site.reshape(-1, 1024)
-    codebook = layer.quantizer.codebook[0, 0]
+        features = torch.cat([edge_features(edge, batch) for batch in fit_pixels.split(8)]).reshape(-1, 1024)
+        weight, bias = edge.alignedvq._pre_quantization_affine()
+        codebook, _ = kmeans(features @ weight.T + bias, 4096, iters=kmeans_iters, generator=generator)
+        edge.alignedvq.quantizer.codebook.copy_(codebook[None, None])
+    return edge.refresh_search().eval()
 
-    methods = {}
 
-    def edge_total():
-        with torch.no_grad():
-            layer.encode(split.edge_forward(tower, pixels, args.split_layer, args.split_site))
+def edge_features(edge, pixels: torch.Tensor) -> torch.Tensor:
+    from transformers_alignedvq import split
 
-    methods["edge part, total (ours)"] = edge_total
-    methods["quantize: ours (DLP folded)"] = lambda: layer.encode(site)
-    methods["quantize: ours, DLP then search"] = lambda: layer.quantizer.encode(layer.pre_quantization(site))
+    return split.edge_forward(edge, pixels, edge.settings["split_layer"], edge.settings["split_site"])
 
-    def cdist_argmin():
-        with torch.no_grad():
-            torch.cdist(layer.pre_quantization(flat), codebook).argmin(-1)
 
-    methods["quantize: DLP + torch.cdist().argmin()"] = cdist_argmin
-    try:
-        from vector_quantize_pytorch import VectorQuantize
+def onnx_session(path: Path):
+    import onnxruntime as ort
 
-        vq = VectorQuantize(dim=1024, codebook_size=args.codebook_size).eval()
-        with torch.no_grad():
-            vq._codebook.embed.copy_(codebook.unsqueeze(0))
-            vq._codebook.initted.fill_(True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
-        def vqp():
-            with torch.no_grad():
-                vq(layer.pre_quantization(site))
 
-        methods["quantize: DLP + vector-quantize-pytorch"] = vqp
-        with torch.no_grad():
-            _, theirs, _ = vq(layer.pre_quantization(site))
-        agree = float((theirs.reshape(-1) == layer.encode(site).reshape(-1)).float().mean())
-    except ImportError:
-        agree = None
-
-    with torch.no_grad():
-        reference = torch.cdist(layer.pre_quantization(flat).double(), codebook.double()).argmin(-1)
-    ours_agree = float((layer.encode(site).reshape(-1) == reference).float().mean())
-
-    for fn in methods.values():  # warm-up
-        fn()
+def interleaved_medians(methods: dict, repeats: int) -> dict[str, float]:
+    for run in methods.values():  # warm-up
+        run()
     samples = {name: [] for name in methods}
-    for _ in range(args.repeats):
-        for name, fn in methods.items():
-            samples[name] += timed(fn, 1)
+    for _ in range(repeats):
+        for name, run in methods.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+    return {name: 1000 * statistics.median(times) for name, times in samples.items()}
 
-    base = statistics.median(samples["quantize: ours (DLP folded)"])
-    print(f"LLaVA-1.5 edge: CLIP ViT-L/14-336, split at block {args.split_layer} {args.split_site}, "
-          f"K={args.codebook_size}, batch={args.batch}, threads={torch.get_num_threads()}, repeats={args.repeats}")
-    print(f"{'method':44s} {'ms/image':>10s} {'vs ours':>8s}")
+
+def measure_site(name: str, args, vision, tower, fit_pixels, held_pixels, calibration, scratch: Path) -> list[dict]:
+    layer, site = SITES[name]
+    edge = build_edge(vision, tower, layer, site, fit_pixels, args.kmeans_iters)
+    with torch.no_grad():
+        held_features = torch.cat([edge_features(edge, batch) for batch in held_pixels.split(8)])
+    weight, bias = edge.alignedvq._pre_quantization_affine()
+    codebook = edge.alignedvq.quantizer.codebook[0, 0].double()
+    reference = torch.cdist((held_features.reshape(-1, 1024) @ weight.T + bias).double(), codebook).argmin(-1)
+    shortlist = SearchConfig("shortlist", rank=args.rank, candidates=args.candidates)
+    paths = {"onnx, exact": export_onnx(edge, scratch / f"{name}_exact.onnx")}
+    dense_search = edge.search
+    edge.refresh_search(shortlist)
+    fast_search = edge.search
+    paths["onnx, shortlist"] = export_onnx(edge, scratch / f"{name}_shortlist.onnx")
+    paths["onnx int8, shortlist"] = export_onnx(edge, scratch / f"{name}_int8.onnx", int8=True, calibration=calibration)
+    features = held_features[:1]
+    for label, search in (("search alone: dense exact", dense_search), ("search alone: shortlist", fast_search)):
+        edge.search = search
+        paths[label] = export_search(edge, scratch / f"{name}_{label[-5:]}.onnx", held_features[:2])
+    sessions = {label: onnx_session(path) for label, path in paths.items()}
+    one = held_pixels[:1]
+    edge.refresh_search(SearchConfig())
+    methods = {"torch, exact": lambda: edge(one)}
+    for label, session in sessions.items():
+        feed = {"features": features.numpy()} if label.startswith("search") else {"pixel_values": one.numpy()}
+        methods[label] = lambda s=session, f=feed: s.run(None, f)
+    with torch.inference_mode():
+        times = interleaved_medians(methods, args.repeats)
+        agreement = {"torch, exact": float((edge(held_pixels).reshape(-1) == reference).float().mean())}
+    for label, session in sessions.items():
+        inputs = held_features if label.startswith("search") else held_pixels
+        key = "features" if label.startswith("search") else "pixel_values"
+        got = np.concatenate([session.run(None, {key: b.numpy()})[0] for b in inputs.split(8)])
+        agreement[label] = float((torch.from_numpy(got).reshape(-1) == reference).float().mean())
+    return [{"site": name, "method": label, "ms": times[label], "agreement": agreement[label],
+             "onnx_bytes": paths[label].stat().st_size if label in paths else None} for label in methods]
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sites", nargs="+", default=list(SITES), choices=list(SITES))
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--rank", type=int, default=32, help="shortlist: dimensions of the first pass")
+    p.add_argument("--candidates", type=int, default=8, help="shortlist: codewords re-ranked exactly")
+    p.add_argument("--fit-crops", type=int, default=12, help="crops per fit photo (577 features each)")
+    p.add_argument("--kmeans-iters", type=int, default=10)
+    p.add_argument("--json", default=None, help="write the rows to this file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    vision, tower = llava_tower()
+    prep = ImagePreprocessing.for_vision_config("clip_vision_model", 336)
+    pixels = lambda crops: torch.from_numpy(np.concatenate([prep(c) for c in crops]))  # noqa: E731
+    fit_pixels = pixels(photo_crops(FIT_PHOTOS, args.fit_crops, seed=0))
+    held_pixels = pixels(photo_crops(HELD_OUT_PHOTOS, 8, seed=1))
+    calibration = [prep(c) for c in photo_crops(FIT_PHOTOS, 4, seed=2)]
     rows = []
-    for name, times in samples.items():
-        ms = 1000 * statistics.median(times) / args.batch
-        ratio = statistics.median(times) / base
-        rows.append((name, ms))
-        print(f"{name:44s} {ms:10.2f} {ratio:7.2f}x")
-    print(f"indices equal to an fp64 exact search: ours {100 * ours_agree:.2f}%"
-          + (f", vector-quantize-pytorch agrees with ours on {100 * agree:.2f}%" if agree is not None else ""))
-    if args.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        ax.barh([r[0] for r in rows][::-1], [r[1] for r in rows][::-1])
-        ax.set_xlabel("ms per image")
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
+    with tempfile.TemporaryDirectory() as scratch:
+        for name in args.sites:
+            rows += measure_site(name, args, vision, tower, fit_pixels, held_pixels, calibration, Path(scratch))
+            print(f"measured {name}", file=sys.stderr, flush=True)
+    print(f"LLaVA-1.5 edge (CLIP ViT-L/14-336, random weights), K=4096, one thread, {args.repeats} interleaved "
+          f"repeats; shortlist rank {args.rank}, {args.candidates} candidates; agreement on "
+          f"{held_pixels.shape[0] * 577} held-out photo tokens")
+    print(f"| site | method | ms/image | vs torch exact | agreement with exact search |")
+    print("|---|---|---:|---:|---:|")
+    for row in rows:
+        base = next(r["ms"] for r in rows if r["site"] == row["site"] and r["method"] == "torch, exact")
+        print(f"| {row['site']} | {row['method']} | {row['ms']:.1f} | {row['ms'] / base:.2f}x | "
+              f"{100 * row['agreement']:.2f}% |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -100,6 +100,14 @@ def export_onnx(edge, path: str | os.PathLike, *, int8: bool = False,
     return path
 
 
+def export_search(edge, path: str | os.PathLike, features: torch.Tensor) -> Path:
+    """The edge's search alone as ONNX, ``features (batch, tokens, dim) -> indices``: to measure it apart
+    from the front. ``features`` is an example batch (of at least 2)."""
+    with torch.no_grad():
+        _export(_Search(edge).eval(), features, FEATURES_NAME, OUTPUT_NAME, Path(path), edge.search is not None)
+    return Path(path)
+
+
 def _opset(model) -> int:
     return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
@@ -128,4 +136,4 @@ def _quantize_front(path: Path, scratch: Path, calibration: Iterable[np.ndarray]
     return quantized
 
 
-__all__ = ["FEATURES_NAME", "INPUT_NAME", "OUTPUT_NAME", "export_onnx"]
+__all__ = ["FEATURES_NAME", "INPUT_NAME", "OUTPUT_NAME", "export_onnx", "export_search"]

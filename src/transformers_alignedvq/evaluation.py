@@ -138,6 +138,7 @@ def evaluate_vqa(
     batch_size: int = 64,
     max_new_tokens: int = 8,
     entropy_model=None,
+    edge=None,
     progress: bool = False,
 ) -> dict:
     """Greedy-generate an answer for every example and score it with :func:`vqa_score`.
@@ -187,7 +188,11 @@ def evaluate_vqa(
         with torch.no_grad():
             if mode == "indices":
                 pixels = inputs.pop("pixel_values")
-                indices = model.encode_edge(pixels.to(model.dtype))
+                if edge is not None:
+                    indices = torch.from_numpy(edge(pixels.float().cpu().numpy()))
+                    indices = indices.squeeze(-1) if config.codes_per_token == 1 else indices
+                else:
+                    indices = model.encode_edge(pixels.to(model.dtype))
                 received = []
                 batch_sizes = []
                 for row in indices.cpu().numpy():

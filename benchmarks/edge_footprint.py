@@ -1,0 +1,95 @@
+"""What the edge process costs before and after the ONNX path: import time, resident memory, time per image.
+
+Each configuration runs in a fresh interpreter, one thread, three times (medians):
+
+* ``PyTorch edge``: `EdgeClient` on an edge folder with ``edge_model.safetensors`` (PyTorch + Transformers);
+* ``ONNX edge``: `EdgeClient` on the same edge exported with ``alignedvq export-edge --format onnx``, in a process
+  where importing torch or transformers fails, as on a device with only ``transformers-alignedvq[edge]``.
+
+Reported: seconds to import the client module, seconds to load the edge folder, peak resident memory (MB)
+after encoding one image, and milliseconds per image (pixels -> frame, median of 20) for the bundled model.
+
+    python benchmarks/edge_footprint.py [--model MODEL_DIR] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+_PROBE = textwrap.dedent(
+    """
+    import importlib.abc, importlib.machinery, json, sys, time
+
+    def peak_rss_mb():  # VmHWM starts afresh at exec (getrusage's maxrss would count the parent's pages)
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    if sys.argv[2] == "block":
+        class Absent(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "transformers"):
+                    return importlib.machinery.ModuleSpec(name, self)
+            def create_module(self, spec):
+                raise ModuleNotFoundError(f"No module named {spec.name!r}", name=spec.name)
+            def exec_module(self, module):
+                pass
+        sys.meta_path.insert(0, Absent())
+    start = time.perf_counter()
+    from transformers_alignedvq.client import EdgeClient
+    imported = time.perf_counter()
+    import numpy as np
+    client = EdgeClient(sys.argv[1], "http://127.0.0.1:9", threads=1)
+    loaded = time.perf_counter()
+    image = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    client.encode(image, "what color is the shape?")
+    times = []
+    for _ in range(20):
+        t = time.perf_counter(); client.encode(image, "what color is the shape?"); times.append(time.perf_counter() - t)
+    times.sort()
+    print(json.dumps({"import_s": imported - start, "load_s": loaded - imported, "backend": client.edge.backend,
+                      "peak_rss_mb": peak_rss_mb(),
+                      "ms_per_image": 1000 * times[len(times) // 2],
+                      "torch_loaded": "torch" in sys.modules}))
+    """
+)
+
+
+def probe(folder: Path, block: bool) -> dict:
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(folder), "block" if block else "keep"],
+                         capture_output=True, text=True, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    p.add_argument("--runs", type=int, default=3)
+    args = p.parse_args(argv)
+    import transformers_alignedvq
+    from transformers_alignedvq.edge_export import export_edge
+
+    model = args.model or transformers_alignedvq.DEFAULT_MODEL
+    with tempfile.TemporaryDirectory() as scratch:
+        torch_edge = export_edge(model, Path(scratch) / "torch")
+        onnx_edge = export_edge(model, Path(scratch) / "onnx", format="onnx")
+        configs = {"PyTorch edge": (torch_edge, False), "ONNX edge, no torch": (onnx_edge, True)}
+        results = {name: [probe(folder, block) for _ in range(args.runs)] for name, (folder, block) in configs.items()}
+    print(f"edge process for {Path(model).name}: medians of {args.runs} fresh interpreters, one thread")
+    print("| edge | import (s) | load (s) | peak RSS (MB) | ms/image | torch loaded |")
+    print("|---|---:|---:|---:|---:|---|")
+    for name, runs in results.items():
+        median = {key: statistics.median(run[key] for run in runs) for key in ("import_s", "load_s", "peak_rss_mb", "ms_per_image")}
+        print(f"| {name} | {median['import_s']:.2f} | {median['load_s']:.2f} | {median['peak_rss_mb']:.0f} | "
+              f"{median['ms_per_image']:.2f} | {runs[0]['torch_loaded']} |")
+
+
+if __name__ == "__main__":
+    main()
