@@ -132,7 +132,7 @@ def measure_site(name: str, args, vision, tower, fit_pixels, held_pixels, calibr
     features = held_features[:1]
     for label, search in (("search alone: dense exact", dense_search), ("search alone: shortlist", fast_search)):
         edge.search = search
-        paths[label] = export_search(edge, scratch / f"{name}_{label[-5:]}.onnx", held_features[:2])
+        paths[label] = export_search(edge, scratch / f"{name}_search_{label[-5:]}.onnx", held_features[:2])
     sessions = {label: onnx_session(path) for label, path in paths.items()}
     one = held_pixels[:1]
     edge.refresh_search(SearchConfig())

@@ -72,6 +72,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the bundled model)")
     p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--markdown", default=None, help="also write the table to this file")
     args = p.parse_args(argv)
     import transformers_alignedvq
     from transformers_alignedvq.edge_export import export_edge
@@ -82,13 +83,15 @@ def main(argv=None) -> None:
         onnx_edge = export_edge(model, Path(scratch) / "onnx", format="onnx")
         configs = {"PyTorch edge": (torch_edge, False), "ONNX edge, no torch": (onnx_edge, True)}
         results = {name: [probe(folder, block) for _ in range(args.runs)] for name, (folder, block) in configs.items()}
-    print(f"edge process for {Path(model).name}: medians of {args.runs} fresh interpreters, one thread")
-    print("| edge | import (s) | load (s) | peak RSS (MB) | ms/image | torch loaded |")
-    print("|---|---:|---:|---:|---:|---|")
+    lines = [f"Edge process for {Path(model).name}: medians of {args.runs} fresh interpreters, one thread.", "",
+             "| edge | import (s) | load (s) | peak RSS (MB) | ms/image | torch loaded |", "|---|---:|---:|---:|---:|---|"]
     for name, runs in results.items():
         median = {key: statistics.median(run[key] for run in runs) for key in ("import_s", "load_s", "peak_rss_mb", "ms_per_image")}
-        print(f"| {name} | {median['import_s']:.2f} | {median['load_s']:.2f} | {median['peak_rss_mb']:.0f} | "
-              f"{median['ms_per_image']:.2f} | {runs[0]['torch_loaded']} |")
+        lines.append(f"| {name} | {median['import_s']:.2f} | {median['load_s']:.2f} | {median['peak_rss_mb']:.0f} | "
+                     f"{median['ms_per_image']:.2f} | {runs[0]['torch_loaded']} |")
+    print("\n".join(lines))
+    if args.markdown:
+        Path(args.markdown).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

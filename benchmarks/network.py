@@ -9,27 +9,33 @@ that wall time (handshake, request, response) is the transfer time. The edge vet
 the bytes on the wire in each direction (Ethernet, IP and TCP headers, handshake and teardown included).
 
 Compute times are measured once, up front, on this host, with the LLaVA-1.5 vision tower (CLIP
-ViT-L/14-336, random weights, K = 4096, split after the first LayerNorm of block 0):
+ViT-L/14-336, random weights, K = 4096 from k-means on photo features, split at the input of block 0):
 
-* AlignedVQ: edge = preprocessing + embeddings + split site + quantization + framing;
-  cloud vision = frame decoding + codebook lookup + output DLP + the rest of the tower + projector.
-* JPEG-q: edge = JPEG encoding of the 336x336 image; cloud vision = JPEG decoding + preprocessing +
+* AlignedVQ: edge = preprocessing + the ONNX edge (int8 front, shortlist search; `benchmarks/edge_encode.py`)
+  on one core + framing; cloud vision = frame decoding + codebook lookup + output DLP + the whole tower +
+  projector.
+* JPEG-q: edge = JPEG encoding of the 336x336 image (one core); cloud vision = JPEG decoding + preprocessing +
   the whole tower (to hidden state -2, as LLaVA-1.5 reads it) + projector.
 
-The language model's time is the same for every method and left out. Images: natural photos from
+The language model's time is the same for every method and left out, and the cloud's vision time is nearly
+the same for every method too (the whole tower runs in the cloud either way): on a CPU it hides everything else,
+on a GPU it is a few milliseconds. So the table reports ``edge + transfer``, what differs between methods,
+beside the cloud's time, and compares methods on it. Images: natural photos from
 ``skimage.data`` resized to 336x336. Prints a table and saves a stacked-bar plot (edge / transfer / cloud
 per bandwidth and method).
 
 Shaping: a token bucket (tbf) lets up to one MTU-sized packet through at line speed after the link was
-idle, so a transfer that fits one packet (an AlignedVQ frame does) pays only the round trip, while bigger
-uploads are paced at the rate. The table therefore also shows ``wire/rate``, the uplink bytes on the wire
-divided by the rate: what a physical link of that speed needs to clock them out. ``--shaper netem`` (where
-the kernel has ``sch_netem``) delays every packet by its serialization time instead, like such a link.
+idle, so a transfer that fits one packet (an AlignedVQ frame does) would pay only the round trip, while bigger
+uploads are paced at the rate. The table therefore also shows ``wire/rate``, the bytes on the wire in both
+directions (handshake, request, reply, teardown) divided by the rate: what a physical link of that speed needs
+to clock them out; the comparison uses ``max(measured, wire/rate)`` for every method, so no method gains from
+tbf's free first packet. ``--shaper netem`` (where the kernel has ``sch_netem``) delays every packet by its
+serialization time instead, like such a link.
 
 Needs root, ``ip`` and ``tc``; otherwise it prints why and exits 0. The namespaces (and with them the veth
 pair) are removed on exit, also on errors and Ctrl-C.
 
-    sudo python benchmarks/network.py [--bandwidths 0.25,0.5,1,2,4] [--repeats 3] [--plot network.png]
+    sudo python benchmarks/network.py [--bandwidths 0.25,0.5,1,2,4,8] [--repeats 3] [--plot network.png]
 """
 
 from __future__ import annotations
@@ -154,27 +160,40 @@ def with_question(image_bytes: bytes) -> bytes:
 
 
 def measure_compute(photos, qualities, repeats: int, threads: int | None, cloud_device: str) -> tuple[dict, bytes]:
-    """Median ms per image of each method's edge part (CPU) and cloud-vision part (``cloud_device``), and one
-    real AlignedVQ frame. The heavy cloud passes are interleaved so machine noise hits both methods alike."""
+    """Median ms per image of each method's edge part (one CPU core) and cloud-vision part (``cloud_device``),
+    and one real AlignedVQ frame. The heavy cloud passes are interleaved so machine noise hits both alike."""
     import copy
 
+    import numpy as np
     import torch
     from PIL import Image
     from torch import nn
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
     from transformers_alignedvq import split, wire
     from transformers_alignedvq.alignedvq_layer import AlignedVQLayer
+    from transformers_alignedvq.edge_export import export_onnx_folder
+    from transformers_alignedvq.edge_runtime import load_edge_runtime
+    from transformers_alignedvq.preprocess import ImagePreprocessing
+    from transformers_alignedvq.search import SearchConfig
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import edge_encode
 
     if threads:
         torch.set_num_threads(threads)
     torch.manual_seed(0)
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    tower = CLIPVisionModel(vision).eval()
-    layer = AlignedVQLayer(1024, 4096).eval()
-    with torch.no_grad():  # trained DLPs have non-zero gates
-        layer.dlp_in.gate.fill_(0.1)
+    vision, tower = edge_encode.llava_tower()
+    prep = ImagePreprocessing.for_vision_config("clip_vision_model", 336)
+    fit = torch.from_numpy(np.concatenate([prep(c) for c in edge_encode.photo_crops(edge_encode.FIT_PHOTOS, 8, 0)]))
+    edge = edge_encode.build_edge(vision, tower, 0, "input", fit, kmeans_iters=10)
+    edge.refresh_search(SearchConfig("shortlist", rank=32, candidates=8))
+    calibration = edge_encode.photo_crops(edge_encode.FIT_PHOTOS, 4, seed=2)
+    with tempfile.TemporaryDirectory() as scratch:
+        runtime = load_edge_runtime(export_onnx_folder(edge, scratch, int8=True, calibration_images=calibration),
+                                    threads=1)
+    layer = AlignedVQLayer(1024, 4096).eval()  # the cloud's half: the edge's codebook, an output DLP
+    with torch.no_grad():
+        layer.quantizer.codebook.copy_(edge.alignedvq.quantizer.codebook)
         layer.dlp_out.gate.fill_(0.1)
     projector = nn.Sequential(nn.Linear(1024, 4096), nn.GELU(), nn.Linear(4096, 4096)).eval()
     device = torch.device(cloud_device)
@@ -182,33 +201,28 @@ def measure_compute(photos, qualities, repeats: int, threads: int | None, cloud_
         cloud_tower, cloud_layer, cloud_projector = tower, layer, projector
     else:
         cloud_tower, cloud_layer, cloud_projector = (copy.deepcopy(m).to(device) for m in (tower, layer, projector))
-    processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
-    fingerprint = wire.codebook_fingerprint(layer.quantizer.codebook)
     last = vision.num_hidden_layers - 1  # hidden state -2, what LLaVA-1.5 reads
 
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def pixels(image):
-        return processor(images=image, return_tensors="pt")["pixel_values"]
-
-    @torch.no_grad()
     def avq_edge(image):
-        indices = layer.encode(split.edge_forward(tower, pixels(image), 0, "ln1"))[0, :, 0]
-        return wire.encode_frame(indices.numpy(), codebook_size=4096, codebook_fingerprint=fingerprint,
+        indices = runtime.encode_image(image)
+        return wire.encode_frame(indices, codebook_size=4096, codebook_fingerprint=runtime.fingerprint,
                                  grid=(24, 24), has_cls_token=True, prompt=QUESTION)
 
     @torch.no_grad()
     def avq_cloud(frame):
-        decoded = wire.decode_frame(frame, codebook_size=4096, codebook_fingerprint=fingerprint, num_tokens=577)
+        decoded = wire.decode_frame(frame, codebook_size=4096, codebook_fingerprint=runtime.fingerprint,
+                                    num_tokens=577)
         z = cloud_layer.decode(torch.from_numpy(decoded.indices.copy())[None].to(device))
-        hidden = split.cloud_forward(cloud_tower, z, 0, "ln1", [last])[last]
+        hidden = split.cloud_forward(cloud_tower, z, 0, "input", [last])[last]
         cloud_projector(hidden[:, 1:])
         sync()
 
     def jpeg_decode(data):
-        return pixels(Image.open(io.BytesIO(data)).convert("RGB"))
+        return torch.from_numpy(prep(Image.open(io.BytesIO(data))))
 
     @torch.no_grad()
     def full_tower(pixel_values):
@@ -225,21 +239,19 @@ def measure_compute(photos, qualities, repeats: int, threads: int | None, cloud_
 
     images = [image for _, image in photos]
     frame = avq_edge(images[0])
-    first_pixels = pixels(images[0])
-    avq_cloud(frame), full_tower(first_pixels)  # warm-up
-    edge_ms, avq_ms, tower_ms = [], [], []
+    avq_cloud(frame), full_tower(torch.from_numpy(prep(images[0])))  # warm-up
+    edge_ms = [timed(avq_edge, image) for image in images * 5]
+    avq_ms, tower_ms = [], []
     for r in range(repeats):
-        image = images[r % len(images)]
-        edge_ms.append(timed(avq_edge, image))
         avq_ms.append(timed(avq_cloud, frame))
-        tower_ms.append(timed(full_tower, pixels(image)))
+        tower_ms.append(timed(full_tower, torch.from_numpy(prep(images[r % len(images)]))))
     compute = {"AlignedVQ": {"edge": statistics.median(edge_ms), "cloud": statistics.median(avq_ms)}}
     for quality in qualities:
         encode_ms = [timed(lambda im: jpeg_bytes(im, quality), im) for im in images * 3]
         decode_ms = [timed(jpeg_decode, jpeg_bytes(im, quality)) for im in images * 3]
         compute[f"JPEG-{quality}"] = {"edge": statistics.median(encode_ms),
                                       "cloud": statistics.median(decode_ms) + statistics.median(tower_ms)}
-    compute["_host"] = {"edge": f"cpu, {torch.get_num_threads()} thread(s)",
+    compute["_host"] = {"edge": "cpu, 1 thread (onnxruntime int8 edge; Pillow JPEG)",
                         "cloud": torch.cuda.get_device_name(device) if device.type == "cuda" else
                         f"cpu, {torch.get_num_threads()} thread(s)"}
     return compute, frame
@@ -324,24 +336,25 @@ def plot(results: dict, bandwidths: list[float], methods: list[str], path: str) 
     import matplotlib.pyplot as plt
 
     width = 0.8 / len(methods)
-    colors = {"edge": "#4C72B0", "transfer": "#DD8452", "cloud": "#55A868"}
+    colors = {"edge": "#4C72B0", "paced": "#DD8452"}
     hatches = ["", "//", ".."]
     fig, ax = plt.subplots(figsize=(10.5, 4.8))
     for m, method in enumerate(methods):
         for b, mbit in enumerate(bandwidths):
             cell = results[(mbit, method)]
             bottom = 0.0
-            for part in ("edge", "transfer", "cloud"):
+            for part in ("edge", "paced"):
                 value = cell[part] / 1000
                 ax.bar(b + (m - (len(methods) - 1) / 2) * width, value, width * 0.95, bottom=bottom,
                        color=colors[part], hatch=hatches[m % len(hatches)], edgecolor="black", linewidth=0.5)
                 bottom += value
     ax.set_xticks(range(len(bandwidths)), [f"{b:g} Mbit/s" for b in bandwidths])
-    ax.set_ylabel("end-to-end latency (s), language model excluded")
+    ax.set_ylabel("edge + transfer (s): what differs between methods")
     ax.set_title("AlignedVQ indices vs JPEG uploads over a shaped link")
     from matplotlib.patches import Patch
 
-    handles = [Patch(facecolor=c, edgecolor="black", label=p) for p, c in colors.items()]
+    labels = {"edge": "edge", "paced": "transfer (paced)"}
+    handles = [Patch(facecolor=c, edgecolor="black", label=labels[p]) for p, c in colors.items()]
     handles += [Patch(facecolor="white", edgecolor="black", hatch=hatches[m % len(hatches)], label=method)
                 for m, method in enumerate(methods)]
     ax.legend(handles=handles, fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -350,9 +363,25 @@ def plot(results: dict, bandwidths: list[float], methods: list[str], path: str) 
     plt.close(fig)
 
 
+def markdown_table(results: dict, bandwidths: list[float], methods: list[str], compute: dict, shaper: str) -> str:
+    host = compute.get("_host", {})
+    lines = [f"Edge on {host.get('edge', '?')}; cloud vision on {host.get('cloud', '?')}; shaper {shaper}; "
+             "transfer = max(measured, wire bytes / rate).", "",
+             "| Mbit/s | method | payload (B) | edge (ms) | transfer (ms) | edge + transfer (ms) | vs JPEG-90 | "
+             "vs JPEG-10 | cloud vision (ms) |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for mbit in bandwidths:
+        for method in methods:
+            r = results[(mbit, method)]
+            ratios = [f"{results[(mbit, ref)]['edge_transfer'] / r['edge_transfer']:.2f}x"
+                      if (mbit, ref) in results else "-" for ref in ("JPEG-90", "JPEG-10")]
+            lines.append(f"| {mbit:g} | {method} | {r['payload']:.0f} | {r['edge']:.1f} | {r['paced']:.1f} | "
+                         f"{r['edge_transfer']:.1f} | {ratios[0]} | {ratios[1]} | {r['cloud']:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bandwidths", default="0.25,0.5,1,2,4", help="Mbit/s, comma-separated")
+    parser.add_argument("--bandwidths", default="0.25,0.5,1,2,4,8", help="Mbit/s, comma-separated")
     parser.add_argument("--repeats", type=int, default=3, help="transfers per bandwidth and method")
     parser.add_argument("--images", type=int, default=4, help=f"photos used, at most {len(PHOTOS)}")
     parser.add_argument("--qualities", default="90,10", help="JPEG qualities of the baselines")
@@ -368,6 +397,7 @@ def main() -> int:
     parser.add_argument("--cloud-address", default=CLOUD_ADDRESS)
     parser.add_argument("--plot", default="network_latency.png", help="where to save the figure")
     parser.add_argument("--json", help="also write all results to this JSON file")
+    parser.add_argument("--markdown", help="also write the comparison as a Markdown table to this file")
     # Internal: the roles this script plays inside the namespaces.
     parser.add_argument("--role", choices=("sink", "send"), help=argparse.SUPPRESS)
     parser.add_argument("--host", help=argparse.SUPPRESS)
@@ -470,7 +500,11 @@ def main() -> int:
             "up": statistics.median(r["up"] for r in records),
             "down": statistics.median(r["down"] for r in records),
         }
-        results[(mbit, method)]["total"] = sum(results[(mbit, method)][k] for k in ("edge", "transfer", "cloud"))
+        cell = results[(mbit, method)]
+        cell["wire_ms"] = (cell["up"] + cell["down"]) * 8 / (mbit * 1000)
+        cell["paced"] = max(cell["transfer"], cell["wire_ms"])
+        cell["edge_transfer"] = cell["edge"] + cell["paced"]
+        cell["total"] = cell["edge_transfer"] + cell["cloud"]
 
     host = compute.get("_host", {})
     print(f"\ncompute per image (ms, median; edge on {host.get('edge', '?')}, cloud on {host.get('cloud', '?')}): "
@@ -478,23 +512,26 @@ def main() -> int:
     print(f"shaper: {args.shaper}; transfer = fresh TCP connection + HTTP upload + reply, median of {args.repeats}"
           + ("; tbf passes one packet unpaced after idle, so one-packet uploads pay only the round trip"
              if args.shaper == "tbf" else ""))
-    print("wire/rate = the uplink's bytes on the wire clocked out at the rate (what a physical link of that speed "
-          "needs)")
-    header = (f"{'Mbit/s':>6} {'method':<10} {'payload B':>9} {'wire up B':>9} {'wire down B':>11} "
-              f"{'wire/rate ms':>12} {'edge ms':>8} {'transfer ms':>11} {'cloud ms':>9} {'total ms':>9} "
-              f"{'vs JPEG-90':>10}")
-    print(header)
+    print("wire/rate = the bytes on the wire (both directions) clocked out at the rate; paced = max(measured, "
+          "wire/rate); edge+xfer = edge + paced transfer, what differs between methods")
+    header = (f"{'Mbit/s':>6} {'method':<10} {'payload B':>9} {'wire B':>7} {'wire/rate':>9} {'measured':>8} "
+              f"{'edge':>6} {'edge+xfer':>9} {'vs JPEG-90':>10} {'vs JPEG-10':>10} {'cloud':>8}")
+    print(header + "   (ms)")
     print("-" * len(header))
     for mbit in bandwidths:
-        reference = results.get((mbit, "JPEG-90"))
         for method in methods:
             r = results[(mbit, method)]
-            speedup = f"{reference['total'] / r['total']:.2f}x" if reference else "-"
-            print(f"{mbit:>6g} {method:<10} {r['payload']:>9.0f} {r['up']:>9.0f} {r['down']:>11.0f} "
-                  f"{r['up'] * 8 / (mbit * 1000):>12.1f} {r['edge']:>8.1f} "
-                  f"{r['transfer']:>11.1f} {r['cloud']:>9.1f} {r['total']:>9.1f} {speedup:>10}")
+            ratios = []
+            for ref in ("JPEG-90", "JPEG-10"):
+                other = results.get((mbit, ref))
+                ratios.append(f"{other['edge_transfer'] / r['edge_transfer']:.2f}x" if other else "-")
+            print(f"{mbit:>6g} {method:<10} {r['payload']:>9.0f} {r['up'] + r['down']:>7.0f} {r['wire_ms']:>9.1f} "
+                  f"{r['transfer']:>8.1f} {r['edge']:>6.1f} {r['edge_transfer']:>9.1f} {ratios[0]:>10} "
+                  f"{ratios[1]:>10} {r['cloud']:>8.0f}")
     plot(results, bandwidths, methods, args.plot)
     print(f"plot saved to {args.plot}")
+    if args.markdown:
+        Path(args.markdown).write_text(markdown_table(results, bandwidths, methods, compute, args.shaper))
     if args.json:
         Path(args.json).write_text(json.dumps({
             "compute": compute, "frame_hex": frame.hex(), "shaper": args.shaper,

@@ -5,10 +5,11 @@
 
 Every candidate is finetuned exactly as the bundled model was (`build_bundled_model.py`: K = 4096, DLP, LoRA
 r = 16, k-means on 2,000 training images, two epochs, lr 5e-4, batch 32) and scored on the full easy-VQA test
-split (9,673 questions) over real wire frames. Runs are resumable: each candidate's model is kept in
-``RUNS/NAME`` and its score in ``RUNS/results/NAME.json``; a finished candidate is skipped. The edge cost of
-each site at LLaVA-1.5 scale comes from `benchmarks/edge_encode.py`; `examples/split_report.py` joins both
-into docs/split-study.md.
+split (9,673 questions) over real wire frames, first with the PyTorch edge and exact search, then with the
+deployable ONNX edges: fp32 with the shortlist search, and int8 (calibrated on 256 training images) with the
+shortlist search. Runs are resumable: each candidate's model is kept in ``RUNS/NAME`` and its scores in
+``RUNS/results/NAME[__variant].json``; what is done is skipped. The edge cost of each site at LLaVA-1.5 scale
+comes from `benchmarks/edge_encode.py`; `examples/split_report.py` joins both into docs/edge.md.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import finetune_alignedvq  # noqa: E402
-from transformers import AutoProcessor  # noqa: E402
+from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
 
 from transformers_alignedvq import LlavaAlignedVQForConditionalGeneration  # noqa: E402
 from transformers_alignedvq.data import load_easy_vqa  # noqa: E402
+from transformers_alignedvq.edge_export import export_edge  # noqa: E402
+from transformers_alignedvq.edge_runtime import load_edge_runtime  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
+from transformers_alignedvq.search import SearchConfig  # noqa: E402
 
 # name -> (split_layer, split_site, extra finetune flags)
 CANDIDATES = {
@@ -39,6 +43,10 @@ CANDIDATES = {
     # Not in the paper's recipe: LoRA in the cloud's vision blocks too (the edge and its frames are unchanged).
     "input_0_cloud_lora": (0, "input", ["--lora-cloud-vision"]),
 }
+SHORTLIST = SearchConfig("shortlist", rank=32, candidates=8)
+# variant -> export_edge options (the calibration images are added where int8)
+EDGE_VARIANTS = {"onnx_shortlist": dict(format="onnx", search=SHORTLIST),
+                 "onnx_int8_shortlist": dict(format="onnx", int8=True, search=SHORTLIST)}
 
 
 def finetune(args, name: str, layer: int, site: str, extra: list[str]) -> Path:
@@ -69,20 +77,44 @@ def main(argv=None) -> None:
     results.mkdir(parents=True, exist_ok=True)
     processor = AutoProcessor.from_pretrained(args.base)
     test = load_easy_vqa("test", limit=args.limit)
+    calibration = [row["image"] for row in load_easy_vqa("train").select(range(0, 2560, 10))]
+    if not (results / "base.json").is_file():  # the base LLaVA on the PNG images, the reference
+        base = LlavaForConditionalGeneration.from_pretrained(args.base).eval()
+        result = evaluate_vqa(base, processor, test, batch_size=256)
+        (results / "base.json").write_text(json.dumps({**result, "name": "base", "eval_questions": len(test)}))
     for name in args.only or CANDIDATES:
         path = results / f"{name}.json"
-        if path.is_file():
-            continue
         layer, site, extra = CANDIDATES[name]
-        started = time.time()
-        folder = finetune(args, name, layer, site, extra)
-        train_seconds = time.time() - started
-        model = LlavaAlignedVQForConditionalGeneration.from_pretrained(folder).eval()
-        result = evaluate_vqa(model, processor, test, batch_size=256)
-        result.update(name=name, split_layer=layer, split_site=site, train_seconds=train_seconds,
-                      eval_questions=len(test), epochs=args.epochs)
-        path.write_text(json.dumps(result, indent=1))
-        print(f"{name}: accuracy {result['accuracy']:.4f} on {len(test)} questions", flush=True)
+        if not path.is_file():
+            started = time.time()
+            folder = finetune(args, name, layer, site, extra)
+            train_seconds = time.time() - started
+            model = LlavaAlignedVQForConditionalGeneration.from_pretrained(folder).eval()
+            result = evaluate_vqa(model, processor, test, batch_size=256)
+            result.update(name=name, split_layer=layer, split_site=site, train_seconds=train_seconds,
+                          eval_questions=len(test), epochs=args.epochs)
+            path.write_text(json.dumps(result, indent=1))
+            print(f"{name}: accuracy {result['accuracy']:.4f} on {len(test)} questions", flush=True)
+        for variant, options in EDGE_VARIANTS.items():
+            evaluate_edge(args, name, variant, options, calibration, processor, test)
+
+
+def evaluate_edge(args, name: str, variant: str, options: dict, calibration, processor, test) -> None:
+    """Score ``name`` with its edge exported as ``variant`` (the cloud half unchanged)."""
+    path = Path(args.runs) / "results" / f"{name}__{variant}.json"
+    if path.is_file():
+        return
+    folder = Path(args.runs) / name
+    edge_dir = export_edge(folder, Path(args.runs) / f"{name}__{variant}", **options,
+                           calibration_images=calibration if options.get("int8") else None)
+    edge = load_edge_runtime(edge_dir, threads=args.threads)
+    model = LlavaAlignedVQForConditionalGeneration.from_pretrained(folder).eval()
+    exact = json.loads((Path(args.runs) / "results" / f"{name}.json").read_text())
+    result = evaluate_vqa(model, processor, test, batch_size=256, edge=edge.encode)
+    result.update(name=name, variant=variant, eval_questions=len(test),
+                  same_answers=sum(a == b for a, b in zip(result["predictions"], exact["predictions"])) / len(test))
+    path.write_text(json.dumps(result, indent=1))
+    print(f"{name} {variant}: accuracy {result['accuracy']:.4f}", flush=True)
 
 
 if __name__ == "__main__":

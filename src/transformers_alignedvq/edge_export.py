@@ -176,15 +176,20 @@ def export_edge(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, for
     if format == "safetensors":
         edge.save_pretrained(out_dir)
     else:
-        _export_onnx_folder(edge, out_dir, int8=int8, calibration_images=calibration_images)
+        export_onnx_folder(edge, out_dir, int8=int8, calibration_images=calibration_images)
     if (model_dir / ENTROPY_MODEL_NAME).is_file():
         shutil.copyfile(model_dir / ENTROPY_MODEL_NAME, out_dir / ENTROPY_MODEL_NAME)
     return out_dir
 
 
-def _export_onnx_folder(edge, out_dir: Path, *, int8: bool, calibration_images: Iterable | None) -> None:
+def export_onnx_folder(edge, out_dir: str | os.PathLike, *, int8: bool = False,
+                       calibration_images: Iterable | None = None) -> Path:
+    """Write an `AlignedVQEdgeEncoder` as an ONNX edge folder (``edge_config.json`` + ``edge_model.onnx``);
+    ``int8`` and ``calibration_images`` as for `export_edge`."""
     from .edge_onnx import export_onnx
 
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     calibration = None
     if int8:
         if calibration_images is None:
@@ -196,3 +201,4 @@ def _export_onnx_folder(edge, out_dir: Path, *, int8: bool, calibration_images: 
     config = edge.edge_config()
     config["onnx"] = {"file": EDGE_ONNX_NAME, "int8": int8, "calibration_images": len(calibration or ())}
     write_edge_config(out_dir, config)
+    return out_dir

@@ -1,0 +1,151 @@
+"""Write docs/edge.md from the split study, the edge benchmarks and the network benchmark.
+
+    python examples/split_study.py --base artifacts/base-easyvqa --runs runs/split_study
+    python benchmarks/edge_encode.py --json runs/edge_encode.json
+    python benchmarks/edge_footprint.py --markdown runs/edge_footprint.md
+    sudo python benchmarks/network.py --markdown runs/network.md --plot docs/figures/network.png
+    python examples/split_report.py --runs runs/split_study --edge runs/edge_encode.json \\
+        --footprint runs/edge_footprint.md --network runs/network.md --doc docs/edge.md
+
+Every number in the document is read from those files; the LLaVA 1+ row is read from docs/results.md, which
+`examples/paper_in_miniature.py` wrote from its own run on the same test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+SITE_LABEL = {
+    "input_0": "input of block 0 (pre-LayerNorm output)",
+    "ln1_0": "ln1 of block 0 (the paper's site)",
+    "mlp_0": "output of block 0",
+    "mlp_1": "output of block 1 (the bundled model)",
+    "input_0_cloud_lora": "input of block 0, LoRA also in the cloud's vision blocks",
+}
+BENCH_SITE = {"input_0_cloud_lora": "input_0"}  # same edge, same cost
+
+
+def load_results(runs: Path) -> dict[str, dict]:
+    return {path.stem: json.loads(path.read_text()) for path in sorted((runs / "results").glob("*.json"))}
+
+
+def edge_rows(path: Path) -> dict[tuple[str, str], dict]:
+    return {(row["site"], row["method"]): row for row in json.loads(path.read_text())["rows"]}
+
+
+def llava_one_plus(results_doc: Path) -> str:
+    match = re.search(r"\| LLaVA 1\+[^|]*\| ([\d.]+) \|", results_doc.read_text())
+    return match.group(1) if match else "n/a"
+
+
+def pct(value: float) -> str:
+    return f"{100 * value:.2f}"
+
+
+def split_table(results: dict, bench: dict, base: float, one_plus: str) -> list[str]:
+    lines = [
+        "| split | accuracy (%) | vs base (points) | ONNX int8 + shortlist edge: accuracy (%) | edge ms (ONNX int8 + shortlist) | edge ms (PyTorch, exact) |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| base LLaVA on the PNG image | {pct(base)} | – | – | – | – |",
+        f"| LLaVA 1+ (docs/results.md) | {one_plus} | – | – | – | – |",
+    ]
+    for name, label in SITE_LABEL.items():
+        if name not in results:
+            continue
+        site = BENCH_SITE.get(name, name)
+        fast, slow = bench.get((site, "onnx int8, shortlist")), bench.get((site, "torch, exact"))
+        int8 = results.get(f"{name}__onnx_int8_shortlist")
+        lines.append(
+            f"| {label} | {pct(results[name]['accuracy'])} | {100 * (results[name]['accuracy'] - base):+.2f} | "
+            f"{pct(int8['accuracy']) if int8 else 'n/a'} | {fast['ms']:.1f} | {slow['ms']:.1f} |"
+            if fast and slow else
+            f"| {label} | {pct(results[name]['accuracy'])} | {100 * (results[name]['accuracy'] - base):+.2f} | "
+            f"{pct(int8['accuracy']) if int8 else 'n/a'} | n/a | n/a |"
+        )
+    return lines
+
+
+def variant_table(results: dict) -> list[str]:
+    lines = ["| split | PyTorch edge, exact search (%) | ONNX fp32, shortlist (%) | same answers | ONNX int8, shortlist (%) | same answers |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name, label in SITE_LABEL.items():
+        if name not in results:
+            continue
+        cells = [pct(results[name]["accuracy"])]
+        for variant in ("onnx_shortlist", "onnx_int8_shortlist"):
+            result = results.get(f"{name}__{variant}")
+            cells += [pct(result["accuracy"]), pct(result["same_answers"])] if result else ["n/a", "n/a"]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def bench_table(path: Path) -> list[str]:
+    data = json.loads(path.read_text())
+    rows, args = data["rows"], data["args"]
+    lines = [f"CLIP ViT-L/14-336 (random weights), K = 4096, one thread, {args['repeats']} interleaved repeats, "
+             f"shortlist rank {args['rank']} with {args['candidates']} candidates.", "",
+             "| site | edge | ms/image | vs PyTorch exact | agreement with an exact fp64 search |", "|---|---|---:|---:|---:|"]
+    for row in rows:
+        base = next(r["ms"] for r in rows if r["site"] == row["site"] and r["method"] == "torch, exact")
+        lines.append(f"| {row['site']} | {row['method']} | {row['ms']:.1f} | {row['ms'] / base:.2f}x | "
+                     f"{100 * row['agreement']:.2f}% |")
+    return lines
+
+
+def plot(results: dict, bench: dict, base: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, label in SITE_LABEL.items():
+        site = BENCH_SITE.get(name, name)
+        if name not in results or (site, "onnx int8, shortlist") not in bench:
+            continue
+        x = bench[(site, "onnx int8, shortlist")]["ms"]
+        ax.scatter([x], [100 * results[name]["accuracy"]], s=40)
+        ax.annotate(label, (x, 100 * results[name]["accuracy"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.axhline(100 * base, color="gray", linestyle="--", linewidth=1)
+    ax.axhline(100 * base - 0.5, color="gray", linestyle=":", linewidth=1)
+    ax.axvline(15, color="gray", linestyle=":", linewidth=1)
+    ax.set_xscale("log")
+    ax.set_xlabel("edge ms per image at LLaVA-1.5 scale, one core (ONNX, int8, shortlist)")
+    ax.set_ylabel("easy-VQA accuracy (%)")
+    ax.set_title("Split sites: accuracy against edge cost (dashed: base; dotted: base - 0.5, 15 ms)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=140)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", default="runs/split_study")
+    p.add_argument("--edge", default="runs/edge_encode.json")
+    p.add_argument("--footprint", default="runs/edge_footprint.md", help="table written by edge_footprint.py --markdown")
+    p.add_argument("--network", default="runs/network.md", help="table written by network.py --markdown")
+    p.add_argument("--doc", default="docs/edge.md")
+    args = p.parse_args(argv)
+    results = load_results(Path(args.runs))
+    bench = edge_rows(Path(args.edge))
+    base = results["base"]["accuracy"]
+    doc = Path(args.doc)
+    figure = doc.parent / "figures" / "split_pareto.png"
+    plot(results, bench, base, figure)
+    sections = {
+        "split": "\n".join(split_table(results, bench, base, llava_one_plus(doc.parent / "results.md"))),
+        "variants": "\n".join(variant_table(results)),
+        "bench": "\n".join(bench_table(Path(args.edge))),
+        "footprint": Path(args.footprint).read_text().strip() if Path(args.footprint).is_file() else "n/a",
+        "network": Path(args.network).read_text().strip() if Path(args.network).is_file() else "n/a",
+    }
+    template = (Path(__file__).parent / "edge_doc_template.md").read_text()
+    doc.write_text(template.format(**sections, figure=figure.relative_to(doc.parent).as_posix()))
+    print(f"wrote {doc} and {figure}")
+
+
+if __name__ == "__main__":
+    main()
