@@ -217,28 +217,38 @@ def demo_samples(images: int, questions_per_image: int, split: str = "test") -> 
 
 
 def cmd_demo(args) -> int:
+    import shutil
+
+    from transformers import AutoModel, AutoProcessor
+
     from .client import EdgeClient
-    from .edge_export import export_edge
     from .connection_limits import ConnectionLimits
+    from .entropy import ENTROPY_MODEL_NAME, load_entropy_model
     from .server import BackgroundServer, ServerConfigError, create_app
 
     _set_threads(args.threads)
-    model = _default_model(args.model)
+    folder = Path(_default_model(args.model))
     samples = demo_samples(args.images, args.questions_per_image)
     if not samples:
         raise CliError("no easy-VQA samples found")
+    model, processor = AutoModel.from_pretrained(folder).eval(), AutoProcessor.from_pretrained(folder)
     with tempfile.TemporaryDirectory() as scratch:
-        edge_dir = export_edge(model, Path(scratch) / "edge")
+        edge_dir = Path(scratch) / "edge"  # what `alignedvq export-edge` writes, from the model loaded once
+        model.edge_encoder(processor).save_pretrained(edge_dir)
+        if (folder / ENTROPY_MODEL_NAME).is_file():
+            shutil.copyfile(folder / ENTROPY_MODEL_NAME, edge_dir / ENTROPY_MODEL_NAME)
         try:
-            app = create_app(model, max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size)
+            app = create_app(model, processor=processor, entropy_model=load_entropy_model(folder),
+                             max_new_tokens=args.max_new_tokens, max_batch_size=args.max_batch_size)
         except ServerConfigError as exc:
             raise CliError(str(exc)) from exc
         # One client on loopback: small limits, so the demo also runs where few open files are allowed.
         limits = ConnectionLimits(max_connections=64, backlog=64)
         with BackgroundServer(app, host="127.0.0.1", port=0, limits=limits) as server, \
                 EdgeClient(edge_dir, server.url) as client:
+            client.encode(samples[0]["image"], samples[0]["question"])  # warm-up: first calls load lazily
             print(f"cloud server on {server.url}; edge client loaded from the exported edge part "
-                  f"({client.edge.num_bytes / 2**20:.2f} MiB of weights)")
+                  f"({client.edge.num_bytes / 2**20:.2f} MiB of weights and search tables)")
             correct = 0
             header = (f"{'question':<40} {'answer':<16} {'truth':<10} {'sent':>5} {'PNG':>6} {'JPEG90':>6} "
                       f"{'edge':>6} {'xfer':>6} {'cloud':>7}")

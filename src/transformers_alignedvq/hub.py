@@ -41,6 +41,7 @@ LORA_SUBFOLDER = "lora"
 EDGE_FILES = (
     "edge_config.json",
     "edge_model.safetensors",
+    "edge_model.onnx",
     "processor_config.json",
     "preprocessor_config.json",
     ENTROPY_MODEL_NAME,
