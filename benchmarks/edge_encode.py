@@ -38,7 +38,7 @@ from transformers_alignedvq.preprocess import ImagePreprocessing
 from transformers_alignedvq.quantizer import kmeans
 from transformers_alignedvq.search import CodewordSearch, SearchConfig
 
-SITES = {"input_0": (0, "input"), "ln1_0": (0, "ln1"), "mlp_0": (0, "mlp"), "mlp_1": (1, "mlp")}
+SITES = {"patch_0": (0, "patch"), "input_0": (0, "input"), "ln1_0": (0, "ln1"), "mlp_0": (0, "mlp"), "mlp_1": (1, "mlp")}
 FIT_PHOTOS = ("coffee", "colorwheel", "hubble_deep_field", "immunohistochemistry", "retina", "rocket", "camera",
               "coins", "page")
 HELD_OUT_PHOTOS = ("astronaut", "chelsea")  # chelsea is the cat of `cat`, which is left out of the fit set

@@ -46,7 +46,7 @@ def parse_args(argv=None):
     p.add_argument("--limit", type=int, default=None, help="use only the first N training examples")
     # AlignedVQ
     p.add_argument("--split-layer", type=int, default=0)
-    p.add_argument("--split-site", default="ln1", choices=["input", "ln1", "attn", "ln2", "mlp"])
+    p.add_argument("--split-site", default="ln1", choices=["patch", "input", "ln1", "attn", "ln2", "mlp"])
     p.add_argument("--codebook-size", type=int, default=4096)
     p.add_argument("--num-codebooks", type=int, default=1)
     p.add_argument("--num-groups", type=int, default=1)

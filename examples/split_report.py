@@ -24,8 +24,10 @@ SITE_LABEL = {
     "mlp_0": "output of block 0",
     "mlp_1": "output of block 1 (the bundled model)",
     "input_0_cloud_lora": "input of block 0, LoRA also in the cloud's vision blocks",
+    "patch_0": "patch embeddings, before positions (the cloud adds them)",
+    "patch_0_cloud_lora": "patch embeddings, LoRA also in the cloud's vision blocks",
 }
-BENCH_SITE = {"input_0_cloud_lora": "input_0"}  # same edge, same cost
+BENCH_SITE = {"input_0_cloud_lora": "input_0", "patch_0_cloud_lora": "patch_0"}  # same edge, same cost
 
 
 def load_results(runs: Path) -> dict[str, dict]:

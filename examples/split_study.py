@@ -42,6 +42,10 @@ CANDIDATES = {
     "mlp_1": (1, "mlp", []),
     # Not in the paper's recipe: LoRA in the cloud's vision blocks too (the edge and its frames are unchanged).
     "input_0_cloud_lora": (0, "input", ["--lora-cloud-vision"]),
+    # Not in the paper: the patch embeddings before the position embeddings (the cloud adds them), so the
+    # codebook spends its entries on content only.
+    "patch_0": (0, "patch", []),
+    "patch_0_cloud_lora": (0, "patch", ["--lora-cloud-vision"]),
 }
 SHORTLIST = SearchConfig("shortlist", rank=32, candidates=8)
 # variant -> export_edge options (the calibration images are added where int8)

@@ -20,6 +20,7 @@ def test_defaults_reproduce_the_paper_setup():
     "options, words",
     [
         (dict(split_site="ffn"), "split_site"),
+        (dict(split_site="patch", split_layer=1), "comes before block 0"),
         (dict(split_layer=-1), "split_layer"),
         (dict(split_layer=3), "split_layer"),
         (dict(split_layer=2), "before the split"),  # vision_feature_layer=-2 reads hidden state 2

@@ -25,7 +25,7 @@ def _session(path):
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("site,layer,method", [("input", 0, "shortlist"), ("ln1", 0, "exact"), ("mlp", 1, "exact")])
+@pytest.mark.parametrize("site,layer,method", [("patch", 0, "shortlist"), ("input", 0, "exact"), ("mlp", 1, "exact")])
 def test_fp32_onnx_edge_gives_the_pytorch_edges_indices(tmp_path, site, layer, method):
     model = tiny_alignedvq(split_site=site, split_layer=layer, codebook_size=32)
     with torch.no_grad():

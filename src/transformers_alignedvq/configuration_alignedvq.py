@@ -21,6 +21,8 @@ class AlignedVQConfig(LlavaConfig):
     Split semantics (the vision tower is a stack of pre-norm blocks
     ``h = x + attn(ln1(x)); out = h + mlp(ln2(h))``):
 
+    - ``patch`` (block 0 only): the patch embeddings before the position embeddings and CLIP's pre-LayerNorm,
+      which the cloud adds; the edge runs only the patch embedding, and one codebook serves every position;
     - ``input``: the block input ``x``, the residual stream itself (at block 0: the embeddings after CLIP's
       pre-LayerNorm; the edge then runs no transformer block at all);
     - ``ln1``: the output of block ``split_layer``'s first LayerNorm, ``ln1(x)``;
@@ -40,7 +42,7 @@ class AlignedVQConfig(LlavaConfig):
             Index (0-based) of the vision block that holds the split site. Every vision feature layer LLaVA
             reads (``vision_feature_layer``) must come after this block.
         split_site (`str`, *optional*, defaults to `"ln1"`):
-            One of ``"input"``, ``"ln1"``, ``"attn"``, ``"ln2"``, ``"mlp"`` (see above).
+            One of ``"patch"``, ``"input"``, ``"ln1"``, ``"attn"``, ``"ln2"``, ``"mlp"`` (see above).
         codebook_size (`int`, *optional*, defaults to 4096):
             Codewords per codebook ``K``; an index costs ``ceil(log2 K)`` bits on the wire.
         num_codebooks (`int`, *optional*, defaults to 1):
@@ -72,7 +74,7 @@ class AlignedVQConfig(LlavaConfig):
     model_type = "llava_alignedvq"
 
     split_layer: int = 0
-    split_site: Literal["input", "ln1", "attn", "ln2", "mlp"] = "ln1"
+    split_site: Literal["patch", "input", "ln1", "attn", "ln2", "mlp"] = "ln1"
     codebook_size: int = 4096
     num_codebooks: int = 1
     num_groups: int = 1
@@ -112,6 +114,8 @@ class AlignedVQConfig(LlavaConfig):
             raise ValueError(f"split_layer={self.split_layer} must be in [0, {num_layers}) (vision blocks).")
         if self.split_site not in SPLIT_SITES:
             raise ValueError(f"split_site={self.split_site!r} must be one of {SPLIT_SITES}.")
+        if self.split_site == "patch" and self.split_layer != 0:
+            raise ValueError(f"split_site='patch' comes before block 0; got split_layer={self.split_layer}.")
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size={self.codebook_size} must be at least 2.")
         for name in ("num_codebooks", "num_groups"):

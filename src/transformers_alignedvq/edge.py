@@ -36,6 +36,7 @@ from .search import CodewordSearch, SearchConfig, fold_codebook
 
 # Submodules of the split block the edge never runs, by site.
 _UNUSED_AT_SITE = {
+    "patch": ("layer_norm1", "self_attn", "layer_norm2", "mlp"),
     "input": ("layer_norm1", "self_attn", "layer_norm2", "mlp"),
     "ln1": ("self_attn", "layer_norm2", "mlp"),
     "attn": ("layer_norm2", "mlp"),

@@ -7,7 +7,9 @@ import: the edge uses these functions on the edge-only module too.
 
 Sites inside block ``b``: ``input`` (the block input, i.e. the residual stream: for ``b = 0`` the embeddings after
 the pre-LayerNorm, for ``b > 0`` the same tensor as ``mlp`` of block ``b - 1``), ``ln1``, ``attn``, ``ln2``, ``mlp``
-(the block output).
+(the block output). Before block 0 only: ``patch``, the patch embeddings (and the class embedding) before the
+position embeddings and the pre-LayerNorm, which the cloud adds: what crosses the split is then the content of
+each patch alone, the same codebook serving every position.
 
 Hidden-state numbering follows Transformers: hidden state 0 is the embeddings output (after the pre-LayerNorm),
 hidden state ``i`` is the output of block ``i - 1``.
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-SPLIT_SITES = ("input", "ln1", "attn", "ln2", "mlp")
+SPLIT_SITES = ("patch", "input", "ln1", "attn", "ln2", "mlp")
 
 
 def vision_blocks(tower: nn.Module) -> nn.ModuleList:
@@ -36,6 +38,26 @@ def embed(tower: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
     """Patch + position embeddings and the pre-LayerNorm: hidden state 0, ``(batch, tokens, hidden)``."""
     dtype = tower.embeddings.patch_embedding.weight.dtype
     hidden = tower.embeddings(pixel_values.to(dtype))
+    pre_norm = getattr(tower, "pre_layrnorm", None)
+    return pre_norm(hidden) if pre_norm is not None else hidden
+
+
+def patch_content(tower: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The ``patch`` site: class embedding (where the tower has one) and patch embeddings, without positions:
+    ``(batch, tokens, hidden)``."""
+    embeddings = tower.embeddings
+    dtype = embeddings.patch_embedding.weight.dtype
+    patches = embeddings.patch_embedding(pixel_values.to(dtype)).flatten(2).transpose(1, 2)
+    cls = getattr(embeddings, "class_embedding", None)
+    if cls is None:
+        return patches
+    return torch.cat([cls.to(patches.dtype).expand(patches.shape[0], 1, -1), patches], dim=1)
+
+
+def add_positions(tower: nn.Module, content: torch.Tensor) -> torch.Tensor:
+    """Cloud side of ``patch``: position embeddings and the pre-LayerNorm -> hidden state 0."""
+    embeddings = tower.embeddings
+    hidden = content + embeddings.position_embedding(embeddings.position_ids)
     pre_norm = getattr(tower, "pre_layrnorm", None)
     return pre_norm(hidden) if pre_norm is not None else hidden
 
@@ -91,6 +113,8 @@ def block_from_site(block: nn.Module, z: torch.Tensor, site: str) -> torch.Tenso
 
 def edge_forward(tower: nn.Module, pixel_values: torch.Tensor, split_layer: int, site: str) -> torch.Tensor:
     """Everything the edge computes before quantization: ``(batch, tokens, hidden)`` site features."""
+    if site == "patch":
+        return patch_content(tower, pixel_values)
     blocks = vision_blocks(tower)
     hidden = embed(tower, pixel_values)
     for block in blocks[:split_layer]:
@@ -107,6 +131,8 @@ def cloud_forward(
     after the last wanted hidden state are skipped: LLaVA-1.5 reads hidden state -2, so its final vision
     block never runs.
     """
+    if site == "patch":
+        z, site = add_positions(tower, z), "input"
     blocks = vision_blocks(tower)
     hidden = block_from_site(blocks[split_layer], z, site)
     index = split_layer + 1

@@ -25,7 +25,7 @@ def cloud_vision_lora_targets(config) -> str:
     """PEFT ``target_modules`` regex for the linear layers of the vision blocks the cloud runs entirely (after
     the split, and the split block itself when the site is its input): adapting them changes nothing on the
     edge, so the edge, its codebook and the frames stay as they are."""
-    first = config.split_layer + (0 if config.split_site == "input" else 1)
+    first = config.split_layer + (0 if config.split_site in ("patch", "input") else 1)
     last = max(config.feature_layer_indices())  # hidden state i is the output of block i - 1
     blocks = "|".join(str(i) for i in range(first, last))
     if not blocks:
