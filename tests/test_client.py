@@ -27,7 +27,7 @@ from transformers_alignedvq.edge_runtime import EDGE_WEIGHTS_NAME
 from transformers_alignedvq.preprocess import ImageInputError
 from transformers_alignedvq.wire import codebook_fingerprint
 from transformers_alignedvq.server import BackgroundServer, create_app
-from transformers_alignedvq.testing import save_tiny_deployment
+from transformers_alignedvq.testing import WITHOUT_CLOUD_PACKAGES, save_tiny_deployment
 
 QUESTION = "what color is the shape ?"
 # Modules the edge process must never load: the web server stack and the language model.
@@ -356,20 +356,9 @@ def test_edge_folder_errors(tmp_path, deployment, server):
 
 
 # A device without PyTorch or Transformers, emulated: any import of them fails as if they were not installed.
-_WITHOUT_TORCH = textwrap.dedent(
+_WITHOUT_TORCH = WITHOUT_CLOUD_PACKAGES + textwrap.dedent(
     """
-    import importlib.abc, importlib.machinery, json, sys
-
-    class Absent(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("torch", "transformers", "onnx", "onnxscript"):
-                return importlib.machinery.ModuleSpec(name, self)
-        def create_module(self, spec):
-            raise ModuleNotFoundError(f"No module named {spec.name!r}", name=spec.name)
-        def exec_module(self, module):
-            pass
-
-    sys.meta_path.insert(0, Absent())
+    import json, sys
     import numpy as np
     from transformers_alignedvq.client import EdgeClient
 

@@ -11,6 +11,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+# Python source that, run first in an interpreter, makes importing torch and transformers fail as if they were
+# not installed: how tests and benchmarks emulate a device with only the `edge` extra in a full environment.
+WITHOUT_CLOUD_PACKAGES = """
+import importlib.abc, importlib.machinery, sys
+
+class _Absent(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers", "onnx", "onnxscript"):
+            return importlib.machinery.ModuleSpec(name, self)
+    def create_module(self, spec):
+        raise ModuleNotFoundError(f"No module named {spec.name!r}", name=spec.name)
+    def exec_module(self, module):
+        pass
+
+sys.meta_path.insert(0, _Absent())
+"""
+
 IMAGE_TOKEN_ID = 99
 VOCAB_SIZE = 100
 IMAGE_SIZE = 32
