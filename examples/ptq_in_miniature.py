@@ -10,9 +10,9 @@ one at a time, the headline ones first:
 * ``<model>_fp``: full precision.
 * ``<model>_<method>_<bits>``: ``rtn`` / ``layerwise`` / ``qvlm`` at W6A6 and W4A4 (headline), then W8A8 and
   W4A16; every part quantized (for AlignedVQ: the edge too); full test split (9,673 questions).
-* ``ablation_*``: Q-VLM's pieces (with the visual encoder optimization, and the full-precision model after it alone;
-  depth-1 blocks; one joint block per stack)
-  and one part at a time, at W4A4 on ``--ablation-eval`` test questions.
+* ``ablation_*``, on ``--ablation-eval`` test questions: Q-VLM at W4A4 as in the headline rows (the reference
+  on the same questions), with the visual encoder optimization, the full-precision model after that optimization
+  alone, depth-1 blocks, one joint block per stack; and Q-VLM on one part at a time at W8A8 and W4A4.
 * ``<model>_dependency``: layer-wise vs joint search error difference against activation entropy, per layer.
 
 Calibration: ``--calibration-images`` training images, one random question each, the same for every experiment.
@@ -70,6 +70,7 @@ def experiments() -> list[tuple[str, dict]]:
             for method in METHODS:
                 out.append((f"{model}_{method}_{bits}", {"model": model, "method": method, "bits": bits}))
     ablations = {
+        "plain": {},
         "veo": {"veo_weight": VEO_WEIGHT},
         "depth1": {"max_block_depth": 1},
         "alljoint": {"entropy_threshold": 0.0, "max_block_depth": 99},

@@ -339,3 +339,18 @@ def test_a_quantized_model_answers_through_the_server(tmp_path):
         response = client.post("/v1/answer", content=frame, headers={"Content-Type": "application/octet-stream"})
     assert response.status_code == 200, response.text
     assert isinstance(response.json()["answer"], str)
+
+
+def test_edge_quantizers_use_the_edge_encoders_names():
+    model = tiny_alignedvq(split_layer=1, split_site="mlp")
+    quantize_model(model, calibration(), PTQConfig(method="rtn", weight_bits=8, act_bits=8, parts=("edge",)))
+    quantizers = ptq.edge_quantizers(model)
+    edge = model.edge_encoder()
+    modules = dict(edge.named_modules())
+    assert quantizers and all(isinstance(modules[name], nn.Linear) for name in quantizers)
+    assert {n.split(".")[2] for n in quantizers} == {"0", "1"}  # both edge blocks, nothing of the cloud
+    for name, entry in quantizers.items():
+        assert entry["weight_scale"].shape == (modules[name].out_features,)
+        assert entry["act_bits"] == 8 and 0 <= entry["input_zero_point"] <= 255 and entry["input_scale"] > 0
+    # the exported edge keeps full-precision weights: the quantizers are for an exporter to apply
+    assert torch.equal(modules[name].weight, ptq.quant_layers(model)[f"model.vision_tower.{name}"].weight)

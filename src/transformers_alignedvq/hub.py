@@ -13,6 +13,9 @@ The LoRA files live in ``lora/``, not at the top: Transformers reads a top-level
 Hub repo as "this repo is a PEFT adapter" and loads the base named in it instead (``AutoModel`` and
 ``from_pretrained`` by repo id), which is not what either kind is.
 
+A quantized model (`ptq.py`) saves as a full checkpoint with its quantizers beside the weights
+(``ptq_config.json`` + ``ptq.safetensors``), re-applied strictly after loading.
+
 Both kinds also carry the edge encoder (``edge_config.json`` + ``edge_model.safetensors``) so a device can
 download only that (:func:`download_edge`), the modeling source files with an ``auto_map`` (so
 ``trust_remote_code=True`` works without this package), and a model card.

@@ -170,6 +170,26 @@ def quantizers_disabled(model: nn.Module):
             layer.enabled = state
 
 
+_VISION_PREFIX = "model.vision_tower."
+
+
+def edge_quantizers(model: nn.Module) -> dict[str, dict]:
+    """The calibrated quantizers of the edge part, under the edge encoder's module names
+    (`AlignedVQEdgeEncoder`: ``encoder.layers.0.self_attn.q_proj``, ...), for an int8 exporter:
+    ``{"weight_bits", "weight_scale" (out_features,), "act_bits", "input_scale", "input_zero_point"}`` with the
+    conventions of the module docstring (``act_bits`` ``None`` and no input entries for weight-only layers)."""
+    out = {}
+    for name, layer in quant_layers(model).items():
+        if layer.part != "edge":
+            continue
+        entry = {"weight_bits": layer.weight_bits, "weight_scale": layer.weight_scale.detach().cpu().clone(),
+                 "act_bits": layer.act_bits}
+        if layer.act_bits is not None:
+            entry.update(input_scale=float(layer.input_scale), input_zero_point=int(layer.input_zero_point))
+        out[name.removeprefix(_VISION_PREFIX)] = entry
+    return out
+
+
 def model_bits(model: nn.Module) -> dict:
     """Storage of the model's parameters with the quantized weights at their bit-width and their scales in fp32
     (everything else at its own dtype): ``{"bytes": ..., "fp_bytes": ..., "quantized_params": ...}``."""
