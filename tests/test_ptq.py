@@ -25,6 +25,10 @@ from transformers_alignedvq.ptq_search import (
 from conftest import IMAGE_SIZE, IMAGE_TOKEN, NUM_PATCHES, tiny_alignedvq, tiny_llava
 
 
+# Short grids keep each search to a fraction of a second on these tiny models.
+FAST = {"clip_grid": (1.0, 0.8, 0.6), "joint_grid": (0.9, 1.1), "search_rows": 512}
+
+
 def calibration(count: int = 2, batch: int = 4, seed: int = 0) -> list[dict]:
     generator = torch.Generator().manual_seed(seed)
     batches = []
@@ -159,7 +163,7 @@ def test_methods_quantize_the_selected_parts_only(method):
     batches = calibration()
     reference = logits(model, batches[0])
     report = quantize_model(model, batches, PTQConfig(method=method, weight_bits=8, act_bits=8,
-                                                      parts=("vision", "language_model")))
+                                                      parts=("vision", "language_model"), **FAST))
     layers = ptq.quant_layers(model)
     assert layers and all(l.part in ("vision", "language_model") for l in layers.values())
     assert not any(name.startswith(("model.multi_modal_projector", "lm_head")) for name in layers)
@@ -179,7 +183,7 @@ def test_searches_lower_the_calibration_error():
         model = tiny_llava()
         batches = calibration(3)
         quantize_model(model, batches, PTQConfig(method=method, weight_bits=4, act_bits=4,
-                                                 entropy_threshold=0.0, max_block_depth=2))
+                                                 entropy_threshold=0.0, max_block_depth=2, **FAST))
         calibrator = Calibrator(model, batches, PTQConfig(weight_bits=4, act_bits=4, joint_samples=12))
         last = len(calibrator.steps) - 1
         errors[method] = float(calibrator.block_errors(0, last, [b["pixel_values"] for b in batches]).mean())
@@ -191,11 +195,11 @@ def test_qvlm_blocks_follow_the_entropy_threshold():
     model = tiny_llava()
     batches = calibration()
     everything = quantize_model(model, batches, PTQConfig(weight_bits=8, act_bits=8, entropy_threshold=0.0,
-                                                          max_block_depth=99))
+                                                          max_block_depth=99, **FAST))
     assert ["vision.0", "vision.1"] in everything["blocks"]
     assert ["language_model.0", "language_model.1"] in everything["blocks"]
     model = tiny_llava()
-    nothing = quantize_model(model, batches, PTQConfig(weight_bits=8, act_bits=8, entropy_threshold=1.01))
+    nothing = quantize_model(model, batches, PTQConfig(weight_bits=8, act_bits=8, entropy_threshold=1.01, **FAST))
     assert all(len(block) == 1 for block in nothing["blocks"])
 
 
@@ -204,7 +208,7 @@ def test_visual_encoder_optimization_moves_only_cloud_vision_blocks():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fingerprint = model.codebook_fingerprint()
     report = quantize_model(model, calibration(), PTQConfig(weight_bits=8, act_bits=8, veo_weight=1.0, veo_steps=4,
-                                                            veo_lr=1e-2))
+                                                            veo_lr=1e-2, **FAST))
     assert report["vision_entropy_after"] < report["vision_entropy_before"]
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("model.vision_tower.encoder.layers.1.") for k in changed)
@@ -213,21 +217,23 @@ def test_visual_encoder_optimization_moves_only_cloud_vision_blocks():
 
 def test_dependency_analysis_reports_every_pair():
     model = tiny_llava()
-    pairs = dependency_analysis(model, calibration(), PTQConfig(weight_bits=4, act_bits=4, joint_samples=8))
+    pairs = dependency_analysis(model, calibration(), PTQConfig(weight_bits=4, act_bits=4, joint_samples=8, **FAST))
     assert [p["layer"] for p in pairs] == ["vision.0", "language_model.0"]
     for pair in pairs:
         assert len(pair["entropy"]) == len(pair["ded"]) == 8 and 0.0 <= pair["r2"] <= 1.0
 
 
-def test_quantizing_twice_or_with_lora_is_refused():
+def test_quantizing_twice_or_with_an_unmerged_lora_is_refused():
     model = tiny_alignedvq()
     quantize_model(model, calibration(1), PTQConfig(method="rtn"))
     with pytest.raises(ValueError, match="already quantized"):
         quantize_model(model, calibration(1), PTQConfig(method="rtn"))
-    from transformers_alignedvq.training import prepare_for_finetuning
+    from peft import LoraConfig
+
+    from transformers_alignedvq.lora import add_lora
 
     model = tiny_alignedvq()
-    prepare_for_finetuning(model, lora_r=2)
+    add_lora(model, LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="Merge the LoRA"):
         quantize_model(model, calibration(1), PTQConfig(method="rtn"))
 
@@ -238,7 +244,7 @@ def test_quantizing_twice_or_with_lora_is_refused():
 @pytest.fixture
 def quantized_checkpoint(tmp_path):
     model = tiny_alignedvq(split_layer=1, split_site="mlp")
-    quantize_model(model, calibration(), PTQConfig(method="layerwise", weight_bits=6, act_bits=6))
+    quantize_model(model, calibration(), PTQConfig(method="layerwise", weight_bits=6, act_bits=6, **FAST))
     model.save_pretrained(tmp_path)
     return model, tmp_path
 
