@@ -35,7 +35,9 @@ from .ptq import PARTS, QuantLinear, check_bits, quant_layers, quantizers_disabl
 
 METHODS = ("rtn", "layerwise", "qvlm")
 # Submodules of the split block that run on the edge, by site (the rest runs in the cloud).
-_EDGE_SUBMODULES = {"ln1": (), "attn": ("self_attn",), "ln2": ("self_attn",), "mlp": ("self_attn", "mlp")}
+_EDGE_SUBMODULES = {
+    "input": (), "ln1": (), "attn": ("self_attn",), "ln2": ("self_attn",), "mlp": ("self_attn", "mlp"),
+}
 
 
 @dataclass
@@ -311,7 +313,8 @@ class Calibrator:
 
     # ---------------------------------------------------------------------------------------------------
     def _capture_inputs(self, index: int, names: list[str], inputs: list[torch.Tensor]) -> dict[str, list]:
-        """Inputs of the named layers of step ``index`` during one run on ``inputs``, as rows per batch."""
+        """Inputs of the named layers of step ``index`` during one run on ``inputs``: rows of all batches, padding
+        left out."""
         layers = dict(self.model.named_modules())
         captured = {name: [] for name in names}
         step = self.steps[index]
@@ -441,10 +444,13 @@ class Calibrator:
 # visual encoder optimization
 # --------------------------------------------------------------------------------------------------------
 def _cloud_vision_blocks(model) -> list[nn.Module]:
-    """The vision blocks the cloud runs whole: after the split for an AlignedVQ model (the edge and the
-    codebook stay exactly as deployed), all blocks up to the feature layer for a plain LLaVA."""
+    """The vision blocks the cloud runs whole: after the split (and the split block itself when the site is its
+    input) for an AlignedVQ model, so the edge and the codebook stay exactly as deployed; all blocks up to the
+    feature layer for a plain LLaVA."""
     blocks = split.vision_blocks(model.model.vision_tower)
-    start = model.config.split_layer + 1 if hasattr(model.model, "alignedvq") else 0
+    start = 0
+    if hasattr(model.model, "alignedvq"):
+        start = model.config.split_layer + (0 if model.config.split_site == "input" else 1)
     return list(blocks[start : _feature_layer(model.config)])
 
 
