@@ -5,15 +5,16 @@ model, per method and bit-width, and the paper's entropy/dependency correlation.
 
 Every experiment writes ``RUNS/results/<name>.json`` and is never run again, so the command resumes where it
 stopped; the document is rewritten from those files after every experiment (`ptq_report.py`). Experiments run
-one at a time, the headline ones first:
+one at a time, in this order:
 
 * ``<model>_fp``: full precision.
-* ``<model>_<method>_<bits>``: ``rtn`` / ``layerwise`` / ``qvlm`` at W6A6 and W4A4 (headline), then W8A8 and
-  W4A16; every part quantized (for AlignedVQ: the edge too); full test split (9,673 questions).
+* ``<model>_<method>_<bits>``: ``rtn`` / ``layerwise`` / ``qvlm`` at W6A6 and W4A4 (headline; W8A8 and W4A16
+  after the two items below); every part quantized (for AlignedVQ: the edge too); full test split (9,673 questions).
+* ``<model>_dependency``: layer-wise vs joint search error difference against activation entropy, per layer.
 * ``ablation_*``, on ``--ablation-eval`` test questions: Q-VLM at W4A4 as in the headline rows (the reference
   on the same questions), with the visual encoder optimization, the full-precision model after that optimization
-  alone, depth-1 blocks, one joint block per stack; and Q-VLM on one part at a time at W8A8 and W4A4.
-* ``<model>_dependency``: layer-wise vs joint search error difference against activation entropy, per layer.
+  alone, depth-1 blocks, one joint block per stack; Q-VLM on the AlignedVQ edge alone (W8A8, W4A4); last,
+  after the W8A8 and W4A16 rows, Q-VLM on one other part at a time.
 
 Calibration: ``--calibration-images`` training images, one random question each, the same for every experiment.
 """
@@ -61,33 +62,37 @@ def parse_args(argv=None):
 
 
 def experiments() -> list[tuple[str, dict]]:
-    """(name, spec) in the order they run: headline first."""
-    out = []
-    for model in ("base", "alignedvq"):
-        out.append((f"{model}_fp", {"model": model}))
-    for bits in ("w6a6", "w4a4", "w8a8", "w4a16"):
-        for model in ("base", "alignedvq"):
-            for method in METHODS:
-                out.append((f"{model}_{method}_{bits}", {"model": model, "method": method, "bits": bits}))
+    """(name, spec) in the order they run: the headline rows, the correlation check and Q-VLM's ablations first."""
+    models = ("base", "alignedvq")
+    out = [(f"{model}_fp", {"model": model}) for model in models]
+
+    def bit_widths(*widths):
+        return [(f"{model}_{method}_{bits}", {"model": model, "method": method, "bits": bits})
+                for bits in widths for model in models for method in METHODS]
+
+    out += bit_widths("w6a6", "w4a4")
+    out += [(f"{model}_dependency", {"model": model, "bits": "w4a4", "dependency": True}) for model in models]
     ablations = {
         "plain": {},
         "veo": {"veo_weight": VEO_WEIGHT},
+        "veo_fp": {"veo_weight": VEO_WEIGHT, "fp_after_veo": True},
         "depth1": {"max_block_depth": 1},
         "alljoint": {"entropy_threshold": 0.0, "max_block_depth": 99},
-        "veo_fp": {"veo_weight": VEO_WEIGHT, "fp_after_veo": True},
     }
-    for model in ("base", "alignedvq"):
+    for model in models:
         for key, options in ablations.items():
             out.append((f"ablation_{model}_qvlm_w4a4_{key}",
                         {"model": model, "method": "qvlm", "bits": "w4a4", "subset": True, **options}))
-        parts = ("edge", "vision", "projector", "language_model") if model == "alignedvq" else (
-            "vision", "projector", "language_model")
-        for part in parts:
-            for bits in ("w8a8", "w4a4"):
-                out.append((f"ablation_{model}_qvlm_{bits}_{part}",
-                            {"model": model, "method": "qvlm", "bits": bits, "subset": True, "parts": [part]}))
-    for model in ("base", "alignedvq"):
-        out.append((f"{model}_dependency", {"model": model, "bits": "w4a4", "dependency": True}))
+    def one_part(model, part, bits):
+        return (f"ablation_{model}_qvlm_{bits}_{part}",
+                {"model": model, "method": "qvlm", "bits": bits, "subset": True, "parts": [part]})
+
+    # The edge alone first: what an int8 (or int4) edge device costs the split model.
+    out += [one_part("alignedvq", "edge", bits) for bits in ("w8a8", "w4a4")]
+    out += bit_widths("w8a8", "w4a16")
+    for model in models:
+        for part in ("vision", "projector", "language_model"):
+            out += [one_part(model, part, bits) for bits in ("w8a8", "w4a4")]
     return out
 
 

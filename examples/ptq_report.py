@@ -163,9 +163,13 @@ def _kernels(results: dict) -> list[str]:
     if not kernels:
         return ["Not measured in this run: `pip install torchao==0.18.0`, then `python benchmarks/ptq_kernels.py "
                 "--threads 1 --json runs/ptq/results/kernels.json` and this command again."]
-    out = ["| tokens | variant | ms | vs fp32 eager |", "|---:|---|---:|---:|"]
+    out = [f"`python benchmarks/ptq_kernels.py --threads {kernels['threads']} --json runs/ptq/results/kernels.json` "
+           "(one CPU thread of a shared two-core machine: absolute times are noisy, the ratios are measured side by "
+           "side in one run). One language-model layer's seven linear layers at LLaVA-1.5-7B size:", "",
+           "| tokens | variant | ms | vs fp32 eager |", "|---:|---|---:|---:|"]
     out += [f"| {r['tokens']} | {r['variant']} | {r['ms']:.1f} | {r['vs_fp32_eager']:.2f}x |" for r in kernels["speed"]]
-    out += ["", "| model | accuracy (%) | questions |", "|---|---:|---:|"]
+    out += ["", "The bundled AlignedVQ model with its language model in int8 (fixed random subset of the test split):", "",
+            "| model | accuracy (%) | questions |", "|---|---:|---:|"]
     out += [f"| {r['model']} | {100 * r['accuracy']:.2f} | {r['questions']:,} |" for r in kernels["accuracy"]]
     return out
 
@@ -204,6 +208,13 @@ def _claims(results: dict) -> list[str]:
               None if None in (blocks, everything) else f"{blocks:.0f} s vs {everything:.0f} s (depth-1 blocks: "
               f"{one:.0f} s)" if one is not None else None,
               blocks is not None and everything is not None and blocks < everything)
+    kernels = results.get("kernels")
+    if kernels:
+        speed = {(r["tokens"], r["variant"]): r["vs_fp32_eager"] for r in kernels["speed"]}
+        out.append(f"- Speed and memory (paper: 1.44x faster generation and 2.78x less memory for LLaVA-13B): real "
+                   f"int8 kernels run one 7B-size language-model layer {speed[600, 'int8 compiled']:.2f}x faster "
+                   f"on a 600-token prefill and {speed[1, 'int8 compiled']:.2f}x on one decode token (compiled; "
+                   "eager int8 decode is slower than fp32), see the memory column above for the compression.")
     dependency = [p for m in MODELS for p in results.get(f"{m}_dependency", {}).get("pairs", [])]
     if dependency:
         best = max(p["r2"] for p in dependency)
@@ -281,10 +292,13 @@ def write(runs: Path, doc: Path, args=None) -> None:
         "",
         "Everything above is fake quantization (float math on quantized values): it measures accuracy, not speed. "
         "Where real integer kernels run, `benchmarks/ptq_kernels.py` measures them: the language model through "
-        "Transformers' `quantization_config` with torchao (`TorchAoConfig`, int8 weights and dynamic per-token "
-        "int8 activations; torchao's int4 weight-only layouts need a GPU or an `mslk` build this CPU does not "
-        "have). The int8 edge runs in onnxruntime (see the edge documentation); its calibrated scales can come "
-        "from `ptq.safetensors` (below).",
+        "Transformers' `quantization_config` with torchao 0.18 (`TorchAoConfig` with "
+        "`Int8DynamicActivationInt8WeightConfig`: int8 weights per channel, int8 activations per token computed at "
+        "run time, RTN; not our calibrated scales), measured at LLaVA-1.5-7B size and for accuracy on the bundled "
+        "model. torchao's int4 weight-only configurations have no fast path on this CPU build "
+        "(`Int4WeightOnlyConfig` needs the `mslk` kernels, `IntxWeightOnlyConfig` dequantizes in Python), so "
+        "W4A16 and W4A4 are fake-quantized only. The int8 edge runs in onnxruntime (the edge's ONNX export); its "
+        "calibrated scales can come from `ptq.edge_quantizers` (see *Files of a quantized checkpoint*).",
         "",
         *_kernels(results),
         "",
