@@ -271,6 +271,10 @@ def write(runs: Path, doc: Path, args=None) -> None:
         "",
         "## Search cost and model memory",
         "",
+        "Search seconds are wall-clock time of `quantize_model` (calibration passes, searches and, where used, the "
+        "visual encoder optimization) on one CPU thread of a shared two-core machine while other jobs ran: the "
+        "same work varies by tens of percent between runs, so only large differences mean something.",
+        "",
         *_cost_table(results),
         "",
         "## Ablations (W4A4 and per part, on a fixed subset of test questions)",
