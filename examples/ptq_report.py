@@ -108,6 +108,17 @@ def _accuracy_table(results: dict) -> list[str]:
     return out
 
 
+def _noise(results: dict) -> list[str]:
+    """The binomial standard error of the full-split accuracies, so small differences are read as noise."""
+    fp = results.get("alignedvq_fp") or results.get("base_fp")
+    if not fp:
+        return []
+    n, p = fp["eval_questions"], fp["accuracy"]
+    error = 100 * (p * (1 - p) / n) ** 0.5
+    return [f"At {100 * p:.1f}% on {n:,} questions the binomial standard error is {error:.2f} points (more at lower "
+            f"accuracies): differences of a few tenths of a point between two rows are within noise.", ""]
+
+
 def _cost_table(results: dict) -> list[str]:
     out = ["| model | bits | method | search (s) | of which VEO (s) | model memory (MB) | vs FP32 |",
            "|---|---|---|---:|---:|---:|---:|"]
@@ -269,6 +280,7 @@ def write(runs: Path, doc: Path, args=None) -> None:
         "",
         *_accuracy_table(results),
         "",
+        *_noise(results),
         "## Search cost and model memory",
         "",
         "Search seconds are wall-clock time of `quantize_model` (calibration passes, searches and, where used, the "
