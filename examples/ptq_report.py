@@ -116,7 +116,7 @@ def _noise(results: dict) -> list[str]:
     n, p = fp["eval_questions"], fp["accuracy"]
     error = 100 * (p * (1 - p) / n) ** 0.5
     return [f"At {100 * p:.1f}% on {n:,} questions the binomial standard error is {error:.2f} points (more at lower "
-            f"accuracies): differences of a few tenths of a point between two rows are within noise.", ""]
+            f"accuracies): differences under about {3 * error:.1f} points between two rows are within noise.", ""]
 
 
 def _cost_table(results: dict) -> list[str]:
