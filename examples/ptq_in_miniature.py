@@ -12,9 +12,9 @@ one at a time, in this order:
   after the two items below); every part quantized (for AlignedVQ: the edge too); full test split (9,673 questions).
 * ``<model>_dependency``: layer-wise vs joint search error difference against activation entropy, per layer.
 * ``ablation_*``, on ``--ablation-eval`` test questions: Q-VLM at W4A4 as in the headline rows (the reference
-  on the same questions), with the visual encoder optimization, the full-precision model after that optimization
-  alone, depth-1 blocks, one joint block per stack; Q-VLM on the AlignedVQ edge alone (W8A8, W4A4); last,
-  after the W8A8 and W4A16 rows, Q-VLM on one other part at a time.
+  on the same questions) and on one part at a time, with the visual encoder optimization, the full-precision
+  model after that optimization alone, depth-1 blocks, one joint block per stack; Q-VLM on the AlignedVQ edge
+  alone (W8A8, W4A4). The W8A8 and W4A16 rows and the remaining one-part runs come last.
 
 Calibration: ``--calibration-images`` training images, one random question each, the same for every experiment.
 """
@@ -79,20 +79,26 @@ def experiments() -> list[tuple[str, dict]]:
         "depth1": {"max_block_depth": 1},
         "alljoint": {"entropy_threshold": 0.0, "max_block_depth": 99},
     }
-    for model in models:
-        for key, options in ablations.items():
-            out.append((f"ablation_{model}_qvlm_w4a4_{key}",
-                        {"model": model, "method": "qvlm", "bits": "w4a4", "subset": True, **options}))
+
+    def ablation(model, key):
+        return (f"ablation_{model}_qvlm_w4a4_{key}",
+                {"model": model, "method": "qvlm", "bits": "w4a4", "subset": True, **ablations[key]})
+
     def one_part(model, part, bits):
         return (f"ablation_{model}_qvlm_{bits}_{part}",
                 {"model": model, "method": "qvlm", "bits": bits, "subset": True, "parts": [part]})
 
-    # The edge alone first: what an int8 (or int4) edge device costs the split model.
+    # Where W4A4 loses (one part at a time), the edge alone (what an int8 or int4 edge device costs the split
+    # model), then Q-VLM's components.
+    out.append(ablation("base", "plain"))
+    out += [one_part("base", part, "w4a4") for part in ("vision", "projector", "language_model")]
+    out += [ablation("base", "veo"), ablation("alignedvq", "plain")]
     out += [one_part("alignedvq", "edge", bits) for bits in ("w8a8", "w4a4")]
+    out += [ablation(model, key) for key in ("veo_fp", "depth1", "alljoint") for model in models]
+    out.append(ablation("alignedvq", "veo"))
     out += bit_widths("w8a8", "w4a16")
-    for model in models:
-        for part in ("vision", "projector", "language_model"):
-            out += [one_part(model, part, bits) for bits in ("w8a8", "w4a4")]
+    out += [one_part("alignedvq", part, "w4a4") for part in ("vision", "projector", "language_model")]
+    out += [one_part(model, part, "w8a8") for model in models for part in ("vision", "projector", "language_model")]
     return out
 
 
