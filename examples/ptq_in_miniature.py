@@ -90,6 +90,7 @@ def experiments() -> list[tuple[str, dict]]:
 
     # Where W4A4 loses (one part at a time), the edge alone (what an int8 or int4 edge device costs the split
     # model), then Q-VLM's components.
+    out += [(f"ablation_{model}_fp", {"model": model, "subset": True}) for model in models]
     out.append(ablation("base", "plain"))
     out += [one_part("base", part, "w4a4") for part in ("vision", "projector", "language_model")]
     out += [ablation("base", "veo"), ablation("alignedvq", "plain")]

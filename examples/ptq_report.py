@@ -236,6 +236,20 @@ def _claims(results: dict) -> list[str]:
     return out
 
 
+def _where_w4a4_loses(results: dict, model: str) -> list[str]:
+    """Q-VLM at W4A4 on one part at a time, against full precision and all parts, on the same test subset."""
+    parts = ("edge", "vision", "projector", "language_model") if model == "alignedvq" else (
+        "vision", "projector", "language_model")
+    fp, everything = _acc(results, f"ablation_{model}_fp"), _acc(results, f"ablation_{model}_qvlm_w4a4_plain")
+    single = {part: _acc(results, f"ablation_{model}_qvlm_w4a4_{part}") for part in parts}
+    if fp is None or everything is None or None in single.values():
+        return ["  Where the points go (one part at a time at W4A4): not measured yet."]
+    questions = results[f"ablation_{model}_fp"]["eval_questions"]
+    losses = ", ".join(f"{part} {value - fp:+.2f}" for part, value in single.items())
+    return [f"  Why not, on {questions:,} test questions (full precision {fp:.2f}, every part at W4A4 {everything:.2f}): "
+            f"Q-VLM at W4A4 on one part at a time loses {losses} points."]
+
+
 def _goals(results: dict) -> list[str]:
     """The goals of this work next to the numbers."""
     out = []
@@ -259,6 +273,8 @@ def _goals(results: dict) -> list[str]:
             out.append(f"- {label}, W4A4: Q-VLM {w4:.2f} vs RTN {baselines[0]:.2f} and layer-wise {baselines[1]:.2f} "
                        f"(**{'ahead' if ahead else 'not ahead'}**), {w4 - fp:+.2f} points from full precision "
                        f"(**{'within 2' if w4 - fp >= -2 else 'not within 2'}**).")
+            if w4 - fp < -2:
+                out += _where_w4a4_loses(results, model)
     return out
 
 
