@@ -95,10 +95,10 @@ def experiments() -> list[tuple[str, dict]]:
     out += [one_part("base", part, "w4a4") for part in ("vision", "projector", "language_model")]
     out += [ablation("base", "veo"), ablation("alignedvq", "plain")]
     out += [one_part("alignedvq", "edge", bits) for bits in ("w8a8", "w4a4")]
+    out += [one_part("alignedvq", part, "w4a4") for part in ("vision", "projector", "language_model")]
     out += [ablation(model, key) for key in ("veo_fp", "depth1", "alljoint") for model in models]
     out.append(ablation("alignedvq", "veo"))
     out += bit_widths("w8a8", "w4a16")
-    out += [one_part("alignedvq", part, "w4a4") for part in ("vision", "projector", "language_model")]
     out += [one_part(model, part, "w8a8") for model in models for part in ("vision", "projector", "language_model")]
     return out
 
