@@ -200,19 +200,28 @@ def _claims(results: dict) -> list[str]:
     out = []
 
     def claim(text, ours, holds):
-        verdict = "not measured yet" if ours is None else f"{ours} — **{'agrees' if holds else 'does not agree'}**"
+        if ours is None:
+            verdict = "not measured yet"
+        else:
+            verdict = f"{ours} — **{'within noise' if holds is None else 'agrees' if holds else 'does not agree'}**"
         out.append(f"- {text}: {verdict}.")
+
+    def better(name_a, name_b):
+        """(text, verdict) for "a is more accurate than b": None when the gap is under 3 standard errors."""
+        a, b = _acc(results, name_a), _acc(results, name_b)
+        if a is None or b is None:
+            return None, False
+        p, n = (a + b) / 200, results[name_a]["eval_questions"]
+        noise = 300 * (p * (1 - p) / n) ** 0.5
+        return f"{a:.2f} vs {b:.2f} (noise ±{noise:.2f})", None if abs(a - b) < noise else a > b
 
     for model, label in MODELS.items():
         for bits in ("w6a6", "w4a4"):
-            q, lw = _acc(results, f"{model}_qvlm_{bits}"), _acc(results, f"{model}_layerwise_{bits}")
             claim(f"Q-VLM beats the layer-wise search ({label}, {bits.upper()})",
-                  None if None in (q, lw) else f"{q:.2f} vs {lw:.2f}", q is not None and lw is not None and q > lw)
+                  *better(f"{model}_qvlm_{bits}", f"{model}_layerwise_{bits}"))
         names = {key: f"ablation_{model}_qvlm_w4a4_{key}" for key in ("plain", "depth1", "alljoint", "veo")}
-        q, veo = _acc(results, names["plain"]), _acc(results, names["veo"])
-        claim(f"The visual encoder optimization improves W4A4 accuracy ({label}, test subset)",
-              None if None in (veo, q) else f"with it {veo:.2f}, without it {q:.2f}",
-              veo is not None and q is not None and veo > q)
+        claim(f"The visual encoder optimization improves W4A4 accuracy ({label}, test subset; with it vs without)",
+              *better(names["veo"], names["plain"]))
         blocks, one, everything = (_seconds(results, f"{model}_qvlm_w4a4"), _seconds(results, names["depth1"]),
                                    _seconds(results, names["alljoint"]))
         claim(f"Entropy-guided blocks cost less search than one joint block per stack ({label}, W4A4)",
@@ -225,7 +234,12 @@ def _claims(results: dict) -> list[str]:
         out.append(f"- Speed and memory (paper: 1.44x faster generation and 2.78x less memory for LLaVA-13B): real "
                    f"int8 kernels run one 7B-size language-model layer {speed[600, 'int8 compiled']:.2f}x faster "
                    f"on a 600-token prefill and {speed[1, 'int8 compiled']:.2f}x on one decode token (compiled; "
-                   "eager int8 decode is slower than fp32), see the memory column above for the compression.")
+                   "eager int8 decode is slower than fp32).")
+    memory = results.get("base_qvlm_w4a4", {}).get("memory")
+    if memory:
+        ratio = memory["fp_bytes"] / memory["bytes"]
+        out.append(f"- Memory at W4A4 (base LLaVA): {ratio:.2f}x smaller than fp32, about {ratio / 2:.2f}x smaller "
+                   "than fp16 (the paper's 2.78x is against fp16 for a model whose embeddings and head stay 16-bit).")
     dependency = [p for m in MODELS for p in results.get(f"{m}_dependency", {}).get("pairs", [])]
     if dependency:
         best = max(p["r2"] for p in dependency)
@@ -270,8 +284,11 @@ def _goals(results: dict) -> list[str]:
             out.append(f"- {label}, W4A4 Q-VLM ahead of both baselines and within 2 points: not measured yet.")
         else:
             ahead = w4 > max(baselines)
+            p, n = w4 / 100, results[f"{model}_qvlm_w4a4"]["eval_questions"]
+            noise = 300 * (p * (1 - p) / n) ** 0.5
             out.append(f"- {label}, W4A4: Q-VLM {w4:.2f} vs RTN {baselines[0]:.2f} and layer-wise {baselines[1]:.2f} "
-                       f"(**{'ahead' if ahead else 'not ahead'}**), {w4 - fp:+.2f} points from full precision "
+                       f"(**{'ahead' if ahead else 'not ahead'}**, by {w4 - max(baselines):+.2f}; noise ±{noise:.2f}), "
+                       f"{w4 - fp:+.2f} points from full precision "
                        f"(**{'within 2' if w4 - fp >= -2 else 'not within 2'}**).")
             if w4 - fp < -2:
                 out += _where_w4a4_loses(results, model)
@@ -289,7 +306,8 @@ def write(runs: Path, doc: Path, args=None) -> None:
         "docs/ptq.md` (one CPU thread); every number is read from that run's `results/*.json`. Accuracy is exact "
         f"match on the easy-VQA test split ({full:,} questions) unless a table says otherwise; the AlignedVQ "
         "model's images cross the split as wire frames, as in `docs/results.md`. Calibration: "
-        f"{getattr(args, 'calibration_images', 256)} training images, one question each.",
+        f"{getattr(args, 'calibration_images', 256)} training images, one question each. A dash marks a run the "
+        "command has not finished yet (running it again resumes).",
         "",
         *METHOD_NOTES,
         "## Accuracy (%) per method and bit-width",
@@ -339,6 +357,9 @@ def write(runs: Path, doc: Path, args=None) -> None:
         *_goals(results),
         "",
         "## Where we agree with Q-VLM, and where we do not",
+        "",
+        "Noise: three binomial standard errors of one accuracy at that level and number of questions; a difference "
+        "smaller than that is called within noise.",
         "",
         *_claims(results),
         "",
