@@ -10,8 +10,8 @@ Two measurements, each side by side in one run:
    `Int8DynamicActivationInt8WeightConfig` (int8 weights per channel, int8 activations per token, computed at
    run time), eager and under `torch.compile` (which is what turns the int8 layers into int8 matrix products).
 2. Accuracy: the bundled AlignedVQ model loaded with
-   `quantization_config=TorchAoConfig(FqnToConfig({"re:model\\.language_model\\..*": Int8DynamicActivationInt8WeightConfig()}))`
-   (only the language model in int8, through the package's strict loader), scored on `--eval` easy-VQA test
+   `quantization_config=TorchAoConfig(FqnToConfig({LM_LINEARS: Int8DynamicActivationInt8WeightConfig()}))`
+   (only the language model's linear layers in int8, through the package's strict loader), scored on `--eval` easy-VQA test
    questions against the same model in fp32.
 """
 
@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 LLAMA_7B = {"hidden": 4096, "intermediate": 11008}
+# The language model's linear layers (a pattern for the whole language model would also match its norms' weights).
+LM_LINEARS = r"re:model\.language_model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)"
 
 
 def layer_linears(hidden: int, intermediate: int) -> nn.ModuleDict:
@@ -79,7 +81,7 @@ def accuracy(questions: int) -> list[dict]:
     from transformers_alignedvq.data import load_easy_vqa
     from transformers_alignedvq.evaluation import evaluate_vqa
 
-    config = TorchAoConfig(FqnToConfig({r"re:model\.language_model\..*": Int8DynamicActivationInt8WeightConfig()}))
+    config = TorchAoConfig(FqnToConfig({LM_LINEARS: Int8DynamicActivationInt8WeightConfig()}))
     processor = AutoProcessor.from_pretrained(tav.TINY_EASYVQA)
     data = load_easy_vqa("test").shuffle(seed=0).select(range(questions))
     rows = []
