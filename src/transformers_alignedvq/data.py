@@ -44,6 +44,7 @@ __all__ = [
     "format_conversation",
     "image_attributes",
     "load_easy_vqa",
+    "one_question_per_image",
     "question_template",
     "EASY_VQA_COLORS",
     "EASY_VQA_SHAPES",
@@ -123,6 +124,18 @@ def load_easy_vqa(split: str, *, limit: int | None = None) -> datasets.Dataset:
         features=features,
         split=datasets.Split.TRAIN if split == "train" else datasets.Split.TEST,
     )
+
+
+def one_question_per_image(data: datasets.Dataset, count: int, *, seed: int = 0) -> datasets.Dataset:
+    """``count`` rows of ``data`` with distinct images (the first ``count`` image ids in sorted order), one
+    question drawn at random per image: calibration data that covers many images with few sequences."""
+    rng = random.Random(seed)
+    rows_by_image: dict[int, list[int]] = {}
+    for row, image_id in enumerate(data["image_id"]):
+        rows_by_image.setdefault(int(image_id), []).append(row)
+    if count > len(rows_by_image):
+        raise ValueError(f"count={count} but the data holds only {len(rows_by_image)} images.")
+    return data.select([rng.choice(rows_by_image[key]) for key in sorted(rows_by_image)[:count]])
 
 
 def image_attributes(questions: Sequence[str], answers: Sequence[str], image_ids: Sequence[int]) -> dict[int, dict[str, str]]:

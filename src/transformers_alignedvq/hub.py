@@ -13,6 +13,9 @@ The LoRA files live in ``lora/``, not at the top: Transformers reads a top-level
 Hub repo as "this repo is a PEFT adapter" and loads the base named in it instead (``AutoModel`` and
 ``from_pretrained`` by repo id), which is not what either kind is.
 
+A quantized model (`ptq.py`) saves as a full checkpoint with its quantizers beside the weights
+(``ptq_config.json`` + ``ptq.safetensors``), re-applied strictly after loading.
+
 Both kinds also carry the edge encoder (``edge_config.json`` + ``edge_model.safetensors``) so a device can
 download only that (:func:`download_edge`), the modeling source files with an ``auto_map`` (so
 ``trust_remote_code=True`` works without this package), and a model card.
@@ -30,6 +33,7 @@ from safetensors.torch import load_file, save_file
 
 from .entropy import ENTROPY_MODEL_NAME, load_entropy_model  # noqa: F401 (re-exported)
 from .errors import CheckpointMismatchError
+from .ptq import PTQ_CONFIG_NAME, PTQ_WEIGHTS_NAME, is_quantized, load_ptq, save_ptq
 from .lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, has_lora, load_lora, merge_lora_, save_lora
 
 ALIGNEDVQ_WEIGHTS_NAME = "alignedvq.safetensors"
@@ -65,6 +69,7 @@ REMOTE_CODE_FILES = (
     "edge_runtime.py",
     "preprocess.py",
     "search.py",
+    "ptq.py",
 )
 AUTO_MAP = {
     "AutoConfig": "configuration_alignedvq.AlignedVQConfig",
@@ -129,6 +134,9 @@ def save_checkpoint(
     if merge_lora and has_lora(model):
         merge_lora_(model)
     lora = has_lora(model)
+    quantized = is_quantized(model)
+    if quantized and kind != "full":
+        raise ValueError("A quantized model (transformers_alignedvq.ptq) saves as a full checkpoint only.")
 
     original_kind = config.checkpoint_kind
     try:
@@ -148,6 +156,8 @@ def save_checkpoint(
                 save_function(model, str(directory), state_dict=state, **save_kwargs)
             finally:
                 model._hf_peft_config_loaded = integration
+            if quantized:  # after the weights: the quantizers are bound to those files' digests
+                save_ptq(model, directory, weight_files(directory, {}))
         else:
             if not config.base_model_name_or_path:
                 raise ValueError(
@@ -422,7 +432,18 @@ def load_full_checkpoint(load, path_or_id, config, *model_args, **kwargs):
         info = {**info, "mismatched_keys": ()}
     check_loading_info(info, source=str(path_or_id))
     maybe_load_lora(model, path_or_id, kwargs)
+    maybe_load_ptq(model, path_or_id, kwargs)
     return (model, info) if want_info else model
+
+
+def maybe_load_ptq(model, path_or_id, kwargs: dict) -> None:
+    """Re-apply post-training quantizers saved beside the weights (`ptq.py`), strictly."""
+    hub_kwargs = hub_kwargs_from(kwargs)
+    config_path = _resolve(path_or_id, PTQ_CONFIG_NAME, hub_kwargs, required=False)
+    if config_path is None:
+        return
+    weights_path = _resolve(path_or_id, PTQ_WEIGHTS_NAME, hub_kwargs, required=False)
+    load_ptq(model, config_path, weights_path, weight_files(path_or_id, hub_kwargs))
 
 
 def load_llava(path_or_id, **load_kwargs):

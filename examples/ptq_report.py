@@ -1,0 +1,369 @@
+"""Writes docs/ptq.md from the `results/*.json` of `ptq_in_miniature.py` (and `benchmarks/ptq_kernels.py`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MODELS = {"base": "base LLaVA (`artifacts/base-easyvqa`)", "alignedvq": "AlignedVQ (bundled model)"}
+METHODS = {"rtn": "RTN min-max", "layerwise": "layer-wise clipping search", "qvlm": "Q-VLM"}
+BITS = ("w8a8", "w6a6", "w4a4", "w4a16")
+
+METHOD_NOTES = [
+    "## What is quantized, and how",
+    "",
+    "* **Layers**: every `nn.Linear` of the selected parts (`transformers_alignedvq.ptq_search.PTQConfig.parts`): "
+    "`edge` (the vision blocks the device runs; AlignedVQ only), `vision` (the other vision blocks up to the "
+    "feature layer LLaVA reads), `projector`, `language_model`. The headline rows quantize all of them (for the "
+    "AlignedVQ model the edge too, as an int8/int4 edge would). Full precision stays: the patch embedding, "
+    "embeddings, LayerNorm/RMSNorm, the attention products, the AlignedVQ layer (DLP and codebook; the edge's "
+    "codeword search runs against the folded codebook) and `lm_head` (tied to the token embeddings).",
+    "* **Quantizers** (`transformers_alignedvq.ptq`): weights symmetric per output channel; input activations "
+    "asymmetric per tensor, static (calibrated once), the form integer GEMM kernels and ONNX "
+    "`QuantizeLinear`/`DequantizeLinear` take. W4A16 quantizes weights only. Fake quantization throughout.",
+    "* **Calibration**: 256 training images, one random question each, as full conversations (prompt and answer). "
+    "Layers are calibrated in execution order, each on inputs that went through the quantized layers before it "
+    "(for the AlignedVQ model: through the codewords a quantized edge picks).",
+    "* **RTN min-max**: the observed input range and each channel's largest weight.",
+    "* **Layer-wise clipping search**: each layer alone minimises its own output error: the input range clipped "
+    "to 1.0 ... 0.4 of the observed one, then each output channel's weight clipping (separable given the input), "
+    "twice, on 4,096 input rows.",
+    "* **Q-VLM**: the layer-wise result, then blocks of consecutive transformer layers (vision blocks, projector, "
+    "language-model layers; never across the split) searched jointly: coordinate descent over multipliers "
+    "(0.8, 0.9, 1.1, 1.25) of every layer's input range and weight scales, each kept only if it lowers the "
+    "block's output error on 64 calibration samples. Layer l joins layer l+1 when the activation entropy of its "
+    "output is at least 0.9 (normalised, see below), up to 3 layers per block (`PTQConfig`'s defaults). The "
+    "visual encoder optimization (`veo_weight`, the paper's eta = 0.1) is measured as an ablation; the headline "
+    "rows run without it.",
+    "* **Activation entropy**: per channel, the entropy of the activation magnitudes across a sample's tokens "
+    "(`p_t = |h_tc| / sum_t |h_tc|`), divided by log T and averaged over channels: 1 when every token carries a "
+    "channel equally, 0 when one token carries it all.",
+    "* **Visual encoder optimization, and the split**: AdamW (lr 1e-5, 32 calibration batches) on the vision blocks "
+    "the cloud runs, minimising the language-model loss plus eta times the entropy of the vision output (the "
+    "projector's input). For the AlignedVQ model only the blocks after the split move: the edge, the codebook and "
+    "its fingerprint stay bit-identical, so deployed edges and their frames stay valid. A checkpoint saved after "
+    "it carries the changed cloud blocks in `model.safetensors`.",
+    "* **Memory** counts the model's parameters: quantized weights at their bit-width plus one fp32 scale per "
+    "output channel, everything else at its stored dtype (fp32). Buffers (the AlignedVQ codebook, 2.1 MB) are "
+    "left out of both columns.",
+    "",
+    "## Files of a quantized checkpoint",
+    "",
+    "`python examples/quantize_ptq.py --model DIR --output OUT --method qvlm --weight-bits 6 --act-bits 6` writes a "
+    "normal full checkpoint (`model.safetensors` with every parameter under its usual name, in full precision) "
+    "plus `ptq_config.json` (method, bit-widths, every quantized layer with its part and shape, and the SHA-256 of "
+    "the weights files the scales belong to) and `ptq.safetensors` (`<layer>.weight_scale` F32 `(out_features,)`, "
+    "`<layer>.input_scale` F32 `()`, `<layer>.input_zero_point` I32 `()`). `AutoModel.from_pretrained(OUT)` and "
+    "`alignedvq serve --model OUT` re-apply them after loading; a layer that is not an `nn.Linear` of the "
+    "recorded shape, a missing, unexpected, mis-typed or mis-shaped tensor, an invalid scale or zero point, or "
+    "other weights than the recorded ones raise `CheckpointMismatchError`. The script quantizes the cloud's parts "
+    "by default; with `--parts edge ...` the edge's quantizers are stored as well. The edge folder beside the "
+    "model stays in full precision; `transformers_alignedvq.ptq.edge_quantizers(model)` returns the edge's "
+    "calibrated quantizers under the edge encoder's module names (`encoder.layers.0.self_attn.q_proj`, ...) for an "
+    "int8 exporter: `x_q = clamp(round(x / input_scale) + input_zero_point, 0, 2^b - 1)` (uint8 at 8 bits) and "
+    "`w_q = clamp(round(w / weight_scale[c]), -2^(b-1), 2^(b-1) - 1)` per output channel `c` (int8 at 8 bits), "
+    "both rounding half to even as ONNX does.",
+    "",
+]
+
+STATIC_NOTES = [
+    "Differences of method, beyond the scale (4 vision blocks, a projector and 2 language-model layers here, so "
+    "blocks hold at most 3 layers; 32 language-model layers in LLaVA-7B):",
+    "",
+    "- The paper's baselines are AWQ and QLoRA-style quantization; ours are RTN min-max and a layer-wise clipping "
+    "search with the same quantizers, so the comparison isolates the search.",
+    "- The paper searches \"rounding functions\"; we search clipping ranges (input range and per-channel weight "
+    "scale), as its published code does (it shrinks activation ranges by factors 1.0 ... 0.4).",
+    "- The published code quantizes language-model activations with per-channel ranges and vision activations per "
+    "token, which integer GEMM kernels cannot take; ours are per tensor. Its block rule is a threshold (37) on an "
+    "unnormalised entropy of L2-normalised activations with at most 3 layers per block; ours is the normalised "
+    "entropy above with threshold 0.9 and the same depth.",
+    "- We could not find the visual encoder being trained in the published code (its vision quantizer adds a "
+    "constant entropy term to a range search); ours follows the paper's text and trains the cloud-side vision "
+    "blocks with the entropy term.",
+    "",
+]
+
+
+def _load(runs: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((runs / "results").glob("*.json"))}
+
+
+def _pct(result: dict | None) -> str:
+    return f"{100 * result['accuracy']:.2f}" if result and "accuracy" in result else "—"
+
+
+def _mb(value: float) -> str:
+    return f"{value / 1e6:.2f}"
+
+
+def _accuracy_table(results: dict) -> list[str]:
+    out = ["| model | method | " + " | ".join(b.upper() for b in BITS) + " |",
+           "|---|---|" + "---:|" * len(BITS)]
+    for model, label in MODELS.items():
+        out.append(f"| {label} | full precision | " + " | ".join([_pct(results.get(f"{model}_fp"))] * len(BITS)) + " |")
+        for method, method_label in METHODS.items():
+            cells = [_pct(results.get(f"{model}_{method}_{bits}")) for bits in BITS]
+            out.append(f"| {label} | {method_label} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _noise(results: dict) -> list[str]:
+    """The binomial standard error of the full-split accuracies, so small differences are read as noise."""
+    fp = results.get("alignedvq_fp") or results.get("base_fp")
+    if not fp:
+        return []
+    n, p = fp["eval_questions"], fp["accuracy"]
+    error = 100 * (p * (1 - p) / n) ** 0.5
+    return [f"At {100 * p:.1f}% on {n:,} questions the binomial standard error is {error:.2f} points (more at lower "
+            f"accuracies): differences under about {3 * error:.1f} points between two rows are within noise.", ""]
+
+
+def _cost_table(results: dict) -> list[str]:
+    out = ["| model | bits | method | search (s) | of which VEO (s) | model memory (MB) | vs FP32 |",
+           "|---|---|---|---:|---:|---:|---:|"]
+    for model, label in MODELS.items():
+        fp = results.get(f"{model}_fp")
+        if fp:
+            out.append(f"| {label} | FP32 | — | — | — | {_mb(fp['fp_bytes'])} | 1.00x |")
+        for bits in BITS:
+            for method, method_label in METHODS.items():
+                result = results.get(f"{model}_{method}_{bits}")
+                if not result:
+                    continue
+                report, memory = result["report"], result["memory"]
+                veo = report.get("veo_seconds", 0.0)
+                out.append(f"| {label} | {bits.upper()} | {method_label} | {report['search_seconds'] + veo:.0f} | "
+                           f"{veo:.0f} | {_mb(memory['bytes'])} | {memory['fp_bytes'] / memory['bytes']:.2f}x |")
+    return out
+
+
+def _ablation_table(results: dict, prefix: str) -> list[str]:
+    out = ["| model | experiment | accuracy (%) | search (s) | blocks |", "|---|---|---:|---:|---|"]
+    for name, result in results.items():
+        if not name.startswith(prefix):
+            continue
+        report = result.get("report", {})
+        seconds = report.get("search_seconds", 0.0) + report.get("veo_seconds", 0.0)
+        blocks = " ".join("[" + ", ".join(b) + "]" for b in report.get("blocks", []))
+        model = name.split("_")[1]
+        out.append(f"| {model} | `{name}` | {_pct(result)} | {seconds:.0f} | {blocks} |")
+    return out
+
+
+def _dependency_table(results: dict) -> tuple[list[str], list[tuple[str, float, float]]]:
+    from transformers_alignedvq.ptq_search import r_squared
+
+    out = ["| model | layer l (next) | mean entropy of l | mean DED (relative MSE) | R² over samples |",
+           "|---|---|---:|---:|---:|"]
+    means = []
+    for model, label in MODELS.items():
+        result = results.get(f"{model}_dependency")
+        for pair in (result or {}).get("pairs", []):
+            entropy, ded = sum(pair["entropy"]) / len(pair["entropy"]), sum(pair["ded"]) / len(pair["ded"])
+            means.append((f"{model}:{pair['layer']}", entropy, ded))
+            out.append(f"| {label} | {pair['layer']} ({pair['next']}) | {entropy:.4f} | {ded:.2e} | {pair['r2']:.3f} |")
+    if len(means) > 2:
+        r2 = r_squared([m[1] for m in means], [m[2] for m in means])
+        out.append(f"| all | per-layer means ({len(means)} layers) | | | {r2:.3f} |")
+    return out, means
+
+
+def _kernels(results: dict) -> list[str]:
+    kernels = results.get("kernels")
+    if not kernels:
+        return ["Not measured in this run: `pip install torchao==0.18.0`, then `python benchmarks/ptq_kernels.py "
+                "--threads 1 --json runs/ptq/results/kernels.json` and this command again."]
+    out = [f"`python benchmarks/ptq_kernels.py --threads {kernels['threads']} --json runs/ptq/results/kernels.json` "
+           "(one CPU thread of a shared two-core machine: absolute times are noisy, the ratios are measured side by "
+           "side in one run). One language-model layer's seven linear layers at LLaVA-1.5-7B size:", "",
+           "| tokens | variant | ms | vs fp32 eager |", "|---:|---|---:|---:|"]
+    out += [f"| {r['tokens']} | {r['variant']} | {r['ms']:.1f} | {r['vs_fp32_eager']:.2f}x |" for r in kernels["speed"]]
+    out += ["", "The bundled AlignedVQ model with its language model in int8 (fixed random subset of the test split):", "",
+            "| model | accuracy (%) | questions |", "|---|---:|---:|"]
+    out += [f"| {r['model']} | {100 * r['accuracy']:.2f} | {r['questions']:,} |" for r in kernels["accuracy"]]
+    return out
+
+
+def _acc(results: dict, name: str) -> float | None:
+    r = results.get(name)
+    return None if not r or "accuracy" not in r else 100 * r["accuracy"]
+
+
+def _seconds(results: dict, name: str) -> float | None:
+    report = results.get(name, {}).get("report")
+    return None if not report else report["search_seconds"] + report.get("veo_seconds", 0.0)
+
+
+def _claims(results: dict) -> list[str]:
+    """The paper's claims next to what our numbers say, decided by the numbers (absent ones say so)."""
+    out = []
+
+    def claim(text, ours, holds):
+        if ours is None:
+            verdict = "not measured yet"
+        else:
+            verdict = f"{ours} — **{'within noise' if holds is None else 'agrees' if holds else 'does not agree'}**"
+        out.append(f"- {text}: {verdict}.")
+
+    def better(name_a, name_b):
+        """(text, verdict) for "a is more accurate than b": None when the gap is under 3 standard errors."""
+        a, b = _acc(results, name_a), _acc(results, name_b)
+        if a is None or b is None:
+            return None, False
+        p, n = (a + b) / 200, results[name_a]["eval_questions"]
+        noise = 300 * (p * (1 - p) / n) ** 0.5
+        return f"{a:.2f} vs {b:.2f} (noise ±{noise:.2f})", None if abs(a - b) < noise else a > b
+
+    for model, label in MODELS.items():
+        for bits in ("w6a6", "w4a4"):
+            claim(f"Q-VLM beats the layer-wise search ({label}, {bits.upper()})",
+                  *better(f"{model}_qvlm_{bits}", f"{model}_layerwise_{bits}"))
+        names = {key: f"ablation_{model}_qvlm_w4a4_{key}" for key in ("plain", "depth1", "alljoint", "veo")}
+        claim(f"The visual encoder optimization improves W4A4 accuracy ({label}, test subset; with it vs without)",
+              *better(names["veo"], names["plain"]))
+        blocks, one, everything = (_seconds(results, f"{model}_qvlm_w4a4"), _seconds(results, names["depth1"]),
+                                   _seconds(results, names["alljoint"]))
+        claim(f"Entropy-guided blocks cost less search than one joint block per stack ({label}, W4A4)",
+              None if None in (blocks, everything) else f"{blocks:.0f} s vs {everything:.0f} s (depth-1 blocks: "
+              f"{one:.0f} s)" if one is not None else None,
+              blocks is not None and everything is not None and blocks < everything)
+    kernels = results.get("kernels")
+    if kernels:
+        speed = {(r["tokens"], r["variant"]): r["vs_fp32_eager"] for r in kernels["speed"]}
+        out.append(f"- Speed and memory (paper: 1.44x faster generation and 2.78x less memory for LLaVA-13B): real "
+                   f"int8 kernels run one 7B-size language-model layer {speed[600, 'int8 compiled']:.2f}x faster "
+                   f"on a 600-token prefill and {speed[1, 'int8 compiled']:.2f}x on one decode token (compiled; "
+                   "eager int8 decode is slower than fp32).")
+    memory = results.get("base_qvlm_w4a4", {}).get("memory")
+    if memory:
+        ratio = memory["fp_bytes"] / memory["bytes"]
+        out.append(f"- Memory at W4A4 (base LLaVA): {ratio:.2f}x smaller than fp32, about {ratio / 2:.2f}x smaller "
+                   "than fp16 (the paper's 2.78x is against fp16 for a model whose embeddings and head stay 16-bit).")
+    dependency = [p for m in MODELS for p in results.get(f"{m}_dependency", {}).get("pairs", [])]
+    if dependency:
+        best = max(p["r2"] for p in dependency)
+        claim("Activation entropy predicts the layer-wise vs joint error difference (paper: R² = 0.97)",
+              f"R² per layer between {min(p['r2'] for p in dependency):.3f} and {best:.3f}", best >= 0.5)
+    else:
+        claim("Activation entropy predicts the layer-wise vs joint error difference (paper: R² = 0.97)", None, False)
+    return out
+
+
+def _where_w4a4_loses(results: dict, model: str) -> list[str]:
+    """Q-VLM at W4A4 on one part at a time, against full precision and all parts, on the same test subset."""
+    parts = ("edge", "vision", "projector", "language_model") if model == "alignedvq" else (
+        "vision", "projector", "language_model")
+    fp, everything = _acc(results, f"ablation_{model}_fp"), _acc(results, f"ablation_{model}_qvlm_w4a4_plain")
+    single = {part: _acc(results, f"ablation_{model}_qvlm_w4a4_{part}") for part in parts}
+    if fp is None or everything is None or None in single.values():
+        return ["  Where the points go (one part at a time at W4A4): not measured yet."]
+    questions = results[f"ablation_{model}_fp"]["eval_questions"]
+    losses = ", ".join(f"{part} {value - fp:+.2f}" for part, value in single.items())
+    return [f"  Why not, on {questions:,} test questions (full precision {fp:.2f}, every part at W4A4 {everything:.2f}): "
+            f"Q-VLM at W4A4 on one part at a time loses {losses} points."]
+
+
+def _goals(results: dict) -> list[str]:
+    """The goals of this work next to the numbers."""
+    out = []
+
+    def acc(name):
+        return _acc(results, name)
+
+    for model, label in MODELS.items():
+        fp = acc(f"{model}_fp")
+        w6, w4 = acc(f"{model}_qvlm_w6a6"), acc(f"{model}_qvlm_w4a4")
+        baselines = [acc(f"{model}_{m}_w4a4") for m in ("rtn", "layerwise")]
+        if fp is None or w6 is None:
+            out.append(f"- {label}, W6A6 Q-VLM within 0.5 point of full precision: not measured yet.")
+        else:
+            out.append(f"- {label}, W6A6 Q-VLM within 0.5 point of full precision: {w6 - fp:+.2f} points "
+                       f"(**{'met' if w6 - fp >= -0.5 else 'not met'}**).")
+        if fp is None or w4 is None or None in baselines:
+            out.append(f"- {label}, W4A4 Q-VLM ahead of both baselines and within 2 points: not measured yet.")
+        else:
+            ahead = w4 > max(baselines)
+            p, n = w4 / 100, results[f"{model}_qvlm_w4a4"]["eval_questions"]
+            noise = 300 * (p * (1 - p) / n) ** 0.5
+            out.append(f"- {label}, W4A4: Q-VLM {w4:.2f} vs RTN {baselines[0]:.2f} and layer-wise {baselines[1]:.2f} "
+                       f"(**{'ahead' if ahead else 'not ahead'}**, by {w4 - max(baselines):+.2f}; noise ±{noise:.2f}), "
+                       f"{w4 - fp:+.2f} points from full precision "
+                       f"(**{'within 2' if w4 - fp >= -2 else 'not within 2'}**).")
+            if w4 - fp < -2:
+                out += _where_w4a4_loses(results, model)
+    return out
+
+
+def write(runs: Path, doc: Path, args=None) -> None:
+    results = _load(runs)
+    base_fp = results.get("base_fp", {})
+    full = base_fp.get("eval_questions", 9673)
+    lines = [
+        "# Post-training quantization (Q-VLM) in miniature: easy-VQA",
+        "",
+        "Generated by `python examples/ptq_in_miniature.py --base artifacts/base-easyvqa --runs runs/ptq --doc "
+        "docs/ptq.md` (one CPU thread); every number is read from that run's `results/*.json`. Accuracy is exact "
+        f"match on the easy-VQA test split ({full:,} questions) unless a table says otherwise; the AlignedVQ "
+        "model's images cross the split as wire frames, as in `docs/results.md`. Calibration: "
+        f"{getattr(args, 'calibration_images', 256)} training images, one question each. A dash marks a run the "
+        "command has not finished yet (running it again resumes).",
+        "",
+        *METHOD_NOTES,
+        "## Accuracy (%) per method and bit-width",
+        "",
+        *_accuracy_table(results),
+        "",
+        *_noise(results),
+        "## Search cost and model memory",
+        "",
+        "Search seconds are wall-clock time of `quantize_model` (calibration passes, searches and, where used, the "
+        "visual encoder optimization) on one CPU thread of a shared two-core machine while other jobs ran: the "
+        "same work varies by tens of percent between runs, so only large differences mean something.",
+        "",
+        *_cost_table(results),
+        "",
+        "## Ablations (W4A4 and per part, on a fixed subset of test questions)",
+        "",
+        *_ablation_table(results, "ablation_"),
+        "",
+        "## Activation entropy against the layer-wise vs joint search error difference",
+        "",
+        "For every pair of consecutive transformer layers (l, l+1) inside one segment, starting from the layer-wise "
+        "result, two searches are compared at the output of l+1: each layer refined on its own output, against "
+        "the pair refined jointly. DED is the first error minus the second (relative MSE), per calibration sample "
+        "(the first `joint_samples` = 64); R² is that of the least-squares line of DED on the entropy of layer "
+        "l's output over those samples (the paper's Figure 3 has R² = 0.97 for layer 15 of LLaVA-7B), and, in the "
+        "last row, over the layers' means.",
+        "",
+        *_dependency_table(results)[0],
+        "",
+        "## Real integer kernels",
+        "",
+        "Everything above is fake quantization (float math on quantized values): it measures accuracy, not speed. "
+        "Where real integer kernels run, `benchmarks/ptq_kernels.py` measures them: the language model through "
+        "Transformers' `quantization_config` with torchao 0.18 (`TorchAoConfig` with "
+        "`Int8DynamicActivationInt8WeightConfig`: int8 weights per channel, int8 activations per token computed at "
+        "run time, RTN; not our calibrated scales), measured at LLaVA-1.5-7B size and for accuracy on the bundled "
+        "model. torchao's int4 weight-only configurations have no fast path on this CPU build "
+        "(`Int4WeightOnlyConfig` needs the `mslk` kernels, `IntxWeightOnlyConfig` dequantizes in Python), so "
+        "W4A16 and W4A4 are fake-quantized only. The int8 edge runs in onnxruntime (the edge's ONNX export); its "
+        "calibrated scales can come from `ptq.edge_quantizers` (see *Files of a quantized checkpoint*).",
+        "",
+        *_kernels(results),
+        "",
+        "## Goals",
+        "",
+        *_goals(results),
+        "",
+        "## Where we agree with Q-VLM, and where we do not",
+        "",
+        "Noise: three binomial standard errors of one accuracy at that level and number of questions; a difference "
+        "smaller than that is called within noise.",
+        "",
+        *_claims(results),
+        "",
+        *STATIC_NOTES,
+    ]
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text("\n".join(lines) + "\n")
