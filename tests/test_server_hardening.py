@@ -188,7 +188,7 @@ def held_requests(deployment, frame, *, count: int, max_batch_size: int, shutdow
             try:
                 sent = [pool.submit(httpx.post, f"{server.url}/v1/answer", content=frame, headers=OCTET, timeout=30)
                         for _ in range(count)]
-                wait_for(lambda: batcher.queue_depth() + len(batcher._taken) == count)
+                wait_for(lambda: batcher.queue_depth() + batcher.in_flight == count)
                 yield server, gate, sent
             finally:
                 gate.restore()
