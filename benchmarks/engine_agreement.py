@@ -64,24 +64,19 @@ def main() -> int:
     parser.add_argument("--questions-per-image", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--vllm-arg", action="append", default=[], metavar="NAME=VALUE",
-                        help="vLLM engine argument (VALUE as JSON), e.g. kv_cache_memory_bytes=1073741824")
+                        help="vLLM engine argument as for `alignedvq serve --vllm-arg`, e.g. tensor_parallel_size=2")
     args = parser.parse_args()
-
-    import json
 
     import torch
     from fastapi.testclient import TestClient
 
     import transformers_alignedvq
-    from transformers_alignedvq.cli import demo_samples
+    from transformers_alignedvq.cli import demo_samples, parse_vllm_args
     from transformers_alignedvq.server import create_app
 
     torch.set_num_threads(1)
     model = args.model or transformers_alignedvq.TINY_EASYVQA
-    vllm_args = {"kv_cache_memory_bytes": 2**30}
-    for item in args.vllm_arg:
-        key, _, value = item.partition("=")
-        vllm_args[key] = json.loads(value)
+    vllm_args = {"kv_cache_memory_bytes": 2**30, **parse_vllm_args(args.vllm_arg)}
     samples = demo_samples(args.images, args.questions_per_image)
     hf_app = create_app(model, max_new_tokens=args.max_new_tokens)
     start = time.perf_counter()

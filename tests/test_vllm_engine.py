@@ -9,6 +9,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+import torch
 
 pytest.importorskip("vllm")
 
@@ -93,3 +94,20 @@ def test_options_health_and_errors(vllm_client, frames):
     assert_error(vllm_client.post("/v1/answer", content=wrong, headers=OCTET), 409, "codebook_mismatch")
     health = vllm_client.get("/healthz")
     assert health.status_code == 200 and health.json()["requests"] > 0
+
+
+def test_engine_arguments_are_checked_by_name(tmp_path):
+    from transformers_alignedvq.errors import ServerConfigError
+    from transformers_alignedvq.vllm_engine import build_engine_args
+
+    args = build_engine_args(tmp_path, dtype=torch.float32, extra={"tensor_parallel_size": 2})
+    assert (args.tensor_parallel_size, args.dtype, args.enable_mm_embeds) == (2, "float32", True)
+    with pytest.raises(ServerConfigError, match=r"unknown \['tensor_parallel'\], set by the server \['model'\]"):
+        build_engine_args(tmp_path, dtype=torch.float32, extra={"tensor_parallel": 2, "model": "x"})
+
+
+def test_settings_vllm_refuses_are_a_start_up_error():
+    from transformers_alignedvq.errors import ServerConfigError
+
+    with pytest.raises(ServerConfigError, match="vLLM's engine did not start"):
+        create_app(MODEL, engine="vllm", vllm_args={**VLLM_ARGS, "max_model_len": 100_000})

@@ -64,11 +64,11 @@ def _set_threads(threads: int | None) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
-def _vllm_args(args) -> dict | None:
-    """The vLLM engine arguments of the serve flags; None with the Transformers engine (where any of them
-    is a mistake)."""
-    values = {name: getattr(args, name) for name in _VLLM_FLAGS if getattr(args, name) not in (None, False)}
-    for item in args.vllm_arg or ():
+def parse_vllm_args(items) -> dict:
+    """``{name: value}`` of ``NAME=VALUE`` strings, each VALUE read as JSON where it is JSON (numbers, true,
+    false, lists), else kept as a string."""
+    values = {}
+    for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise CliError(f"--vllm-arg {item!r} must look like NAME=VALUE")
@@ -76,6 +76,14 @@ def _vllm_args(args) -> dict | None:
             values[key.strip()] = json.loads(text)
         except json.JSONDecodeError:
             values[key.strip()] = text
+    return values
+
+
+def _vllm_args(args) -> dict | None:
+    """The vLLM engine arguments of the serve flags; None with the Transformers engine (where any of them
+    is a mistake)."""
+    values = {name: getattr(args, name) for name in _VLLM_FLAGS if getattr(args, name) not in (None, False)}
+    values.update(parse_vllm_args(args.vllm_arg or ()))
     if args.engine == "vllm":
         return values
     if values or args.vllm_checkpoint:

@@ -43,7 +43,6 @@ code  type                       when
 409   ``entropy_model_mismatch`` a coded frame names an entropy model this server does not hold
 413   ``payload_too_large``      body (or its Content-Length) above ``max_body_bytes``, or the
                                  question above ``max_prompt_bytes``
-422   ``invalid_parameter``      an unknown, repeated, malformed or out-of-range query parameter
 415   ``unsupported_media_type`` Content-Type not ``application/octet-stream``, or a
                                  Content-Encoding other than identity
 422   ``incompatible_frame``     a well-formed frame this model cannot use: codebook size, token
@@ -51,6 +50,7 @@ code  type                       when
                                  entropy-coded frame
 422   ``invalid_question``       no prompt in the frame, a blank question, or one that contains the
                                  image placeholder token
+422   ``invalid_parameter``      an unknown, repeated, malformed or out-of-range query parameter
 503   ``overloaded``             the request queue is full (``Retry-After`` says when to retry)
 503   ``shutting_down``          the server is stopping
 500   ``internal_error``         a bug or a failing model; the message never carries internals (the
@@ -165,7 +165,10 @@ class _Job:
 
 
 @dataclass
-class _Result:
+class GenerationResult:
+    """One answer: its ``text``, the number of tokens generated (eos excluded), and the seconds its batch step
+    (and, with vLLM, its own generation) took."""
+
     text: str
     generated_tokens: int
     generate_s: float
@@ -194,6 +197,9 @@ class AnswerEngine:
     """The model side: question -> prompt token ids, and one batched generate (Transformers)."""
 
     name = "transformers"
+    # The server's second, per-request stage and its bound (`DynamicBatcher`): none here, `run_batch` answers.
+    complete: Callable[[GenerationRequest, Any], Awaitable[GenerationResult]] | None = None
+    max_in_flight: int | None = None
 
     def __init__(self, model, tokenizer, *, processor=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
         if max_new_tokens < 1:
@@ -283,11 +289,11 @@ class AnswerEngine:
     def answer_text(self, tokens: Sequence[int], options: SamplingOptions) -> str:
         return self.tokenizer.decode(self.answer_tokens(tokens, options), skip_special_tokens=True).strip()
 
-    def result(self, tokens: Sequence[int], options: SamplingOptions, seconds: float) -> _Result:
-        return _Result(text=self.answer_text(tokens, options),
+    def result(self, tokens: Sequence[int], options: SamplingOptions, seconds: float) -> GenerationResult:
+        return GenerationResult(text=self.answer_text(tokens, options),
                        generated_tokens=len(self.answer_tokens(tokens, options)), generate_s=seconds)
 
-    def generate(self, batch: list[GenerationRequest]) -> list[_Result]:
+    def generate(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
         """One left-padded generate for the batch. Greedy rows come out exactly as they would alone; sampled
         rows each draw with their own options and generator (`sampling.RowSampler`); each row stops at its
         own ``max_new_tokens``."""
@@ -331,7 +337,7 @@ class AnswerEngine:
             extra["streamer"] = _RowStreamer([request.on_tokens for request in batch])
         return extra
 
-    def run_batch(self, batch: list[GenerationRequest]) -> list[_Result]:
+    def run_batch(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
         """The server's batch step: here the whole answer (`generate`)."""
         return self.generate(batch)
 
@@ -378,7 +384,7 @@ class DynamicBatcher:
 
     def __init__(self, run_batch: Callable[[list[_Job]], list], *, max_batch_size: int, max_wait_ms: float,
                  max_queue: int, health: EngineHealth | None = None,
-                 complete: Callable[[GenerationRequest, Any], Awaitable[_Result]] | None = None,
+                 complete: Callable[[GenerationRequest, Any], Awaitable[GenerationResult]] | None = None,
                  max_in_flight: int | None = None):
         self.run_batch, self.complete = run_batch, complete
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_ms / 1000.0, max_queue
@@ -675,7 +681,7 @@ def _delta(sent: str, text: str) -> str:
 
 
 async def _stream_events(request: Request, job: _Job, engine, updates: asyncio.Queue,
-                         body_of: Callable[[_Result], dict]):
+                         body_of: Callable[[GenerationResult], dict]):
     """Server-sent events of one streamed answer: ``token`` deltas, then ``done`` (or ``error``)."""
     job.future.add_done_callback(lambda _: updates.put_nowait(None))
     watcher = _cancel_when_client_leaves(request, job.future)
@@ -694,7 +700,7 @@ async def _stream_events(request: Request, job: _Job, engine, updates: asyncio.Q
                 error = _model_failed()
             yield _sse("error", {"error": {"type": error.type, "message": error.message}})
             return
-        result: _Result = job.future.result()
+        result: GenerationResult = job.future.result()
         rest = _delta(sent, result.text)
         if rest:
             yield _sse("token", {"delta": rest})
@@ -807,15 +813,15 @@ def create_app(
         from .entropy import load_entropy_model
 
         entropy_model = load_entropy_model(model_dir_or_model)
-    engine_kind = engine
-    engine = _build_engine(engine_kind, model_dir_or_model, processor=processor, device=device, dtype=dtype,
-                           max_new_tokens=max_new_tokens, vllm_checkpoint=vllm_checkpoint, vllm_args=vllm_args)
+    answer_engine = _build_engine(engine, model_dir_or_model, processor=processor, device=device, dtype=dtype,
+                                  max_new_tokens=max_new_tokens, vllm_checkpoint=vllm_checkpoint,
+                                  vllm_args=vllm_args)
     try:
-        return _make_app(engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                         max_prompt_bytes=max_prompt_bytes, max_body_bytes=max_body_bytes,
+        return _make_app(answer_engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                         max_queue=max_queue, max_prompt_bytes=max_prompt_bytes, max_body_bytes=max_body_bytes,
                          entropy_model=entropy_model, warmup=warmup, api_keys=api_keys, docs=docs)
     except BaseException:
-        engine.close()
+        answer_engine.close()
         raise
 
 
@@ -840,9 +846,8 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
     def run_batch(jobs: list[_Job]) -> list:
         return engine.run_batch([job.request for job in jobs])
 
-    continuous = getattr(engine, "complete", None)
     batcher = DynamicBatcher(run_batch, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                             health=health, complete=continuous, max_in_flight=getattr(engine, "max_in_flight", None))
+                             health=health, complete=engine.complete, max_in_flight=engine.max_in_flight)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -922,8 +927,8 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
         t_decoded = time.perf_counter()
 
         loop = asyncio.get_running_loop()
-        updates: asyncio.Queue = asyncio.Queue()
         if stream:
+            updates: asyncio.Queue = asyncio.Queue()
             generation.on_tokens = lambda tokens: loop.call_soon_threadsafe(updates.put_nowait, tokens)
         job = _Job(request=generation, future=loop.create_future(), enqueued=t_decoded)
         try:
@@ -933,7 +938,7 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
             raise ApiError(503, "overloaded", f"the request queue is full ({max_queue}); retry in {retry} s",
                            {"Retry-After": str(retry)}) from None
 
-        def body_of(result: _Result) -> dict:
+        def body_of(result: GenerationResult) -> dict:
             return {
                 "answer": result.text,
                 "bytes_received": len(body),
@@ -1056,6 +1061,7 @@ __all__ = [
     "DynamicBatcher",
     "EngineHealth",
     "GenerationRequest",
+    "GenerationResult",
     "ServerConfigError",
     "classify_wire_error",
     "create_app",

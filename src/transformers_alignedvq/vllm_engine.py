@@ -32,7 +32,7 @@ from typing import Any, Coroutine
 import torch
 
 from .errors import CheckpointMismatchError, ServerConfigError
-from .server import AnswerEngine, GenerationRequest, _Result
+from .server import AnswerEngine, GenerationRequest, GenerationResult
 from .vllm_checkpoint import check_export, export_for_vllm
 
 logger = logging.getLogger(__name__)
@@ -95,11 +95,15 @@ class VllmAnswerEngine(AnswerEngine):
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True, name="alignedvq-vllm")
         self._thread.start()
         try:
-            self.llm = self._call(self._start(build_engine_args(self.checkpoint, dtype=model.dtype,
-                                                                extra=engine_args)))
-        except BaseException:
+            args = build_engine_args(self.checkpoint, dtype=model.dtype, extra=engine_args)
+            self.llm = self._call(self._start(args))
+        except ServerConfigError:
             self.close()
             raise
+        except BaseException as exc:
+            self.close()
+            raise ServerConfigError(f"vLLM's engine did not start (its log above says why): "
+                                    f"{type(exc).__name__}: {exc}") from exc
         self.max_in_flight = self.llm.vllm_config.scheduler_config.max_num_seqs
 
     # ------------------------------------------------------------------------------------------------
@@ -134,13 +138,13 @@ class VllmAnswerEngine(AnswerEngine):
             output = self.model.model.get_image_features(image_indices=self.stack_indices(batch).to(self.device))
         return [features.to("cpu").contiguous() for features in output.pooler_output]
 
-    async def complete(self, request: GenerationRequest, features: torch.Tensor) -> _Result:
+    async def complete(self, request: GenerationRequest, features: torch.Tensor) -> GenerationResult:
         """The answer to one prepared request; awaited in the server's loop, computed in vLLM's. Cancelling
         it aborts the request in vLLM."""
         future = asyncio.run_coroutine_threadsafe(self._generate(request, features), self._loop)
         return await asyncio.wrap_future(future)
 
-    def generate(self, batch: list[GenerationRequest]) -> list[_Result]:
+    def generate(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
         """The answers to ``batch`` (blocking; vLLM batches them as they run)."""
         features = self.run_batch(batch)
 
@@ -154,7 +158,7 @@ class VllmAnswerEngine(AnswerEngine):
         image = self.image_token_id
         return [token for i, token in enumerate(input_ids) if token != image or i == 0 or input_ids[i - 1] != image]
 
-    async def _generate(self, request: GenerationRequest, features: torch.Tensor) -> _Result:
+    async def _generate(self, request: GenerationRequest, features: torch.Tensor) -> GenerationResult:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
