@@ -111,3 +111,38 @@ def test_settings_vllm_refuses_are_a_start_up_error():
 
     with pytest.raises(ServerConfigError, match="vLLM's engine did not start"):
         create_app(MODEL, engine="vllm", vllm_args={**VLLM_ARGS, "max_model_len": 100_000})
+
+
+def vllm_processes() -> dict[int, str]:
+    """Live descendants of this process that vLLM named (``VLLM::EngineCore``, ``VLLM::Worker``): pid -> name."""
+    import os
+    from pathlib import Path
+
+    parents, names = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                name = (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parents[int(entry.name)], names[int(entry.name)] = int(fields[1]), name
+    ours, frontier = set(), {os.getpid()}
+    while frontier:
+        ours |= frontier
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - ours
+    return {pid: names[pid] for pid in ours if names.get(pid, "").startswith("VLLM::")}
+
+
+# Last in this module: it closes the module's engine.
+def test_close_ends_vllms_processes(vllm_app):
+    import time
+
+    before = vllm_processes()
+    assert any(name.startswith("VLLM::Engine") for name in before.values()), before
+    vllm_app.state.engine.close()
+    deadline = time.monotonic() + 60
+    while set(before) & set(vllm_processes()):
+        assert time.monotonic() < deadline, f"still running: {vllm_processes()}"
+        time.sleep(0.2)

@@ -78,6 +78,7 @@ import json
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 import time
@@ -1044,12 +1045,30 @@ def serve(
     for warning in exposure_warnings(host, auth=bool(api_keys), tls=ssl_certfile is not None):
         logger.warning(warning)
     app = create_app(model_dir_or_model, api_keys=api_keys, **app_kwargs)
+    _close_before_signal_exit(app.state.engine)
     try:
         server = make_server(app, limits=limits, drain=app.state.drain, host=host, port=port, log_level=log_level,
                              log_config=logging_config(), ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
         server.run()
     finally:
         app.state.engine.close()
+
+
+def _close_before_signal_exit(engine: AnswerEngine) -> None:
+    """After draining, uvicorn re-raises SIGTERM/SIGINT into the handler installed before it, which ends the
+    process at once, past any ``finally``. Install one that closes the engine first (vLLM's engine processes
+    would otherwise outlive the server), then hands the signal on as before."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread; `serve`'s finally still closes
+    for number in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(number)
+
+        def close_then_exit(signum, frame, previous=previous):
+            engine.close()
+            signal.signal(signum, previous)
+            signal.raise_signal(signum)
+
+        signal.signal(number, close_then_exit)
 
 
 __all__ = [
