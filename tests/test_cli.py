@@ -19,9 +19,11 @@ from transformers_alignedvq.server import BackgroundServer, create_app
 from transformers_alignedvq.testing import save_tiny_deployment
 
 SUBCOMMANDS = {
-    "serve": ["--model", "--host", "--port", "--max-batch-size"],
+    "serve": ["--model", "--host", "--port", "--max-batch-size", "--engine", "--tensor-parallel-size",
+              "--distributed-executor-backend", "--vllm-checkpoint", "--vllm-arg"],
     "ask": ["--server", "--edge", "--image", "question"],
     "export-edge": ["--model", "--output"],
+    "export-vllm": ["--model", "--output", "--dtype"],
     "info": ["--model", "--json"],
     "demo": ["--model", "--images"],
 }
@@ -185,3 +187,41 @@ def test_module_entry_point_in_a_fresh_interpreter(info_subprocess, deployment):
     assert info_subprocess.returncode == 0, err[-3000:]
     info = json.loads(out)
     assert info["checkpoint"] == "full" and info["codebook_size"] == 12 and info["split_site"] == "ln1"
+
+
+def serve_kwargs(monkeypatch, argv: list[str]) -> dict:
+    """What ``alignedvq serve ARGV`` passes to `server.serve` (which is not run)."""
+    from transformers_alignedvq import server
+
+    calls = []
+    monkeypatch.setattr(server, "serve", lambda model, **kwargs: calls.append(kwargs))
+    assert cli.main(["serve", *argv]) == 0
+    return calls[0]
+
+
+def test_serve_passes_the_engine_and_vllm_arguments(monkeypatch, tmp_path):
+    assert serve_kwargs(monkeypatch, [])["engine"] == "transformers"
+    assert "vllm_args" not in serve_kwargs(monkeypatch, [])
+    kwargs = serve_kwargs(monkeypatch, [
+        "--engine", "vllm", "--tensor-parallel-size", "2", "--pipeline-parallel-size", "2",
+        "--distributed-executor-backend", "ray", "--enforce-eager", "--vllm-checkpoint", str(tmp_path),
+        "--vllm-arg", "kv_cache_memory_bytes=1073741824", "--vllm-arg", "kv_cache_dtype=fp8",
+    ])
+    assert kwargs["engine"] == "vllm" and kwargs["vllm_checkpoint"] == str(tmp_path)
+    assert kwargs["vllm_args"] == {"tensor_parallel_size": 2, "pipeline_parallel_size": 2,
+                                   "distributed_executor_backend": "ray", "enforce_eager": True,
+                                   "kv_cache_memory_bytes": 1073741824, "kv_cache_dtype": "fp8"}
+
+
+@pytest.mark.parametrize("argv", [["--tensor-parallel-size", "2"], ["--vllm-arg", "seed=1"],
+                                  ["--engine", "vllm", "--vllm-arg", "no-equals-sign"]])
+def test_serve_refuses_vllm_options_it_cannot_use(argv, capsys):
+    assert cli.main(["serve", *argv]) == 1
+    assert "vllm" in capsys.readouterr().err.lower()
+
+
+def test_export_vllm_writes_a_llava_folder(deployment, tmp_path, capsys):
+    out = tmp_path / "vllm"
+    assert cli.main(["export-vllm", "--model", str(deployment), "--output", str(out)]) == 0
+    assert f"--vllm-checkpoint {out}" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llava"

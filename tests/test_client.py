@@ -215,6 +215,17 @@ def test_ask_round_trip(edge_client, server):
     assert edge_client.encode(image(2), "what shape is it ?") != frame
 
 
+def test_ask_passes_sampling_options(edge_client, server):
+    frame = edge_client.encode(image(5), QUESTION)
+    assert edge_client.ask(image(5), QUESTION).server["generated_tokens"] > 1  # greedy, the server's limit
+    sampled = edge_client.ask(image(5), QUESTION, temperature=1.5, seed=4, max_new_tokens=1)
+    response = httpx.post(f"{server.url}/v1/answer?temperature=1.5&seed=4&max_new_tokens=1", content=frame,
+                          headers={"Content-Type": "application/octet-stream"}, timeout=60)
+    assert sampled.text == response.json()["answer"] and sampled.server["generated_tokens"] == 1
+    with pytest.raises(ServerError, match="422 invalid_parameter: top_p"):
+        edge_client.ask(image(5), QUESTION, top_p=2.0)
+
+
 def test_image_inputs_are_interchangeable(edge_client, tmp_path):
     picture = image(4)
     path = tmp_path / "picture.png"

@@ -283,3 +283,125 @@ def test_still_answers_after_every_bad_request(client, app, engine):
     assert response.status_code == 200 and isinstance(response.json()["answer"], str)
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["requests"] == before + 1  # only the good one reached the model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# sampling and streaming
+def sse_events(response) -> list[tuple[str, dict]]:
+    """``[(event, data), ...]`` of a server-sent-events body."""
+    import json
+
+    events = []
+    for block in response.text.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append((fields["event"], json.loads(fields["data"])))
+    return events
+
+
+def streamed(client, body: bytes, query: str = "") -> tuple[str, dict, list[str]]:
+    """``(answer from the deltas, the done event, the deltas)`` of one streamed request."""
+    response = client.post(f"/v1/answer?stream=true{query}", content=body, headers=OCTET)
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(response)
+    assert [name for name, _ in events[:-1]] == ["token"] * (len(events) - 1) and events[-1][0] == "done"
+    deltas = [data["delta"] for _, data in events[:-1]]
+    return "".join(deltas), events[-1][1], deltas
+
+
+def sampled_bodies(engine, count: int = 5) -> list[bytes]:
+    return [make_frame(engine, edge_indices(engine, image), question)
+            for image, question in zip(images(count, seed=11), QUESTIONS)]
+
+
+@pytest.mark.parametrize("query", ["temperature=-1", "temperature=nan", "top_p=0", "max_new_tokens=7",
+                                   "max_new_tokens=0", "seed=-3", "stream=maybe", "temprature=1",
+                                   "temperature=1&temperature=2"])
+def test_bad_sampling_parameters_get_422_before_the_body_is_read(client, engine, query):
+    response = client.post(f"/v1/answer?{query}", content=make_frame(engine), headers=OCTET)
+    assert_error(response, 422, "invalid_parameter")
+    assert response.headers["connection"] == "close"
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(deployment, client, engine):
+    bodies = sampled_bodies(engine)
+    query = "?temperature=1.5&seed={}"
+    first = [post_to(client, body, query.format(i))["answer"] for i, body in enumerate(bodies)]
+    again = [post_to(client, body, query.format(i))["answer"] for i, body in enumerate(bodies)]
+    batched_app = create_app(deployment, max_new_tokens=6, max_batch_size=len(bodies), max_wait_ms=10_000)
+    with TestClient(batched_app) as batched, ThreadPoolExecutor(len(bodies)) as pool:
+        together = list(pool.map(lambda i: post_to(batched, bodies[i], query.format(i)), range(len(bodies))))
+    assert {r["batch_size"] for r in together} == {len(bodies)}
+    assert first == again == [r["answer"] for r in together]
+    greedy = [post_to(client, body)["answer"] for body in bodies]
+    other_seeds = [post_to(client, body, query.format(100 + i))["answer"] for i, body in enumerate(bodies)]
+    assert first != greedy and first != other_seeds  # it does sample, and the seed matters
+
+
+def post_to(client, body: bytes, query: str = "") -> dict:
+    response = client.post(f"/v1/answer{query}", content=body, headers=OCTET)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_one_batch_keeps_each_requests_own_options(deployment, client, engine):
+    bodies = sampled_bodies(engine, 3)
+    queries = ["", "?max_new_tokens=2", "?temperature=1&seed=5&max_new_tokens=4"]
+    alone = [post_to(client, body, query) for body, query in zip(bodies, queries)]
+    app = create_app(deployment, max_new_tokens=6, max_batch_size=3, max_wait_ms=10_000)
+    with TestClient(app) as batched, ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda pair: post_to(batched, *pair), zip(bodies, queries)))
+    assert {r["batch_size"] for r in together} == {3}
+    assert [r["answer"] for r in together] == [r["answer"] for r in alone]
+    assert [r["generated_tokens"] for r in together] == [r["generated_tokens"] for r in alone]
+    assert together[1]["generated_tokens"] <= 2 and together[2]["generated_tokens"] <= 4
+
+
+def test_streamed_deltas_add_up_to_the_answer(client, engine):
+    for body in sampled_bodies(engine):
+        plain = post_to(client, body)
+        text, done, deltas = streamed(client, body)
+        assert text == done["answer"] == plain["answer"]
+        assert done["generated_tokens"] == plain["generated_tokens"] and set(done["timing_ms"]) == set(plain["timing_ms"])
+        assert all(deltas)
+    sampled = sampled_bodies(engine, 1)[0]
+    assert streamed(client, sampled, "&temperature=1&seed=9")[0] == post_to(client, sampled, "?temperature=1&seed=9")[
+        "answer"]
+
+
+def test_a_stream_reports_a_failing_model_as_an_error_event(deployment, engine):
+    app = create_app(deployment, max_new_tokens=2, max_wait_ms=0, warmup=False)
+
+    def broken(jobs):
+        raise RuntimeError(f"device-side assert in {deployment}")
+
+    app.state.batcher.run_batch = broken
+    with TestClient(app, raise_server_exceptions=False) as client:
+        response = client.post("/v1/answer?stream=true", content=make_frame(engine), headers=OCTET)
+    assert response.status_code == 200 and str(deployment) not in response.text
+    assert sse_events(response) == [("error", {"error": {"type": "internal_error",
+                                                         "message": "the model failed on this request; see the "
+                                                                    "server log"}})]
+
+
+# ---------------------------------------------------------------------------------------------------------
+def test_unknown_engine_is_a_start_up_error(deployment):
+    from transformers_alignedvq.errors import ServerConfigError
+
+    with pytest.raises(ServerConfigError, match="engine='nope' must be one of transformers, vllm"):
+        create_app(deployment, engine="nope")
+
+
+def test_vllm_engine_without_vllm_says_what_to_install(deployment):
+    import importlib.util
+
+    from transformers_alignedvq.errors import ServerConfigError
+
+    if importlib.util.find_spec("vllm") is not None:
+        pytest.skip("vLLM is installed here (tests/test_vllm_engine.py runs it)")
+    with pytest.raises(ServerConfigError, match="pip install vllm"):
+        create_app(deployment, engine="vllm")
+
+
+def test_model_info_names_the_engine(client):
+    assert client.get("/v1/model").json()["engine"] == "transformers"

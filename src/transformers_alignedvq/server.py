@@ -3,7 +3,11 @@
 The edge posts one wire frame per request (`transformers_alignedvq.wire`, Content-Type
 ``application/octet-stream``, the raw bytes as the body) holding the image's codebook indices and the
 question as the frame's prompt. The server decodes and checks the frame, turns the question into the
-model's chat prompt, and answers with greedy generation.
+model's chat prompt, and answers: greedy by default, sampled on request (`transformers_alignedvq.sampling`).
+
+Two engines answer behind the same request path: ``"transformers"`` (`AnswerEngine`, Transformers'
+``generate`` on static batches) and ``"vllm"`` (`transformers_alignedvq.vllm_engine.VllmAnswerEngine`: the
+image features are computed here in batches, the language model runs in vLLM with continuous batching).
 
 Routes:
 
@@ -11,6 +15,10 @@ Routes:
   {"receive_body", "decode_frame", "queue", "generate", "total"}}``. ``generate`` is the cloud vision part
   (codebook lookup, rest of the vision tower, projector) plus the language model; ``total`` runs from the
   last body byte to the response (receiving the body is transfer time, reported apart as ``receive_body``).
+  Query parameters: ``max_new_tokens`` (at most the server's), ``temperature`` (0 = greedy, the default),
+  ``top_p``, ``seed``, and ``stream=true`` for server-sent events: ``token`` events ``{"delta"}`` whose
+  deltas add up to the answer, then one ``done`` event with the body above, or one ``error`` event
+  ``{"error": {"type", "message"}}`` when the answer fails after the stream began.
 * ``GET /healthz`` -> ``{"status": "ok" | "unhealthy" | "shutting_down", "last_generate", ...}``, 200 only when
   ``ok``: the last generate (the warm-up, then every batch) succeeded and the server is not stopping.
 * ``GET /v1/model`` -> the edge/cloud contract (split, codebook size, bits per index, tokens, codebook
@@ -42,6 +50,7 @@ code  type                       when
                                  entropy-coded frame
 422   ``invalid_question``       no prompt in the frame, a blank question, or one that contains the
                                  image placeholder token
+422   ``invalid_parameter``      an unknown, repeated, malformed or out-of-range query parameter
 503   ``overloaded``             the request queue is full (``Retry-After`` says when to retry)
 503   ``shutting_down``          the server is stopping
 500   ``internal_error``         a bug or a failing model; the message never carries internals (the
@@ -49,10 +58,12 @@ code  type                       when
 ====  =========================  ==============================================================
 
 Concurrent requests are batched: requests wait in a bounded asyncio queue; one worker takes the first,
-collects more until it has ``max_batch_size`` or ``max_wait_ms`` passed, and runs one left-padded greedy
-``generate`` in a worker thread, so the event loop keeps accepting (and refusing) requests meanwhile.
-Greedy decoding with an attention mask makes a batched answer equal to the unbatched one. A job whose client
-disconnects while it waits is dropped before its batch runs.
+collects more until it has ``max_batch_size`` or ``max_wait_ms`` passed, and runs the engine's batch step in
+a worker thread, so the event loop keeps accepting (and refusing) requests meanwhile. For Transformers that
+step is one left-padded ``generate`` (greedy decoding with an attention mask makes a batched answer equal to
+the unbatched one); for vLLM it computes the image features, and each request then joins vLLM's running
+batch on its own while the worker collects the next requests. A job whose client disconnects is dropped
+before its batch runs, or stopped in vLLM.
 
 Connections are bounded by `transformers_alignedvq.http_guard` (a cap on open connections, deadlines for the
 request head and body) when served with `serve` or `BackgroundServer`. On SIGTERM the server stops taking
@@ -63,22 +74,25 @@ near), new ones get 503, every response says ``Connection: close``, then the pro
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Awaitable, Callable, Sequence
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from transformers.generation.streamers import BaseStreamer
 
 from . import wire
 from .auth import BearerAuth
@@ -86,10 +100,12 @@ from .connection_limits import ConnectionLimits
 from .edge_export import describe
 from .errors import ServerConfigError
 from .http_guard import exposure_warnings, logging_config, make_server
+from .sampling import RowLimits, RowSampler, SamplingError, SamplingOptions, parse_query
 
 logger = logging.getLogger(__name__)
 
 FRAME_MEDIA_TYPE = "application/octet-stream"
+ENGINES = ("transformers", "vllm")
 DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_MAX_PROMPT_BYTES = 2048
 # LLaVA-1.5's format, for tokenizers saved without a chat template.
@@ -129,9 +145,20 @@ def classify_wire_error(exc: wire.WireFormatError) -> ApiError:
 
 
 @dataclass
-class _Job:
+class GenerationRequest:
+    """One answer to compute: ``indices`` ``(tokens, codes_per_token)``, the prompt's ``input_ids`` (image
+    placeholder expanded), its decoding ``options``, and ``on_tokens``, called with the answer's token ids so
+    far after each step (from any thread) when the answer is streamed."""
+
     indices: torch.Tensor
     input_ids: list[int]
+    options: SamplingOptions
+    on_tokens: Callable[[list[int]], None] | None = None
+
+
+@dataclass(eq=False)
+class _Job:
+    request: GenerationRequest
     future: asyncio.Future
     enqueued: float
     started: float = 0.0
@@ -139,18 +166,43 @@ class _Job:
 
 
 @dataclass
-class _Result:
+class GenerationResult:
+    """One answer: its ``text``, the number of tokens generated (eos excluded), and the seconds its batch step
+    (and, with vLLM, its own generation) took."""
+
     text: str
     generated_tokens: int
     generate_s: float
 
 
+class _RowStreamer(BaseStreamer):
+    """Passes each row's new tokens so far to its callback after every step of a batched ``generate``."""
+
+    def __init__(self, callbacks: Sequence[Callable[[list[int]], None] | None]):
+        self.callbacks, self.rows, self.prompt_seen = list(callbacks), [[] for _ in callbacks], False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate's first put is the prompt
+            self.prompt_seen = True
+            return
+        for row, token in enumerate(value.reshape(-1).tolist()):
+            self.rows[row].append(token)
+            if self.callbacks[row] is not None:
+                self.callbacks[row](list(self.rows[row]))
+
+    def end(self) -> None:
+        pass
+
+
 class AnswerEngine:
-    """The model side: question -> prompt token ids, and one batched greedy generate."""
+    """The model side: question -> prompt token ids, and one batched generate (Transformers)."""
+
+    name = "transformers"
+    # The server's second, per-request stage and its bound (`DynamicBatcher`): none here, `run_batch` answers.
+    complete: Callable[[GenerationRequest, Any], Awaitable[GenerationResult]] | None = None
+    max_in_flight: int | None = None
 
     def __init__(self, model, tokenizer, *, processor=None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS):
-        from transformers import GenerationConfig
-
         if max_new_tokens < 1:
             raise ServerConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
         config = model.config
@@ -180,11 +232,6 @@ class AnswerEngine:
         if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
             eos.append(tokenizer.eos_token_id)
         self.eos_token_ids = eos
-        # A fresh config, not the checkpoint's: its sampling defaults must not leak into greedy serving.
-        self.generation_config = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            pad_token_id=self.pad_token_id, eos_token_id=eos or None,
-        )
         template_owner = processor if getattr(processor, "chat_template", None) else tokenizer
         self._template_owner = template_owner if getattr(template_owner, "chat_template", None) else None
         geometry = describe(
@@ -227,32 +274,76 @@ class AnswerEngine:
             )
         return list(ids)
 
-    def generate(self, batch: list[tuple[torch.Tensor, list[int]]]) -> list[_Result]:
-        """One left-padded greedy generate for ``[(indices (tokens, codes), input_ids), ...]``."""
+    def request(self, indices: torch.Tensor, question: str, **options) -> GenerationRequest:
+        """A `GenerationRequest` for ``question`` about the image ``indices``; ``options`` override the
+        defaults (greedy, this engine's ``max_new_tokens``)."""
+        fields = {"max_new_tokens": self.max_new_tokens, **options}
+        return GenerationRequest(indices, self.input_ids(question), SamplingOptions(**fields))
+
+    def answer_tokens(self, tokens: Sequence[int], options: SamplingOptions) -> list[int]:
+        """The answer's tokens among ``tokens`` generated: at most ``max_new_tokens``, up to the first eos
+        (rows of a batch that finished early are padded after it)."""
+        tokens = list(tokens[:options.max_new_tokens])
+        end = next((i for i, token in enumerate(tokens) if token in self.eos_token_ids), len(tokens))
+        return tokens[:end]
+
+    def answer_text(self, tokens: Sequence[int], options: SamplingOptions) -> str:
+        return self.tokenizer.decode(self.answer_tokens(tokens, options), skip_special_tokens=True).strip()
+
+    def result(self, tokens: Sequence[int], options: SamplingOptions, seconds: float) -> GenerationResult:
+        return GenerationResult(text=self.answer_text(tokens, options),
+                       generated_tokens=len(self.answer_tokens(tokens, options)), generate_s=seconds)
+
+    def generate(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
+        """One left-padded generate for the batch. Greedy rows come out exactly as they would alone; sampled
+        rows each draw with their own options and generator (`sampling.RowSampler`); each row stops at its
+        own ``max_new_tokens``."""
         start = time.perf_counter()
-        length = max(len(ids) for _, ids in batch)
+        length = max(len(request.input_ids) for request in batch)
         input_ids = torch.full((len(batch), length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros_like(input_ids)
-        for row, (_, ids) in enumerate(batch):
+        for row, request in enumerate(batch):
+            ids = request.input_ids
             input_ids[row, length - len(ids):] = torch.tensor(ids, dtype=torch.long)
             attention_mask[row, length - len(ids):] = 1
-        indices = torch.stack([ind for ind, _ in batch])
-        if self.config.codes_per_token == 1:
-            indices = indices.squeeze(-1)
         device = self.device
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                image_indices=indices.to(device), generation_config=self.generation_config,
+                image_indices=self.stack_indices(batch).to(device), **self._generate_options(batch, length),
             )
         elapsed = time.perf_counter() - start
-        results = []
-        for row in out[:, length:].tolist():
-            # Rows that finished early are padded after their eos; the answer ends at the first eos.
-            end = next((i for i, token in enumerate(row) if token in self.eos_token_ids), len(row))
-            text = self.tokenizer.decode(row[:end], skip_special_tokens=True).strip()
-            results.append(_Result(text=text, generated_tokens=end, generate_s=elapsed))
-        return results
+        return [self.result(row, request.options, elapsed) for row, request in zip(out[:, length:].tolist(), batch)]
+
+    def stack_indices(self, batch: list[GenerationRequest]) -> torch.Tensor:
+        """The batch's indices as the model takes them: ``(batch, tokens[, codes_per_token])``."""
+        indices = torch.stack([request.indices for request in batch])
+        return indices.squeeze(-1) if self.config.codes_per_token == 1 else indices
+
+    def _generate_options(self, batch: list[GenerationRequest], prompt_length: int) -> dict:
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+
+        options = [request.options for request in batch]
+        limits = [option.max_new_tokens for option in options]
+        # A fresh config, not the checkpoint's: its sampling defaults must not leak into serving. Sampled rows
+        # draw in `RowSampler`; generate itself stays greedy.
+        config = GenerationConfig(max_new_tokens=max(limits), do_sample=False, num_beams=1,
+                                  pad_token_id=self.pad_token_id, eos_token_id=self.eos_token_ids or None)
+        extra: dict[str, Any] = {"generation_config": config}
+        if not all(option.greedy for option in options):
+            extra["logits_processor"] = LogitsProcessorList([RowSampler(options)])
+        if len(set(limits)) > 1:
+            extra["stopping_criteria"] = StoppingCriteriaList([RowLimits(prompt_length, limits)])
+        if any(request.on_tokens for request in batch):
+            extra["streamer"] = _RowStreamer([request.on_tokens for request in batch])
+        return extra
+
+    def run_batch(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
+        """The server's batch step: here the whole answer (`generate`)."""
+        return self.generate(batch)
+
+    def close(self) -> None:
+        """Release what the engine holds beyond the model (nothing here; the vLLM engine stops vLLM)."""
 
 
 class QueueFull(Exception):
@@ -284,29 +375,45 @@ class EngineHealth:
 
 
 class DynamicBatcher:
-    """Bounded queue + one worker that runs `run_batch` on up to ``max_batch_size`` queued jobs at once."""
+    """Bounded queue + one worker that runs `run_batch` on up to ``max_batch_size`` queued jobs at once.
 
-    def __init__(self, run_batch: Callable[[list[_Job]], list[_Result]], *, max_batch_size: int,
-                 max_wait_ms: float, max_queue: int, health: EngineHealth | None = None):
-        self.run_batch = run_batch
+    With ``complete`` (the vLLM engine), `run_batch` only prepares each job (image features) and
+    ``complete(request, prepared)`` then answers each job on its own, concurrently with the worker collecting
+    the next batch; at most ``max_in_flight`` jobs are taken from the queue and not yet answered. Without it,
+    `run_batch` returns the answers and ``max_in_flight`` is ``max_batch_size``.
+    """
+
+    def __init__(self, run_batch: Callable[[list[_Job]], list], *, max_batch_size: int, max_wait_ms: float,
+                 max_queue: int, health: EngineHealth | None = None,
+                 complete: Callable[[GenerationRequest, Any], Awaitable[GenerationResult]] | None = None,
+                 max_in_flight: int | None = None):
+        self.run_batch, self.complete = run_batch, complete
         self.max_batch_size, self.max_wait_s, self.max_queue = max_batch_size, max_wait_ms / 1000.0, max_queue
+        self.max_in_flight = max_in_flight if complete is not None and max_in_flight else max_batch_size
         self.health = health or EngineHealth()
         self.queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._batch_seconds = 0.0  # moving average, for Retry-After
-        self._taken: list[_Job] = []  # jobs the worker took from the queue and has not answered yet
-        self.in_flight = 0
+        self._active: set[_Job] = set()  # jobs taken from the queue and not answered yet
+        self._room: asyncio.Event | None = None  # set when fewer than max_in_flight jobs are active
+        self._completions: set[asyncio.Task] = set()
         self.batches = 0
         self.requests = 0
-        self.abandoned = 0  # jobs dropped because their client left before their batch ran
+        self.abandoned = 0  # jobs dropped (or stopped, in vLLM) because their client left
         self.stopping = False
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._active)
 
     async def start(self) -> None:
         # Restartable: the same app may go through several lifespans (tests, embedded servers).
         self.stopping = False
         self.queue = asyncio.Queue(maxsize=self.max_queue)
-        # One thread: generate calls never overlap, so batches are the only parallelism.
+        self._room = asyncio.Event()
+        self._room.set()
+        # One thread: batch steps never overlap, so batches are the only parallelism of this process.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignedvq-generate")
         self._task = asyncio.create_task(self._worker(), name="alignedvq-batcher")
 
@@ -315,7 +422,7 @@ class DynamicBatcher:
         answer what is left with 503."""
         self.stopping = True
         await asyncio.sleep(DRAIN_GRACE_S)
-        while (self.queue_depth() or self._taken) and time.monotonic() < deadline:
+        while (self.queue_depth() or self._active) and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
         self._refuse_pending()
 
@@ -328,11 +435,14 @@ class DynamicBatcher:
             except asyncio.CancelledError:
                 pass
         self._refuse_pending()
+        if self._completions:
+            await asyncio.gather(*self._completions, return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
 
     def _refuse_pending(self) -> None:
-        pending = list(self._taken)
+        # A job's completion task is cancelled when its future is settled here (see `_complete`).
+        pending = list(self._active)
         while self.queue is not None and not self.queue.empty():
             pending.append(self.queue.get_nowait())
         for job in pending:
@@ -356,25 +466,38 @@ class DynamicBatcher:
             raise QueueFull from None
 
     async def _collect(self) -> list[_Job]:
-        assert self.queue is not None
-        self._taken = [await self.queue.get()]
+        assert self.queue is not None and self._room is not None
+        while len(self._active) >= self.max_in_flight:
+            self._room.clear()
+            await self._room.wait()
+        size = min(self.max_batch_size, self.max_in_flight - len(self._active))
+        taken = [await self.queue.get()]
+        self._active.add(taken[0])
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.max_wait_s
-        while len(self._taken) < self.max_batch_size:
-            if not self.queue.empty():
-                self._taken.append(self.queue.get_nowait())
-                continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                self._taken.append(await asyncio.wait_for(self.queue.get(), remaining))
-            except asyncio.TimeoutError:
-                break
+        while len(taken) < size:
+            if self.queue.empty():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                try:
+                    job = await asyncio.wait_for(self.queue.get(), remaining)
+                except asyncio.TimeoutError:
+                    break
+            else:
+                job = self.queue.get_nowait()
+            taken.append(job)
+            self._active.add(job)
         # A job whose client went away was cancelled: do not spend compute on it.
-        self.abandoned += sum(job.future.cancelled() for job in self._taken)
-        self._taken = [job for job in self._taken if not job.future.done()]
-        return self._taken
+        dropped = [job for job in taken if job.future.done()]
+        self.abandoned += sum(job.future.cancelled() for job in dropped)
+        self._release(dropped)
+        return [job for job in taken if not job.future.done()]
+
+    def _release(self, jobs: Sequence[_Job]) -> None:
+        self._active.difference_update(jobs)
+        if self._room is not None and len(self._active) < self.max_in_flight:
+            self._room.set()
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -385,28 +508,63 @@ class DynamicBatcher:
             started = time.perf_counter()
             for job in batch:
                 job.started, job.batch_size = started, len(batch)
-            self.in_flight = len(batch)
             try:
-                results = await loop.run_in_executor(self._executor, self.run_batch, batch)
+                prepared = await loop.run_in_executor(self._executor, self.run_batch, batch)
             except Exception:  # a bug or a model failure: every waiting client gets a 500, the server lives
                 logger.exception("batched generate failed")
                 self.health.record(False)
                 for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(
-                            ApiError(500, "internal_error", "the model failed on this request; see the server log"))
+                    _settle(job.future, error=_model_failed())
+                self._release(batch)
             else:
                 self.health.record(True)
-                for job, result in zip(batch, results):
-                    if not job.future.done():
-                        job.future.set_result(result)
-            finally:
-                self.in_flight = 0
-                self._taken = []
+                if self.complete is None:
+                    for job, result in zip(batch, prepared):
+                        _settle(job.future, result=result)
+                    self._release(batch)
+                else:
+                    for job, item in zip(batch, prepared):
+                        self._start_completion(job, item)
             seconds = time.perf_counter() - started
             self._batch_seconds = seconds if self.batches == 0 else 0.8 * self._batch_seconds + 0.2 * seconds
             self.batches += 1
             self.requests += len(batch)
+
+    def _start_completion(self, job: _Job, prepared: Any) -> None:
+        task = asyncio.create_task(self._complete(job, prepared))
+        self._completions.add(task)
+        task.add_done_callback(self._completions.discard)
+        # The client left, or shutdown answered it: stop computing (vLLM aborts the request).
+        job.future.add_done_callback(lambda _: task.cancel())
+
+    async def _complete(self, job: _Job, prepared: Any) -> None:
+        assert self.complete is not None
+        try:
+            result = await self.complete(job.request, prepared)
+        except asyncio.CancelledError:
+            self.abandoned += job.future.cancelled()
+        except Exception:
+            logger.exception("generate failed")
+            self.health.record(False)
+            _settle(job.future, error=_model_failed())
+        else:
+            self.health.record(True)
+            _settle(job.future, result=result)
+        finally:
+            self._release([job])
+
+
+def _settle(future: asyncio.Future, *, result: Any = None, error: BaseException | None = None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _model_failed() -> ApiError:
+    return ApiError(500, "internal_error", "the model failed on this request; see the server log")
 
 
 def _shutting_down() -> ApiError:
@@ -485,17 +643,22 @@ async def _read_body(request: Request, max_body_bytes: int) -> bytes:
     return body
 
 
-async def _unless_client_leaves(request: Request, future: asyncio.Future):
-    """The future's result; if the client disconnects first, the future is cancelled at once (the batcher then
-    drops the job unless its batch already runs)."""
+def _cancel_when_client_leaves(request: Request, future: asyncio.Future) -> asyncio.Task:
+    """A task that cancels ``future`` the moment the client disconnects (the body must have been read, so
+    the next message is the disconnect); cancel the task once it is no longer needed."""
 
-    async def cancel_when_client_leaves() -> None:
-        # The body is read, so the next message is the disconnect.
+    async def watch() -> None:
         while (await request.receive())["type"] != "http.disconnect":
             pass
         future.cancel()
 
-    watcher = asyncio.ensure_future(cancel_when_client_leaves())
+    return asyncio.ensure_future(watch())
+
+
+async def _unless_client_leaves(request: Request, future: asyncio.Future):
+    """The future's result; if the client disconnects first, the future is cancelled at once (the batcher then
+    drops the job unless its batch already runs)."""
+    watcher = _cancel_when_client_leaves(request, future)
     try:
         return await future
     except asyncio.CancelledError:
@@ -504,6 +667,48 @@ async def _unless_client_leaves(request: Request, future: asyncio.Future):
         raise ApiError(400, "client_disconnected", "the client disconnected before the answer was ready") from None
     finally:
         watcher.cancel()
+
+
+def _sse(event: str, data: dict) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n"
+
+
+def _delta(sent: str, text: str) -> str:
+    """What to send after ``sent`` now that the answer reads ``text``: its new end, without a trailing
+    half-decoded character; nothing while ``text`` does not continue ``sent``."""
+    if not text.startswith(sent):
+        return ""
+    return text[len(sent):].rstrip("\ufffd")
+
+
+async def _stream_events(request: Request, job: _Job, engine, updates: asyncio.Queue,
+                         body_of: Callable[[GenerationResult], dict]):
+    """Server-sent events of one streamed answer: ``token`` deltas, then ``done`` (or ``error``)."""
+    job.future.add_done_callback(lambda _: updates.put_nowait(None))
+    watcher = _cancel_when_client_leaves(request, job.future)
+    options, sent = job.request.options, ""
+    try:
+        while (tokens := await updates.get()) is not None:
+            delta = _delta(sent, engine.answer_text(tokens, options))
+            if delta:
+                sent += delta
+                yield _sse("token", {"delta": delta})
+        if job.future.cancelled():
+            return
+        error = job.future.exception()
+        if error is not None:
+            if not isinstance(error, ApiError):
+                error = _model_failed()
+            yield _sse("error", {"error": {"type": error.type, "message": error.message}})
+            return
+        result: GenerationResult = job.future.result()
+        rest = _delta(sent, result.text)
+        if rest:
+            yield _sse("token", {"delta": rest})
+        yield _sse("done", body_of(result))
+    finally:
+        watcher.cancel()
+        job.future.cancel()  # a no-op once answered; otherwise the client left mid-stream
 
 
 def _load(model_dir_or_model, processor, device, dtype):
@@ -534,10 +739,45 @@ def _load(model_dir_or_model, processor, device, dtype):
     return model, (processor if processor is not tokenizer else None), tokenizer
 
 
+def _build_engine(kind: str, model_dir_or_model, *, processor, device, dtype, max_new_tokens: int,
+                  vllm_checkpoint, vllm_args: dict | None) -> AnswerEngine:
+    if kind == "transformers":
+        model, processor, tokenizer = _load(model_dir_or_model, processor, device, dtype)
+        return AnswerEngine(model, tokenizer, processor=processor, max_new_tokens=max_new_tokens)
+    if kind != "vllm":
+        raise ServerConfigError(f"engine={kind!r} must be one of {', '.join(ENGINES)}")
+    from .vllm_engine import VllmAnswerEngine
+
+    # Loaded on the CPU: the language model is handed to vLLM and dropped here before the rest moves.
+    model, processor, tokenizer = _load(model_dir_or_model, processor, None, dtype)
+    return VllmAnswerEngine(model, tokenizer, processor=processor, max_new_tokens=max_new_tokens, device=device,
+                            checkpoint=vllm_checkpoint, engine_args=vllm_args)
+
+
+def _warm_up(engine: AnswerEngine, health: EngineHealth) -> None:
+    summary = engine.summary
+    zeros = torch.zeros(summary["num_tokens"], summary["codes_per_token"], dtype=torch.long)
+    try:
+        engine.generate([engine.request(zeros, "warm up")])
+    except Exception as exc:
+        raise ServerConfigError(f"the warm-up generate failed, so the model cannot answer: "
+                                f"{type(exc).__name__}: {exc}") from exc
+    health.record(True)
+
+
+def _sampling_from(request: Request, max_new_tokens: int) -> tuple[SamplingOptions, bool]:
+    query = {name: request.query_params.getlist(name) for name in request.query_params.keys()}
+    try:
+        return parse_query(query, max_new_tokens=max_new_tokens)
+    except SamplingError as exc:
+        raise ApiError(422, "invalid_parameter", str(exc), CLOSE) from None
+
+
 def create_app(
     model_dir_or_model,
     *,
     processor=None,
+    engine: str = "transformers",
     max_batch_size: int = 8,
     max_wait_ms: float = 5.0,
     max_queue: int = 64,
@@ -550,9 +790,15 @@ def create_app(
     warmup: bool = True,
     api_keys: Sequence[str] | None = None,
     docs: bool = False,
+    vllm_checkpoint: str | os.PathLike | None = None,
+    vllm_args: dict | None = None,
 ) -> FastAPI:
     """The cloud app for a saved model folder (or Hub id), or a loaded model plus its ``processor``.
 
+    ``engine`` is ``"transformers"`` (default) or ``"vllm"`` (see `transformers_alignedvq.vllm_engine`:
+    ``vllm_checkpoint`` is the folder of the exported language model, written there if empty, a temporary
+    one if None; ``vllm_args`` are further ``vllm.AsyncEngineArgs`` fields, e.g. ``tensor_parallel_size``).
+    The vLLM engine runs until ``app.state.engine.close()`` (`serve` calls it on exit).
     ``max_body_bytes`` defaults to the largest valid frame: the index frame plus a prompt of
     ``max_prompt_bytes`` (or the largest coded one, when an ``entropy_model`` is given). ``warmup`` runs one
     tiny generate before serving, which also proves the processor and the model fit together (a failure is a
@@ -564,13 +810,26 @@ def create_app(
             f"need max_batch_size >= 1, max_queue >= 1, max_wait_ms >= 0, max_prompt_bytes >= 1; got "
             f"{max_batch_size}, {max_queue}, {max_wait_ms}, {max_prompt_bytes}"
         )
-    model, processor, tokenizer = _load(model_dir_or_model, processor, device, dtype)
     if entropy_model is None and isinstance(model_dir_or_model, (str, os.PathLike)) and os.path.isdir(model_dir_or_model):
         from .entropy import load_entropy_model
 
         entropy_model = load_entropy_model(model_dir_or_model)
-    engine = AnswerEngine(model, tokenizer, processor=processor, max_new_tokens=max_new_tokens)
-    summary = engine.summary
+    answer_engine = _build_engine(engine, model_dir_or_model, processor=processor, device=device, dtype=dtype,
+                                  max_new_tokens=max_new_tokens, vllm_checkpoint=vllm_checkpoint,
+                                  vllm_args=vllm_args)
+    try:
+        return _make_app(answer_engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                         max_queue=max_queue, max_prompt_bytes=max_prompt_bytes, max_body_bytes=max_body_bytes,
+                         entropy_model=entropy_model, warmup=warmup, api_keys=api_keys, docs=docs)
+    except BaseException:
+        answer_engine.close()
+        raise
+
+
+def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, max_queue: int,
+              max_prompt_bytes: int, max_body_bytes: int | None, entropy_model: wire.EntropyModel | None,
+              warmup: bool, api_keys: Sequence[str] | None, docs: bool) -> FastAPI:
+    summary, max_new_tokens = engine.summary, engine.max_new_tokens
     if max_body_bytes is None:
         max_body_bytes = wire.max_frame_bytes(
             codebook_size=summary["codebook_size"], num_tokens=summary["num_tokens"],
@@ -583,19 +842,13 @@ def create_app(
                                 f"(K={summary['codebook_size']}, {num_tokens} tokens x {codes} codes)")
     health = EngineHealth()
     if warmup:
-        zeros = torch.zeros(num_tokens, codes, dtype=torch.long)
-        try:
-            engine.generate([(zeros, engine.input_ids("warm up"))])
-        except Exception as exc:
-            raise ServerConfigError(f"the warm-up generate failed, so the model cannot answer: "
-                                    f"{type(exc).__name__}: {exc}") from exc
-        health.record(True)
+        _warm_up(engine, health)
 
-    def run_batch(jobs: list[_Job]) -> list[_Result]:
-        return engine.generate([(job.indices, job.input_ids) for job in jobs])
+    def run_batch(jobs: list[_Job]) -> list:
+        return engine.run_batch([job.request for job in jobs])
 
     batcher = DynamicBatcher(run_batch, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
-                             health=health)
+                             health=health, complete=engine.complete, max_in_flight=engine.max_in_flight)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -629,11 +882,13 @@ def create_app(
             "abandoned": batcher.abandoned,
         }, status_code=200 if status == "ok" else 503)
 
+    config = engine.config
     info = {
-        "model_type": model.config.model_type,
+        "model_type": config.model_type,
+        "engine": engine.name,
         **summary,
         "lm_image_tokens": engine.lm_image_tokens,
-        "vision_feature_select_strategy": model.config.vision_feature_select_strategy,
+        "vision_feature_select_strategy": config.vision_feature_select_strategy,
         "entropy_model_id": entropy_model.model_id.hex() if entropy_model is not None else None,
         "max_new_tokens": max_new_tokens,
         "max_batch_size": max_batch_size,
@@ -648,11 +903,7 @@ def create_app(
     async def model_info():
         return info
 
-    @app.post("/v1/answer")
-    async def answer(request: Request):
-        t_start = time.perf_counter()
-        body = await _read_body(request, max_body_bytes)
-        t_body = time.perf_counter()
+    def request_of(body: bytes, options: SamplingOptions) -> GenerationRequest:
         try:
             frame = wire.decode_frame(
                 body, codebook_size=summary["codebook_size"], codebook_fingerprint=engine.fingerprint,
@@ -665,33 +916,48 @@ def create_app(
             raise ApiError(422, "invalid_question", "the frame carries no question; put it in the frame's prompt")
         if len(question.encode("utf-8")) > max_prompt_bytes:
             raise ApiError(413, "payload_too_large", f"the question exceeds {max_prompt_bytes} bytes")
-        input_ids = engine.input_ids(question)
-        indices = torch.from_numpy(frame.indices.copy())
+        return GenerationRequest(torch.from_numpy(frame.indices.copy()), engine.input_ids(question), options)
+
+    @app.post("/v1/answer")
+    async def answer(request: Request):
+        t_start = time.perf_counter()
+        options, stream = _sampling_from(request, max_new_tokens)
+        body = await _read_body(request, max_body_bytes)
+        t_body = time.perf_counter()
+        generation = request_of(body, options)
         t_decoded = time.perf_counter()
 
-        job = _Job(indices=indices, input_ids=input_ids, future=asyncio.get_running_loop().create_future(),
-                   enqueued=t_decoded)
+        loop = asyncio.get_running_loop()
+        if stream:
+            updates: asyncio.Queue = asyncio.Queue()
+            generation.on_tokens = lambda tokens: loop.call_soon_threadsafe(updates.put_nowait, tokens)
+        job = _Job(request=generation, future=loop.create_future(), enqueued=t_decoded)
         try:
             batcher.submit(job)
         except QueueFull:
             retry = batcher.retry_after_seconds()
             raise ApiError(503, "overloaded", f"the request queue is full ({max_queue}); retry in {retry} s",
                            {"Retry-After": str(retry)}) from None
-        result: _Result = await _unless_client_leaves(request, job.future)
-        t_done = time.perf_counter()
-        return {
-            "answer": result.text,
-            "bytes_received": len(body),
-            "batch_size": job.batch_size,
-            "generated_tokens": result.generated_tokens,
-            "timing_ms": {
-                "receive_body": 1000 * (t_body - t_start),
-                "decode_frame": 1000 * (t_decoded - t_body),
-                "queue": 1000 * (job.started - job.enqueued),
-                "generate": 1000 * result.generate_s,
-                "total": 1000 * (t_done - t_body),
-            },
-        }
+
+        def body_of(result: GenerationResult) -> dict:
+            return {
+                "answer": result.text,
+                "bytes_received": len(body),
+                "batch_size": job.batch_size,
+                "generated_tokens": result.generated_tokens,
+                "timing_ms": {
+                    "receive_body": 1000 * (t_body - t_start),
+                    "decode_frame": 1000 * (t_decoded - t_body),
+                    "queue": 1000 * (job.started - job.enqueued),
+                    "generate": 1000 * result.generate_s,
+                    "total": 1000 * (time.perf_counter() - t_body),
+                },
+            }
+
+        if stream:
+            return StreamingResponse(_stream_events(request, job, engine, updates, body_of),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return body_of(await _unless_client_leaves(request, job.future))
 
     return app
 
@@ -779,18 +1045,42 @@ def serve(
     for warning in exposure_warnings(host, auth=bool(api_keys), tls=ssl_certfile is not None):
         logger.warning(warning)
     app = create_app(model_dir_or_model, api_keys=api_keys, **app_kwargs)
-    server = make_server(app, limits=limits, drain=app.state.drain, host=host, port=port, log_level=log_level,
-                         log_config=logging_config(), ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
-    server.run()
+    _close_before_signal_exit(app.state.engine)
+    try:
+        server = make_server(app, limits=limits, drain=app.state.drain, host=host, port=port, log_level=log_level,
+                             log_config=logging_config(), ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+        server.run()
+    finally:
+        app.state.engine.close()
+
+
+def _close_before_signal_exit(engine: AnswerEngine) -> None:
+    """After draining, uvicorn re-raises SIGTERM/SIGINT into the handler installed before it, which ends the
+    process at once, past any ``finally``. Install one that closes the engine first (vLLM's engine processes
+    would otherwise outlive the server), then hands the signal on as before."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers can only be set from the main thread; `serve`'s finally still closes
+    for number in (signal.SIGTERM, signal.SIGINT):
+        previous = signal.getsignal(number)
+
+        def close_then_exit(signum, frame, previous=previous):
+            engine.close()
+            signal.signal(signum, previous)
+            signal.raise_signal(signum)
+
+        signal.signal(number, close_then_exit)
 
 
 __all__ = [
+    "ENGINES",
     "FRAME_MEDIA_TYPE",
     "AnswerEngine",
     "ApiError",
     "BackgroundServer",
     "DynamicBatcher",
     "EngineHealth",
+    "GenerationRequest",
+    "GenerationResult",
     "ServerConfigError",
     "classify_wire_error",
     "create_app",
