@@ -33,6 +33,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E
 
 from transformers_alignedvq import SPLIT_SITES, LlavaAlignedVQForConditionalGeneration  # noqa: E402
 from transformers_alignedvq.data import load_easy_vqa  # noqa: E402
+from transformers_alignedvq.edge_export import export_onnx_folder  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
 from transformers_alignedvq.hub import has_lora, merge_lora_, write_model_card  # noqa: E402
 
@@ -155,6 +156,9 @@ def package(args, work: Path, *, train_seconds: float | None = None, epochs: flo
     (output / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     processor.save_pretrained(output)
     entropy_model.save(output)
+    # The fp32 ONNX edge beside the PyTorch one, so a device with only the [edge] extra (no PyTorch) runs the
+    # bundled model's edge by default; it also rewrites edge_config.json with the preprocessing and search.
+    export_onnx_folder(model.edge_encoder(processor), output)
     write_model_card(model, output, kind="full", eval_results=results)  # again: lists the final files
     (output / "build_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     check_bundle(model, processor, test, ours, output)

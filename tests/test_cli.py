@@ -225,3 +225,32 @@ def test_export_vllm_writes_a_llava_folder(deployment, tmp_path, capsys):
     assert cli.main(["export-vllm", "--model", str(deployment), "--output", str(out)]) == 0
     assert f"--vllm-checkpoint {out}" in capsys.readouterr().out
     assert json.loads((out / "config.json").read_text())["model_type"] == "llava"
+
+
+_BUNDLED_EDGE_WITHOUT_TORCH = """
+import json, sys
+import numpy as np
+from transformers_alignedvq import DEFAULT_MODEL
+from transformers_alignedvq.edge_runtime import load_edge_runtime
+
+edge = load_edge_runtime(DEFAULT_MODEL, threads=1)
+image = np.random.default_rng(3).integers(0, 256, (80, 96, 3), dtype=np.uint8)
+print(json.dumps({"backend": edge.backend, "indices": edge.encode_image(image).tolist(),
+                  "torch": "torch" in sys.modules}))
+"""
+
+
+@pytest.mark.skipif(transformers_alignedvq.DEFAULT_MODEL is None, reason="no bundled model in this build")
+def test_the_bundled_models_edge_runs_without_torch_and_matches_the_pytorch_edge():
+    """`alignedvq ask` without --edge on a device with only the [edge] extra: the bundled folder's ONNX edge."""
+    from transformers_alignedvq.edge_runtime import load_edge_runtime
+    from transformers_alignedvq.testing import WITHOUT_CLOUD_PACKAGES
+
+    pytest.importorskip("onnxruntime")
+    out = subprocess.run([sys.executable, "-c", WITHOUT_CLOUD_PACKAGES + _BUNDLED_EDGE_WITHOUT_TORCH],
+                         capture_output=True, text=True, timeout=120, check=True)
+    device = json.loads(out.stdout.splitlines()[-1])
+    assert device["backend"] == "onnx" and not device["torch"]
+    image = np.random.default_rng(3).integers(0, 256, (80, 96, 3), dtype=np.uint8)
+    reference = load_edge_runtime(transformers_alignedvq.DEFAULT_MODEL, backend="torch").encode_image(image)
+    assert (np.asarray(device["indices"]) == reference).mean() >= 0.999
