@@ -124,7 +124,9 @@ async def run_load(url: str, frames, *, concurrency: int, duration: float, max_r
     counts = {"ok": 0, "503": 0, "errors": 0}
     error_examples: list[str] = []
     sent = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    # Idle connections expire before the server's keep-alive timeout (5 s): httpx's default expiry equals it, and
+    # a request sent on a connection the server is closing at that moment fails with a ReadError.
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits) as client:
         start = time.perf_counter()
         stop_at = start + duration

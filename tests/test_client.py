@@ -404,3 +404,14 @@ def test_edge_process_answers_without_server_or_language_model_code(isolated_edg
         np.random.default_rng(5).integers(0, 256, (48, 48, 3), dtype=np.uint8), QUESTION).text
     loaded = set(isolated_edge_result["modules"])
     assert not loaded & set(SERVER_MODULES + LM_MODULES)
+
+
+def test_idle_connections_expire_before_the_server_closes_them(edge_dir, server):
+    """A request sent on a keep-alive connection the server is closing at that moment fails mid-flight; the
+    client drops idle connections before the server's keep-alive timeout would."""
+    from transformers_alignedvq.client import KEEPALIVE_EXPIRY
+    from transformers_alignedvq.connection_limits import ConnectionLimits
+
+    assert KEEPALIVE_EXPIRY < ConnectionLimits().keep_alive_timeout
+    with EdgeClient(edge_dir, server.url) as client:
+        assert client._http._transport._pool._keepalive_expiry == KEEPALIVE_EXPIRY

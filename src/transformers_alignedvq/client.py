@@ -40,6 +40,8 @@ from .entropy import load_entropy_model
 
 FRAME_MEDIA_TYPE = "application/octet-stream"
 DEFAULT_RETRY_WINDOW = 30.0
+# Seconds an idle keep-alive connection is kept: below `alignedvq serve`'s --keep-alive-timeout (5 s).
+KEEPALIVE_EXPIRY = 2.0
 # Transport failures after which the same request can simply be sent again: the request is idempotent, so a
 # read timeout (the server may still be computing) is retried too, within the retry window.
 _RETRYABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
@@ -171,7 +173,10 @@ class EdgeClient:
         if transport is None:
             # httpx writes the headers and the body separately; with Nagle's algorithm on, the small body then
             # waits for the server's delayed ACK (~40 ms on Linux), more than a whole frame takes on the wire.
-            transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
+            # An idle connection is dropped before the server's keep-alive timeout (5 s by default) can close it,
+            # so a request never goes out on a connection the server is closing at that moment.
+            transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
+                                            limits=httpx.Limits(keepalive_expiry=KEEPALIVE_EXPIRY))
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self._http = httpx.Client(base_url=self.server_url, timeout=timeout, transport=transport, headers=headers)
 
