@@ -829,68 +829,31 @@ def create_app(
 def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, max_queue: int,
               max_prompt_bytes: int, max_body_bytes: int | None, entropy_model: wire.EntropyModel | None,
               warmup: bool, api_keys: Sequence[str] | None, docs: bool) -> FastAPI:
-    summary, max_new_tokens = engine.summary, engine.max_new_tokens
+    summary = engine.summary
     if max_body_bytes is None:
         max_body_bytes = wire.max_frame_bytes(
             codebook_size=summary["codebook_size"], num_tokens=summary["num_tokens"],
             codes_per_token=summary["codes_per_token"], grid=tuple(summary["grid"]), prompt_bytes=max_prompt_bytes,
             entropy_coded=entropy_model is not None)
-    num_tokens, codes = summary["num_tokens"], summary["codes_per_token"]
-    if entropy_model is not None and (entropy_model.codebook_size, entropy_model.num_tokens, codes) != (
-            summary["codebook_size"], num_tokens, 1):
-        raise ServerConfigError(f"the entropy model ({entropy_model!r}) does not fit this model's frames "
-                                f"(K={summary['codebook_size']}, {num_tokens} tokens x {codes} codes)")
+    _check_entropy_model(entropy_model, summary)
     health = EngineHealth()
     if warmup:
         _warm_up(engine, health)
-
-    def run_batch(jobs: list[_Job]) -> list:
-        return engine.run_batch([job.request for job in jobs])
-
-    batcher = DynamicBatcher(run_batch, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+    batcher = DynamicBatcher(lambda jobs: engine.run_batch([job.request for job in jobs]),
+                             max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              health=health, complete=engine.complete, max_in_flight=engine.max_in_flight)
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        await batcher.start()
-        try:
-            yield
-        finally:
-            await batcher.stop()
-
-    app = FastAPI(title="AlignedVQ cloud", lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None,
-                  openapi_url="/openapi.json" if docs else None)
+    app = _new_app(batcher, api_keys=api_keys, docs=docs)
     app.state.engine, app.state.batcher = engine, batcher
     app.state.max_body_bytes, app.state.max_prompt_bytes = max_body_bytes, max_prompt_bytes
-    app.state.drain = batcher.drain  # called by `http_guard.GuardedServer` on SIGTERM
-    app.add_middleware(_CloseWhileDraining, draining=lambda: batcher.stopping)
-    if api_keys:
-        app.add_middleware(BearerAuth, keys=api_keys)
-    _add_error_handlers(app)
-
-    @app.get("/healthz")
-    async def healthz():
-        status = "shutting_down" if batcher.stopping else "ok" if health.ok else "unhealthy"
-        return JSONResponse({
-            "status": status,
-            **health.snapshot(),
-            "queue_depth": batcher.queue_depth(),
-            "max_queue": max_queue,
-            "in_flight": batcher.in_flight,
-            "batches": batcher.batches,
-            "requests": batcher.requests,
-            "abandoned": batcher.abandoned,
-        }, status_code=200 if status == "ok" else 503)
-
-    config = engine.config
+    _add_health_route(app, batcher, health)
     info = {
-        "model_type": config.model_type,
+        "model_type": engine.config.model_type,
         "engine": engine.name,
         **summary,
         "lm_image_tokens": engine.lm_image_tokens,
-        "vision_feature_select_strategy": config.vision_feature_select_strategy,
+        "vision_feature_select_strategy": engine.config.vision_feature_select_strategy,
         "entropy_model_id": entropy_model.model_id.hex() if entropy_model is not None else None,
-        "max_new_tokens": max_new_tokens,
+        "max_new_tokens": engine.max_new_tokens,
         "max_batch_size": max_batch_size,
         "max_wait_ms": max_wait_ms,
         "max_queue": max_queue,
@@ -903,11 +866,65 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
     async def model_info():
         return info
 
+    _add_answer_route(app, engine, batcher, _request_decoder(engine, entropy_model, max_prompt_bytes))
+    return app
+
+
+def _check_entropy_model(entropy_model: wire.EntropyModel | None, summary: dict) -> None:
+    num_tokens, codes = summary["num_tokens"], summary["codes_per_token"]
+    if entropy_model is not None and (entropy_model.codebook_size, entropy_model.num_tokens, codes) != (
+            summary["codebook_size"], num_tokens, 1):
+        raise ServerConfigError(f"the entropy model ({entropy_model!r}) does not fit this model's frames "
+                                f"(K={summary['codebook_size']}, {num_tokens} tokens x {codes} codes)")
+
+
+def _new_app(batcher: DynamicBatcher, *, api_keys: Sequence[str] | None, docs: bool) -> FastAPI:
+    """The FastAPI app whose lifespan runs ``batcher``, with the drain hook, auth and the JSON error handlers."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(title="AlignedVQ cloud", lifespan=lifespan, docs_url="/docs" if docs else None, redoc_url=None,
+                  openapi_url="/openapi.json" if docs else None)
+    app.state.drain = batcher.drain  # called by `http_guard.GuardedServer` on SIGTERM
+    app.add_middleware(_CloseWhileDraining, draining=lambda: batcher.stopping)
+    if api_keys:
+        app.add_middleware(BearerAuth, keys=api_keys)
+    _add_error_handlers(app)
+    return app
+
+
+def _add_health_route(app: FastAPI, batcher: DynamicBatcher, health: EngineHealth) -> None:
+    @app.get("/healthz")
+    async def healthz():
+        status = "shutting_down" if batcher.stopping else "ok" if health.ok else "unhealthy"
+        return JSONResponse({
+            "status": status,
+            **health.snapshot(),
+            "queue_depth": batcher.queue_depth(),
+            "max_queue": batcher.max_queue,
+            "in_flight": batcher.in_flight,
+            "batches": batcher.batches,
+            "requests": batcher.requests,
+            "abandoned": batcher.abandoned,
+        }, status_code=200 if status == "ok" else 503)
+
+
+def _request_decoder(engine: AnswerEngine, entropy_model: wire.EntropyModel | None, max_prompt_bytes: int):
+    """``(body, options) -> GenerationRequest``: the frame checked against the served model, or an `ApiError`."""
+    summary = engine.summary
+
     def request_of(body: bytes, options: SamplingOptions) -> GenerationRequest:
         try:
             frame = wire.decode_frame(
                 body, codebook_size=summary["codebook_size"], codebook_fingerprint=engine.fingerprint,
-                num_tokens=num_tokens, codes_per_token=codes, entropy_model=entropy_model,
+                num_tokens=summary["num_tokens"], codes_per_token=summary["codes_per_token"],
+                entropy_model=entropy_model,
             )
         except wire.WireFormatError as exc:
             raise classify_wire_error(exc) from None
@@ -918,11 +935,15 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
             raise ApiError(413, "payload_too_large", f"the question exceeds {max_prompt_bytes} bytes")
         return GenerationRequest(torch.from_numpy(frame.indices.copy()), engine.input_ids(question), options)
 
+    return request_of
+
+
+def _add_answer_route(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatcher, request_of) -> None:
     @app.post("/v1/answer")
     async def answer(request: Request):
         t_start = time.perf_counter()
-        options, stream = _sampling_from(request, max_new_tokens)
-        body = await _read_body(request, max_body_bytes)
+        options, stream = _sampling_from(request, engine.max_new_tokens)
+        body = await _read_body(request, app.state.max_body_bytes)
         t_body = time.perf_counter()
         generation = request_of(body, options)
         t_decoded = time.perf_counter()
@@ -936,7 +957,7 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
             batcher.submit(job)
         except QueueFull:
             retry = batcher.retry_after_seconds()
-            raise ApiError(503, "overloaded", f"the request queue is full ({max_queue}); retry in {retry} s",
+            raise ApiError(503, "overloaded", f"the request queue is full ({batcher.max_queue}); retry in {retry} s",
                            {"Retry-After": str(retry)}) from None
 
         def body_of(result: GenerationResult) -> dict:
@@ -958,8 +979,6 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
             return StreamingResponse(_stream_events(request, job, engine, updates, body_of),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return body_of(await _unless_client_leaves(request, job.future))
-
-    return app
 
 
 @dataclass
