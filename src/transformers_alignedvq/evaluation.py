@@ -150,11 +150,12 @@ def evaluate_vqa(
         dataset: rows with ``image`` (PIL), ``question``, ``answer`` (str or list of str).
         jpeg_quality: for ``mode="pixels"``, JPEG-compress every image at this quality first (bytes counted).
         entropy_model: an `entropy.EntropyModel` to measure coded frame sizes (without the question) too.
+        edge: for ``mode="indices"``, a function pixels (numpy) -> indices (numpy) in place of the model's own
+            edge, e.g. an `edge_runtime.EdgeRuntime`'s ``encode`` (an exported ONNX edge).
 
     Returns accuracy, mean bytes per image on the wire (frame incl. header and CRC, or the JPEG/PNG file),
     and per-example predictions.
     """
-    import numpy as np
     import torch
 
     from .data import format_prompt
@@ -163,12 +164,6 @@ def evaluate_vqa(
         mode = "indices" if hasattr(model, "encode_edge") else "pixels"
     if mode not in ("indices", "pixels"):
         raise ValueError(f"mode={mode!r} must be 'indices' or 'pixels'.")
-    if mode == "indices":
-        from .wire import decode_frame, encode_frame
-
-        config = model.config
-        fingerprint = model.codebook_fingerprint()
-        grid = config.vision_config.image_size // config.vision_config.patch_size
     device = next(model.parameters()).device
     predictions, references, sizes, entropy_sizes = [], [], [], []
     tokenizer = processor.tokenizer
@@ -187,28 +182,9 @@ def evaluate_vqa(
         inputs = {k: v.to(device) for k, v in inputs.items()}
         with torch.no_grad():
             if mode == "indices":
-                pixels = inputs.pop("pixel_values")
-                if edge is not None:
-                    indices = torch.from_numpy(edge(pixels.float().cpu().numpy()))
-                    indices = indices.squeeze(-1) if config.codes_per_token == 1 else indices
-                else:
-                    indices = model.encode_edge(pixels.to(model.dtype))
-                received = []
-                batch_sizes = []
-                for row in indices.cpu().numpy():
-                    frame = encode_frame(row, codebook_size=config.codebook_size, codebook_fingerprint=fingerprint,
-                                         grid=(grid, grid), has_cls_token=True)
-                    batch_sizes.append(len(frame))
-                    if entropy_model is not None:
-                        entropy_sizes.append(len(encode_frame(
-                            row, codebook_size=config.codebook_size, codebook_fingerprint=fingerprint,
-                            grid=(grid, grid), has_cls_token=True, entropy_model=entropy_model)))
-                    decoded = decode_frame(frame, codebook_size=config.codebook_size, codebook_fingerprint=fingerprint,
-                                           num_tokens=config.num_image_tokens)
-                    received.append(np.array(decoded.indices))
-                cloud = torch.from_numpy(np.stack(received)).to(device)
-                if config.codes_per_token == 1:
-                    cloud = cloud[..., 0]
+                cloud, batch_sizes, coded_sizes = indices_over_the_wire(model, inputs.pop("pixel_values"), edge=edge,
+                                                                        entropy_model=entropy_model)
+                entropy_sizes += coded_sizes
                 out = model.generate(**inputs, image_indices=cloud, max_new_tokens=max_new_tokens, do_sample=False)
             else:
                 out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -227,3 +203,32 @@ def evaluate_vqa(
     if entropy_sizes:
         result["entropy_coded_bytes_per_image"] = float(sum(entropy_sizes) / len(entropy_sizes))
     return result
+
+
+def indices_over_the_wire(model, pixels, *, edge=None, entropy_model=None):
+    """The indices the cloud receives for a batch of ``pixels``: encoded by ``edge`` (default: the model's own
+    edge), framed, decoded and checked as the server would. Returns ``(indices on the model's device, frame
+    bytes per image, coded frame bytes per image or [])``."""
+    import numpy as np
+    import torch
+
+    from .wire import decode_frame, encode_frame
+
+    config = model.config
+    frame_options = dict(codebook_size=config.codebook_size, codebook_fingerprint=model.codebook_fingerprint())
+    grid = config.vision_config.image_size // config.vision_config.patch_size
+    if edge is not None:
+        indices = torch.from_numpy(edge(pixels.float().cpu().numpy()))
+        indices = indices.squeeze(-1) if config.codes_per_token == 1 else indices
+    else:
+        indices = model.encode_edge(pixels.to(model.dtype))
+    received, sizes, coded = [], [], []
+    for row in indices.cpu().numpy():
+        frame = encode_frame(row, grid=(grid, grid), has_cls_token=True, **frame_options)
+        sizes.append(len(frame))
+        if entropy_model is not None:
+            coded.append(len(encode_frame(row, grid=(grid, grid), has_cls_token=True, entropy_model=entropy_model,
+                                          **frame_options)))
+        received.append(np.array(decode_frame(frame, num_tokens=config.num_image_tokens, **frame_options).indices))
+    cloud = torch.from_numpy(np.stack(received)).to(next(model.parameters()).device)
+    return (cloud[..., 0] if config.codes_per_token == 1 else cloud), sizes, coded
