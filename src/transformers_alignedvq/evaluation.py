@@ -164,6 +164,7 @@ def evaluate_vqa(
         mode = "indices" if hasattr(model, "encode_edge") else "pixels"
     if mode not in ("indices", "pixels"):
         raise ValueError(f"mode={mode!r} must be 'indices' or 'pixels'.")
+    fingerprint = model.codebook_fingerprint() if mode == "indices" else None
     device = next(model.parameters()).device
     predictions, references, sizes, entropy_sizes = [], [], [], []
     tokenizer = processor.tokenizer
@@ -182,8 +183,8 @@ def evaluate_vqa(
         inputs = {k: v.to(device) for k, v in inputs.items()}
         with torch.no_grad():
             if mode == "indices":
-                cloud, batch_sizes, coded_sizes = indices_over_the_wire(model, inputs.pop("pixel_values"), edge=edge,
-                                                                        entropy_model=entropy_model)
+                cloud, batch_sizes, coded_sizes = indices_over_the_wire(
+                    model, inputs.pop("pixel_values"), edge=edge, entropy_model=entropy_model, fingerprint=fingerprint)
                 entropy_sizes += coded_sizes
                 out = model.generate(**inputs, image_indices=cloud, max_new_tokens=max_new_tokens, do_sample=False)
             else:
@@ -205,17 +206,19 @@ def evaluate_vqa(
     return result
 
 
-def indices_over_the_wire(model, pixels, *, edge=None, entropy_model=None):
+def indices_over_the_wire(model, pixels, *, edge=None, entropy_model=None, fingerprint: bytes | None = None):
     """The indices the cloud receives for a batch of ``pixels``: encoded by ``edge`` (default: the model's own
-    edge), framed, decoded and checked as the server would. Returns ``(indices on the model's device, frame
-    bytes per image, coded frame bytes per image or [])``."""
+    edge), framed, decoded and checked as the server would. ``fingerprint``: the model's codebook fingerprint,
+    when the caller already has it (computing it hashes the codebook). Returns ``(indices on the model's device,
+    frame bytes per image, coded frame bytes per image or [])``."""
     import numpy as np
     import torch
 
     from .wire import decode_frame, encode_frame
 
     config = model.config
-    frame_options = dict(codebook_size=config.codebook_size, codebook_fingerprint=model.codebook_fingerprint())
+    fingerprint = model.codebook_fingerprint() if fingerprint is None else fingerprint
+    frame_options = dict(codebook_size=config.codebook_size, codebook_fingerprint=fingerprint)
     grid = config.vision_config.image_size // config.vision_config.patch_size
     if edge is not None:
         indices = torch.from_numpy(edge(pixels.float().cpu().numpy()))
