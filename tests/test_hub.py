@@ -139,7 +139,9 @@ def test_adapter_kind_holds_no_base_weights_and_is_much_smaller(setup):
     assert set(full) - {"model.safetensors"} == set(adapter) - {"alignedvq.safetensors"}
     assert all(k.startswith("model.alignedvq.") for k in safetensors_keys(setup.dirs["adapter"] / "alignedvq.safetensors"))
     base_keys = safetensors_keys(setup.dirs["full"] / "model.safetensors")
-    assert not any("lora_" in k for k in base_keys), "an unmerged LoRA is saved beside the weights, not in them"
+    # An unmerged LoRA is in PEFT's format in lora/, and in the weights file too, where the Trainer resumes from.
+    assert {k.split(".lora_")[1] for k in base_keys if ".lora_" in k} == {"A.default.weight", "B.default.weight"}
+    assert not any(".base_layer." in k for k in base_keys), "base weights keep their base names"
     own_weights = adapter["alignedvq.safetensors"] + adapter["lora/adapter_model.safetensors"]
     assert own_weights < full["model.safetensors"] / 10
     config = json.loads((setup.dirs["adapter"] / "config.json").read_text())

@@ -129,7 +129,10 @@ class AlignedVQEdgeEncoder(nn.Module):
         ``search``: see the class)."""
         config = model.config
         settings = {key: getattr(config, key) for key in EDGE_SETTINGS}
-        edge = cls(config.vision_config, settings, preprocessing, search)
+        # The new modules draw initial weights that are overwritten below; drawing them from a forked random
+        # stream keeps a save (every Trainer checkpoint copies the edge) from shifting a training run's stream.
+        with torch.random.fork_rng(devices=[]):
+            edge = cls(config.vision_config, settings, preprocessing, search)
         source = {f"model.vision_tower.{k}": v for k, v in model.model.vision_tower.state_dict().items()}
         source.update({f"model.alignedvq.{k}": v for k, v in model.model.alignedvq.state_dict().items()})
         wanted = edge.state_dict()

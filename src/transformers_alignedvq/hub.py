@@ -92,12 +92,44 @@ def alignedvq_state_dict(model, *, include_ema_state: bool = False) -> dict[str,
 
 
 def _base_state_dict(model) -> dict[str, torch.Tensor]:
-    """State dict under base-model names: LoRA wrappers' `base_layer.` removed, LoRA tensors left out."""
-    return {
-        key.replace(".base_layer.", "."): value
-        for key, value in model.state_dict().items()
-        if "lora_" not in key
-    }
+    """State dict under base-model names: LoRA wrappers' `base_layer.` removed, LoRA tensors kept under their
+    own names (``...q_proj.lora_A.default.weight``), so the `Trainer`, which resumes by loading this file into
+    the model it trains, restores them too (see `module_state_dict`)."""
+    return {key.replace(".base_layer.", "."): value for key, value in model.state_dict().items()}
+
+
+def module_state_dict(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` read from one of our weights files, renamed to ``model``'s own names: the files keep the
+    llava-hf names (``language_model.model.*``, which Transformers renames on load) and base-weight names
+    where a LoRA layer now wraps the module (``x.q_proj.weight`` -> ``x.q_proj.base_layer.weight``). Names
+    that match nothing are kept, so the caller sees them as unexpected."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    own = model.state_dict(keep_vars=True)
+    module_of = {id(tensor): key for key, tensor in own.items()}
+    saved_names = revert_weight_conversion(model, {key.replace(".base_layer.", "."): own[key] for key in own})
+    to_module = {name: module_of[id(tensor)] for name, tensor in saved_names.items() if id(tensor) in module_of}
+    return {key if key in own else to_module.get(key, key): value for key, value in state.items()}
+
+
+def check_complete_load(model, state: dict[str, torch.Tensor], result) -> None:
+    """After ``model.load_state_dict(state, strict=False)`` of one of our whole-model checkpoints (the
+    `Trainer` resuming, `load_best_model_at_end`): raise `CheckpointMismatchError` if a tensor of the model
+    kept its fresh value or one of the checkpoint was dropped. Partial state dicts (PEFT loading an adapter)
+    are not checked."""
+    if not any(key.startswith(_ALIGNEDVQ_PREFIX) for key in state):
+        return
+    own = model.state_dict(keep_vars=True)
+    loaded = {own[key].data_ptr() for key in own if key in state}
+    missing = sorted(key for key in result.missing_keys if own[key].data_ptr() not in loaded)  # tied copies load
+    unexpected = sorted(result.unexpected_keys)
+    if missing or unexpected:
+        raise CheckpointMismatchError(
+            f"The checkpoint does not fit the model it is loaded into: missing {missing[:5]}"
+            f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}. "
+            "Resuming would continue from fresh values; prepare the model as the checkpoint was trained "
+            "(prepare_for_finetuning with the same LoRA settings) before resuming."
+        )
 
 
 def write_remote_code(directory: Path, config) -> None:
@@ -114,7 +146,7 @@ def save_checkpoint(
     *,
     kind: str | None = None,
     merge_lora: bool = False,
-    include_ema_state: bool = False,
+    include_ema_state: bool | None = None,
     save_edge: bool = True,
     eval_results: dict | None = None,
     save_function=None,
@@ -123,7 +155,8 @@ def save_checkpoint(
     """Write ``model`` as a ``full`` or ``adapter`` checkpoint (default: ``model.config.checkpoint_kind``).
 
     Returns the directory. ``save_function`` is the stock `PreTrainedModel.save_pretrained` used for the
-    full kind (the model class passes its parent's).
+    full kind (the model class passes its parent's). ``include_ema_state`` defaults to True for the full kind
+    (what the `Trainer` saves and resumes from: nothing restarts) and False for the adapter kind.
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -138,6 +171,8 @@ def save_checkpoint(
     if quantized and kind != "full":
         raise ValueError("A quantized model (transformers_alignedvq.ptq) saves as a full checkpoint only.")
 
+    if include_ema_state is None:
+        include_ema_state = kind == "full"
     original_kind = config.checkpoint_kind
     try:
         config.checkpoint_kind = kind
@@ -376,12 +411,29 @@ def weight_files(path_or_id, hub_kwargs: dict) -> list[str]:
     return [_resolve(path_or_id, shard, hub_kwargs) for shard in shards]
 
 
-def check_weight_files(path_or_id, hub_kwargs: dict) -> None:
-    """Raise `CheckpointMismatchError` for a truncated or corrupt weights file or a mis-typed tensor."""
+def check_weight_files(path_or_id, hub_kwargs: dict) -> set[str]:
+    """Raise `CheckpointMismatchError` for a truncated or corrupt weights file or a mis-typed tensor; return
+    the tensor names."""
     dtypes = {}
     for path in weight_files(path_or_id, hub_kwargs):
         dtypes.update({name: entry["dtype"] for name, entry in read_safetensors_header(path).items()})
     check_tensor_dtypes(dtypes, source=str(path_or_id))
+    return set(dtypes)
+
+
+def load_from_state_dict(load, config, *model_args, **kwargs):
+    """``from_pretrained(None, config=..., state_dict=...)``, Transformers' own path for weights in memory,
+    with the loading report checked as strictly as a folder's."""
+    from .configuration_alignedvq import AlignedVQConfig
+
+    if not isinstance(config, AlignedVQConfig) or kwargs.get("state_dict") is None:
+        raise CheckpointMismatchError(
+            "from_pretrained(None, ...) needs config=AlignedVQConfig(...) and state_dict=... (or a folder or Hub id)"
+        )
+    want_info = kwargs.pop("output_loading_info", False)
+    model, info = load(None, *model_args, config=config, output_loading_info=True, **kwargs)
+    check_loading_info(info, source="state_dict")
+    return (model, info) if want_info else model
 
 
 def check_loading_info(info: dict, *, source: str, allowed_missing=()) -> None:
@@ -425,11 +477,19 @@ def load_full_checkpoint(load, path_or_id, config, *model_args, **kwargs):
     want_info = kwargs.pop("output_loading_info", False)
     # Transformers raises an untyped error on a mis-shaped tensor; asked to go on, it reports it to us instead.
     user_ignores_shapes = kwargs.pop("ignore_mismatched_sizes", False)
-    check_weight_files(path_or_id, hub_kwargs_from(kwargs))
+    names = check_weight_files(path_or_id, hub_kwargs_from(kwargs))
+    lora_names = {name for name in names if ".lora_" in name}
+    if lora_names and _resolve(path_or_id, f"{LORA_SUBFOLDER}/{ADAPTER_CONFIG_NAME}", hub_kwargs_from(kwargs),
+                               required=False) is None:
+        raise CheckpointMismatchError(
+            f"{path_or_id} holds LoRA tensors but no {LORA_SUBFOLDER}/{ADAPTER_CONFIG_NAME} saying where they go"
+        )
     model, info = load(path_or_id, *model_args, config=config, output_loading_info=True,
                        ignore_mismatched_sizes=True, **kwargs)
     if user_ignores_shapes:
         info = {**info, "mismatched_keys": ()}
+    if lora_names:  # the unmerged LoRA is applied from lora/ below (same values: both come from one save)
+        info = {**info, "unexpected_keys": [k for k in info.get("unexpected_keys", ()) if ".lora_" not in k]}
     check_loading_info(info, source=str(path_or_id))
     maybe_load_lora(model, path_or_id, kwargs)
     maybe_load_ptq(model, path_or_id, kwargs)

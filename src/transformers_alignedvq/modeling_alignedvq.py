@@ -18,6 +18,8 @@ the parent's output has and adds only the AlignedVQ ones.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
     LlavaForConditionalGeneration,
     LlavaModel,
+    LlavaModelOutputWithPast,
     LlavaMultiModalProjector,
     LlavaPreTrainedModel,
 )
@@ -105,6 +108,68 @@ class LlavaAlignedVQCausalLMOutputWithPast(LlavaCausalLMOutputWithPast):
     image_indices: torch.LongTensor | None = None
 
 
+@dataclass
+class LlavaAlignedVQModelOutputWithPast(LlavaModelOutputWithPast):
+    r"""
+    [`LlavaModelOutputWithPast`] plus the AlignedVQ terms of [`AlignedVQImageOutput`] (`commitment_loss`,
+    `codebook_perplexity`, `codebook_usage`, `image_indices`).
+    """
+
+    commitment_loss: torch.FloatTensor | None = None
+    codebook_perplexity: torch.FloatTensor | None = None
+    codebook_usage: torch.FloatTensor | None = None
+    image_indices: torch.LongTensor | None = None
+
+
+def with_parent_signature(parent_forward, **ours):
+    """Give the decorated ``forward(self, *args, **kwargs)`` the signature of ``parent_forward`` (the installed
+    release's names, order and defaults) plus our keyword-only arguments ``ours`` (name -> default).
+
+    Transformers reads ``forward``'s signature to decide what to pass: the Trainer keeps the dataset columns
+    and finds the ``labels`` it names, generation checks ``logits_to_keep`` / ``inputs_embeds`` and validates
+    model kwargs against it. Deriving it from the parent keeps it right on every release we support (the
+    cache argument is ``cache`` in 5.24 and ``past_key_values`` before)."""
+    parent = inspect.signature(parent_forward)
+    named = [p for p in parent.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    rest = [p for p in parent.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    extra = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default) for name, default in ours.items()]
+    signature = parent.replace(parameters=named + extra + rest)
+
+    def decorate(forward):
+        forward.__signature__ = signature
+        return forward
+
+    return decorate
+
+
+def bind_arguments(forward, model, args: tuple, kwargs: dict) -> dict:
+    """``forward``'s arguments by name (positional ones included, ``**kwargs`` merged in), without ``self``."""
+    bound = inspect.signature(forward).bind(model, *args, **kwargs)
+    named = {name: value for name, value in bound.arguments.items() if name != "self"}
+    named.update(named.pop("kwargs", {}))
+    return named
+
+
+def image_output_fields(output_class, image: AlignedVQImageOutput | None) -> dict:
+    """The parent output's own image field, filled: ``image_outputs`` (Transformers >= 5.24) or
+    ``image_hidden_states`` (before), whichever the installed class has."""
+    if image is None:
+        return {}
+    names = {field.name for field in dataclasses.fields(output_class)}
+    if "image_outputs" in names:
+        return {"image_outputs": image}
+    if "image_hidden_states" in names:
+        return {"image_hidden_states": torch.stack(list(image.pooler_output))}
+    return {}
+
+
+def alignedvq_fields(image: AlignedVQImageOutput | None) -> dict:
+    return {
+        name: getattr(image, name, None)
+        for name in ("commitment_loss", "codebook_perplexity", "codebook_usage", "image_indices")
+    }
+
+
 def build_alignedvq_layer(config: AlignedVQConfig) -> AlignedVQLayer:
     """The AlignedVQ layer ``config`` describes."""
     return AlignedVQLayer(
@@ -136,6 +201,15 @@ def _init_alignedvq_weights(model: LlavaPreTrainedModel, module: nn.Module) -> b
     return False
 
 
+def _initialises_like_transformers() -> bool:
+    """Our answer to `PreTrainedModel.is_custom_code`: False. Transformers treats classes outside its own
+    package as custom code and then skips `_init_weights` for modules without parameters of their own, in case
+    custom code writes weights in place; CLIP initialises its attention and MLP projections from those container
+    modules, so `init_weights()` on a model built on the meta device gave the vision tower the wrong scale. Our
+    `_init_weights` uses Transformers' init functions throughout, which is what the check protects."""
+    return False
+
+
 class LlavaAlignedVQModel(LlavaModel):
     """[`LlavaModel`] whose vision tower is split by ``self.alignedvq``."""
 
@@ -154,6 +228,10 @@ class LlavaAlignedVQModel(LlavaModel):
     def _init_weights(self, module):
         if not _init_alignedvq_weights(self, module):
             super()._init_weights(module)
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        return _initialises_like_transformers()
 
     # ------------------------------------------------------------------------------------------------
     # input checks
@@ -223,13 +301,20 @@ class LlavaAlignedVQModel(LlavaModel):
         vision_feature_layer: int | list[int] | None = None,
         vision_feature_select_strategy: str | None = None,
         image_indices: torch.Tensor | None = None,
+        return_dict: bool | None = None,
         **kwargs,
-    ) -> AlignedVQImageOutput:
+    ) -> AlignedVQImageOutput | tuple:
         """Projected image features from pixels (edge + cloud) or from indices (cloud only).
 
         Args:
             pixel_values: `(batch_size, channels, height, width)`.
             image_indices: `(batch_size, num_image_tokens[, codes_per_token])` int indices.
+            return_dict: `False` returns the output's fields as a tuple, as the parent's does.
+
+        `last_hidden_state` holds the selected features, `pooler_output` one projected
+        `(num_selected_tokens, text_hidden_size)` tensor per image. The vision tower's per-layer hidden states
+        and attentions are not returned: the cloud does not have those of the layers before the split, and a
+        partial list would not line up with the tower's layer numbers.
         """
         if (pixel_values is None) == (image_indices is None):
             raise ValueError("Pass exactly one of pixel_values and image_indices, not both or neither.")
@@ -252,7 +337,7 @@ class LlavaAlignedVQModel(LlavaModel):
             selected = [h[:, 1:] for h in selected]
         selected = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
         image_features = self.multi_modal_projector(selected)
-        return AlignedVQImageOutput(
+        output = AlignedVQImageOutput(
             last_hidden_state=selected,
             pooler_output=list(image_features),
             image_indices=self._public_indices(indices),
@@ -260,6 +345,39 @@ class LlavaAlignedVQModel(LlavaModel):
             codebook_perplexity=perplexity,
             codebook_usage=usage,
         )
+        return output if return_dict is not False else output.to_tuple()
+
+    def take_image(self, arguments: dict) -> AlignedVQImageOutput | None:
+        """Pop the image (``pixel_values`` or ``image_indices``) from a forward's ``arguments`` and put its
+        features into ``arguments["inputs_embeds"]`` (``input_ids`` set to ``None``), so the parent's forward
+        runs the language model on them unchanged. Returns the image output, or ``None`` without an image."""
+        pixel_values, image_indices = arguments.pop("pixel_values", None), arguments.pop("image_indices", None)
+        if pixel_values is None and image_indices is None:
+            return None
+        image = self.get_image_features(
+            pixel_values=pixel_values,
+            image_indices=image_indices,
+            vision_feature_layer=arguments.get("vision_feature_layer"),
+            vision_feature_select_strategy=arguments.get("vision_feature_select_strategy"),
+        )
+        arguments["inputs_embeds"] = self.embed_with_image(arguments.get("input_ids"), arguments.get("inputs_embeds"), image)
+        arguments["input_ids"] = None
+        return image
+
+    @with_parent_signature(LlavaModel.forward, image_indices=None)
+    def forward(self, *args, **kwargs) -> LlavaAlignedVQModelOutputWithPast | tuple:
+        r"""
+        [`LlavaModel.forward`] (same arguments), with the image given as `pixel_values`
+        `(batch_size, channels, height, width)` or as `image_indices`
+        `(batch_size, num_image_tokens[, codes_per_token])`.
+        """
+        arguments = bind_arguments(LlavaAlignedVQModel.forward, self, args, kwargs)
+        return_dict = arguments.pop("return_dict", None)
+        image = self.take_image(arguments)
+        outputs = super().forward(**arguments, return_dict=True)
+        fields = {**dict(outputs.items()), **image_output_fields(type(outputs), image), **alignedvq_fields(image)}
+        outputs = LlavaAlignedVQModelOutputWithPast(**fields)
+        return outputs if (return_dict if return_dict is not None else self.config.return_dict) else outputs.to_tuple()
 
     def embed_with_image(self, input_ids, inputs_embeds, image_output: AlignedVQImageOutput) -> torch.Tensor:
         """The prompt's input embeddings ``(batch_size, sequence_length, text_hidden_size)`` with the image
@@ -300,6 +418,10 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
     def _init_weights(self, module):
         if not _init_alignedvq_weights(self, module):
             super()._init_weights(module)
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        return _initialises_like_transformers()
 
     # ------------------------------------------------------------------------------------------------
     # conversion and codebook initialisation
@@ -390,6 +512,10 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
         from .hub import load_adapter_checkpoint, load_full_checkpoint, read_alignedvq_config
 
         config = kwargs.pop("config", None)
+        if pretrained_model_name_or_path is None:  # weights given as `state_dict`, as Transformers allows
+            from .hub import load_from_state_dict
+
+            return load_from_state_dict(super().from_pretrained, config, *model_args, **kwargs)
         if not isinstance(config, AlignedVQConfig):
             config = read_alignedvq_config(pretrained_model_name_or_path, kwargs)
         if config.checkpoint_kind == "adapter":
@@ -403,7 +529,7 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
         *,
         checkpoint_kind: str | None = None,
         merge_lora: bool = False,
-        include_ema_state: bool = False,
+        include_ema_state: bool | None = None,
         eval_results: dict | None = None,
         **kwargs,
     ):
@@ -413,7 +539,8 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
             checkpoint_kind: `"full"` writes every weight; `"adapter"` writes only the codebook, DLP and LoRA
                 adapter plus a config naming `config.base_model_name_or_path` / `base_model_revision`.
             merge_lora: merge an injected LoRA adapter into the weights first (full kind).
-            include_ema_state: also save the EMA statistics (to resume training); inference needs only the
+            include_ema_state: also save the EMA statistics; default: yes for the full kind (the `Trainer`
+                resumes from it and nothing may restart), no for the adapter kind. Inference needs only the
                 codebook.
             eval_results: `{"results": {name: value}, "datasets": [...], "model_name": ...}` for the model card.
         """
@@ -430,6 +557,17 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
             save_function=LlavaForConditionalGeneration.save_pretrained,
             **kwargs,
         )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict` that also takes our weights files' names (what the `Trainer` passes when
+        it resumes or loads the best model), and refuses a whole-model load that would leave a tensor fresh or
+        drop one, even with ``strict=False`` (`hub.check_complete_load`)."""
+        from .hub import check_complete_load, module_state_dict
+
+        state_dict = module_state_dict(self, state_dict)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        check_complete_load(self, state_dict, result)
+        return result
 
     def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
         # `push_to_hub` saves through `save_pretrained`, then replaces README.md with a generic card; put ours
@@ -474,79 +612,76 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
             preprocessing = ImagePreprocessing.from_image_processor(settings)
         return AlignedVQEdgeEncoder.from_model(self, preprocessing)
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        pixel_values: torch.Tensor | None = None,
-        *args,
-        image_indices: torch.Tensor | None = None,
-        vision_feature_layer: int | list[int] | None = None,
-        vision_feature_select_strategy: str | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> LlavaAlignedVQCausalLMOutputWithPast | tuple:
+    @with_parent_signature(LlavaForConditionalGeneration.forward, image_indices=None)
+    def forward(self, *args, **kwargs) -> LlavaAlignedVQCausalLMOutputWithPast | tuple:
         r"""
-        [`LlavaForConditionalGeneration.forward`] with images given either as `pixel_values`
-        `(batch_size, channels, height, width)` (edge and cloud in one pass) or as `image_indices`
-        `(batch_size, num_image_tokens[, codes_per_token])` (cloud only). Every other argument goes to the
-        parent unchanged.
+        [`LlavaForConditionalGeneration.forward`] (same arguments, names and defaults as the installed release),
+        with images given either as `pixel_values` `(batch_size, channels, height, width)` (edge and cloud in
+        one pass) or as `image_indices` `(batch_size, num_image_tokens[, codes_per_token])` (cloud only).
 
         In training mode with `pixel_values` and `labels`, `loss = lm_loss + commitment_weight * commitment_loss`
         (Eq. 3). In evaluation mode the result equals `forward_from_indices(encode_edge(pixel_values))` exactly,
         loss included.
         """
-        image = None
-        if pixel_values is not None or image_indices is not None:
-            image = self.model.get_image_features(
-                pixel_values=pixel_values,
-                image_indices=image_indices,
-                vision_feature_layer=vision_feature_layer,
-                vision_feature_select_strategy=vision_feature_select_strategy,
-            )
-            kwargs["inputs_embeds"] = self.model.embed_with_image(input_ids, kwargs.get("inputs_embeds"), image)
-            input_ids = None
-        outputs = super().forward(input_ids, None, *args, return_dict=True, **kwargs)
+        arguments = bind_arguments(LlavaAlignedVQForConditionalGeneration.forward, self, args, kwargs)
+        return_dict = arguments.pop("return_dict", None)
+        image = self.model.take_image(arguments)
+        outputs = super().forward(**arguments, return_dict=True)
         outputs = self._add_alignedvq_fields(outputs, image)
-        use_dict = return_dict if return_dict is not None else self.config.return_dict
-        return outputs if use_dict else outputs.to_tuple()
+        return outputs if (return_dict if return_dict is not None else self.config.return_dict) else outputs.to_tuple()
 
     def _add_alignedvq_fields(self, outputs, image: AlignedVQImageOutput | None) -> LlavaAlignedVQCausalLMOutputWithPast:
         """The parent's output, every field it set as it set it, plus ours."""
-        fields = dict(outputs.items())
+        if image is None and isinstance(outputs.get("image_outputs"), AlignedVQImageOutput):
+            image = outputs["image_outputs"]  # passed in as `mm_encoder_outputs` (generation does)
+        fields = {**dict(outputs.items()), **image_output_fields(type(outputs), image), **alignedvq_fields(image)}
         lm_loss = outputs.loss
-        commitment = getattr(image, "commitment_loss", None)
+        commitment = fields["commitment_loss"]
         if lm_loss is not None and commitment is not None:
             fields["loss"] = lm_loss + self.config.commitment_weight * commitment.to(lm_loss.dtype)
-        return LlavaAlignedVQCausalLMOutputWithPast(
-            **fields,
-            lm_loss=lm_loss,
-            commitment_loss=commitment,
-            codebook_perplexity=getattr(image, "codebook_perplexity", None),
-            codebook_usage=getattr(image, "codebook_usage", None),
-            image_indices=getattr(image, "image_indices", None),
-        )
+        return LlavaAlignedVQCausalLMOutputWithPast(**fields, lm_loss=lm_loss)
+
+    @with_parent_signature(LlavaForConditionalGeneration.prepare_inputs_for_generation, image_indices=None)
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """LLaVA's preparation (same signature: generation reads it); the image's indices, like its pixels, go
+        to the first step only, or to every step without a cache."""
+        arguments = bind_arguments(LlavaAlignedVQForConditionalGeneration.prepare_inputs_for_generation, self, args, kwargs)
+        image_indices = arguments.pop("image_indices", None)
+        inputs = super().prepare_inputs_for_generation(**arguments)
+        if image_indices is not None and (arguments.get("is_first_iteration") or not arguments.get("use_cache", True)):
+            inputs["image_indices"] = image_indices
+        return inputs
 
     def generate(self, *args, image_indices: torch.Tensor | None = None, **kwargs):
         """`GenerationMixin.generate`, with the image as `pixel_values` or as `image_indices`.
 
-        Pixels go through the edge and then the cloud, exactly as indices sent by a device would, in
-        either mode (generation never updates the codebook).
+        Pixels are turned into indices first, as a device would send them: the result is the same as from
+        pixels in evaluation mode, and generation never moves the EMA codebook, whatever the model's mode.
         """
         pixel_values = kwargs.pop("pixel_values", None)
-        if pixel_values is not None or image_indices is not None:
-            if pixel_values is not None and image_indices is not None:
+        if pixel_values is not None:
+            if image_indices is not None:
                 raise ValueError("Pass images either as pixel_values or as image_indices, not both.")
-            if image_indices is None:
-                image_indices = self.encode_edge(pixel_values)
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            with torch.no_grad():
-                image = self.model.get_image_features(image_indices=image_indices)
-                kwargs["inputs_embeds"] = self.model.embed_with_image(input_ids, kwargs.get("inputs_embeds"), image)
+            image_indices = self.encode_edge(pixel_values)
+        if image_indices is not None:
+            kwargs.update(self._image_for_generation(image_indices))
         return super().generate(*args, **kwargs)
+
+    def _image_for_generation(self, image_indices: torch.Tensor) -> dict:
+        """Generation's own channel for an image: from Transformers 5.24 on, `generate` encodes images before
+        the prefill into ``mm_encoder_outputs`` (by calling `get_image_features` on pixels), which every
+        decoding mode then carries (beams expand it, assistants and chunked prefill slice it); we hand it the
+        image decoded from its indices the same way. Earlier releases take ``image_indices`` to the first
+        step through `prepare_inputs_for_generation`."""
+        if "mm_encoder_outputs" not in inspect.signature(LlavaForConditionalGeneration.forward).parameters:
+            return {"image_indices": image_indices}
+        with torch.no_grad():
+            return {"mm_encoder_outputs": {"image": self.model.get_image_features(image_indices=image_indices)}}
 
 __all__ = [
     "AlignedVQImageOutput",
     "LlavaAlignedVQCausalLMOutputWithPast",
+    "LlavaAlignedVQModelOutputWithPast",
     "LlavaAlignedVQForConditionalGeneration",
     "LlavaAlignedVQModel",
 ]
