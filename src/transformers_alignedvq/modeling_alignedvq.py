@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.auto import AutoModel
@@ -38,8 +39,8 @@ from transformers.models.llava.modeling_llava import (
     LlavaPreTrainedModel,
 )
 
-from .split import cloud_forward, check_pixel_values, edge_forward
-from .alignedvq_layer import AlignedVQLayer
+from .alignedvq_layer import AlignedVQLayer, AlignedVQLayerOutput
+from .split import check_pixel_values, cloud_forward, edge_forward, edge_hidden_states, recorded_attentions
 from .configuration_alignedvq import AlignedVQConfig
 from .dlp import DualLinearProjection
 from .quantizer import VectorQuantizer
@@ -309,43 +310,60 @@ class LlavaAlignedVQModel(LlavaModel):
         Args:
             pixel_values: `(batch_size, channels, height, width)`.
             image_indices: `(batch_size, num_image_tokens[, codes_per_token])` int indices.
-            return_dict: `False` returns the output's fields as a tuple, as the parent's does.
+            return_dict: `False` (or `config.return_dict = False`) returns the fields as a tuple, as LLaVA's does.
+            output_hidden_states / output_attentions: the vision tower's per-layer outputs (or the vision
+                config's flags). Hidden states up to the split block's input are the edge's, before
+                quantization, and exist only when the image came as pixels; from indices the tuple holds the
+                cloud's, from hidden state `split_layer + 1` on. Attentions likewise (eager attention only).
 
         `last_hidden_state` holds the selected features, `pooler_output` one projected
-        `(num_selected_tokens, text_hidden_size)` tensor per image. The vision tower's per-layer hidden states
-        and attentions are not returned: the cloud does not have those of the layers before the split, and a
-        partial list would not line up with the tower's layer numbers.
+        `(num_selected_tokens, text_hidden_size)` tensor per image.
         """
         if (pixel_values is None) == (image_indices is None):
             raise ValueError("Pass exactly one of pixel_values and image_indices, not both or neither.")
         config = self.config
-        commitment = perplexity = usage = None
-        if pixel_values is not None:
-            # Training: straight-through, EMA update, commitment loss. Evaluation: exactly encode + decode.
-            vq = self.alignedvq(self.edge_features(pixel_values))
-            recovered, indices = vq.features, vq.indices
-            commitment, perplexity, usage = vq.commitment_loss, vq.perplexity, vq.usage
-        else:
-            indices = self.check_indices(image_indices)
-            recovered = self.alignedvq.decode(indices, dtype=self.vision_tower.dtype)
-
+        want_hidden, want_attentions = (self._vision_flag(kwargs, name) for name in ("output_hidden_states", "output_attentions"))
         layers = self._selected_layers(vision_feature_layer)
-        hidden = cloud_forward(self.vision_tower, recovered, config.split_layer, config.split_site, layers)
-        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
-        selected = [hidden[index] for index in layers]
-        if strategy == "default":
-            selected = [h[:, 1:] for h in selected]
-        selected = selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
-        image_features = self.multi_modal_projector(selected)
+        last = config.vision_config.num_hidden_layers
+        run = list(range(config.split_layer + 1, last + 1)) if want_hidden or want_attentions else layers
+        with recorded_attentions(self.vision_tower, enabled=want_attentions) as attentions:
+            vq = self._site_features(pixel_values, image_indices)
+            hidden = cloud_forward(self.vision_tower, vq.features, config.split_layer, config.split_site, run)
+        selected = self._select(hidden, layers, vision_feature_select_strategy)
         output = AlignedVQImageOutput(
             last_hidden_state=selected,
-            pooler_output=list(image_features),
-            image_indices=self._public_indices(indices),
-            commitment_loss=commitment,
-            codebook_perplexity=perplexity,
-            codebook_usage=usage,
+            pooler_output=list(self.multi_modal_projector(selected)),
+            hidden_states=self._tower_hidden_states(pixel_values, hidden) if want_hidden else None,
+            attentions=tuple(attentions) if want_attentions else None,
+            image_indices=self._public_indices(vq.indices),
+            commitment_loss=vq.commitment_loss,
+            codebook_perplexity=vq.perplexity,
+            codebook_usage=vq.usage,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if (return_dict if return_dict is not None else config.return_dict) else output.to_tuple()
+
+    def _vision_flag(self, kwargs: dict, name: str) -> bool:
+        value = kwargs.get(name)
+        return bool(value if value is not None else getattr(self.config.vision_config, name, False))
+
+    def _site_features(self, pixel_values, image_indices) -> AlignedVQLayerOutput:
+        """Recovered site features: from pixels (training: straight-through, EMA update, commitment loss;
+        evaluation: exactly encode + decode) or decoded from indices."""
+        if pixel_values is not None:
+            return self.alignedvq(self.edge_features(pixel_values))
+        indices = self.check_indices(image_indices)
+        return AlignedVQLayerOutput(self.alignedvq.decode(indices, dtype=self.vision_tower.dtype), indices)
+
+    def _select(self, hidden: dict, layers: list[int], strategy: str | None) -> torch.Tensor:
+        """LLaVA's selection: the feature layer(s) concatenated, the CLS token dropped for "default"."""
+        selected = [hidden[index] for index in layers]
+        if (strategy or self.config.vision_feature_select_strategy) == "default":
+            selected = [h[:, 1:] for h in selected]
+        return selected[0] if len(selected) == 1 else torch.cat(selected, dim=-1)
+
+    def _tower_hidden_states(self, pixel_values, cloud: dict) -> tuple[torch.Tensor, ...]:
+        edge = edge_hidden_states(self.vision_tower, pixel_values, self.config.split_layer) if pixel_values is not None else []
+        return tuple(edge) + tuple(cloud[index] for index in sorted(cloud))
 
     def take_image(self, arguments: dict) -> AlignedVQImageOutput | None:
         """Pop the image (``pixel_values`` or ``image_indices``) from a forward's ``arguments`` and put its
@@ -391,7 +409,7 @@ class LlavaAlignedVQModel(LlavaModel):
         return inputs_embeds.masked_scatter(mask, features)
 
 
-class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration):
+class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration, GenerationMixin):
     """LLaVA split by AlignedVQ for edge-cloud inference (arXiv 2411.05961).
 
     Example:

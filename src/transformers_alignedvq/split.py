@@ -17,6 +17,8 @@ hidden state ``i`` is the output of block ``i - 1``.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -143,3 +145,32 @@ def cloud_forward(
         if index in wanted:
             out[index] = hidden
     return out
+
+
+def edge_hidden_states(tower: nn.Module, pixel_values: torch.Tensor, split_layer: int) -> list[torch.Tensor]:
+    """Hidden states ``0 .. split_layer`` (the inputs of blocks ``0 .. split_layer``) as the edge computes them,
+    before quantization: for the tower's per-layer outputs, which the cloud alone cannot give."""
+    hidden = embed(tower, pixel_values)
+    states = [hidden]
+    for block in vision_blocks(tower)[:split_layer]:
+        hidden = block(hidden, None)
+        states.append(hidden)
+    return states
+
+
+@contextmanager
+def recorded_attentions(tower: nn.Module, enabled: bool = True):
+    """Collect the attention weights of every block that runs inside the ``with`` body, in layer order (the
+    blocks run in that order). Weights exist with eager attention only (fused kernels return ``None``)."""
+    weights: list = []
+    if not enabled:
+        yield weights
+        return
+    hooks = [block.self_attn.register_forward_hook(lambda module, args, out: weights.append(out[1]))
+             for block in vision_blocks(tower)]
+    try:
+        yield weights
+    finally:
+        for hook in hooks:
+            hook.remove()
+
