@@ -267,8 +267,13 @@ def fit_entropy_model(model, processor, data, *, batch_size: int = 64, max_image
 
 def save_entropy_model(args: argparse.Namespace, model, processor, data) -> None:
     output = Path(args.output)
-    raw = "bit-packed frames of ~{:,} B per image".format(
-        (model.config.num_image_tokens * model.config.bits_per_token + 7) // 8 + 24)
+    from .wire import encode_frame
+
+    config = model.config
+    shape = (config.num_image_tokens, config.codes_per_token)
+    frame = encode_frame(np.zeros(shape, dtype=np.int64), codebook_size=config.codebook_size,
+                         codebook_fingerprint=model.codebook_fingerprint())
+    raw = f"bit-packed frames of {len(frame):,} B per image"
     if args.no_entropy_model:
         print(f"no entropy model (--no-entropy-model): {raw}; fit one later with "
               f"`python examples/fit_entropy_model.py --model {output}`")

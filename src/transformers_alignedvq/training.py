@@ -212,9 +212,13 @@ class AlignedVQTrainer(Trainer):
       shared-prefix path calls submodules directly, which DDP's gradient hooks must not be bypassed for).
     """
 
-    def __init__(self, *args, images_per_batch: int | None = None, **kwargs):
+    def __init__(self, *args, images_per_batch: int | None = None, vqa_eval_dataset=None, vqa_processor=None,
+                 **kwargs):
         super().__init__(*args, **kwargs)
+        if vqa_eval_dataset is not None and vqa_processor is None:
+            raise ValueError("vqa_eval_dataset needs vqa_processor (the model's LlavaProcessor)")
         self.images_per_batch = images_per_batch
+        self.vqa_eval_dataset, self.vqa_processor = vqa_eval_dataset, vqa_processor
         self._vq_sums: dict[str, float] = {}
         self._vq_count = 0
 
@@ -238,6 +242,25 @@ class AlignedVQTrainer(Trainer):
             pin_memory=self.args.dataloader_pin_memory,
         )
         return self.accelerator.prepare(loader)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """The stock evaluation (``eval_loss``), plus ``eval_vqa_accuracy``: greedy answers from `generate`
+        over the wire format (`evaluation.evaluate_vqa`) on ``vqa_eval_dataset`` (rows with ``image``,
+        ``question``, ``answer``), so ``metric_for_best_model="eval_vqa_accuracy"`` and early stopping work."""
+        metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        if self.vqa_eval_dataset is None or eval_dataset is not None:  # every process: they pick the best alike
+            return metrics
+        from .evaluation import evaluate_vqa
+
+        model = self.accelerator.unwrap_model(self.model)
+        training = model.training
+        result = evaluate_vqa(model, self.vqa_processor, self.vqa_eval_dataset,
+                              batch_size=self.args.per_device_eval_batch_size)
+        model.train(training)
+        extra = {f"{metric_key_prefix}_vqa_accuracy": result["accuracy"]}
+        self.log(extra)
+        metrics.update(extra)
+        return metrics
 
     def _token_loss_multiplier(self) -> int:
         # What `Trainer.compute_loss` multiplies a `num_items_in_batch`-normalised loss by (DDP then averages).
