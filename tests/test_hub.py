@@ -341,8 +341,9 @@ def test_model_card_has_hub_metadata_and_the_alignedvq_settings(setup, tmp_path,
     assert card.data.pipeline_tag == "image-text-to-text"
     assert card.data.license == "apache-2.0"
     assert {"alignedvq", "llava", "vector-quantization"} <= set(card.data.tags)
+    assert card.data.base_model is None  # a local folder is no Hub id; the text names it
     if kind == "adapter":
-        assert card.data.base_model == str(setup.base_dir)
+        assert f"applies to `{setup.base_dir}`" in card.text
     bits = math.ceil(math.log2(CODEBOOK_SIZE))
     tokens = NUM_PATCHES + 1  # patches + CLS
     text = card.text
@@ -357,9 +358,24 @@ def test_model_card_has_hub_metadata_and_the_alignedvq_settings(setup, tmp_path,
     setup.model.save_pretrained(
         tmp_path, checkpoint_kind=kind, eval_results={"results": {"VQAv2 accuracy": 76.4, "bits per image": 204}}
     )
-    text = ModelCard.load(tmp_path / "README.md").text
-    assert "## Evaluation" in text
-    assert "| VQAv2 accuracy | 76.4 |" in text and "| bits per image | 204 |" in text
+    card = ModelCard.load(tmp_path / "README.md")
+    assert "## Evaluation" in card.text
+    assert "| VQAv2 accuracy | 76.4 |" in card.text and "| bits per image | 204 |" in card.text
+    results = {(r.metric_name, r.metric_value) for r in card.data.eval_results}  # the Hub's model-index
+    assert results == {("VQAv2 accuracy", 76.4), ("bits per image", 204)}
+    assert card.data.model_name == card.text.split("\n# ", 1)[1].split("\n")[0]
+    assert "block 0 ln1" in card.data.model_name and tmp_path.name not in card.data.model_name
+
+
+def test_card_names_the_hub_base_of_a_cache_snapshot(setup, tmp_path):
+    """`from_llava` on a Hub-cache folder records the repo id and commit, which the card's metadata carries."""
+    snapshot = tmp_path / "models--llava-hf--tiny-llava" / "snapshots" / ("ab" * 20)
+    shutil.copytree(setup.base_dir, snapshot)
+    model = tav.LlavaAlignedVQForConditionalGeneration.from_llava(snapshot, codebook_size=CODEBOOK_SIZE)
+    assert (model.config.base_model_name_or_path, model.config.base_model_revision) == ("llava-hf/tiny-llava", "ab" * 20)
+    model.save_pretrained(tmp_path / "out")
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert card.data.base_model == "llava-hf/tiny-llava" and card.data.model_name.startswith("tiny-llava AlignedVQ")
 
 
 # --------------------------------------------------------------------------------------------------------

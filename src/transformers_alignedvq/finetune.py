@@ -335,3 +335,7 @@ def main(argv=None) -> dict:
         if args.push_to_hub:
             push(args)
     return {"log_history": trainer.state.log_history, "output": args.output}
+
+
+if __name__ == "__main__":
+    main()

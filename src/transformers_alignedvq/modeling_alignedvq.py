@@ -465,13 +465,18 @@ class LlavaAlignedVQForConditionalGeneration(LlavaForConditionalGeneration, Gene
         Returns the model in the mode `llava` was in (a model loaded from a path is in eval mode). The new
         codebook is random: call `init_codebook` before finetuning.
         """
+        base = None
         if isinstance(llava, (str, os.PathLike)):
-            from .hub import load_llava
+            from .hub import hub_reference, load_llava
 
+            repo_id, revision = hub_reference(llava)
+            base = (repo_id or str(llava), revision or (load_kwargs or {}).get("revision"))
             llava = load_llava(llava, **(load_kwargs or {}))
         if not isinstance(llava, LlavaForConditionalGeneration):
             raise TypeError(f"from_llava expects a LlavaForConditionalGeneration or a path, got {type(llava).__name__}.")
         config = AlignedVQConfig.from_llava_config(llava.config, **vq_options)
+        if base is not None and not config.base_model_name_or_path:  # named for the card and adapter checkpoints
+            config.base_model_name_or_path, config.base_model_revision = base
         with torch.device("meta"):
             model = cls(config)
         # Reuse the base modules as they are (weights, buffers, device placement, hooks); only the AlignedVQ
