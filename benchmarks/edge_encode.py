@@ -35,7 +35,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers_alignedvq.edge import AlignedVQEdgeEncoder
 from transformers_alignedvq.edge_onnx import export_onnx, export_search
 from transformers_alignedvq.preprocess import ImagePreprocessing
-from transformers_alignedvq.quantizer import kmeans
+from transformers_alignedvq.models.llava_alignedvq.quantizer import kmeans
 from transformers_alignedvq.search import CodewordSearch, SearchConfig
 
 SITES = {"patch_0": (0, "patch"), "input_0": (0, "input"), "ln1_0": (0, "ln1"), "mlp_0": (0, "mlp"), "mlp_1": (1, "mlp")}

@@ -163,7 +163,7 @@ def llava_features(photos: tuple[str, ...], crops_per_photo: int, seed: int):
 def llava_scale(train_crops: int, test_crops: int) -> None:
     import torch
 
-    from transformers_alignedvq.quantizer import kmeans, nearest_codeword
+    from transformers_alignedvq.models.llava_alignedvq.quantizer import kmeans, nearest_codeword
 
     started = time.perf_counter()
     train = llava_features(TRAIN_PHOTOS, train_crops, seed=0)

@@ -12,7 +12,7 @@ from transformers import LlavaForConditionalGeneration, LlavaModel, Trainer, Tra
 
 import transformers_alignedvq as tav
 from tests.conftest import IMAGE_SIZE, NUM_PATCHES, prompt_ids, tiny_alignedvq, tiny_llava_config
-from transformers_alignedvq.split import vision_blocks
+from transformers_alignedvq.models.llava_alignedvq.split import vision_blocks
 from transformers_alignedvq.training import prepare_for_finetuning
 
 Model = tav.LlavaAlignedVQForConditionalGeneration

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from transformers_alignedvq.alignedvq_layer import AlignedVQLayer
-from transformers_alignedvq.dlp import DualLinearProjection
-from transformers_alignedvq.quantizer import (
+from transformers_alignedvq.models.llava_alignedvq.alignedvq_layer import AlignedVQLayer
+from transformers_alignedvq.models.llava_alignedvq.dlp import DualLinearProjection
+from transformers_alignedvq.wire import bits_per_index
+from transformers_alignedvq.models.llava_alignedvq.quantizer import (
     VectorQuantizer,
-    bits_per_index,
     codebook_perplexity,
     kmeans,
     nearest_codeword,

@@ -54,16 +54,17 @@ if _installed_cloud_side():
     _check_cloud_versions()
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
-    from .alignedvq_layer import AlignedVQLayer, AlignedVQLayerOutput
-    from .configuration_alignedvq import SPLIT_SITES, AlignedVQConfig
-    from .dlp import DualLinearProjection
-    from .modeling_alignedvq import (
+    from .models.llava_alignedvq.alignedvq_layer import AlignedVQLayer, AlignedVQLayerOutput
+    from .models.llava_alignedvq.configuration_alignedvq import SPLIT_SITES, AlignedVQConfig
+    from .models.llava_alignedvq.dlp import DualLinearProjection
+    from .models.llava_alignedvq.modeling_alignedvq import (
         AlignedVQImageOutput,
         LlavaAlignedVQCausalLMOutputWithPast,
         LlavaAlignedVQForConditionalGeneration,
         LlavaAlignedVQModel,
     )
-    from .quantizer import VectorQuantizer, bits_per_index
+    from .models.llava_alignedvq.quantizer import VectorQuantizer
+    from .wire import bits_per_index
 
     AutoConfig.register(AlignedVQConfig.model_type, AlignedVQConfig, exist_ok=True)
     AutoModel.register(AlignedVQConfig, LlavaAlignedVQForConditionalGeneration, exist_ok=True)

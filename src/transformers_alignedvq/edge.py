@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import split
+from .models.llava_alignedvq import split
 from .edge_runtime import (
     EDGE_CONFIG_NAME,
     EDGE_FORMAT_VERSION,
@@ -29,9 +29,9 @@ from .edge_runtime import (
     read_edge_config,
     write_edge_config,
 )
-from .alignedvq_layer import AlignedVQLayer
+from .models.llava_alignedvq.alignedvq_layer import AlignedVQLayer, fold_codebook
 from .preprocess import ImagePreprocessing, read_preprocessing
-from .search import CodewordSearch, SearchConfig, fold_codebook
+from .search import CodewordSearch, SearchConfig
 
 
 # Submodules of the split block the edge never runs, by site.

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import split
+from .models.llava_alignedvq import split
 
 INPUT_NAME, FEATURES_NAME, OUTPUT_NAME = "pixel_values", "features", "indices"
 

@@ -34,7 +34,7 @@ import torch
 from transformers import AutoProcessor, TrainingArguments
 
 from .data import VQACollator, load_easy_vqa
-from .modeling_alignedvq import LlavaAlignedVQForConditionalGeneration
+from .models.llava_alignedvq.modeling_alignedvq import LlavaAlignedVQForConditionalGeneration
 from .training import AlignedVQTrainer, checkpointing_argument, prepare_for_finetuning, trainable_parameters
 
 SITES = ["patch", "input", "ln1", "attn", "ln2", "mlp"]
@@ -334,6 +334,11 @@ def main(argv=None) -> dict:
         print(f"saved to {args.output} ({time.time() - started:.0f}s in all)")
         if args.push_to_hub:
             push(args)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        # Every process waits for the writer, then leaves the group: a process that exits with the group still
+        # up aborts in its communication threads ("terminate called without an active exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return {"log_history": trainer.state.log_history, "output": args.output}
 
 

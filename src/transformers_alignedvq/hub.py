@@ -53,25 +53,9 @@ EDGE_FILES = (
 )
 _ALIGNEDVQ_PREFIX = "model.alignedvq."
 _EMA_BUFFERS = ("quantizer.cluster_size", "quantizer.embed_sum")
-# Source files a checkpoint carries for `trust_remote_code=True` (the modeling file and what it imports).
-REMOTE_CODE_FILES = (
-    "configuration_alignedvq.py",
-    "modeling_alignedvq.py",
-    "alignedvq_layer.py",
-    "dlp.py",
-    "quantizer.py",
-    "split.py",
-    "edge.py",
-    "wire.py",
-    "entropy.py",
-    "hub.py",
-    "lora.py",
-    "errors.py",
-    "edge_runtime.py",
-    "preprocess.py",
-    "search.py",
-    "ptq.py",
-)
+# The model folder is what a checkpoint carries for `trust_remote_code=True`: its files, copied as they are.
+MODEL_FOLDER = Path(__file__).parent / "models" / "llava_alignedvq"
+REMOTE_CODE_FILES = tuple(sorted(p.name for p in MODEL_FOLDER.glob("*.py") if p.name != "__init__.py"))
 AUTO_MAP = {
     "AutoConfig": "configuration_alignedvq.AlignedVQConfig",
     "AutoModel": "modeling_alignedvq.LlavaAlignedVQForConditionalGeneration",
@@ -135,9 +119,8 @@ def check_complete_load(model, state: dict[str, torch.Tensor], result) -> None:
 
 def write_remote_code(directory: Path, config) -> None:
     """Copy the modeling sources next to the weights and point `auto_map` at them."""
-    package = Path(__file__).parent
     for name in REMOTE_CODE_FILES:
-        shutil.copyfile(package / name, directory / name)
+        shutil.copyfile(MODEL_FOLDER / name, directory / name)
     config.auto_map = dict(AUTO_MAP)
 
 
@@ -425,7 +408,7 @@ def check_weight_files(path_or_id, hub_kwargs: dict) -> set[str]:
 def load_from_state_dict(load, config, *model_args, **kwargs):
     """``from_pretrained(None, config=..., state_dict=...)``, Transformers' own path for weights in memory,
     with the loading report checked as strictly as a folder's."""
-    from .configuration_alignedvq import AlignedVQConfig
+    from .models.llava_alignedvq.configuration_alignedvq import AlignedVQConfig
 
     if not isinstance(config, AlignedVQConfig) or kwargs.get("state_dict") is None:
         raise CheckpointMismatchError(
@@ -459,7 +442,7 @@ def check_loading_info(info: dict, *, source: str, allowed_missing=()) -> None:
 
 def read_alignedvq_config(path_or_id, kwargs: dict):
     """The `AlignedVQConfig` of a saved AlignedVQ checkpoint; a plain LLaVA checkpoint is refused."""
-    from .configuration_alignedvq import AlignedVQConfig
+    from .models.llava_alignedvq.configuration_alignedvq import AlignedVQConfig
 
     values, _ = AlignedVQConfig.get_config_dict(path_or_id, **hub_kwargs_from(kwargs))
     model_type = values.get("model_type")
@@ -550,7 +533,7 @@ def write_model_card(
     """README.md with Hub metadata and the AlignedVQ settings (and evaluation results when known)."""
     from huggingface_hub import ModelCard, ModelCardData
 
-    from .quantizer import bits_per_index
+    from .wire import bits_per_index
 
     config = model.config
     bits = bits_per_index(config.codebook_size) * config.codes_per_token

@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from . import split
+from .models.llava_alignedvq import split
 from .ptq import PARTS, QuantLinear, check_bits, quant_layers, quantizers_disabled, replace_linear, weight_scales
 
 METHODS = ("rtn", "layerwise", "qvlm")

@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from .models.llava_alignedvq.alignedvq_layer import fold_codebook
+
 SEARCH_METHODS = ("exact", "shortlist")
 
 
@@ -48,19 +50,6 @@ class SearchConfig:
             return cls(**(values or {}))
         except TypeError as exc:
             raise ValueError(f"invalid search settings {values!r}: {exc}") from None
-
-
-def fold_codebook(codebook: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tables for searching raw features ``z`` against ``codebook`` ``(K, d)`` after ``z -> z @ weight.T + bias``.
-
-    Returns ``folded`` ``(K, dim)`` and ``offsets`` ``(K,)`` in fp32 such that the nearest codeword of the
-    projected feature is ``argmin_k offsets_k - 2 folded_k . z``. The codebook is centred on its mean first
-    (distances do not change under translation) to keep fp32 precision for features far from the origin.
-    """
-    codebook, weight, bias = codebook.double(), weight.double(), bias.double()
-    center = codebook.mean(0)
-    codebook, bias = codebook - center, bias - center
-    return (codebook @ weight).float(), (codebook.pow(2).sum(-1) - 2.0 * codebook @ bias).float()
 
 
 class CodewordSearch(nn.Module):

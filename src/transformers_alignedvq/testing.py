@@ -109,7 +109,7 @@ def tiny_model(*, seed: int = 0, codebook_size: int = 12, **vq_options):
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from .modeling_alignedvq import LlavaAlignedVQForConditionalGeneration
+    from .models.llava_alignedvq.modeling_alignedvq import LlavaAlignedVQForConditionalGeneration
 
     vision = CLIPVisionConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,

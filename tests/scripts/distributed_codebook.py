@@ -11,7 +11,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.conftest import IMAGE_SIZE, NUM_PATCHES, prompt_ids, tiny_alignedvq  # noqa: E402
-from transformers_alignedvq.quantizer import VectorQuantizer  # noqa: E402
+from transformers_alignedvq.models.llava_alignedvq.quantizer import VectorQuantizer  # noqa: E402
 
 
 def gathered(tensor):
