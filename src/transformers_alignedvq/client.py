@@ -33,6 +33,7 @@ from .edge_runtime import (
     EDGE_CONFIG_NAME,
     EdgeCheckpointError,
     EdgeRuntime,
+    download_edge,
     frame_geometry,
     load_edge_runtime,
 )
@@ -110,17 +111,25 @@ def edge_folder(path: str | os.PathLike) -> Path:
         if not (directory / EDGE_CONFIG_NAME).is_file():
             raise EdgeClientError(f"{directory} is not an edge folder: missing {EDGE_CONFIG_NAME}")
         return directory
-    if os.path.exists(path) or str(path).startswith((".", "/", "~")):
+    if os.path.exists(path) or not _looks_like_repo_id(str(path)):
         raise EdgeClientError(f"edge folder {path} not found")
-    from huggingface_hub import snapshot_download
-
-    from .hub import EDGE_FILES
-
     try:
-        folder = Path(snapshot_download(str(path), allow_patterns=list(EDGE_FILES)))
+        folder, _ = download_edge(str(path))
+    except ImportError as exc:
+        raise EdgeClientError(f"edge folder {path} not found here, and {exc}") from exc
     except Exception as exc:  # the hub raises many types (offline, 404, auth); all mean "cannot get it"
-        raise EdgeClientError(f"cannot fetch the edge files of {path!r} from the Hub: {exc}") from exc
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EdgeClientError(f"edge folder {path} not found here, nor as a Hub repo id: {reason}") from exc
     return edge_folder(folder)
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    """``name`` or ``org/name`` as the Hub spells them; a path with more parts, or starting with ``.``, ``/``
+    or ``~``, is a mistyped local folder and is never sent to the Hub."""
+    parts = text.split("/")
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    return (len(parts) <= 2 and all(parts) and not text.startswith((".", "~"))
+            and all(set(part) <= allowed and ".." not in part for part in parts))
 
 
 class EdgeClient:

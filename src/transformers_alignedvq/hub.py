@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .entropy import ENTROPY_MODEL_NAME, load_entropy_model  # noqa: F401 (re-exported)
+from .edge_runtime import EDGE_FILES, download_edge  # noqa: F401 (re-exported; torch-free, for devices)
 from .errors import CheckpointMismatchError
 from .ptq import PTQ_CONFIG_NAME, PTQ_WEIGHTS_NAME, is_quantized, load_ptq, save_ptq
 from .lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, has_lora, load_lora, merge_lora_, save_lora
@@ -41,16 +42,6 @@ ALIGNEDVQ_WEIGHTS_NAME = "alignedvq.safetensors"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 LORA_SUBFOLDER = "lora"
-# Transformers 5 keeps the image processor's settings inside processor_config.json (older checkpoints:
-# preprocessor_config.json); the edge needs them to resize and normalise images.
-EDGE_FILES = (
-    "edge_config.json",
-    "edge_model.safetensors",
-    "edge_model.onnx",
-    "processor_config.json",
-    "preprocessor_config.json",
-    ENTROPY_MODEL_NAME,
-)
 _ALIGNEDVQ_PREFIX = "model.alignedvq."
 _EMA_BUFFERS = ("quantizer.cluster_size", "quantizer.embed_sum")
 # Source files a checkpoint carries for `trust_remote_code=True` (the modeling file and what it imports).
@@ -516,26 +507,6 @@ def load_llava(path_or_id, **load_kwargs):
     model, info = LlavaForConditionalGeneration.from_pretrained(path_or_id, output_loading_info=True, **load_kwargs)
     check_loading_info({"missing_keys": info.get("missing_keys", ())}, source=str(path_or_id))
     return model
-
-
-# --------------------------------------------------------------------------------------------------------
-# edge-only download
-# --------------------------------------------------------------------------------------------------------
-def download_edge(repo_id: str, *, revision: str | None = None, cache_dir=None, local_dir=None, token=None) -> tuple[Path, int]:
-    """Fetch only the edge encoder's files of a Hub checkpoint (never the language model).
-
-    Returns the local folder and the number of bytes it holds.
-    """
-    from huggingface_hub import snapshot_download
-
-    folder = Path(
-        snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir, local_dir=local_dir, token=token,
-            allow_patterns=list(EDGE_FILES),
-        )
-    )
-    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-    return folder, size
 
 
 # --------------------------------------------------------------------------------------------------------
