@@ -148,14 +148,23 @@ def _api_key(path: str | None) -> str | None:
     return lines[0].strip()
 
 
+def _check_image_path(path: str) -> None:
+    """One line for what is not a local image file: a URL, a folder, a missing path."""
+    if "://" in path:
+        raise CliError(f"--image {path} is a URL; give a local image file (download it first)")
+    if Path(path).is_dir():
+        raise CliError(f"--image {path} is a folder; give one image file")
+    if not Path(path).is_file():
+        raise CliError(f"image {path} not found")
+
+
 def cmd_ask(args) -> int:
     from .client import EdgeClient, check_server_url
 
     check_server_url(args.server)
     if not args.question.strip():
         raise CliError("the question is empty")
-    if not Path(args.image).is_file():
-        raise CliError(f"image {args.image} not found")
+    _check_image_path(args.image)
     with tempfile.TemporaryDirectory() as scratch:
         edge = _edge_folder(_default_model(args.edge), Path(scratch))
         with EdgeClient(edge, args.server, timeout=args.timeout, retry_window=args.retry_window,
@@ -401,7 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question")
     ask.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP attempt")
     ask.add_argument("--retry-window", type=float, default=30.0,
-                     help="seconds during which a refused, dropped or timed-out request or a 503 is retried")
+                     help="seconds during which a refused, dropped or timed-out request, or a 408, 429, 502, 503 "
+                          "or 504, is retried")
     ask.add_argument("--threads", type=int, default=None, help="CPU threads of the edge runtime")
     ask.add_argument("--api-key-file", help=f"file whose first line is the server's API key (default: ${API_KEY_ENV})")
     ask.add_argument("--json", action="store_true", help="print the answer and timings as JSON")
@@ -460,12 +470,39 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return errors + (EdgeClientError,)
 
 
+# Optional packages -> the extra that brings them. The cloud's core packages are named under the command's own
+# extra instead (`serve` without torch needs [serve], which includes [cloud]).
+_EXTRA_OF_PACKAGE = {
+    "fastapi": "serve", "uvicorn": "serve", "starlette": "serve", "datasets": "train", "easy_vqa": "train",
+    "evaluate": "train", "tokenizers": "train", "matplotlib": "train", "onnx": "export", "onnxscript": "export",
+    "onnxruntime": "edge", "constriction": "edge", "huggingface_hub": "edge", "httpx": "edge",
+}
+_CLOUD_PACKAGES = ("torch", "transformers", "peft", "accelerate", "jinja2", "safetensors")
+_COMMAND_EXTRA = {"serve": "serve", "demo": "serve,train", "export-edge": "export", "export-vllm": "cloud",
+                  "info": "cloud", "ask": "edge"}
+
+
+def missing_package_message(command: str, exc: ImportError) -> str:
+    """One line for an `ImportError` a subcommand hit: which extra to install for a missing package, else the
+    error itself (e.g. an unsupported Transformers release)."""
+    package = (getattr(exc, "name", None) or "").split(".")[0]
+    if not isinstance(exc, ModuleNotFoundError) or not package:
+        return f"`alignedvq {command}`: {exc}"
+    extra = _COMMAND_EXTRA.get(command) if package in _CLOUD_PACKAGES else _EXTRA_OF_PACKAGE.get(package)
+    if extra is None:
+        return f"`alignedvq {command}` needs the Python package {package!r}, which is not installed"
+    return f'`alignedvq {command}` needs {package}, which is not installed: pip install "transformers-alignedvq[{extra}]"'
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except _user_errors() as exc:
         print(f"alignedvq: error: {exc}", file=sys.stderr)
+        return 1
+    except ImportError as exc:  # a device install ([edge]) running a cloud command, or a missing extra
+        print(f"alignedvq: error: {missing_package_message(args.command, exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

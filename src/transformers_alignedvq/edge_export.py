@@ -17,7 +17,7 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import wire
 from .edge_runtime import (
@@ -28,7 +28,9 @@ from .edge_runtime import (
     write_edge_config,
 )
 from .entropy import ENTROPY_MODEL_NAME
-from .search import SearchConfig
+
+if TYPE_CHECKING:  # search needs torch; `describe_checkpoint` (alignedvq info) must run on a device without it
+    from .search import SearchConfig
 
 EXPORT_FORMATS = ("safetensors", "onnx")
 
@@ -80,10 +82,13 @@ def _read_tensor(weights: list[Path], key: str):
     from safetensors import safe_open
 
     for path in weights:
-        # "pt" rather than "numpy": numpy has no bfloat16, should a codebook ever be stored in it.
-        with safe_open(str(path), framework="pt") as handle:
-            if key in handle.keys():
-                return handle.get_tensor(key)
+        with safe_open(str(path), framework="numpy") as handle:
+            if key not in handle.keys():
+                continue
+            if handle.get_slice(key).get_dtype() != "BF16":
+                return handle.get_tensor(key)  # numpy: `alignedvq info` runs on a device without torch
+        with safe_open(str(path), framework="pt") as handle:  # numpy has no bfloat16
+            return handle.get_tensor(key)
     raise CheckpointError(f"no tensor {key!r} in {', '.join(p.name for p in weights)}")
 
 
