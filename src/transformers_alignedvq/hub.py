@@ -16,17 +16,20 @@ Hub repo as "this repo is a PEFT adapter" and loads the base named in it instead
 A quantized model (`ptq.py`) saves as a full checkpoint with its quantizers beside the weights
 (``ptq_config.json`` + ``ptq.safetensors``), re-applied strictly after loading.
 
-Both kinds also carry the edge encoder (``edge_config.json`` + ``edge_model.safetensors``) so a device can
-download only that (:func:`download_edge`), the modeling source files with an ``auto_map`` (so
-``trust_remote_code=True`` works without this package), and a model card.
+Both kinds also carry the edge encoder (``edge_config.json``, ``edge_model.safetensors`` and the fp32
+``edge_model.onnx`` a device runs without PyTorch) so a device can download only that (:func:`download_edge`),
+the modeling source files with an ``auto_map`` (so ``trust_remote_code=True`` works without this package), and
+a model card.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -139,7 +142,8 @@ def save_checkpoint(
     kind: str | None = None,
     merge_lora: bool = False,
     include_ema_state: bool | None = None,
-    save_edge: bool = True,
+    save_edge: bool | str = True,
+    edge_calibration_images=None,
     eval_results: dict | None = None,
     save_function=None,
     **save_kwargs,
@@ -148,7 +152,9 @@ def save_checkpoint(
 
     Returns the directory. ``save_function`` is the stock `PreTrainedModel.save_pretrained` used for the
     full kind (the model class passes its parent's). ``include_ema_state`` defaults to True for the full kind
-    (what the `Trainer` saves and resumes from: nothing restarts) and False for the adapter kind.
+    (what the `Trainer` saves and resumes from: nothing restarts) and False for the adapter kind. ``save_edge``
+    and ``edge_calibration_images``: which edge files to add (`edge_export.write_checkpoint_edge`: by default
+    the PyTorch and the fp32 ONNX edge).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -202,11 +208,30 @@ def save_checkpoint(
         if lora:
             save_lora(model, directory / LORA_SUBFOLDER)
         if save_edge:
-            model.edge_encoder().save_pretrained(directory)
+            _edge_writer()(model, directory, save_edge, calibration_images=edge_calibration_images)
         write_model_card(model, directory, kind=kind, eval_results=eval_results)
     finally:
         config.checkpoint_kind = original_kind
     return directory
+
+
+def _edge_writer():
+    """`edge_export.write_checkpoint_edge`, imported by module name rather than by an import statement: the
+    remote code a checkpoint ships holds this file but not the exporter (Transformers' remote-code loader would
+    otherwise demand the exporter and its ONNX imports on every machine), so a model loaded that way saves only
+    the PyTorch edge, and says so."""
+    try:
+        return importlib.import_module(".edge_export", __package__).write_checkpoint_edge
+    except ModuleNotFoundError as exc:
+        if not (exc.name or "").endswith(".edge_export"):
+            raise
+
+    def pytorch_edge_only(model, directory, mode, calibration_images=None):
+        warnings.warn("saved without the ONNX edge: this model's code came with the checkpoint (trust_remote_code); "
+                      "install transformers-alignedvq to write it", RuntimeWarning, stacklevel=4)
+        model.edge_encoder().save_pretrained(directory)
+
+    return pytorch_edge_only
 
 
 # --------------------------------------------------------------------------------------------------------
