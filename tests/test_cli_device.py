@@ -15,10 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import transformers_alignedvq
 from transformers_alignedvq.testing import WITHOUT_CLOUD_PACKAGES
 
-pytestmark = pytest.mark.skipif(not hasattr(transformers_alignedvq, "DEFAULT_MODEL"), reason="needs the bundled model")
+pytestmark = pytest.mark.bundled_model
 
 # Runs `cli.main` once per argument list (JSON in argv[1]) and reports each exit status and stderr.
 _RUN_COMMANDS = WITHOUT_CLOUD_PACKAGES + """

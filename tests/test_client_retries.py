@@ -13,7 +13,7 @@ import pytest
 import transformers_alignedvq
 from transformers_alignedvq.client import EdgeClient, EdgeClientError, ServerError
 
-pytestmark = pytest.mark.skipif(not hasattr(transformers_alignedvq, "DEFAULT_MODEL"), reason="needs the bundled model")
+pytestmark = pytest.mark.bundled_model
 IMAGE = np.zeros((16, 16, 3), dtype=np.uint8)
 ANSWER = {"answer": "red", "timing_ms": {"total": 1.0}}
 

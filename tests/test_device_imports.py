@@ -17,7 +17,7 @@ from PIL import Image
 
 import transformers_alignedvq
 
-pytestmark = pytest.mark.skipif(not hasattr(transformers_alignedvq, "DEFAULT_MODEL"), reason="needs the bundled model")
+pytestmark = pytest.mark.bundled_model
 CLOUD = ("torch", "transformers", "fastapi", "uvicorn", "peft", "accelerate")
 _REPORT = "import json, sys; print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} & set(%r))))" % (CLOUD,)
 

@@ -27,7 +27,7 @@ import pytest
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 

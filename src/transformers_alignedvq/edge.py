@@ -10,7 +10,6 @@ Imports only PyTorch, safetensors and Transformers' vision configuration/modelin
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import split
+from .alignedvq_layer import AlignedVQLayer
 from .edge_runtime import (
     EDGE_CONFIG_NAME,
     EDGE_FORMAT_VERSION,
@@ -29,10 +29,8 @@ from .edge_runtime import (
     read_edge_config,
     write_edge_config,
 )
-from .alignedvq_layer import AlignedVQLayer
 from .preprocess import ImagePreprocessing, read_preprocessing
 from .search import CodewordSearch, SearchConfig, fold_codebook
-
 
 # Submodules of the split block the edge never runs, by site.
 _UNUSED_AT_SITE = {
