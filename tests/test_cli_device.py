@@ -76,6 +76,22 @@ def test_cloud_commands_name_the_extra_they_need_and_info_works(tmp_path):
     assert json.loads(info["out"])["checkpoint"] == "full"
 
 
+def test_missing_package_messages_name_the_right_extra():
+    from transformers_alignedvq.cli import missing_package_message
+
+    def missing(name):
+        return ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+    assert missing_package_message("ask", missing("torch")).endswith('pip install "transformers-alignedvq[cloud]"')
+    assert missing_package_message("serve", missing("fastapi")).endswith('"transformers-alignedvq[serve]"')
+    assert missing_package_message("demo", missing("easy_vqa")).endswith('"transformers-alignedvq[train]"')
+    assert missing_package_message("ask", missing("onnxruntime")).endswith('"transformers-alignedvq[edge]"')
+    assert missing_package_message("serve", missing("vllm")) == (
+        "`alignedvq serve` needs the Python package 'vllm', which is not installed")
+    assert missing_package_message("info", ImportError("transformers 4.0 is too old")) == (
+        "`alignedvq info`: transformers 4.0 is too old")
+
+
 def test_bad_ask_inputs_get_one_line(tmp_path):
     (tmp_path / "bomb.png").write_bytes(_png_header(15000, 15000))  # over twice Pillow's limit: its error
     (tmp_path / "big.png").write_bytes(_png_header(12000, 12000))  # over the limit, under twice: only a warning

@@ -477,9 +477,10 @@ _EXTRA_OF_PACKAGE = {
     "evaluate": "train", "tokenizers": "train", "matplotlib": "train", "onnx": "export", "onnxscript": "export",
     "onnxruntime": "edge", "constriction": "edge", "huggingface_hub": "edge", "httpx": "edge",
 }
-_CLOUD_PACKAGES = ("torch", "transformers", "peft", "accelerate", "jinja2", "safetensors")
+_CLOUD_PACKAGES = ("torch", "transformers", "peft", "accelerate", "jinja2")
+# `ask` needs the cloud packages only to export the edge of a folder that has none: [cloud] then.
 _COMMAND_EXTRA = {"serve": "serve", "demo": "serve,train", "export-edge": "export", "export-vllm": "cloud",
-                  "info": "cloud", "ask": "edge"}
+                  "info": "cloud"}
 
 
 def missing_package_message(command: str, exc: ImportError) -> str:
@@ -488,7 +489,7 @@ def missing_package_message(command: str, exc: ImportError) -> str:
     package = (getattr(exc, "name", None) or "").split(".")[0]
     if not isinstance(exc, ModuleNotFoundError) or not package:
         return f"`alignedvq {command}`: {exc}"
-    extra = _COMMAND_EXTRA.get(command) if package in _CLOUD_PACKAGES else _EXTRA_OF_PACKAGE.get(package)
+    extra = _COMMAND_EXTRA.get(command, "cloud") if package in _CLOUD_PACKAGES else _EXTRA_OF_PACKAGE.get(package)
     if extra is None:
         return f"`alignedvq {command}` needs the Python package {package!r}, which is not installed"
     return f'`alignedvq {command}` needs {package}, which is not installed: pip install "transformers-alignedvq[{extra}]"'
