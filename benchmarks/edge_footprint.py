@@ -31,7 +31,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-_PROBE = textwrap.dedent(
+# Both probes: argv[2] == "block" runs argv[3] first (torch and transformers made unimportable).
+_PRELUDE = textwrap.dedent(
     """
     import json, sys, time
 
@@ -41,6 +42,11 @@ _PROBE = textwrap.dedent(
                 return int(line.split()[1]) / 1024
     if sys.argv[2] == "block":
         exec(sys.argv[3])
+    """
+)
+
+_PROBE = _PRELUDE + textwrap.dedent(
+    """
     start = time.perf_counter()
     from transformers_alignedvq.client import EdgeClient
     imported = time.perf_counter()
@@ -61,16 +67,8 @@ _PROBE = textwrap.dedent(
 )
 
 
-_ASK_PROBE = textwrap.dedent(
+_ASK_PROBE = _PRELUDE + textwrap.dedent(
     """
-    import json, sys, time
-
-    def peak_rss_mb():
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    if sys.argv[2] == "block":
-        exec(sys.argv[3])
     start = time.perf_counter()
     if sys.argv[4] == "cloud":
         import transformers_alignedvq
