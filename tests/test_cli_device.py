@@ -77,7 +77,7 @@ def test_cloud_commands_name_the_extra_they_need_and_info_works(tmp_path):
 
 
 def test_missing_package_messages_name_the_right_extra():
-    from transformers_alignedvq.cli import missing_package_message
+    from transformers_alignedvq.extras import missing_package_message
 
     def missing(name):
         return ModuleNotFoundError(f"No module named {name!r}", name=name)
