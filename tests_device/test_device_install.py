@@ -84,3 +84,14 @@ def test_cli_ask_on_the_device(server_url, tmp_path):
     assert json.loads(out.stdout)["answer"] == "red"
     bad = subprocess.run(args[:-3] + [str(Path(EDGE) / "edge_config.json"), QUESTION], capture_output=True, text=True)
     assert bad.returncode == 1 and bad.stderr.startswith("alignedvq: error: cannot read the image")
+
+
+def test_cloud_commands_name_their_extra_and_info_reads_the_onnx_edge(tmp_path):
+    cli = [sys.executable, "-m", "transformers_alignedvq.cli"]
+    for argv, extra in ((["serve"], "serve"), (["export-edge", "--output", str(tmp_path / "e")], "export")):
+        out = subprocess.run(cli + argv, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+        assert f'pip install "transformers-alignedvq[{extra}]"' in out.stderr
+    info = subprocess.run(cli + ["info", "--model", EDGE, "--json"], capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    assert json.loads(info.stdout)["checkpoint"].startswith("edge (onnx")
