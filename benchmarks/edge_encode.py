@@ -34,9 +34,9 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from transformers_alignedvq.edge import AlignedVQEdgeEncoder
 from transformers_alignedvq.edge_onnx import export_onnx, export_search
-from transformers_alignedvq.preprocess import ImagePreprocessing
 from transformers_alignedvq.models.llava_alignedvq.quantizer import kmeans
-from transformers_alignedvq.search import CodewordSearch, SearchConfig
+from transformers_alignedvq.preprocess import ImagePreprocessing
+from transformers_alignedvq.search import SearchConfig
 
 SITES = {"patch_0": (0, "patch"), "input_0": (0, "input"), "ln1_0": (0, "ln1"), "mlp_0": (0, "mlp"), "mlp_1": (1, "mlp")}
 FIT_PHOTOS = ("coffee", "colorwheel", "hubble_deep_field", "immunohistochemistry", "retina", "rocket", "camera",
@@ -178,7 +178,7 @@ def main(argv=None) -> None:
     print(f"LLaVA-1.5 edge (CLIP ViT-L/14-336, random weights), K=4096, one thread, {args.repeats} interleaved "
           f"repeats; shortlist rank {args.rank}, {args.candidates} candidates; agreement on "
           f"{held_pixels.shape[0] * 577} held-out photo tokens")
-    print(f"| site | method | ms/image | vs torch exact | agreement with exact search |")
+    print("| site | method | ms/image | vs torch exact | agreement with exact search |")
     print("|---|---|---:|---:|---:|")
     for row in rows:
         base = next(r["ms"] for r in rows if r["site"] == row["site"] and r["method"] == "torch, exact")

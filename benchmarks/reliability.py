@@ -43,7 +43,6 @@ import zlib
 from pathlib import Path
 
 import httpx
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from load_test import free_port, make_frames, wait_ready  # noqa: E402

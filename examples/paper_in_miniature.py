@@ -50,7 +50,7 @@ from transformers_alignedvq import LlavaAlignedVQForConditionalGeneration  # noq
 from transformers_alignedvq.data import VQACollator, load_easy_vqa  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
 from transformers_alignedvq.models.llava_alignedvq.split import SPLIT_SITES, edge_forward  # noqa: E402
-from transformers_alignedvq.training import AlignedVQTrainer, prepare_for_finetuning  # noqa: E402
+from transformers_alignedvq.training import AlignedVQTrainer  # noqa: E402
 
 
 def parse_args(argv=None):

@@ -55,7 +55,7 @@ def _agreement(get, layers, names) -> list[str]:
         ("ln1_dlp", "ln1", "Adding DLP helps at every split (Figure 7)"),
         ("alignedvq", "ln1_dlp", "Adding LoRA helps at every split (Figure 7)"),
     ):
-        pairs = [(acc(f"fig7_L{l}_{key_a}"), acc(f"fig7_L{l}_{key_b}")) for l in layers]
+        pairs = [(acc(f"fig7_L{layer}_{key_a}"), acc(f"fig7_L{layer}_{key_b}")) for layer in layers]
         pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
         if pairs:
             gains = ", ".join(f"{a - b:+.2f}" for a, b in pairs)
@@ -210,8 +210,8 @@ def write_report(runs: Path, doc: Path, args) -> None:
             lines.append(f"| {layer} | " + " | ".join(_pct(get(f"fig7_L{layer}_{v}")) for v, _ in variants) + " |")
         fig, ax = plt.subplots(figsize=(6, 3.5))
         for key, label in variants:
-            xs = [l for l in layers if get(f"fig7_L{l}_{key}")]
-            ax.plot(xs, [100 * get(f"fig7_L{l}_{key}")["accuracy"] for l in xs], marker="o", label=label)
+            xs = [layer for layer in layers if get(f"fig7_L{layer}_{key}")]
+            ax.plot(xs, [100 * get(f"fig7_L{layer}_{key}")["accuracy"] for layer in xs], marker="o", label=label)
         if get("base_raw"):
             ax.axhline(100 * get("base_raw")["accuracy"], color="pink", linestyle="--", label="LLaVA")
         ax.set_xlabel("split block")

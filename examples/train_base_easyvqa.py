@@ -243,7 +243,6 @@ def _clip_image_processor_class():
     # backend is the same preprocessing, picked here to avoid a fallback warning.
     try:
         import torchvision  # noqa: F401
-
         from transformers import CLIPImageProcessor
 
         return CLIPImageProcessor

@@ -16,6 +16,18 @@ NUM_PATCHES = (IMAGE_SIZE // PATCH) ** 2  # 16 patches + CLS = 17 vision tokens
 
 torch.set_num_threads(1)
 
+BUNDLED_MODEL_MISSING = "this build has no bundled model (examples/build_bundled_model.py)"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "bundled_model: needs the easy-VQA model shipped in the package (skipped "
+                                       "where the build has none)")
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("bundled_model") and not hasattr(tav, "TINY_EASYVQA"):
+        pytest.skip(BUNDLED_MODEL_MISSING)
+
 
 def tiny_llava_config(**overrides) -> LlavaConfig:
     vision = CLIPVisionConfig(

@@ -5,9 +5,7 @@ import torch
 
 import transformers_alignedvq as tav
 
-pytestmark = pytest.mark.skipif(
-    not hasattr(tav, "TINY_EASYVQA"), reason="this build has no bundled model (examples/build_bundled_model.py)"
-)
+pytestmark = pytest.mark.bundled_model
 
 
 def test_bundled_model_answers_test_questions_over_the_wire():

@@ -148,7 +148,7 @@ def test_ask_errors_are_one_line_and_exit_1(deployment, server, tmp_path, capsys
     assert re.fullmatch(r"alignedvq: error: server URL .* must start with http:// or https://.*\n", capsys.readouterr().err)
 
 
-@pytest.mark.skipif(not hasattr(transformers_alignedvq, "DEFAULT_MODEL"), reason="no bundled model in this build")
+@pytest.mark.bundled_model
 def test_ask_and_info_default_to_the_bundled_model(tmp_path, capsys):
     picture = tmp_path / "picture.png"
     Image.fromarray(np.full((64, 64, 3), 255, dtype=np.uint8)).save(picture)
@@ -240,7 +240,7 @@ print(json.dumps({"backend": edge.backend, "indices": edge.encode_image(image).t
 """
 
 
-@pytest.mark.skipif(transformers_alignedvq.DEFAULT_MODEL is None, reason="no bundled model in this build")
+@pytest.mark.bundled_model
 def test_the_bundled_models_edge_runs_without_torch_and_matches_the_pytorch_edge():
     """`alignedvq ask` without --edge on a device with only the [edge] extra: the bundled folder's ONNX edge."""
     from transformers_alignedvq.edge_runtime import load_edge_runtime

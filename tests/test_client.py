@@ -18,16 +18,15 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
-
 from transformers import AutoProcessor
 
 from transformers_alignedvq.client import EdgeClient, EdgeClientError, ServerError, ServerUnavailableError
 from transformers_alignedvq.edge_export import export_edge
 from transformers_alignedvq.edge_runtime import EDGE_WEIGHTS_NAME
 from transformers_alignedvq.preprocess import ImageInputError
-from transformers_alignedvq.wire import codebook_fingerprint
 from transformers_alignedvq.server import BackgroundServer, create_app
 from transformers_alignedvq.testing import WITHOUT_CLOUD_PACKAGES, save_tiny_deployment
+from transformers_alignedvq.wire import codebook_fingerprint
 
 QUESTION = "what color is the shape ?"
 # Modules the edge process must never load: the web server stack and the language model.

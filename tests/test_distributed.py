@@ -3,8 +3,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch.distributed as dist
 import pytest
+import torch.distributed as dist
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")

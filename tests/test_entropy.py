@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.wire_data import QUESTIONS, blocky_images, small_model
 from transformers_alignedvq.entropy import (
     ENTROPY_MODEL_NAME,
     MAX_CODED_PROMPT_BYTES,
@@ -16,8 +17,6 @@ from transformers_alignedvq.entropy import (
     split_pieces,
 )
 from transformers_alignedvq.errors import CheckpointMismatchError, WireFormatError
-
-from tests.wire_data import QUESTIONS, blocky_images, small_model
 
 pytest.importorskip("constriction")
 MODEL = small_model()

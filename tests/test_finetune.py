@@ -52,7 +52,7 @@ def test_finetune_evaluates_saves_and_resumes_exactly(tmp_path, capsys):
 
 def test_skipping_the_entropy_model_says_what_frames_cost(tmp_path, capsys):
     main(TINY_RUN + ["--max-steps", "1", "--output", str(tmp_path), "--no-entropy-model"])
-    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("no entropy model")]
+    line = [text for text in capsys.readouterr().out.splitlines() if text.startswith("no entropy model")]
     assert len(line) == 1 and "bit-packed frames of 53 B per image" in line[0]  # 65 tokens x 4 bits + header and "fit_entropy_model.py" in line[0]
     assert not (tmp_path / "entropy_model.safetensors").exists()
     assert json.loads((tmp_path / "training_log.json").read_text())

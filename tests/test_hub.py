@@ -27,7 +27,7 @@ import pytest
 import torch
 from huggingface_hub import CommitOperationAdd, HfApi, ModelCard, constants
 from huggingface_hub.hf_api import CommitInfo, RepoUrl
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 
@@ -35,11 +35,12 @@ import transformers_alignedvq as tav
 from tests.conftest import IMAGE_SIZE, NUM_PATCHES, prompt_ids, tiny_alignedvq, tiny_llava, tiny_llava_config
 from transformers_alignedvq.hub import CheckpointMismatchError, checkpoint_files
 from transformers_alignedvq.lora import add_lora, enable_lora, has_lora
+from transformers_alignedvq.testing import WITHOUT_CLOUD_PACKAGES, save_tiny_deployment
 
 KINDS = ("full", "adapter")
 CODEBOOK_SIZE = 16
 LORA_FILES = {"lora/adapter_config.json", "lora/adapter_model.safetensors"}
-EDGE_FILES = {"edge_config.json", "edge_model.safetensors"}
+EDGE_FILES = {"edge_config.json", "edge_model.safetensors", "edge_model.onnx"}
 EMA_KEYS = {"model.alignedvq.quantizer.cluster_size", "model.alignedvq.quantizer.embed_sum"}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 GENERIC_CARD = "This is the model card of a 🤗 transformers model"
@@ -573,6 +574,8 @@ def hub_server(setup, tmp_path_factory):
             git_repo(models / f"llava-alignedvq-{kind}")
     finally:
         config.base_model_name_or_path, config.base_model_revision = saved
+    save_tiny_deployment(models / "tiny-deployment")  # with a processor, so a server can answer for it
+    git_repo(models / "tiny-deployment")
 
     port = free_port()
     settings = root / "olah.toml"
@@ -595,7 +598,7 @@ def hub_server(setup, tmp_path_factory):
         deadline = time.monotonic() + 60
         while True:
             if server.poll() is not None:
-                pytest.skip(f"olah exited with {server.returncode}: {log_path.read_text(errors='replace')[-1500:]}")
+                pytest.fail(f"olah exited with {server.returncode}: {log_path.read_text(errors='replace')[-1500:]}")
             try:
                 with no_proxy.open(f"{endpoint}/api/models/org/llava-tiny-base/revision/main", timeout=2) as response:
                     if response.status == 200:
@@ -603,7 +606,7 @@ def hub_server(setup, tmp_path_factory):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.skip(f"olah did not answer within 60 s: {log_path.read_text(errors='replace')[-1500:]}")
+                pytest.fail(f"olah did not answer within 60 s: {log_path.read_text(errors='replace')[-1500:]}")
             time.sleep(0.3)
         yield SimpleNamespace(endpoint=endpoint, root=root, models=models)
     finally:
@@ -670,3 +673,55 @@ def test_load_by_repo_id_from_a_hub_server_then_offline_and_edge_only_download(s
     offline_env = {**env, "HF_HUB_OFFLINE": "1", "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
     offline = run_child(sys.executable, HUB_CHILD, [setup.expected_path, "", ""], offline_env, tmp_path)
     assert offline["loaded"] == expected_loaded
+
+
+# A device without PyTorch or Transformers: `alignedvq ask --edge org/repo` fetches only the edge files (their
+# ONNX edge) from the Hub server and asks the cloud; then download_edge into a snapshot folder that also holds
+# the model's weights reports the edge files' bytes only.
+DEVICE_CHILD = WITHOUT_CLOUD_PACKAGES + r"""
+import contextlib, io, json, sys
+from huggingface_hub import hf_hub_download
+from transformers_alignedvq import cli
+from transformers_alignedvq.edge_runtime import EDGE_FILES, download_edge
+
+server_url, image, cache = sys.argv[1:4]
+out, err = io.StringIO(), io.StringIO()
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    code = cli.main(["ask", "--server", server_url, "--edge", "org/tiny-deployment", "--image", image,
+                     "--retry-window", "0", "--threads", "1", "--json", "what color is the shape?"])
+assert code == 0, err.getvalue()
+hf_hub_download("org/tiny-deployment", "model.safetensors", cache_dir=cache)
+folder, size = download_edge("org/tiny-deployment", cache_dir=cache)
+print(json.dumps({"answer": json.loads(out.getvalue())["answer"], "torch": "torch" in sys.modules,
+                  "transformers": "transformers" in sys.modules, "folder": sorted(p.name for p in folder.iterdir()),
+                  "size": size}))
+"""
+
+
+def test_a_device_without_torch_asks_with_the_onnx_edge_of_a_hub_checkpoint(hub_server, tmp_path):
+    from PIL import Image
+
+    from transformers_alignedvq import edge_runtime
+    from transformers_alignedvq.client import EdgeClient
+    from transformers_alignedvq.server import BackgroundServer, create_app
+
+    local = hub_server.models / "tiny-deployment"
+    assert {"edge_model.onnx", "edge_config.json"} <= set(checkpoint_files(local))  # save_pretrained wrote it
+    image = tmp_path / "picture.png"
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(image)
+    env = {
+        **os.environ, "HF_ENDPOINT": hub_server.endpoint, "HF_HOME": str(tmp_path / "hf"), "OMP_NUM_THREADS": "1",
+        "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
+    }
+    for name in ("HF_HUB_OFFLINE", "HF_HUB_CACHE", "HF_TOKEN"):
+        env.pop(name, None)
+    with BackgroundServer(create_app(local, max_new_tokens=4, max_wait_ms=1)) as server:
+        device = run_child(sys.executable, DEVICE_CHILD, [server.url, image, tmp_path / "cache"], env, tmp_path)
+        with EdgeClient(local, server.url, backend="onnx", threads=1) as client:
+            expected = client.ask(str(image), "what color is the shape?").text
+    assert not device["torch"] and not device["transformers"]
+    assert device["answer"] == expected
+    assert "model.safetensors" in device["folder"]  # the snapshot folder holds more than the edge...
+    edge_names = [name for name in device["folder"] if name in edge_runtime.EDGE_FILES]
+    assert device["size"] == sum((local / name).stat().st_size for name in edge_names)  # ...its size does not
+    assert {"edge_model.onnx", "edge_config.json", "processor_config.json"} <= set(edge_names)

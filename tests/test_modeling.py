@@ -9,7 +9,7 @@ from safetensors import safe_open
 from transformers import AutoModel, AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
 
 import transformers_alignedvq as tav
-from tests.conftest import IMAGE_SIZE, IMAGE_TOKEN, NUM_PATCHES, prompt_ids, tiny_alignedvq, tiny_llava
+from tests.conftest import IMAGE_SIZE, NUM_PATCHES, prompt_ids, tiny_alignedvq, tiny_llava
 from transformers_alignedvq import split
 
 VARIANTS = [dict(), dict(num_codebooks=2, num_groups=4), dict(codebook_dim=16), dict(use_dlp=False)]

@@ -14,10 +14,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.serving_helpers import OCTET, make_frame
 from transformers_alignedvq.server import BackgroundServer, create_app
 from transformers_alignedvq.testing import save_tiny_deployment
-
-from test_server import OCTET, make_frame
 
 NGINX = shutil.which("nginx") or shutil.which("/usr/sbin/nginx")
 CONFIG = Path(__file__).parents[1] / "deploy" / "nginx.conf"

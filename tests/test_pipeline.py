@@ -30,8 +30,8 @@ def test_pipeline_smoke(tmp_path):
               "--test-limit", "16", "--ablation-eval", "16", "--ablation-epochs", "1", "--headline-epochs", "1",
               "--calibration-images", "8", "--kmeans-iters", "2", "--ablation-calibration-images", "8",
               "--ablation-kmeans-iters", "2", "--batch-size", "8", "--threads", "1"]
-    out = run(*common, "--only", "base_raw", "base_jpeg10", "alignedvq_headline", "table1_mlp", "table1_ln1",
-              "bits_K4096", "diag_", "figure4")
+    run(*common, "--only", "base_raw", "base_jpeg10", "alignedvq_headline", "table1_mlp", "table1_ln1",
+        "bits_K4096", "diag_", "figure4")
     results = {p.stem: json.loads(p.read_text()) for p in (runs / "results").glob("*.json")}
     assert set(results) == {"base_raw", "base_jpeg10", "alignedvq_headline", "alignedvq_headline_mlp", "table1_mlp",
                             "table1_ln1", "bits_K4096", "diag_L1_ln1_residual_kept", "figure4_magnitudes"}

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from conftest import IMAGE_SIZE, IMAGE_TOKEN, NUM_PATCHES, tiny_alignedvq, tiny_llava
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -21,9 +22,6 @@ from transformers_alignedvq.ptq_search import (
     r_squared,
     token_entropy,
 )
-
-from conftest import IMAGE_SIZE, IMAGE_TOKEN, NUM_PATCHES, tiny_alignedvq, tiny_llava
-
 
 # Short grids keep each search to a fraction of a second on these tiny models.
 FAST = {"clip_grid": (1.0, 0.8, 0.6), "joint_grid": (0.9, 1.1), "search_rows": 512}
@@ -165,7 +163,7 @@ def test_methods_quantize_the_selected_parts_only(method):
     report = quantize_model(model, batches, PTQConfig(method=method, weight_bits=8, act_bits=8,
                                                       parts=("vision", "language_model"), **FAST))
     layers = ptq.quant_layers(model)
-    assert layers and all(l.part in ("vision", "language_model") for l in layers.values())
+    assert layers and all(layer.part in ("vision", "language_model") for layer in layers.values())
     assert not any(name.startswith(("model.multi_modal_projector", "lm_head")) for name in layers)
     assert not any(".layers.0." in n or ".layers.1." in n for n in layers if "vision_tower" in n)  # edge blocks
     assert "model.vision_tower.encoder.layers.2.mlp.fc2" not in layers  # after the feature layer: never runs

@@ -3,13 +3,13 @@ import torch
 
 from transformers_alignedvq.models.llava_alignedvq.alignedvq_layer import AlignedVQLayer
 from transformers_alignedvq.models.llava_alignedvq.dlp import DualLinearProjection
-from transformers_alignedvq.wire import bits_per_index
 from transformers_alignedvq.models.llava_alignedvq.quantizer import (
     VectorQuantizer,
     codebook_perplexity,
     kmeans,
     nearest_codeword,
 )
+from transformers_alignedvq.wire import bits_per_index
 
 
 def brute_force(x, codebook):

@@ -14,11 +14,11 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from tests.serving_helpers import OCTET, assert_error, make_frame, post_to, sse_events, streamed
 from transformers_alignedvq import wire
 from transformers_alignedvq.server import create_app
 from transformers_alignedvq.testing import IMAGE_SIZE, save_tiny_deployment
 
-OCTET = {"Content-Type": "application/octet-stream"}
 QUESTIONS = ["what color is the shape ?", "does the image contain a circle ?", "what shape is in the image ?",
              "is there a red triangle in the picture ?", "what ?"]
 
@@ -55,30 +55,12 @@ def edge_indices(engine, image: Image.Image) -> np.ndarray:
     return engine.model.encode_edge(pixels)[0].numpy()
 
 
-def make_frame(engine, indices=None, question: str | None = "what color is the shape ?", **overrides) -> bytes:
-    config = engine.config
-    options = dict(codebook_size=config.codebook_size, codebook_fingerprint=engine.fingerprint, prompt=question,
-                   grid=(4, 4), has_cls_token=True)
-    options.update(overrides)
-    if indices is None:
-        indices = np.arange(config.num_image_tokens) % config.codebook_size
-    return wire.encode_frame(indices, **options)
-
-
 def with_crc(body: bytes) -> bytes:
     return body + struct.pack("<I", zlib.crc32(body))
 
 
 def post(client, body, headers=OCTET):
     return client.post("/v1/answer", content=body, headers=headers)
-
-
-def assert_error(response, status: int, type_: str, contains: str = ""):
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert error["type"] == type_
-    assert contains.lower() in error["message"].lower()
-    assert response.headers["content-type"].startswith("application/json")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -287,28 +269,6 @@ def test_still_answers_after_every_bad_request(client, app, engine):
 
 # ---------------------------------------------------------------------------------------------------------
 # sampling and streaming
-def sse_events(response) -> list[tuple[str, dict]]:
-    """``[(event, data), ...]`` of a server-sent-events body."""
-    import json
-
-    events = []
-    for block in response.text.strip().split("\n\n"):
-        fields = dict(line.split(": ", 1) for line in block.splitlines())
-        events.append((fields["event"], json.loads(fields["data"])))
-    return events
-
-
-def streamed(client, body: bytes, query: str = "") -> tuple[str, dict, list[str]]:
-    """``(answer from the deltas, the done event, the deltas)`` of one streamed request."""
-    response = client.post(f"/v1/answer?stream=true{query}", content=body, headers=OCTET)
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/event-stream")
-    events = sse_events(response)
-    assert [name for name, _ in events[:-1]] == ["token"] * (len(events) - 1) and events[-1][0] == "done"
-    deltas = [data["delta"] for _, data in events[:-1]]
-    return "".join(deltas), events[-1][1], deltas
-
-
 def sampled_bodies(engine, count: int = 5) -> list[bytes]:
     return [make_frame(engine, edge_indices(engine, image), question)
             for image, question in zip(images(count, seed=11), QUESTIONS)]
@@ -336,12 +296,6 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(deployment
     greedy = [post_to(client, body)["answer"] for body in bodies]
     other_seeds = [post_to(client, body, query.format(100 + i))["answer"] for i, body in enumerate(bodies)]
     assert first != greedy and first != other_seeds  # it does sample, and the seed matters
-
-
-def post_to(client, body: bytes, query: str = "") -> dict:
-    response = client.post(f"/v1/answer{query}", content=body, headers=OCTET)
-    assert response.status_code == 200, response.text
-    return response.json()
 
 
 def test_one_batch_keeps_each_requests_own_options(deployment, client, engine):

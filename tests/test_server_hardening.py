@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from tests.serving_helpers import OCTET, assert_error, make_frame
 from transformers_alignedvq import cli
 from transformers_alignedvq.auth import API_KEYS_ENV, load_api_keys
 from transformers_alignedvq.connection_limits import ConnectionLimits
@@ -24,8 +25,6 @@ from transformers_alignedvq.errors import ServerConfigError
 from transformers_alignedvq.http_guard import RateLimitFilter, exposure_warnings
 from transformers_alignedvq.server import AnswerEngine, BackgroundServer, create_app
 from transformers_alignedvq.testing import save_tiny_deployment
-
-from test_server import OCTET, assert_error, make_frame
 
 KEY = "k" * 20 + "-secret-1"
 FAST = ConnectionLimits(max_connections=8, backlog=4, header_timeout=0.5, body_timeout=0.5, keep_alive_timeout=0.5)

@@ -13,16 +13,15 @@ import torch
 
 pytest.importorskip("vllm")
 
-import transformers_alignedvq  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+import transformers_alignedvq  # noqa: E402
+from tests.serving_helpers import OCTET, assert_error, make_frame, post_to, streamed  # noqa: E402
 from transformers_alignedvq.cli import demo_samples  # noqa: E402
 from transformers_alignedvq.server import create_app  # noqa: E402
 
-from test_server import OCTET, assert_error, make_frame, post_to, streamed  # noqa: E402
-
 MODEL = getattr(transformers_alignedvq, "TINY_EASYVQA", None)
-pytestmark = pytest.mark.skipif(MODEL is None, reason="needs the bundled easy-VQA model")
+pytestmark = pytest.mark.bundled_model
 # Small and quick to start on a CPU: no compilation, a 256 MiB KV cache (the model's 256-token context).
 VLLM_ARGS = {"enforce_eager": True, "kv_cache_memory_bytes": 2**28}
 

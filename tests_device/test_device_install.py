@@ -59,11 +59,10 @@ def test_torch_and_transformers_are_not_installed():
 
 
 def test_edge_client_imports_only_the_light_stack():
-    code = ("import sys, time; t = time.perf_counter(); from transformers_alignedvq.client import EdgeClient; "
-            "print(time.perf_counter() - t); print(sorted(m.split('.')[0] for m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
-    assert float(out[0]) < 5.0
-    assert not {"torch", "transformers", "fastapi", "uvicorn"} & set(eval(out[1]))
+    """What the client loads; how long that takes is measured by benchmarks/edge_footprint.py, not here."""
+    code = "import json, sys; from transformers_alignedvq.client import EdgeClient; print(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert not {"torch", "transformers", "fastapi", "uvicorn"} & {name.split(".")[0] for name in json.loads(out)}
 
 
 def test_onnx_edge_answers_through_the_cloud(server_url, tmp_path):

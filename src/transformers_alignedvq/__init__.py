@@ -1,12 +1,29 @@
 """transformers-alignedvq: AlignedVQ edge-cloud split inference for LLaVA-style models.
 
-Where PyTorch and Transformers are installed, importing the package registers ``AlignedVQConfig`` (model type
-``llava_alignedvq``) with ``AutoConfig`` and ``LlavaAlignedVQForConditionalGeneration`` with ``AutoModel`` and
-``AutoModelForImageTextToText``, and teaches Transformers' checkpoint loader that llava-hf checkpoints map onto
-it unchanged. On a device with only the ``edge`` extra (onnxruntime, numpy, Pillow, httpx) it imports nothing
-heavy, and the edge modules (`client`, `edge_runtime`, `preprocess`, `wire`) work on their own.
+The package root is lazy, like Transformers' own: importing it, or any device module under it (`client`,
+`wire`, `entropy`, `preprocess`, `edge_runtime`, the ``alignedvq ask`` command), loads neither PyTorch nor
+Transformers, even where both are installed. The model names (``AlignedVQConfig``,
+``LlavaAlignedVQForConditionalGeneration``, ...) are imported on first use (PEP 562 ``__getattr__``).
+
+Transformers' Auto classes learn our model type (``llava_alignedvq``) as soon as both this package and
+Transformers are imported, in either order, so ``import transformers_alignedvq`` followed by
+``AutoModel.from_pretrained(path)`` keeps working:
+
+* imported after Transformers: registered right here;
+* imported before it: a one-shot import hook registers right after ``import transformers`` finishes;
+* on first use of a model name, or by calling `register()`.
+
+A process that never imports Transformers (a device) never pays for it, and never runs the Transformers
+version check either.
 """
 
+from __future__ import annotations
+
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+import warnings
 from pathlib import Path as _Path
 
 from .errors import CheckpointMismatchError
@@ -22,26 +39,37 @@ if (_Path(__file__).parent / "assets" / "tiny-easyvqa" / "config.json").is_file(
     TINY_EASYVQA = str(_Path(__file__).parent / "assets" / "tiny-easyvqa")
     DEFAULT_MODEL = TINY_EASYVQA
 
-__all__ = ["VQA_ACCURACY_METRIC", "CheckpointMismatchError"]
+# Name -> module of the names that need PyTorch and Transformers (the [cloud] extra).
+_MODEL = "models.llava_alignedvq."
+_CLOUD_NAMES = {
+    "SPLIT_SITES": _MODEL + "configuration_alignedvq",
+    "AlignedVQConfig": _MODEL + "configuration_alignedvq",
+    "AlignedVQImageOutput": _MODEL + "modeling_alignedvq",
+    "AlignedVQLayer": _MODEL + "alignedvq_layer",
+    "AlignedVQLayerOutput": _MODEL + "alignedvq_layer",
+    "DualLinearProjection": _MODEL + "dlp",
+    "LlavaAlignedVQCausalLMOutputWithPast": _MODEL + "modeling_alignedvq",
+    "LlavaAlignedVQForConditionalGeneration": _MODEL + "modeling_alignedvq",
+    "LlavaAlignedVQModel": _MODEL + "modeling_alignedvq",
+    "LlavaAlignedVQModelOutputWithPast": _MODEL + "modeling_alignedvq",
+    "VectorQuantizer": _MODEL + "quantizer",
+    "bits_per_index": "wire",
+}
 
+__all__ = ["VQA_ACCURACY_METRIC", "CheckpointMismatchError", "register", *_CLOUD_NAMES]
 
-def _installed_cloud_side() -> bool:
-    """Whether torch and transformers import (the [cloud] extra); False on an edge install."""
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ModuleNotFoundError as exc:
-        if exc.name in ("torch", "transformers"):
-            return False
-        raise
-    return True
+_registered = False
 
 
 def _check_cloud_versions() -> None:
     """A base install does not pin Transformers (the [cloud] extra does): refuse an untested release here."""
-    from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-    installed = version("transformers")
+    try:
+        installed = version("transformers")
+        version("torch")
+    except PackageNotFoundError as exc:
+        raise ImportError(f'{exc.name} is not installed; install "transformers-alignedvq[cloud]"') from exc
     numbers = tuple(int(part) for part in installed.split(".")[:3] if part.isdigit())
     if not (5, 16, 1) <= numbers < (6,):
         raise ImportError(
@@ -50,36 +78,72 @@ def _check_cloud_versions() -> None:
         )
 
 
-if _installed_cloud_side():
+def register() -> None:
+    """Register ``AlignedVQConfig`` with ``AutoConfig`` and the model with ``AutoModel`` and
+    ``AutoModelForImageTextToText`` (once; later calls do nothing). `ImportError` naming the ``[cloud]`` extra
+    where PyTorch or a supported Transformers is missing."""
+    global _registered
+    if _registered:
+        return
     _check_cloud_versions()
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
-    from .models.llava_alignedvq.alignedvq_layer import AlignedVQLayer, AlignedVQLayerOutput
-    from .models.llava_alignedvq.configuration_alignedvq import SPLIT_SITES, AlignedVQConfig
-    from .models.llava_alignedvq.dlp import DualLinearProjection
-    from .models.llava_alignedvq.modeling_alignedvq import (
-        AlignedVQImageOutput,
-        LlavaAlignedVQCausalLMOutputWithPast,
-        LlavaAlignedVQForConditionalGeneration,
-        LlavaAlignedVQModel,
-    )
-    from .models.llava_alignedvq.quantizer import VectorQuantizer
-    from .wire import bits_per_index
+    from .models.llava_alignedvq.configuration_alignedvq import AlignedVQConfig
+    from .models.llava_alignedvq.modeling_alignedvq import LlavaAlignedVQForConditionalGeneration
 
     AutoConfig.register(AlignedVQConfig.model_type, AlignedVQConfig, exist_ok=True)
     AutoModel.register(AlignedVQConfig, LlavaAlignedVQForConditionalGeneration, exist_ok=True)
     AutoModelForImageTextToText.register(AlignedVQConfig, LlavaAlignedVQForConditionalGeneration, exist_ok=True)
+    _registered = True
 
-    __all__ += [
-        "SPLIT_SITES",
-        "AlignedVQConfig",
-        "AlignedVQImageOutput",
-        "AlignedVQLayer",
-        "AlignedVQLayerOutput",
-        "DualLinearProjection",
-        "LlavaAlignedVQCausalLMOutputWithPast",
-        "LlavaAlignedVQForConditionalGeneration",
-        "LlavaAlignedVQModel",
-        "VectorQuantizer",
-        "bits_per_index",
-    ]
+
+def _register_or_warn() -> None:
+    """`register()` for the automatic paths: a failure there must not break ``import transformers`` nor a
+    device module, so it is a warning; using a model name then raises the error itself."""
+    try:
+        register()
+    except Exception as exc:  # ImportError (extra missing, version), or whatever a broken install raises
+        warnings.warn(f"transformers_alignedvq: not registered with Transformers' Auto classes: {exc}",
+                      RuntimeWarning, stacklevel=3)
+
+
+class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
+    """Finds nothing itself: when ``transformers`` is about to be imported it removes itself, lets the other
+    finders locate it, and makes its loader call `register()` once the module has run."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "transformers":
+            return None
+        if self in sys.meta_path:
+            sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return spec
+        run = spec.loader.exec_module
+
+        def exec_then_register(module):
+            run(module)
+            _register_or_warn()
+
+        spec.loader.exec_module = exec_then_register
+        return spec
+
+
+if "transformers" in sys.modules:
+    _register_or_warn()
+elif not any(isinstance(finder, _RegisterAfterTransformers) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _RegisterAfterTransformers())
+
+
+def __getattr__(name: str):
+    module = _CLOUD_NAMES.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    register()
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_CLOUD_NAMES))

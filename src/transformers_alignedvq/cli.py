@@ -22,6 +22,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from .extras import missing_package_message
+
 NO_BUNDLED_MODEL = "no bundled model in this build; pass --model"
 API_KEY_ENV = "ALIGNEDVQ_API_KEY"
 # `serve` flags that are fields of `ConnectionLimits`, in the order --help lists them.
@@ -148,14 +150,23 @@ def _api_key(path: str | None) -> str | None:
     return lines[0].strip()
 
 
+def _check_image_path(path: str) -> None:
+    """One line for what is not a local image file: a URL, a folder, a missing path."""
+    if "://" in path:
+        raise CliError(f"--image {path} is a URL; give a local image file (download it first)")
+    if Path(path).is_dir():
+        raise CliError(f"--image {path} is a folder; give one image file")
+    if not Path(path).is_file():
+        raise CliError(f"image {path} not found")
+
+
 def cmd_ask(args) -> int:
     from .client import EdgeClient, check_server_url
 
     check_server_url(args.server)
     if not args.question.strip():
         raise CliError("the question is empty")
-    if not Path(args.image).is_file():
-        raise CliError(f"image {args.image} not found")
+    _check_image_path(args.image)
     with tempfile.TemporaryDirectory() as scratch:
         edge = _edge_folder(_default_model(args.edge), Path(scratch))
         with EdgeClient(edge, args.server, timeout=args.timeout, retry_window=args.retry_window,
@@ -401,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question")
     ask.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP attempt")
     ask.add_argument("--retry-window", type=float, default=30.0,
-                     help="seconds during which a refused, dropped or timed-out request or a 503 is retried")
+                     help="seconds during which a refused, dropped or timed-out request, or a 408, 429, 502, 503 "
+                          "or 504, is retried")
     ask.add_argument("--threads", type=int, default=None, help="CPU threads of the edge runtime")
     ask.add_argument("--api-key-file", help=f"file whose first line is the server's API key (default: ${API_KEY_ENV})")
     ask.add_argument("--json", action="store_true", help="print the answer and timings as JSON")
@@ -466,6 +478,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except _user_errors() as exc:
         print(f"alignedvq: error: {exc}", file=sys.stderr)
+        return 1
+    except ImportError as exc:  # a device install ([edge]) running a cloud command, or a missing extra
+        print(f"alignedvq: error: {missing_package_message(args.command, exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

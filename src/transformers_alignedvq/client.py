@@ -9,9 +9,11 @@ never imports the server or FastAPI.
     answer.text, answer.bytes_sent, answer.edge_ms, answer.transfer_ms, answer.cloud_ms
 
 Asking has no side effect on the server, so a request is safe to repeat (a greedy answer, the default, or a
-sampled one with a seed, is the same every time). The client retries a refused or dropped connection, a connect/read/write timeout and a ``503`` (honouring
-``Retry-After``), waiting with jittered exponential backoff, for as long as ``retry_window`` seconds (30 by
-default: about what a server restart takes). Any other error status is final.
+sampled one with a seed, is the same every time). The client retries a refused or dropped connection, a
+connect/read/write timeout and a ``408``, ``429``, ``502``, ``503`` or ``504`` (honouring ``Retry-After``),
+waiting with jittered exponential backoff, for as long as ``retry_window`` seconds (30 by default: about what a
+server restart takes). Any other error status, and a TLS failure (an https:// URL for a plain HTTP server, an
+untrusted certificate), is final at once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import json
 import os
 import random
 import socket
+import ssl
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +36,7 @@ from .edge_runtime import (
     EDGE_CONFIG_NAME,
     EdgeCheckpointError,
     EdgeRuntime,
+    download_edge,
     frame_geometry,
     load_edge_runtime,
 )
@@ -45,6 +49,9 @@ KEEPALIVE_EXPIRY = 2.0
 # Transport failures after which the same request can simply be sent again: the request is idempotent, so a
 # read timeout (the server may still be computing) is retried too, within the retry window.
 _RETRYABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+# Statuses a later attempt can get past: request timeout, rate limit, overload (503), and a proxy in front of
+# a server that is restarting (502, 504). Any other error status, and a TLS failure, is final at once.
+RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 
 __all__ = ["Answer", "EdgeClient", "EdgeClientError", "ServerError", "ServerUnavailableError"]
 
@@ -110,17 +117,25 @@ def edge_folder(path: str | os.PathLike) -> Path:
         if not (directory / EDGE_CONFIG_NAME).is_file():
             raise EdgeClientError(f"{directory} is not an edge folder: missing {EDGE_CONFIG_NAME}")
         return directory
-    if os.path.exists(path) or str(path).startswith((".", "/", "~")):
+    if os.path.exists(path) or not _looks_like_repo_id(str(path)):
         raise EdgeClientError(f"edge folder {path} not found")
-    from huggingface_hub import snapshot_download
-
-    from .hub import EDGE_FILES
-
     try:
-        folder = Path(snapshot_download(str(path), allow_patterns=list(EDGE_FILES)))
+        folder, _ = download_edge(str(path))
+    except ImportError as exc:
+        raise EdgeClientError(f"edge folder {path} not found here, and {exc}") from exc
     except Exception as exc:  # the hub raises many types (offline, 404, auth); all mean "cannot get it"
-        raise EdgeClientError(f"cannot fetch the edge files of {path!r} from the Hub: {exc}") from exc
+        reason = " ".join(str(exc).split())[:400] or type(exc).__name__  # the hub's messages span lines
+        raise EdgeClientError(f"edge folder {path} not found here, nor as a Hub repo id: {reason}") from exc
     return edge_folder(folder)
+
+
+def _looks_like_repo_id(text: str) -> bool:
+    """``name`` or ``org/name`` as the Hub spells them; a path with more parts, or starting with ``.``, ``/``
+    or ``~``, is a mistyped local folder and is never sent to the Hub."""
+    parts = text.split("/")
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    return (len(parts) <= 2 and all(parts) and not text.startswith((".", "~"))
+            and all(set(part) <= allowed and ".." not in part for part in parts))
 
 
 class EdgeClient:
@@ -260,12 +275,15 @@ class EdgeClient:
             try:
                 response = self._http.request(method, path, **kwargs)
             except _RETRYABLE as exc:
+                if _tls_failure(exc):  # the same handshake fails the same way every time
+                    raise EdgeClientError(f"{method} {self.server_url}{path}: TLS failed ({exc}); an https:// URL "
+                                          "needs a server with TLS on and a certificate this machine trusts") from exc
                 last_problem = f"{type(exc).__name__}: {exc or 'connection failed'}"
             else:
                 if response.status_code < 400:
                     return response, attempt + 1
                 error = _error_of(response)
-                if response.status_code != 503:
+                if response.status_code not in RETRY_STATUSES:
                     raise error
                 last_problem = str(error)
                 retry_after = response.headers.get("retry-after")
@@ -277,6 +295,18 @@ class EdgeClient:
                     f"{time.monotonic() - start:.1f} s: {last_problem}"
                 )
             time.sleep(self._delay(attempt - 1, retry_after, remaining))
+
+
+def _tls_failure(exc: BaseException) -> bool:
+    """Whether a transport error comes from TLS (wrong protocol, untrusted certificate): httpx wraps the
+    `ssl.SSLError` in its own types, so look down the chain of causes."""
+    for _ in range(8):
+        if exc is None:
+            return False
+        if isinstance(exc, ssl.SSLError):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _error_of(response: httpx.Response) -> ServerError:

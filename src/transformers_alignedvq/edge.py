@@ -10,7 +10,6 @@ Imports only PyTorch, safetensors and Transformers' vision configuration/modelin
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -19,7 +18,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .models.llava_alignedvq import split
 from .edge_runtime import (
     EDGE_CONFIG_NAME,
     EDGE_FORMAT_VERSION,
@@ -29,10 +27,10 @@ from .edge_runtime import (
     read_edge_config,
     write_edge_config,
 )
+from .models.llava_alignedvq import split
 from .models.llava_alignedvq.alignedvq_layer import AlignedVQLayer, fold_codebook
 from .preprocess import ImagePreprocessing, read_preprocessing
 from .search import CodewordSearch, SearchConfig
-
 
 # Submodules of the split block the edge never runs, by site.
 _UNUSED_AT_SITE = {

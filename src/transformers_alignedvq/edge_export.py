@@ -12,12 +12,14 @@ Nothing here imports the language model at module level: the edge client imports
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import wire
 from .edge_runtime import (
@@ -28,7 +30,9 @@ from .edge_runtime import (
     write_edge_config,
 )
 from .entropy import ENTROPY_MODEL_NAME
-from .search import SearchConfig
+
+if TYPE_CHECKING:  # search needs torch; `describe_checkpoint` (alignedvq info) must run on a device without it
+    from .search import SearchConfig
 
 EXPORT_FORMATS = ("safetensors", "onnx")
 
@@ -80,10 +84,13 @@ def _read_tensor(weights: list[Path], key: str):
     from safetensors import safe_open
 
     for path in weights:
-        # "pt" rather than "numpy": numpy has no bfloat16, should a codebook ever be stored in it.
-        with safe_open(str(path), framework="pt") as handle:
-            if key in handle.keys():
-                return handle.get_tensor(key)
+        with safe_open(str(path), framework="numpy") as handle:
+            if key not in handle.keys():
+                continue
+            if handle.get_slice(key).get_dtype() != "BF16":
+                return handle.get_tensor(key)  # numpy: `alignedvq info` runs on a device without torch
+        with safe_open(str(path), framework="pt") as handle:  # numpy has no bfloat16
+            return handle.get_tensor(key)
     raise CheckpointError(f"no tensor {key!r} in {', '.join(p.name for p in weights)}")
 
 
@@ -202,3 +209,43 @@ def export_onnx_folder(edge, out_dir: str | os.PathLike, *, int8: bool = False,
     config["onnx"] = {"file": EDGE_ONNX_NAME, "int8": int8, "calibration_images": len(calibration or ())}
     write_edge_config(out_dir, config)
     return out_dir
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the edge files every checkpoint carries
+# ------------------------------------------------------------------------------------------------------------
+CHECKPOINT_EDGE_MODES = ("onnx", "int8", "safetensors")
+
+
+def write_checkpoint_edge(model, directory: str | os.PathLike, mode: bool | str = True, *,
+                          calibration_images: Iterable | None = None) -> None:
+    """Write the edge files of a checkpoint beside its weights (`hub.save_checkpoint` calls this for
+    ``save_pretrained`` and ``push_to_hub``), so a device can fetch and run the edge alone.
+
+    Args:
+        mode: ``True`` or ``"onnx"`` (default): the PyTorch edge (``edge_model.safetensors``) and the fp32 ONNX
+            edge (``edge_model.onnx``), which a device runs with ONNX Runtime and no PyTorch; ``"int8"``: the
+            ONNX edge's front quantized to int8, calibrated on ``calibration_images``; ``"safetensors"``: the
+            PyTorch edge only. Without the ONNX exporter installed (``onnx``, ``onnxscript``: the ``export``
+            extra) the default writes the PyTorch edge and warns; ``"int8"`` raises.
+        calibration_images: for ``"int8"``: real images the edge will see (anything `preprocess.load_image`
+            takes).
+    """
+    mode = "onnx" if mode is True else mode
+    if mode not in CHECKPOINT_EDGE_MODES:
+        raise ValueError(f"save_edge={mode!r} must be True, False or one of {CHECKPOINT_EDGE_MODES}")
+    if mode == "int8" and calibration_images is None:
+        raise ValueError("save_edge='int8' needs edge_calibration_images (real images the edge will see)")
+    edge = model.edge_encoder().to("cpu")  # the ONNX graph is exported on the CPU, whatever the model's device
+    edge.save_pretrained(directory)
+    if mode == "safetensors":
+        return
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        message = (f"{' and '.join(missing)} not installed (pip install \"transformers-alignedvq[export]\"): "
+                   f"{directory} gets no ONNX edge, so a device without PyTorch cannot run it")
+        if mode == "int8":
+            raise ImportError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return
+    export_onnx_folder(edge, directory, int8=mode == "int8", calibration_images=calibration_images)

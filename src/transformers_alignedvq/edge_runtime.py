@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from .entropy import ENTROPY_MODEL_NAME
 from .preprocess import ImagePreprocessing, read_preprocessing
 
 EDGE_CONFIG_NAME = "edge_config.json"
@@ -31,6 +32,17 @@ EDGE_ONNX_NAME = "edge_model.onnx"
 EDGE_FORMAT_VERSION = 1
 EDGE_SETTINGS = ("split_layer", "split_site", "codebook_size", "codebook_dim", "num_codebooks", "num_groups", "use_dlp")
 BACKENDS = ("onnx", "torch")
+# What a device fetches of a checkpoint. Transformers 5 keeps the image processor's settings inside
+# processor_config.json (older checkpoints: preprocessor_config.json); the edge needs them to resize and
+# normalise images.
+EDGE_FILES = (
+    EDGE_CONFIG_NAME,
+    EDGE_WEIGHTS_NAME,
+    EDGE_ONNX_NAME,
+    "processor_config.json",
+    "preprocessor_config.json",
+    ENTROPY_MODEL_NAME,
+)
 
 
 class EdgeCheckpointError(ValueError):
@@ -220,3 +232,21 @@ __all__ = [
     "read_edge_config",
     "write_edge_config",
 ]
+
+
+# ------------------------------------------------------------------------------------------------------------
+def download_edge(repo_id: str, *, revision: str | None = None, cache_dir=None, local_dir=None,
+                  token=None) -> tuple[Path, int]:
+    """Fetch only the edge files (`EDGE_FILES`) of a Hub checkpoint, never the language model.
+
+    Returns the local folder and the bytes of the edge files in it (the folder may hold more: a snapshot
+    folder shared with an earlier full download). Needs ``huggingface_hub`` (the ``edge`` extra), not PyTorch.
+    """
+    try:
+        from huggingface_hub import snapshot_download
+    except ModuleNotFoundError as exc:
+        raise ImportError('fetching from the Hub needs huggingface_hub: install "transformers-alignedvq[edge]"') from exc
+    folder = Path(snapshot_download(repo_id, revision=revision, cache_dir=cache_dir, local_dir=local_dir,
+                                    token=token, allow_patterns=list(EDGE_FILES)))
+    size = sum((folder / name).stat().st_size for name in EDGE_FILES if (folder / name).is_file())
+    return folder, size

@@ -16,9 +16,10 @@ Hub repo as "this repo is a PEFT adapter" and loads the base named in it instead
 A quantized model (`ptq.py`) saves as a full checkpoint with its quantizers beside the weights
 (``ptq_config.json`` + ``ptq.safetensors``), re-applied strictly after loading.
 
-Both kinds also carry the edge encoder (``edge_config.json`` + ``edge_model.safetensors``) so a device can
-download only that (:func:`download_edge`), the modeling source files with an ``auto_map`` (so
-``trust_remote_code=True`` works without this package), and a model card.
+Both kinds also carry the edge encoder (``edge_config.json``, ``edge_model.safetensors`` and the fp32
+``edge_model.onnx`` a device runs without PyTorch) so a device can download only that (:func:`download_edge`),
+the modeling source files with an ``auto_map`` (so ``trust_remote_code=True`` works without this package), and
+a model card.
 """
 
 from __future__ import annotations
@@ -32,25 +33,17 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .edge_export import write_checkpoint_edge
+from .edge_runtime import EDGE_FILES, download_edge  # noqa: F401 (re-exported; torch-free, for devices)
 from .entropy import ENTROPY_MODEL_NAME, load_entropy_model  # noqa: F401 (re-exported)
 from .errors import CheckpointMismatchError
-from .ptq import PTQ_CONFIG_NAME, PTQ_WEIGHTS_NAME, is_quantized, load_ptq, save_ptq
 from .lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, has_lora, load_lora, merge_lora_, save_lora
+from .ptq import PTQ_CONFIG_NAME, PTQ_WEIGHTS_NAME, is_quantized, load_ptq, save_ptq
 
 ALIGNEDVQ_WEIGHTS_NAME = "alignedvq.safetensors"
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 LORA_SUBFOLDER = "lora"
-# Transformers 5 keeps the image processor's settings inside processor_config.json (older checkpoints:
-# preprocessor_config.json); the edge needs them to resize and normalise images.
-EDGE_FILES = (
-    "edge_config.json",
-    "edge_model.safetensors",
-    "edge_model.onnx",
-    "processor_config.json",
-    "preprocessor_config.json",
-    ENTROPY_MODEL_NAME,
-)
 _ALIGNEDVQ_PREFIX = "model.alignedvq."
 _EMA_BUFFERS = ("quantizer.cluster_size", "quantizer.embed_sum")
 # The model folder is what a checkpoint carries for `trust_remote_code=True`: its files, copied as they are.
@@ -131,7 +124,8 @@ def save_checkpoint(
     kind: str | None = None,
     merge_lora: bool = False,
     include_ema_state: bool | None = None,
-    save_edge: bool = True,
+    save_edge: bool | str = True,
+    edge_calibration_images=None,
     eval_results: dict | None = None,
     save_function=None,
     **save_kwargs,
@@ -140,7 +134,9 @@ def save_checkpoint(
 
     Returns the directory. ``save_function`` is the stock `PreTrainedModel.save_pretrained` used for the
     full kind (the model class passes its parent's). ``include_ema_state`` defaults to True for the full kind
-    (what the `Trainer` saves and resumes from: nothing restarts) and False for the adapter kind.
+    (what the `Trainer` saves and resumes from: nothing restarts) and False for the adapter kind. ``save_edge``
+    and ``edge_calibration_images``: which edge files to add (`edge_export.write_checkpoint_edge`: by default
+    the PyTorch and the fp32 ONNX edge).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -194,7 +190,7 @@ def save_checkpoint(
         if lora:
             save_lora(model, directory / LORA_SUBFOLDER)
         if save_edge:
-            model.edge_encoder().save_pretrained(directory)
+            write_checkpoint_edge(model, directory, save_edge, calibration_images=edge_calibration_images)
         write_model_card(model, directory, kind=kind, eval_results=eval_results)
     finally:
         config.checkpoint_kind = original_kind
@@ -499,26 +495,6 @@ def load_llava(path_or_id, **load_kwargs):
     model, info = LlavaForConditionalGeneration.from_pretrained(path_or_id, output_loading_info=True, **load_kwargs)
     check_loading_info({"missing_keys": info.get("missing_keys", ())}, source=str(path_or_id))
     return model
-
-
-# --------------------------------------------------------------------------------------------------------
-# edge-only download
-# --------------------------------------------------------------------------------------------------------
-def download_edge(repo_id: str, *, revision: str | None = None, cache_dir=None, local_dir=None, token=None) -> tuple[Path, int]:
-    """Fetch only the edge encoder's files of a Hub checkpoint (never the language model).
-
-    Returns the local folder and the number of bytes it holds.
-    """
-    from huggingface_hub import snapshot_download
-
-    folder = Path(
-        snapshot_download(
-            repo_id, revision=revision, cache_dir=cache_dir, local_dir=local_dir, token=token,
-            allow_patterns=list(EDGE_FILES),
-        )
-    )
-    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
-    return folder, size
 
 
 # --------------------------------------------------------------------------------------------------------

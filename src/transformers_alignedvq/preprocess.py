@@ -15,6 +15,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -176,18 +177,33 @@ def _center_crop(pixels: np.ndarray, height: int, width: int) -> np.ndarray:
     return pixels[top:top + height, left:left + width]
 
 
+def _open_checked(source) -> Image.Image:
+    """`Image.open` (header only), refusing an image over Pillow's decompression-bomb limit before it is
+    decoded. Pillow only warns up to twice that limit: the edge resizes every image to a few hundred pixels a
+    side, so such a file is a mistake or an attack, and decoding it could exhaust a device's memory."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below, as an error
+        opened = Image.open(source)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and opened.width * opened.height > limit:
+        opened.close()
+        raise ImageInputError(
+            f"the image is {opened.width}x{opened.height} pixels, more than the {limit} allowed; downscale it first"
+        )
+    return opened
+
+
 def load_image(image) -> Image.Image:
     """An RGB PIL image from a PIL image, a path, encoded bytes, or an HxW / HxWxC uint8 array. Raises
     `ImageInputError` (a `ValueError`) naming the problem for anything that is not a readable image."""
     try:
         if isinstance(image, Image.Image):
             pil = image
-        elif isinstance(image, (str, os.PathLike)):
-            with Image.open(image) as opened:
-                opened.load()
-                pil = opened.copy()
-        elif isinstance(image, (bytes, bytearray, memoryview)):
-            with Image.open(io.BytesIO(bytes(image))) as opened:
+        elif isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)):
+            if isinstance(image, (str, os.PathLike)) and os.path.isdir(image):
+                raise ImageInputError(f"{image} is a folder, not an image file")
+            source = image if isinstance(image, (str, os.PathLike)) else io.BytesIO(bytes(image))
+            with _open_checked(source) as opened:
                 opened.load()
                 pil = opened.copy()
         elif isinstance(image, np.ndarray):
@@ -198,7 +214,8 @@ def load_image(image) -> Image.Image:
             raise ImageInputError(
                 f"image must be a PIL image, a path, encoded bytes or a uint8 array, got {type(image).__name__}"
             )
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:  # Pillow's errors for non-images and bad files
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError) as exc:
+        # Pillow's errors for non-images, bad files and over-large images
         raise ImageInputError(f"cannot read the image: {exc}") from None
     if pil.width == 0 or pil.height == 0:
         raise ImageInputError("the image is empty (0 pixels wide or high)")

@@ -22,7 +22,6 @@ sample, ``p_t = |h_tc| / sum_t |h_tc|``, divided by ``log T`` (so it lies in [0,
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -224,7 +223,7 @@ def model_steps(model) -> list[Step]:
     language_model = model.model.language_model
     for index, layer in enumerate(language_model.layers[: config.text_config.num_hidden_layers]):
         steps.append(Step(f"language_model.{index}", "language_model",
-                          lambda x, batch, l=layer: l(x, **batch["layer_kwargs"]),
+                          lambda x, batch, block=layer: block(x, **batch["layer_kwargs"]),
                           _linear_names(layer, f"model.language_model.layers.{index}"), text=True))
     return steps
 
@@ -577,8 +576,8 @@ def dependency_analysis(model, batches: list[dict], config: PTQConfig) -> list[d
         with torch.no_grad():
             inputs = calibrator.run(0, segment[0] - 1, [b["pixel_values"] for b in batches])
         for first, second in zip(segment, segment[1:]):
-            saved = {n: (l.weight_scale.clone(), l.input_scale.clone(), l.input_zero_point.clone(),
-                         getattr(l, "input_range", None)) for n, l in layers.items()}
+            saved = {n: (q.weight_scale.clone(), q.input_scale.clone(), q.input_zero_point.clone(),
+                         getattr(q, "input_range", None)) for n, q in layers.items()}
             calibrator.refine_block([first], inputs)
             with torch.no_grad():
                 middle = calibrator.run(first, first, inputs)

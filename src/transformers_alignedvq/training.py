@@ -7,10 +7,9 @@ gradient), the Dual Linear Projections, and LoRA adapters in the language model,
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
-
-import inspect
 
 import torch
 from transformers import Trainer

@@ -22,7 +22,6 @@ import dataclasses
 import inspect
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,7 +29,6 @@ from transformers import GenerationMixin
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.auto import AutoModel
-from transformers.utils import cached_file
 from transformers.models.llava.modeling_llava import (
     LlavaCausalLMOutputWithPast,
     LlavaForConditionalGeneration,
@@ -39,12 +37,13 @@ from transformers.models.llava.modeling_llava import (
     LlavaMultiModalProjector,
     LlavaPreTrainedModel,
 )
+from transformers.utils import cached_file
 
 from .alignedvq_layer import AlignedVQLayer, AlignedVQLayerOutput
-from .split import check_pixel_values, cloud_forward, edge_forward, edge_hidden_states, recorded_attentions
 from .configuration_alignedvq import AlignedVQConfig
 from .dlp import DualLinearProjection
 from .quantizer import VectorQuantizer
+from .split import check_pixel_values, cloud_forward, edge_forward, edge_hidden_states, recorded_attentions
 
 
 def _register_checkpoint_conversions() -> None:
