@@ -92,6 +92,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from . import wire
@@ -110,6 +111,8 @@ DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_MAX_PROMPT_BYTES = 2048
 # LLaVA-1.5's format, for tokenizers saved without a chat template.
 FALLBACK_PROMPT = "USER: {image}\n{question} ASSISTANT:"
+# Threads that decode frames and tokenise questions (`DynamicBatcher.off_loop`).
+DECODE_THREADS = 2
 # After SIGTERM, how long requests already on the wire get to be read before the listening socket closes.
 DRAIN_GRACE_S = 0.1
 CLOSE = {"Connection": "close"}  # on answers sent before the body is read: the rest of it is not wanted
@@ -133,6 +136,7 @@ _WIRE_ERRORS = (
     ("decoded index out of range", 422, "incompatible_frame"),
     ("entropy model mismatch", 409, "entropy_model_mismatch"),
     ("version-1 entropy-coded frames", 422, "incompatible_frame"),
+    ("prompt too long", 413, "payload_too_large"),
 )
 
 
@@ -148,12 +152,14 @@ def classify_wire_error(exc: wire.WireFormatError) -> ApiError:
 class GenerationRequest:
     """One answer to compute: ``indices`` ``(tokens, codes_per_token)``, the prompt's ``input_ids`` (image
     placeholder expanded), its decoding ``options``, and ``on_tokens``, called with the answer's token ids so
-    far after each step (from any thread) when the answer is streamed."""
+    far after each step (from any thread) when the answer is streamed. ``cancelled`` is set once nobody waits
+    for the answer (its client left): generation stops for that row."""
 
     indices: torch.Tensor
     input_ids: list[int]
     options: SamplingOptions
     on_tokens: Callable[[list[int]], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
 
 
 @dataclass(eq=False)
@@ -192,6 +198,16 @@ class _RowStreamer(BaseStreamer):
 
     def end(self) -> None:
         pass
+
+
+class _RowCancelled(StoppingCriteria):
+    """Row ``i`` is done once ``events[i]`` is set (its client left); when every row is, ``generate`` ends."""
+
+    def __init__(self, events: Sequence[threading.Event]):
+        self.events = list(events)
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.tensor([event.is_set() for event in self.events], device=input_ids.device)
 
 
 class AnswerEngine:
@@ -332,8 +348,10 @@ class AnswerEngine:
         extra: dict[str, Any] = {"generation_config": config}
         if not all(option.greedy for option in options):
             extra["logits_processor"] = LogitsProcessorList([RowSampler(options)])
+        stopping = [_RowCancelled([request.cancelled for request in batch])]
         if len(set(limits)) > 1:
-            extra["stopping_criteria"] = StoppingCriteriaList([RowLimits(prompt_length, limits)])
+            stopping.append(RowLimits(prompt_length, limits))
+        extra["stopping_criteria"] = StoppingCriteriaList(stopping)
         if any(request.on_tokens for request in batch):
             extra["streamer"] = _RowStreamer([request.on_tokens for request in batch])
         return extra
@@ -394,6 +412,7 @@ class DynamicBatcher:
         self.queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._decoder: ThreadPoolExecutor | None = None
         self._batch_seconds = 0.0  # moving average, for Retry-After
         self._active: set[_Job] = set()  # jobs taken from the queue and not answered yet
         self._room: asyncio.Event | None = None  # set when fewer than max_in_flight jobs are active
@@ -415,7 +434,15 @@ class DynamicBatcher:
         self._room.set()
         # One thread: batch steps never overlap, so batches are the only parallelism of this process.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignedvq-generate")
+        self._decoder = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="alignedvq-decode")
         self._task = asyncio.create_task(self._worker(), name="alignedvq-batcher")
+
+    async def off_loop(self, function: Callable[..., Any], *args) -> Any:
+        """``function(*args)`` in the decode threads: frame decoding and tokenisation stay off the event loop,
+        so a flood of costly frames delays the requests behind it in those threads, not every connection."""
+        if self._decoder is None:
+            raise _shutting_down()
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, function, *args)
 
     async def drain(self, deadline: float) -> None:
         """Take no new jobs; answer the queued and running ones until ``deadline`` (`time.monotonic`), then
@@ -439,6 +466,9 @@ class DynamicBatcher:
             await asyncio.gather(*self._completions, return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True)
+            self._decoder = None
 
     def _refuse_pending(self) -> None:
         # A job's completion task is cancelled when its future is settled here (see `_complete`).
@@ -519,6 +549,7 @@ class DynamicBatcher:
             else:
                 self.health.record(True)
                 if self.complete is None:
+                    self.abandoned += sum(job.future.cancelled() for job in batch)  # stopped mid-generate
                     for job, result in zip(batch, prepared):
                         _settle(job.future, result=result)
                     self._release(batch)
@@ -924,7 +955,7 @@ def _request_decoder(engine: AnswerEngine, entropy_model: wire.EntropyModel | No
             frame = wire.decode_frame(
                 body, codebook_size=summary["codebook_size"], codebook_fingerprint=engine.fingerprint,
                 num_tokens=summary["num_tokens"], codes_per_token=summary["codes_per_token"],
-                entropy_model=entropy_model,
+                entropy_model=entropy_model, max_prompt_bytes=max_prompt_bytes,
             )
         except wire.WireFormatError as exc:
             raise classify_wire_error(exc) from None
@@ -945,7 +976,7 @@ def _add_answer_route(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatche
         options, stream = _sampling_from(request, engine.max_new_tokens)
         body = await _read_body(request, app.state.max_body_bytes)
         t_body = time.perf_counter()
-        generation = request_of(body, options)
+        generation = await batcher.off_loop(request_of, body, options)
         t_decoded = time.perf_counter()
 
         loop = asyncio.get_running_loop()
@@ -953,6 +984,8 @@ def _add_answer_route(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatche
             updates: asyncio.Queue = asyncio.Queue()
             generation.on_tokens = lambda tokens: loop.call_soon_threadsafe(updates.put_nowait, tokens)
         job = _Job(request=generation, future=loop.create_future(), enqueued=t_decoded)
+        # Settled early (the client left, or shutdown answered it): a running generate stops this row.
+        job.future.add_done_callback(lambda _: generation.cancelled.set())
         try:
             batcher.submit(job)
         except QueueFull:

@@ -1,0 +1,108 @@
+"""What an adversarial probe of the server found, each pinned by a test: costly frames kept off the event loop
+and bounded by the server's own limits, generation stopped for clients that left mid-stream."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+import zlib
+
+import numpy as np
+import pytest
+import torch
+
+from transformers_alignedvq.server import BackgroundServer, create_app
+from transformers_alignedvq.testing import save_tiny_deployment
+
+from test_server import OCTET, assert_error, make_frame
+from test_server_hardening import post_request, wait_for
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory):
+    return save_tiny_deployment(tmp_path_factory.mktemp("tiny-deployment"))
+
+
+class CountingForward:
+    """Wraps a model's forward: counts the calls (one per generated token) and makes each take ``delay`` s."""
+
+    def __init__(self, model, delay: float = 0.0):
+        self.model, self.delay, self.calls, self._forward = model, delay, 0, model.forward
+        model.forward = self
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        time.sleep(self.delay)
+        return self._forward(*args, **kwargs)
+
+    def restore(self):
+        del self.model.forward
+
+
+def test_a_cancelled_row_stops_generating(deployment):
+    app = create_app(deployment, max_new_tokens=40, warmup=False)
+    engine = app.state.engine
+    engine.eos_token_ids = []  # the random model would otherwise stop at its eos by chance
+    zeros = torch.zeros(engine.summary["num_tokens"], engine.summary["codes_per_token"], dtype=torch.long)
+    request = engine.request(zeros, "what color is the shape ?", max_new_tokens=40)
+    request.on_tokens = lambda tokens: request.cancelled.set() if len(tokens) == 3 else None
+    steps = CountingForward(engine.model)
+    try:
+        result = engine.generate([request])[0]
+    finally:
+        steps.restore()
+    assert steps.calls <= 4 and result.generated_tokens <= 4  # the step under way when it was set, at most
+    # Another row of the batch keeps going to its own end.
+    kept = engine.request(zeros, "what shape is in the image ?", max_new_tokens=10)
+    gone = engine.request(zeros, "what color is the shape ?", max_new_tokens=40)
+    gone.on_tokens = lambda tokens: gone.cancelled.set() if len(tokens) == 2 else None
+    results = engine.generate([kept, gone])
+    assert results[0].generated_tokens == 10 and results[1].generated_tokens <= 10
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_generation(deployment):
+    app = create_app(deployment, max_new_tokens=40, max_wait_ms=0, warmup=False)
+    engine, batcher = app.state.engine, app.state.batcher
+    engine.eos_token_ids = []
+    steps = CountingForward(engine.model, delay=0.05)  # 40 steps would take 2 s
+    frame = make_frame(engine)
+    try:
+        with BackgroundServer(app) as server:
+            sock = socket.create_connection(("127.0.0.1", server.port))
+            sock.sendall(post_request(frame, "/v1/answer?stream=true"))
+            received = b""
+            while b"event: token" not in received:
+                received += sock.recv(4096)
+            sock.close()  # gone after the first token
+            wait_for(lambda: batcher.in_flight == 0 and batcher.abandoned == 1)
+    finally:
+        steps.restore()
+    assert steps.calls < 20, f"{steps.calls} of 40 steps computed after the client left"
+
+
+def test_coded_frames_are_bounded_by_the_servers_prompt_limit(deployment):
+    pytest.importorskip("constriction")
+    from fastapi.testclient import TestClient
+
+    from tests.wire_data import blocky_images
+    from transformers_alignedvq import wire
+    from transformers_alignedvq.entropy import EntropyModel
+
+    question = "what shape is it?"
+    # The tiny deployment: K = 12, a 4 x 4 grid and a CLS token.
+    model = EntropyModel.fit(np.concatenate([blocky_images(300, k=12, side=4)] * 2), codebook_size=12,
+                             grid=(4, 4), has_cls_token=True, questions=[question] * 2)
+    app = create_app(deployment, max_new_tokens=2, warmup=False, entropy_model=model,
+                     max_prompt_bytes=len(question) - 1)
+    engine = app.state.engine
+    coded = wire.encode_frame(blocky_images(1, k=12, side=4)[0], codebook_size=12,
+                              codebook_fingerprint=engine.fingerprint, prompt=question, entropy_model=model)
+    assert coded[3] >> wire.PROMPT_SHIFT == wire.PROMPT_CODED
+    empty = coded[:17] + struct.pack("<I", zlib.crc32(coded[:17]))  # a 21-byte frame, no payload
+    with TestClient(app) as client:
+        assert_error(client.post("/v1/answer", content=coded, headers=OCTET), 413, "payload_too_large",
+                     f"exceeds {len(question) - 1} bytes")
+        assert_error(client.post("/v1/answer", content=empty, headers=OCTET), 400, "malformed_frame",
+                     "data ended before the last symbol")
