@@ -67,6 +67,7 @@ REMOTE_CODE_FILES = (
     "lora.py",
     "errors.py",
     "edge_runtime.py",
+    "checkpoint_limits.py",
     "preprocess.py",
     "search.py",
     "ptq.py",

@@ -97,6 +97,7 @@ from transformers.generation.streamers import BaseStreamer
 
 from . import wire
 from .auth import BearerAuth
+from .checkpoint_limits import CheckpointSizeError, check_model_folder
 from .connection_limits import ConnectionLimits
 from .edge_export import describe
 from .errors import ServerConfigError
@@ -747,6 +748,11 @@ def _load(model_dir_or_model, processor, device, dtype):
 
     if isinstance(model_dir_or_model, (str, os.PathLike)):
         source = str(model_dir_or_model)
+        if os.path.isdir(source):
+            try:  # before from_pretrained allocates what config.json asks for
+                check_model_folder(source)
+            except CheckpointSizeError as exc:
+                raise ServerConfigError(str(exc)) from None
         kwargs = {"dtype": dtype} if dtype is not None else {}
         model = AutoModel.from_pretrained(source, **kwargs)
     else:
