@@ -106,3 +106,84 @@ def test_coded_frames_are_bounded_by_the_servers_prompt_limit(deployment):
                      f"exceeds {len(question) - 1} bytes")
         assert_error(client.post("/v1/answer", content=empty, headers=OCTET), 400, "malformed_frame",
                      "data ended before the last symbol")
+
+
+# ---------------------------------------------------------------------------------------------------------
+KEY_1, KEY_2 = "first-key-" + "a" * 20, "second-key-" + "b" * 20
+
+
+def test_access_log_blanks_query_values_but_the_sampling_ones():
+    from transformers_alignedvq.auth import AccessLogRedaction
+    from transformers_alignedvq.http_guard import LOGGED_QUERY_PARAMETERS
+
+    redaction = AccessLogRedaction(LOGGED_QUERY_PARAMETERS)
+    assert redaction.redact("/v1/answer?api_key=SECRET&top_p=0.5&stream=true&x") == \
+        "/v1/answer?api_key=[redacted]&top_p=0.5&stream=true&x"
+    assert redaction.redact("/v1/model") == "/v1/model"
+
+
+def test_keys_reload_without_a_restart(deployment, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from transformers_alignedvq.auth import ApiKeys
+
+    path = tmp_path / "keys"
+    path.write_text(KEY_1 + "\n")
+    keys = ApiKeys.load(path, environ={})
+    app = create_app(deployment, max_new_tokens=2, warmup=False, api_keys=keys)
+    with TestClient(app) as client:
+        def status(key):
+            return client.get("/v1/model", headers={"Authorization": f"Bearer {key}"}).status_code
+
+        assert (status(KEY_1), status(KEY_2)) == (200, 401)
+        path.write_text(f"# rotated\n{KEY_2}\n")
+        assert keys.reload() == 1
+        assert (status(KEY_1), status(KEY_2)) == (401, 200)
+        path.write_text("# nothing left\n")
+        with pytest.raises(ValueError, match="holds no key"):
+            keys.reload()
+        assert status(KEY_2) == 200  # a broken file keeps the keys in force
+
+
+def test_serve_reloads_keys_on_sighup_and_keeps_keys_out_of_the_log(deployment, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    path, log = tmp_path / "keys", tmp_path / "server.log"
+    path.write_text(KEY_1 + "\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "ALIGNEDVQ_API_KEYS"}
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "-m", "transformers_alignedvq.cli", "serve", "--model",
+                                    str(deployment), "--port", str(port), "--max-new-tokens", "2", "--api-keys-file",
+                                    str(path)], stdout=out, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def status(key, query=""):
+            return httpx.get(f"{url}/v1/model{query}", headers={"Authorization": f"Bearer {key}"}).status_code
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                httpx.get(f"{url}/healthz")
+                break
+            except httpx.TransportError:
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+                time.sleep(0.2)
+        assert status(KEY_1, f"?api_key={KEY_1}") == 200 and status(KEY_2) == 401
+        path.write_text(KEY_2 + "\n")
+        process.send_signal(signal.SIGHUP)
+        wait_for(lambda: status(KEY_2) == 200)
+        assert status(KEY_1) == 401
+    finally:
+        process.terminate()
+        process.wait(30)
+    text = log.read_text()
+    assert "api_key=[redacted]" in text and KEY_1 not in text, text
+    assert "SIGHUP: 1 API key(s) loaded" in text

@@ -92,7 +92,7 @@ def _vllm_args(args) -> dict | None:
 
 
 def cmd_serve(args) -> int:
-    from .auth import load_api_keys
+    from .auth import ApiKeys
     from .connection_limits import ConnectionLimits
     from .server import serve
 
@@ -103,7 +103,7 @@ def cmd_serve(args) -> int:
     engine_options = {} if vllm_args is None else {"vllm_args": vllm_args, "vllm_checkpoint": args.vllm_checkpoint}
     serve(
         model, host=args.host, port=args.port, log_level=args.log_level, limits=limits,
-        api_keys=load_api_keys(args.api_keys_file), ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+        api_keys=ApiKeys.load(args.api_keys_file), ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
         docs=args.docs, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_new_tokens=args.max_new_tokens, max_prompt_bytes=args.max_prompt_bytes,
         max_body_bytes=args.max_body_bytes, device=args.device, dtype=args.dtype, engine=args.engine,
@@ -355,7 +355,8 @@ def _add_serve_parser(sub) -> None:
                            default=getattr(ConnectionLimits, name), help=_LIMIT_HELP[name])
     serve.add_argument("--api-keys-file", default=None,
                        help=f"file of API keys, one per line; ${API_KEYS_ENV} (comma-separated) adds more. With "
-                            "keys, every route but /healthz needs 'Authorization: Bearer KEY' (default: none)")
+                            "keys, every route but /healthz needs 'Authorization: Bearer KEY'; SIGHUP reads them again "
+                            "(default: none)")
     serve.add_argument("--ssl-certfile", default=None, help="PEM certificate chain: serve HTTPS (default: plain HTTP)")
     serve.add_argument("--ssl-keyfile", default=None, help="PEM private key of --ssl-certfile")
     serve.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")

@@ -96,7 +96,7 @@ from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from . import wire
-from .auth import BearerAuth
+from .auth import ApiKeys, BearerAuth
 from .checkpoint_limits import CheckpointSizeError, check_model_folder
 from .connection_limits import ConnectionLimits
 from .edge_export import describe
@@ -1086,14 +1086,15 @@ def serve(
     port: int = 8000,
     log_level: str = "info",
     limits: ConnectionLimits | None = None,
-    api_keys: Sequence[str] | None = None,
+    api_keys: Sequence[str] | ApiKeys | None = None,
     ssl_certfile: str | os.PathLike | None = None,
     ssl_keyfile: str | os.PathLike | None = None,
     **app_kwargs,
 ) -> None:
     """Serve until SIGTERM or SIGINT (blocking), then drain and exit. ``app_kwargs`` go to `create_app`.
 
-    ``limits`` bound connections (`ConnectionLimits`); ``api_keys`` turn on bearer-token authentication;
+    ``limits`` bound connections (`ConnectionLimits`); ``api_keys`` turn on bearer-token authentication (an
+    `auth.ApiKeys` loaded from a file is read again on SIGHUP);
     ``ssl_certfile`` and ``ssl_keyfile`` (PEM) serve HTTPS.
     """
     if (ssl_certfile is None) != (ssl_keyfile is None):
@@ -1104,12 +1105,28 @@ def serve(
         logger.warning(warning)
     app = create_app(model_dir_or_model, api_keys=api_keys, **app_kwargs)
     _close_before_signal_exit(app.state.engine)
+    if isinstance(api_keys, ApiKeys) and len(api_keys):
+        _reload_keys_on_sighup(api_keys)
     try:
         server = make_server(app, limits=limits, drain=app.state.drain, host=host, port=port, log_level=log_level,
                              log_config=logging_config(), ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
         server.run()
     finally:
         app.state.engine.close()
+
+
+def _reload_keys_on_sighup(keys: ApiKeys) -> None:
+    """``kill -HUP <pid>`` reads the API keys again (`ApiKeys.reload`); a bad file keeps the old keys."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
+        return
+
+    def reload(signum, frame):
+        try:
+            logger.info("SIGHUP: %d API key(s) loaded", keys.reload())
+        except ServerConfigError as exc:
+            logger.error("SIGHUP: API keys not reloaded, the previous ones stay: %s", exc)
+
+    signal.signal(signal.SIGHUP, reload)
 
 
 def _close_before_signal_exit(engine: AnswerEngine) -> None:
