@@ -226,6 +226,27 @@ def test_ask_passes_sampling_options(edge_client, server):
         edge_client.ask(image(5), QUESTION, top_p=2.0)
 
 
+def test_stream_yields_pieces_that_add_up_to_the_answer(edge_client, server):
+    answer = edge_client.ask(image(6), QUESTION)
+    with edge_client.stream(image(6), QUESTION) as stream:
+        pieces = list(stream)
+    assert len(pieces) >= 1 and "".join(pieces).strip() == answer.text
+    assert stream.answer.text == answer.text and stream.answer.bytes_sent == answer.bytes_sent
+    assert stream.answer.server["generated_tokens"] == answer.server["generated_tokens"]
+    sampled = edge_client.ask(image(6), QUESTION, temperature=1.5, seed=3)
+    assert "".join(edge_client.stream(image(6), QUESTION, temperature=1.5, seed=3)).strip() == sampled.text
+    with pytest.raises(ServerError, match="422 invalid_parameter: top_p"):
+        edge_client.stream(image(6), QUESTION, top_p=2.0)
+
+
+def test_save_frame_writes_what_ask_sends(edge_client, server, tmp_path):
+    path = tmp_path / "frame.bin"
+    size = edge_client.save_frame(path, image(7), QUESTION)
+    frame = path.read_bytes()
+    assert size == len(frame) and frame == edge_client.encode(image(7), QUESTION)
+    assert direct_answer(server, frame)["answer"] == edge_client.ask(image(7), QUESTION).text
+
+
 def test_image_inputs_are_interchangeable(edge_client, tmp_path):
     picture = image(4)
     path = tmp_path / "picture.png"

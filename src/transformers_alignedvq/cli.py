@@ -5,6 +5,8 @@
     alignedvq export-edge --model MODEL_DIR --output EDGE_DIR
     alignedvq export-vllm --model MODEL_DIR --output VLLM_DIR
     alignedvq ask --server http://cloud:8000 --edge EDGE_DIR --image photo.png "What color is the shape?"
+    alignedvq ask --server http://cloud:8000 --image photo.png --stream --temperature 0.7 --seed 1 "What shape?"
+    alignedvq ask --edge EDGE_DIR --image photo.png --save-frame frame.bin "What color is the shape?"
     alignedvq info --model MODEL_DIR_OR_EDGE_DIR
     alignedvq demo --model MODEL_DIR
 
@@ -151,29 +153,55 @@ def _api_key(path: str | None) -> str | None:
 def cmd_ask(args) -> int:
     from .client import EdgeClient, check_server_url
 
-    check_server_url(args.server)
+    if args.server is None and args.save_frame is None:
+        raise CliError("give --server URL to ask, or --save-frame FILE to write the frame only")
+    server = check_server_url(args.server) if args.server else "http://unused.invalid"
     if not args.question.strip():
         raise CliError("the question is empty")
     if not Path(args.image).is_file():
         raise CliError(f"image {args.image} not found")
+    sampling = {name: getattr(args, name) for name in ("max_new_tokens", "temperature", "top_p", "seed")}
     with tempfile.TemporaryDirectory() as scratch:
         edge = _edge_folder(_default_model(args.edge), Path(scratch))
-        with EdgeClient(edge, args.server, timeout=args.timeout, retry_window=args.retry_window,
+        with EdgeClient(edge, server, timeout=args.timeout, retry_window=args.retry_window,
                         threads=args.threads, api_key=_api_key(args.api_key_file)) as client:
-            answer = client.ask(args.image, args.question)
-    if args.json:
+            if args.save_frame:
+                size = client.save_frame(args.save_frame, args.image, args.question)
+                print(f"frame of {size} bytes written to {args.save_frame}", file=sys.stderr)
+                if args.server is None:
+                    return 0
+            if args.stream:
+                return _print_stream(client.stream(args.image, args.question, **sampling), args.json)
+            answer = client.ask(args.image, args.question, **sampling)
+    _print_answer(answer, args.json)
+    return 0
+
+
+def _print_stream(stream, as_json: bool) -> int:
+    """Print each piece as it arrives (with --json, one JSON line per piece, then the answer's)."""
+    with stream:
+        for piece in stream:
+            print(json.dumps({"delta": piece}) if as_json else piece, end="\n" if as_json else "", flush=True)
+    if not as_json:
+        print()
+    _print_answer(stream.answer, as_json, text=False)
+    return 0
+
+
+def _print_answer(answer, as_json: bool, text: bool = True) -> None:
+    if as_json:
         print(json.dumps({
             "answer": answer.text, "bytes_sent": answer.bytes_sent, "edge_ms": answer.edge_ms,
             "transfer_ms": answer.transfer_ms, "cloud_ms": answer.cloud_ms, "total_ms": answer.total_ms,
             "attempts": answer.attempts, "server": answer.server,
-        }, indent=2))
-        return 0
-    print(f"answer:     {answer.text}")
+        }, indent=None if not text else 2))
+        return
+    if text:
+        print(f"answer:     {answer.text}")
     print(f"bytes sent: {answer.bytes_sent}")
     print(f"time (ms):  edge {answer.edge_ms:.1f} + transfer {answer.transfer_ms:.1f} + cloud {answer.cloud_ms:.1f}"
           f" = {answer.edge_ms + answer.transfer_ms + answer.cloud_ms:.1f} (wall {answer.total_ms:.1f},"
           f" {answer.attempts} attempt(s))")
-    return 0
 
 
 def cmd_export_edge(args) -> int:
@@ -396,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="ask a question about an image via a server",
                          description="Run the edge part locally, send the indices, print the answer.")
-    ask.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
+    ask.add_argument("--server", help="server URL, e.g. http://127.0.0.1:8000 (may be left out with --save-frame)")
     ask.add_argument("--edge", help="edge folder, Hub id, or a full model folder (default: the bundled model's edge)")
     ask.add_argument("--image", required=True, help="image file")
     ask.add_argument("question")
@@ -406,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--threads", type=int, default=None, help="CPU threads of the edge runtime")
     ask.add_argument("--api-key-file", help=f"file whose first line is the server's API key (default: ${API_KEY_ENV})")
     ask.add_argument("--json", action="store_true", help="print the answer and timings as JSON")
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    ask.add_argument("--max-new-tokens", type=int, default=None, help="answer length at most (default: the server's)")
+    ask.add_argument("--temperature", type=float, default=None, help="0: greedy (default); up to 2: sampled")
+    ask.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens with this mass")
+    ask.add_argument("--seed", type=int, default=None, help="makes a sampled answer reproducible")
+    ask.add_argument("--save-frame", metavar="FILE", default=None,
+                     help="also write the frame sent to FILE (for curl or wire.decode_frame); without --server, "
+                          "only write it")
     ask.set_defaults(func=cmd_ask)
 
     export = sub.add_parser("export-edge", help="write the edge part of a model folder",

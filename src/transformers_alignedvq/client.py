@@ -7,6 +7,8 @@ never imports the server or FastAPI.
     client = EdgeClient("edge/", "http://cloud:8000")
     answer = client.ask("photo.jpg", "What color is the shape?")
     answer.text, answer.bytes_sent, answer.edge_ms, answer.transfer_ms, answer.cloud_ms
+    for piece in client.stream("photo.jpg", "What color is the shape?"):   # as it is generated
+        print(piece, end="", flush=True)
 
 Asking has no side effect on the server, so a request is safe to repeat (a greedy answer, the default, or a
 sampled one with a seed, is the same every time). The client retries a refused or dropped connection, a connect/read/write timeout and a ``503`` (honouring
@@ -46,7 +48,7 @@ KEEPALIVE_EXPIRY = 2.0
 # read timeout (the server may still be computing) is retried too, within the retry window.
 _RETRYABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
 
-__all__ = ["Answer", "EdgeClient", "EdgeClientError", "ServerError", "ServerUnavailableError"]
+__all__ = ["Answer", "AnswerStream", "EdgeClient", "EdgeClientError", "ServerError", "ServerUnavailableError"]
 
 
 class EdgeClientError(RuntimeError):
@@ -218,6 +220,13 @@ class EdgeClient:
             raise EdgeClientError(f"this edge and the server at {self.server_url} do not match ({details})")
         return info
 
+    def save_frame(self, path: str | os.PathLike, image, question: str) -> int:
+        """Write the frame `ask` would send for ``image`` and ``question`` to ``path`` (for curl, or to look at
+        with `wire.decode_frame`); returns its size in bytes."""
+        frame = self.encode(image, _checked_question(question))
+        Path(path).write_bytes(frame)
+        return len(frame)
+
     def ask(self, image, question: str, *, max_new_tokens: int | None = None, temperature: float | None = None,
             top_p: float | None = None, seed: int | None = None) -> Answer:
         """Encode ``image`` on the edge, send the frame with ``question``, return the server's answer.
@@ -225,23 +234,31 @@ class EdgeClient:
         ``max_new_tokens``, ``temperature``, ``top_p`` and ``seed`` go to the server as they are (None: the
         server's default, greedy); a value it refuses raises `ServerError` (422 ``invalid_parameter``).
         """
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("the question must be a non-empty string")
-        sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
         start = time.perf_counter()
-        frame = self.encode(image, question)
+        frame = self.encode(image, _checked_question(question))
         edge_ms = 1000 * (time.perf_counter() - start)
+        params = _sampling(max_new_tokens, temperature, top_p, seed)
         response, attempts = self._send("POST", "/v1/answer", content=frame,
-                                        headers={"Content-Type": FRAME_MEDIA_TYPE},
-                                        params={k: v for k, v in sampling.items() if v is not None})
+                                        headers={"Content-Type": FRAME_MEDIA_TYPE}, params=params)
         round_trip_ms = response.elapsed.total_seconds() * 1000
-        body = response.json()
-        cloud_ms = float(body["timing_ms"]["total"])
-        return Answer(
-            text=body["answer"], bytes_sent=len(frame), edge_ms=edge_ms,
-            transfer_ms=max(0.0, round_trip_ms - cloud_ms), cloud_ms=cloud_ms,
-            total_ms=1000 * (time.perf_counter() - start), server=body, attempts=attempts,
-        )
+        return _answer(response.json(), len(frame), edge_ms, round_trip_ms, start, attempts)
+
+    def stream(self, image, question: str, *, max_new_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None) -> "AnswerStream":
+        """Like `ask`, but the answer comes as it is generated: iterate the returned `AnswerStream` for its
+        text pieces (they add up to the answer); its ``answer`` is the `Answer` once the stream has ended.
+
+        Connecting is retried as `ask` does; once pieces have arrived nothing is retried (a second attempt
+        would repeat them): a stream cut short raises `ServerUnavailableError`, an ``error`` event
+        `ServerError`.
+        """
+        start = time.perf_counter()
+        frame = self.encode(image, _checked_question(question))
+        edge_ms = 1000 * (time.perf_counter() - start)
+        params = {**_sampling(max_new_tokens, temperature, top_p, seed), "stream": "true"}
+        response, attempts = self._send("POST", "/v1/answer", stream=True, content=frame,
+                                        headers={"Content-Type": FRAME_MEDIA_TYPE}, params=params)
+        return AnswerStream(response, bytes_sent=len(frame), edge_ms=edge_ms, start=start, attempts=attempts)
 
     # -------------------------------------------------------------------------------------------------
     def _delay(self, attempt: int, retry_after: str | None, remaining: float) -> float:
@@ -253,17 +270,22 @@ class EdgeClient:
                 pass
         return min(delay, remaining)
 
-    def _send(self, method: str, path: str, **kwargs) -> tuple[httpx.Response, int]:
+    def _send(self, method: str, path: str, *, stream: bool = False, **kwargs) -> tuple[httpx.Response, int]:
+        """The first answer below 400, retried as the class docstring says. With ``stream`` the response's
+        body is not read yet (the caller reads and closes it)."""
         start, attempt, last_problem = time.monotonic(), 0, "no attempt made"
         while True:
             retry_after = None
             try:
-                response = self._http.request(method, path, **kwargs)
+                response = self._http.send(self._http.build_request(method, path, **kwargs), stream=stream)
             except _RETRYABLE as exc:
                 last_problem = f"{type(exc).__name__}: {exc or 'connection failed'}"
             else:
                 if response.status_code < 400:
                     return response, attempt + 1
+                if stream:
+                    response.read()
+                    response.close()
                 error = _error_of(response)
                 if response.status_code != 503:
                     raise error
@@ -277,6 +299,79 @@ class EdgeClient:
                     f"{time.monotonic() - start:.1f} s: {last_problem}"
                 )
             time.sleep(self._delay(attempt - 1, retry_after, remaining))
+
+
+class AnswerStream:
+    """The text pieces of one streamed answer, as the server sends them (iterate once); ``answer`` is the
+    `Answer` (the server's final body, ``total_ms`` up to the last piece) once iteration has ended. Use as a
+    context manager, or iterate to the end, so the connection is released; `close` stops early (the server
+    then stops generating)."""
+
+    def __init__(self, response: httpx.Response, *, bytes_sent: int, edge_ms: float, start: float, attempts: int):
+        self._response, self.bytes_sent, self.edge_ms = response, bytes_sent, edge_ms
+        self._start, self.attempts = start, attempts
+        self.answer: Answer | None = None
+
+    def __enter__(self) -> "AnswerStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._response.close()
+
+    def __iter__(self):
+        try:
+            for event, data in _server_sent_events(self._response):
+                if event == "token":
+                    yield str(data["delta"])
+                elif event == "error":
+                    error = data["error"]
+                    raise ServerError(200, str(error["type"]), str(error["message"]), data)
+                elif event == "done":
+                    round_trip_ms = 1000 * (time.perf_counter() - self._start) - self.edge_ms
+                    self.answer = _answer(data, self.bytes_sent, self.edge_ms, round_trip_ms, self._start,
+                                          self.attempts)
+                    return
+        except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
+            raise ServerUnavailableError(f"the answer stream broke off: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.close()
+        raise ServerUnavailableError("the answer stream ended without its done event")
+
+
+def _server_sent_events(response: httpx.Response):
+    """``(event, data as JSON)`` of a ``text/event-stream`` body, as its events complete."""
+    event, data = "message", []
+    for line in response.iter_lines():
+        if not line:
+            if data:
+                yield event, json.loads("\n".join(data))
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+
+
+def _checked_question(question) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("the question must be a non-empty string")
+    return question
+
+
+def _sampling(max_new_tokens, temperature, top_p, seed) -> dict:
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    return {name: value for name, value in sampling.items() if value is not None}
+
+
+def _answer(body: dict, bytes_sent: int, edge_ms: float, round_trip_ms: float, start: float,
+            attempts: int) -> Answer:
+    cloud_ms = float(body["timing_ms"]["total"])
+    return Answer(text=body["answer"], bytes_sent=bytes_sent, edge_ms=edge_ms,
+                  transfer_ms=max(0.0, round_trip_ms - cloud_ms), cloud_ms=cloud_ms,
+                  total_ms=1000 * (time.perf_counter() - start), server=body, attempts=attempts)
 
 
 def _error_of(response: httpx.Response) -> ServerError:
