@@ -187,3 +187,25 @@ def test_serve_reloads_keys_on_sighup_and_keeps_keys_out_of_the_log(deployment, 
     text = log.read_text()
     assert "api_key=[redacted]" in text and KEY_1 not in text, text
     assert "SIGHUP: 1 API key(s) loaded" in text
+
+
+def test_openapi_documents_every_route(deployment):
+    from fastapi.testclient import TestClient
+
+    app = create_app(deployment, max_new_tokens=2, warmup=False, docs=True)
+    with TestClient(app) as client:
+        document = client.get("/openapi.json").json()
+    schemas = document["components"]["schemas"]
+    assert {"AnswerResponse", "ErrorResponse", "HealthResponse", "ModelInfo", "Timing"} <= set(schemas)
+    for path, methods in document["paths"].items():
+        for method, operation in methods.items():
+            ok = operation["responses"]["200"]["content"]["application/json"]["schema"]
+            assert "$ref" in ok, (path, method)
+            if path != "/healthz":
+                assert operation["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith(
+                    "/ErrorResponse"), (path, method)
+    answer = document["paths"]["/v1/answer"]["post"]
+    assert answer["requestBody"]["content"]["application/octet-stream"]["schema"]["format"] == "binary"
+    assert {p["name"] for p in answer["parameters"]} == {"max_new_tokens", "temperature", "top_p", "seed", "stream"}
+    assert "text/event-stream" in answer["responses"]["200"]["content"]
+    assert {"400", "409", "413", "415", "422", "503"} <= set(answer["responses"])

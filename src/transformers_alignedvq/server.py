@@ -102,6 +102,13 @@ from .connection_limits import ConnectionLimits
 from .edge_export import describe
 from .errors import ServerConfigError
 from .http_guard import exposure_warnings, logging_config, make_server
+from .server_schemas import (
+    HealthResponse,
+    ModelInfo,
+    answer_responses,
+    answer_route_openapi,
+    error_responses,
+)
 from .sampling import RowLimits, RowSampler, SamplingError, SamplingOptions, parse_query
 
 logger = logging.getLogger(__name__)
@@ -899,7 +906,8 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
         "frame_media_type": FRAME_MEDIA_TYPE,
     }
 
-    @app.get("/v1/model")
+    @app.get("/v1/model", responses={200: {"model": ModelInfo}, **error_responses({})},
+             summary="The edge/cloud contract and the serving limits")
     async def model_info():
         return info
 
@@ -937,7 +945,9 @@ def _new_app(batcher: DynamicBatcher, *, api_keys: Sequence[str] | None, docs: b
 
 
 def _add_health_route(app: FastAPI, batcher: DynamicBatcher, health: EngineHealth) -> None:
-    @app.get("/healthz")
+    @app.get("/healthz", responses={200: {"model": HealthResponse}, 503: {"model": HealthResponse,
+             "description": "unhealthy (the last generate failed) or shutting_down"}},
+             summary="Health: 200 only while the model answers and the server is not stopping")
     async def healthz():
         status = "shutting_down" if batcher.stopping else "ok" if health.ok else "unhealthy"
         return JSONResponse({
@@ -976,7 +986,8 @@ def _request_decoder(engine: AnswerEngine, entropy_model: wire.EntropyModel | No
 
 
 def _add_answer_route(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatcher, request_of) -> None:
-    @app.post("/v1/answer")
+    @app.post("/v1/answer", openapi_extra=answer_route_openapi(), responses=answer_responses(),
+              summary="Answer the question carried by an AlignedVQ frame")
     async def answer(request: Request):
         t_start = time.perf_counter()
         options, stream = _sampling_from(request, engine.max_new_tokens)
