@@ -199,8 +199,11 @@ def test_openapi_documents_every_route(deployment):
     assert {"AnswerResponse", "ErrorResponse", "HealthResponse", "ModelInfo", "Timing"} <= set(schemas)
     for path, methods in document["paths"].items():
         for method, operation in methods.items():
-            ok = operation["responses"]["200"]["content"]["application/json"]["schema"]
-            assert "$ref" in ok, (path, method)
+            content = operation["responses"]["200"]["content"]
+            if path == "/metrics":
+                assert [media for media in content if media.startswith("text/plain")], content
+            else:
+                assert "$ref" in content["application/json"]["schema"], (path, method)
             if path != "/healthz":
                 assert operation["responses"]["401"]["content"]["application/json"]["schema"]["$ref"].endswith(
                     "/ErrorResponse"), (path, method)

@@ -106,7 +106,8 @@ def cmd_serve(args) -> int:
     serve(
         model, host=args.host, port=args.port, log_level=args.log_level, limits=limits,
         api_keys=ApiKeys.load(args.api_keys_file), ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-        docs=args.docs, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        docs=args.docs, metrics=not args.no_metrics, public_metrics=args.public_metrics,
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_new_tokens=args.max_new_tokens, max_prompt_bytes=args.max_prompt_bytes,
         max_body_bytes=args.max_body_bytes, device=args.device, dtype=args.dtype, engine=args.engine,
         **engine_options,
@@ -388,6 +389,9 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--ssl-certfile", default=None, help="PEM certificate chain: serve HTTPS (default: plain HTTP)")
     serve.add_argument("--ssl-keyfile", default=None, help="PEM private key of --ssl-certfile")
     serve.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
+    serve.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics at /metrics")
+    serve.add_argument("--public-metrics", action="store_true",
+                       help="serve /metrics without an API key (default: behind the keys, when keys are on)")
     serve.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
     serve.add_argument("--dtype", default=None, help="e.g. float32, bfloat16, auto")
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")

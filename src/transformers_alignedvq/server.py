@@ -21,10 +21,12 @@ Routes:
   ``{"error": {"type", "message"}}`` when the answer fails after the stream began.
 * ``GET /healthz`` -> ``{"status": "ok" | "unhealthy" | "shutting_down", "last_generate", ...}``, 200 only when
   ``ok``: the last generate (the warm-up, then every batch) succeeded and the server is not stopping.
+* ``GET /metrics`` -> Prometheus metrics (`transformers_alignedvq.server_metrics`).
 * ``GET /v1/model`` -> the edge/cloud contract (split, codebook size, bits per index, tokens, codebook
   fingerprint, frame bytes) and the serving limits.
 
-With API keys (`transformers_alignedvq.auth`), every route but ``/healthz`` needs ``Authorization: Bearer
+With API keys (`transformers_alignedvq.auth`), every route but ``/healthz`` (and ``/metrics`` with
+``public_metrics``) needs ``Authorization: Bearer
 <key>``. ``/docs`` and ``/openapi.json`` exist only with ``docs=True``.
 
 Errors are JSON ``{"error": {"type": ..., "message": ...}}``:
@@ -102,6 +104,7 @@ from .connection_limits import ConnectionLimits
 from .edge_export import describe
 from .errors import ServerConfigError
 from .http_guard import exposure_warnings, logging_config, make_server
+from .server_metrics import install_metrics
 from .server_schemas import (
     HealthResponse,
     ModelInfo,
@@ -429,6 +432,7 @@ class DynamicBatcher:
         self.requests = 0
         self.abandoned = 0  # jobs dropped (or stopped, in vLLM) because their client left
         self.stopping = False
+        self.on_batch: Callable[[int], None] | None = None  # called with each batch's size (metrics)
 
     @property
     def in_flight(self) -> int:
@@ -546,6 +550,8 @@ class DynamicBatcher:
             started = time.perf_counter()
             for job in batch:
                 job.started, job.batch_size = started, len(batch)
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
             try:
                 prepared = await loop.run_in_executor(self._executor, self.run_batch, batch)
             except Exception:  # a bug or a model failure: every waiting client gets a 500, the server lives
@@ -834,6 +840,8 @@ def create_app(
     warmup: bool = True,
     api_keys: Sequence[str] | None = None,
     docs: bool = False,
+    metrics: bool = True,
+    public_metrics: bool = False,
     vllm_checkpoint: str | os.PathLike | None = None,
     vllm_args: dict | None = None,
 ) -> FastAPI:
@@ -847,7 +855,8 @@ def create_app(
     ``max_prompt_bytes`` (or the largest coded one, when an ``entropy_model`` is given). ``warmup`` runs one
     tiny generate before serving, which also proves the processor and the model fit together (a failure is a
     `ServerConfigError`). ``api_keys`` (see `transformers_alignedvq.auth.load_api_keys`) turns bearer-token
-    authentication on. ``docs`` serves ``/docs`` and ``/openapi.json``.
+    authentication on. ``docs`` serves ``/docs`` and ``/openapi.json``. ``metrics`` serves Prometheus metrics at
+    ``/metrics`` (`transformers_alignedvq.server_metrics`), behind the API keys unless ``public_metrics``.
     """
     if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0 or max_prompt_bytes < 1:
         raise ServerConfigError(
@@ -864,7 +873,8 @@ def create_app(
     try:
         return _make_app(answer_engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                          max_queue=max_queue, max_prompt_bytes=max_prompt_bytes, max_body_bytes=max_body_bytes,
-                         entropy_model=entropy_model, warmup=warmup, api_keys=api_keys, docs=docs)
+                         entropy_model=entropy_model, warmup=warmup, api_keys=api_keys, docs=docs,
+                         metrics=metrics, public_metrics=public_metrics)
     except BaseException:
         answer_engine.close()
         raise
@@ -872,7 +882,8 @@ def create_app(
 
 def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, max_queue: int,
               max_prompt_bytes: int, max_body_bytes: int | None, entropy_model: wire.EntropyModel | None,
-              warmup: bool, api_keys: Sequence[str] | None, docs: bool) -> FastAPI:
+              warmup: bool, api_keys: Sequence[str] | None, docs: bool, metrics: bool = True,
+              public_metrics: bool = False) -> FastAPI:
     summary = engine.summary
     if max_body_bytes is None:
         max_body_bytes = wire.max_frame_bytes(
@@ -886,7 +897,8 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
     batcher = DynamicBatcher(lambda jobs: engine.run_batch([job.request for job in jobs]),
                              max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              health=health, complete=engine.complete, max_in_flight=engine.max_in_flight)
-    app = _new_app(batcher, api_keys=api_keys, docs=docs)
+    app = _new_app(batcher, api_keys=api_keys, docs=docs,
+                   open_paths=("/healthz", "/metrics") if public_metrics else ("/healthz",))
     app.state.engine, app.state.batcher = engine, batcher
     app.state.max_body_bytes, app.state.max_prompt_bytes = max_body_bytes, max_prompt_bytes
     _add_health_route(app, batcher, health)
@@ -912,6 +924,8 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
         return info
 
     _add_answer_route(app, engine, batcher, _request_decoder(engine, entropy_model, max_prompt_bytes))
+    if metrics:
+        install_metrics(app, batcher, health)
     return app
 
 
@@ -923,7 +937,8 @@ def _check_entropy_model(entropy_model: wire.EntropyModel | None, summary: dict)
                                 f"(K={summary['codebook_size']}, {num_tokens} tokens x {codes} codes)")
 
 
-def _new_app(batcher: DynamicBatcher, *, api_keys: Sequence[str] | None, docs: bool) -> FastAPI:
+def _new_app(batcher: DynamicBatcher, *, api_keys: Sequence[str] | None, docs: bool,
+             open_paths: Sequence[str] = ("/healthz",)) -> FastAPI:
     """The FastAPI app whose lifespan runs ``batcher``, with the drain hook, auth and the JSON error handlers."""
 
     @asynccontextmanager
@@ -939,7 +954,7 @@ def _new_app(batcher: DynamicBatcher, *, api_keys: Sequence[str] | None, docs: b
     app.state.drain = batcher.drain  # called by `http_guard.GuardedServer` on SIGTERM
     app.add_middleware(_CloseWhileDraining, draining=lambda: batcher.stopping)
     if api_keys:
-        app.add_middleware(BearerAuth, keys=api_keys)
+        app.add_middleware(BearerAuth, keys=api_keys, open_paths=open_paths)
     _add_error_handlers(app)
     return app
 
@@ -993,6 +1008,9 @@ def _add_answer_route(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatche
         options, stream = _sampling_from(request, engine.max_new_tokens)
         body = await _read_body(request, app.state.max_body_bytes)
         t_body = time.perf_counter()
+        metrics = getattr(app.state, "metrics", None)
+        if metrics is not None:
+            metrics.frame_bytes.observe(len(body))
         generation = await batcher.off_loop(request_of, body, options)
         t_decoded = time.perf_counter()
 
@@ -1011,6 +1029,8 @@ def _add_answer_route(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatche
                            {"Retry-After": str(retry)}) from None
 
         def body_of(result: GenerationResult) -> dict:
+            if metrics is not None:
+                metrics.generated_tokens.inc(result.generated_tokens)
             return {
                 "answer": result.text,
                 "bytes_received": len(body),
@@ -1026,8 +1046,10 @@ def _add_answer_route(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatche
             }
 
         if stream:
-            return StreamingResponse(_stream_events(request, job, engine, updates, body_of),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            events = _stream_events(request, job, engine, updates, body_of)
+            if metrics is not None:
+                events = metrics.stream_timer("/v1/answer", t_start)(events)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return body_of(await _unless_client_leaves(request, job.future))
 
 
