@@ -212,3 +212,7 @@ def test_openapi_documents_every_route(deployment):
     assert {p["name"] for p in answer["parameters"]} == {"max_new_tokens", "temperature", "top_p", "seed", "stream"}
     assert "text/event-stream" in answer["responses"]["200"]["content"]
     assert {"400", "409", "413", "415", "422", "503"} <= set(answer["responses"])
+    chat = document["paths"]["/v1/chat/completions"]["post"]
+    assert chat["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletionRequest")
+    assert {"ChatCompletionRequest", "ChatMessage", "ContentPart", "ChatCompletion", "OpenAIError"} <= set(schemas)
+    assert chat["responses"]["404"]["content"]["application/json"]["schema"]["$ref"].endswith("/OpenAIError")

@@ -107,6 +107,8 @@ def cmd_serve(args) -> int:
         model, host=args.host, port=args.port, log_level=args.log_level, limits=limits,
         api_keys=ApiKeys.load(args.api_keys_file), ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
         docs=args.docs, metrics=not args.no_metrics, public_metrics=args.public_metrics,
+        served_model_name=args.served_model_name, max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels, allow_remote_images=args.allow_remote_images,
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_new_tokens=args.max_new_tokens, max_prompt_bytes=args.max_prompt_bytes,
         max_body_bytes=args.max_body_bytes, device=args.device, dtype=args.dtype, engine=args.engine,
@@ -390,6 +392,13 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--ssl-keyfile", default=None, help="PEM private key of --ssl-certfile")
     serve.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     serve.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics at /metrics")
+    chat = serve.add_argument_group("OpenAI-compatible chat (/v1/chat/completions; docs/serving.md, 'OpenAI')")
+    chat.add_argument("--served-model-name", default=None, help="model id in /v1/models (default: the folder's name)")
+    chat.add_argument("--max-image-bytes", type=int, default=8 * 2**20, help="an image_url's decoded bytes at most")
+    chat.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="an image's width x height at most")
+    chat.add_argument("--allow-remote-images", action="store_true",
+                      help="fetch http(s) image URLs (default: data URLs only; a fetch reaches any host the server "
+                           "can)")
     serve.add_argument("--public-metrics", action="store_true",
                        help="serve /metrics without an API key (default: behind the keys, when keys are on)")
     serve.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")

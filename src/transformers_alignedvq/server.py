@@ -286,7 +286,20 @@ class AnswerEngine:
 
     def input_ids(self, question: str) -> list[int]:
         """Token ids of the chat prompt with the image placeholder expanded, as `LlavaProcessor` makes them."""
-        text = self.prompt_text(question)
+        return self._expanded_ids(self.prompt_text(question))
+
+    def chat_input_ids(self, messages: list[dict]) -> list[int]:
+        """`input_ids` of a conversation in Transformers' chat format (``{"role", "content": [parts]}``, one
+        ``{"type": "image"}`` part in all); without a chat template, only one user turn of text and the image."""
+        if self._template_owner is None:
+            texts = [part["text"] for message in messages for part in message["content"] if part["type"] == "text"]
+            if len(messages) != 1 or messages[0]["role"] != "user":
+                raise ApiError(422, "invalid_question", "this model has no chat template: send one user message")
+            return self.input_ids("\n".join(texts))
+        text = self._template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self._expanded_ids(text)
+
+    def _expanded_ids(self, text: str) -> list[int]:
         if text.count(self.image_token) != 1:
             raise ApiError(
                 422, "invalid_question",
@@ -842,6 +855,10 @@ def create_app(
     docs: bool = False,
     metrics: bool = True,
     public_metrics: bool = False,
+    served_model_name: str | None = None,
+    max_image_bytes: int = 8 * 2**20,
+    max_image_pixels: int = 4096 * 4096,
+    allow_remote_images: bool = False,
     vllm_checkpoint: str | os.PathLike | None = None,
     vllm_args: dict | None = None,
 ) -> FastAPI:
@@ -874,7 +891,10 @@ def create_app(
         return _make_app(answer_engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                          max_queue=max_queue, max_prompt_bytes=max_prompt_bytes, max_body_bytes=max_body_bytes,
                          entropy_model=entropy_model, warmup=warmup, api_keys=api_keys, docs=docs,
-                         metrics=metrics, public_metrics=public_metrics)
+                         metrics=metrics, public_metrics=public_metrics,
+                         chat={"model_id": served_model_name or _model_id(model_dir_or_model),
+                               "max_image_bytes": max_image_bytes, "max_image_pixels": max_image_pixels,
+                               "allow_remote_images": allow_remote_images})
     except BaseException:
         answer_engine.close()
         raise
@@ -883,7 +903,7 @@ def create_app(
 def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, max_queue: int,
               max_prompt_bytes: int, max_body_bytes: int | None, entropy_model: wire.EntropyModel | None,
               warmup: bool, api_keys: Sequence[str] | None, docs: bool, metrics: bool = True,
-              public_metrics: bool = False) -> FastAPI:
+              public_metrics: bool = False, chat: dict | None = None) -> FastAPI:
     summary = engine.summary
     if max_body_bytes is None:
         max_body_bytes = wire.max_frame_bytes(
@@ -924,9 +944,37 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
         return info
 
     _add_answer_route(app, engine, batcher, _request_decoder(engine, entropy_model, max_prompt_bytes))
+    if chat is not None:
+        _add_openai_routes(app, engine, batcher, entropy_model=entropy_model, max_prompt_bytes=max_prompt_bytes,
+                           max_body_bytes=max_body_bytes, **chat)
     if metrics:
         install_metrics(app, batcher, health)
     return app
+
+
+def _model_id(model_dir_or_model) -> str:
+    """The id ``/v1/models`` lists: the model folder's name (or the loaded model's), else ``alignedvq``."""
+    if not isinstance(model_dir_or_model, (str, os.PathLike)):
+        model_dir_or_model = getattr(model_dir_or_model, "name_or_path", "") or ""
+    return os.path.basename(os.path.normpath(str(model_dir_or_model))) if str(model_dir_or_model) else "alignedvq"
+
+
+def _add_openai_routes(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatcher, *, model_id: str,
+                       entropy_model, max_prompt_bytes: int, max_body_bytes: int, max_image_bytes: int,
+                       max_image_pixels: int, allow_remote_images: bool) -> None:
+    from .openai_api import ChatDecoder, ChatLimits, install_openai_routes
+
+    if max_image_bytes < 1 or max_image_pixels < 1:
+        raise ServerConfigError(f"need max_image_bytes >= 1 and max_image_pixels >= 1; got {max_image_bytes}, "
+                                f"{max_image_pixels}")
+    # The largest valid JSON: both base64 payloads, the text escaped (\uXXXX: 6 characters a byte), and room for
+    # the rest of the request.
+    request_bytes = 4 * (max_image_bytes // 3 + 1) + 4 * (max_body_bytes // 3 + 1) + 6 * max_prompt_bytes + 2**16
+    limits = ChatLimits(max_request_bytes=request_bytes, max_image_bytes=max_image_bytes,
+                        max_image_pixels=max_image_pixels, allow_remote_images=allow_remote_images)
+    decoder = ChatDecoder(engine, entropy_model=entropy_model, max_prompt_bytes=max_prompt_bytes,
+                          max_body_bytes=max_body_bytes, limits=limits)
+    install_openai_routes(app, engine=engine, batcher=batcher, decoder=decoder, model_id=model_id)
 
 
 def _check_entropy_model(entropy_model: wire.EntropyModel | None, summary: dict) -> None:

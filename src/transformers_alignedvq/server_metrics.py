@@ -70,7 +70,7 @@ class ServerMetrics:
             async def timed():
                 first = True
                 async for chunk in events:
-                    if first and chunk.startswith(("event: token", "data: {\"id\"")):
+                    if first and chunk.startswith("event: token"):
                         self.first_token.labels(route).observe(time.perf_counter() - start)
                         first = False
                     yield chunk

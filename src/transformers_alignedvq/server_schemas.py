@@ -124,5 +124,135 @@ def answer_responses() -> dict:
     }
 
 
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str = Field(description="invalid_request_error, authentication_error, not_found_error, ...")
+    param: str | None = Field(description="the request field at fault, where known")
+    code: str | None = Field(description="the binary route's error type, e.g. malformed_frame")
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail
+
+
+class ImageUrl(BaseModel):
+    url: str = Field(description="data:image/png;base64,... (http(s) URLs only with --allow-remote-images)")
+
+
+class FrameData(BaseModel):
+    data: str = Field(description="base64 of one AlignedVQ wire frame (docs/wire-format.md)")
+
+
+class ContentPart(BaseModel):
+    type: Literal["text", "image_url", "alignedvq_frame"]
+    text: str | None = None
+    image_url: ImageUrl | None = None
+    alignedvq_frame: FrameData | None = Field(None, description="extension: the edge's indices instead of pixels")
+
+
+class ChatMessage(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str | list[ContentPart]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """Exactly one image (an image_url or alignedvq_frame part) in the conversation."""
+
+    model: str = Field(description="the id GET /v1/models lists")
+    messages: list[ChatMessage]
+    max_tokens: int | None = Field(None, description="at most the server's --max-new-tokens (its default)")
+    max_completion_tokens: int | None = None
+    temperature: float | None = Field(None, description="omitted or 0: greedy; at most 2")
+    top_p: float | None = None
+    seed: int | None = None
+    n: int | None = Field(None, description="1 only")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(description="prompt tokens, the image's included")
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    alignedvq: dict = Field(description="image_bytes_received, batch_size")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+def chat_openapi() -> dict:
+    """``openapi_extra`` of ``POST /v1/chat/completions``: the body is read by the route itself."""
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/ChatCompletionRequest"}}}}}
+
+
+def chat_responses() -> dict:
+    errors = {**FRAME_ERRORS, 400: "invalid_request: bad JSON, message, image or unsupported field; "
+                                   "malformed_frame", 404: "model_not_found",
+              500: COMMON_ERRORS[500], 503: COMMON_ERRORS[503]}
+    return {200: {"model": ChatCompletion, "description": "the completion; with stream=true, text/event-stream of "
+                  "chat.completion.chunk objects (data: lines), data: [DONE] last",
+                  "content": {"text/event-stream": {"schema": {"type": "string"}}}},
+            # The API-key check answers before the route, in the server's own error shape.
+            401: {"model": ErrorResponse, "description": COMMON_ERRORS[401]},
+            **{status: {"model": OpenAIError, "description": text} for status, text in errors.items()}}
+
+
+def add_request_schema(app, model: type[BaseModel]) -> None:
+    """Put ``model`` (a body a route reads itself) into ``app``'s OpenAPI components, where its
+    ``openapi_extra`` refers to it."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            document = build()
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = document.setdefault("components", {}).setdefault("schemas", {})
+            components.update(schema.pop("$defs", {}))
+            components[model.__name__] = schema
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def models_responses() -> dict:
+    return {200: {"model": ModelList}, **error_responses({})}
+
+
 __all__ = ["AnswerResponse", "ErrorResponse", "HealthResponse", "ModelInfo", "answer_responses",
-           "answer_route_openapi", "error_responses"]
+           "answer_route_openapi", "add_request_schema", "chat_openapi", "chat_responses", "error_responses", "models_responses"]
