@@ -153,6 +153,10 @@ def test_ask_streams_samples_and_saves_the_frame(deployment, server, tmp_path, c
     assert "frame of 57 bytes written" in capsys.readouterr().err and len(frame.read_bytes()) == 57
     assert cli.main(["ask", "--edge", str(deployment), "--image", str(picture), question]) == 1
     assert "give --server URL to ask, or --save-frame FILE" in capsys.readouterr().err
+    # Several questions: the frame once, then follow-ups (13 bytes and the UTF-8 question here).
+    assert cli.main([*base, question, "what shape is in the image ?"]) == 0
+    sent = re.findall(r"^bytes sent: (\d+)$", capsys.readouterr().out, re.M)
+    assert sent == ["57", str(13 + len("what shape is in the image ?"))]
 
 
 def test_ask_errors_are_one_line_and_exit_1(deployment, server, tmp_path, capsys):

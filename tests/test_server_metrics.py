@@ -56,6 +56,7 @@ def test_metrics_move_with_requests(deployment):
     assert value(after, "alignedvq_batch_size_count") == 4 and value(after, "alignedvq_batch_size_sum") == 4
     assert 4 <= value(after, "alignedvq_generated_tokens_total") <= 12
     assert value(after, "alignedvq_queue_depth") == 0 and value(after, "alignedvq_in_flight") == 0
+    assert value(after, "alignedvq_image_cache_entries") == 1 and value(after, "alignedvq_image_cache_bytes") > 0
 
 
 def test_metrics_are_behind_the_keys_unless_public(deployment):

@@ -109,6 +109,7 @@ def cmd_serve(args) -> int:
         docs=args.docs, metrics=not args.no_metrics, public_metrics=args.public_metrics,
         served_model_name=args.served_model_name, max_image_bytes=args.max_image_bytes,
         max_image_pixels=args.max_image_pixels, allow_remote_images=args.allow_remote_images,
+        image_cache_entries=args.image_cache_entries, image_cache_bytes=args.image_cache_bytes,
         max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_new_tokens=args.max_new_tokens, max_prompt_bytes=args.max_prompt_bytes,
         max_body_bytes=args.max_body_bytes, device=args.device, dtype=args.dtype, engine=args.engine,
@@ -159,8 +160,11 @@ def cmd_ask(args) -> int:
     if args.server is None and args.save_frame is None:
         raise CliError("give --server URL to ask, or --save-frame FILE to write the frame only")
     server = check_server_url(args.server) if args.server else "http://unused.invalid"
-    if not args.question.strip():
+    questions = args.question
+    if not all(question.strip() for question in questions):
         raise CliError("the question is empty")
+    if len(questions) > 1 and (args.stream or args.save_frame):
+        raise CliError("--stream and --save-frame take one question")
     if not Path(args.image).is_file():
         raise CliError(f"image {args.image} not found")
     sampling = {name: getattr(args, name) for name in ("max_new_tokens", "temperature", "top_p", "seed")}
@@ -169,14 +173,17 @@ def cmd_ask(args) -> int:
         with EdgeClient(edge, server, timeout=args.timeout, retry_window=args.retry_window,
                         threads=args.threads, api_key=_api_key(args.api_key_file)) as client:
             if args.save_frame:
-                size = client.save_frame(args.save_frame, args.image, args.question)
+                size = client.save_frame(args.save_frame, args.image, questions[0])
                 print(f"frame of {size} bytes written to {args.save_frame}", file=sys.stderr)
                 if args.server is None:
                     return 0
             if args.stream:
-                return _print_stream(client.stream(args.image, args.question, **sampling), args.json)
-            answer = client.ask(args.image, args.question, **sampling)
-    _print_answer(answer, args.json)
+                return _print_stream(client.stream(args.image, questions[0], **sampling), args.json)
+            answers = client.ask_many(args.image, questions, **sampling)  # the image's indices sent once
+    for question, answer in zip(questions, answers):
+        if len(questions) > 1 and not args.json:
+            print(f"question:   {question}")
+        _print_answer(answer, args.json)
     return 0
 
 
@@ -392,6 +399,9 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument("--ssl-keyfile", default=None, help="PEM private key of --ssl-certfile")
     serve.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
     serve.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics at /metrics")
+    serve.add_argument("--image-cache-entries", type=int, default=4096,
+                       help="images kept for follow-up questions (per API key scope; 0: none)")
+    serve.add_argument("--image-cache-bytes", type=int, default=64 * 2**20, help="memory of the kept images at most")
     chat = serve.add_argument_group("OpenAI-compatible chat (/v1/chat/completions; docs/serving.md, 'OpenAI')")
     chat.add_argument("--served-model-name", default=None, help="model id in /v1/models (default: the folder's name)")
     chat.add_argument("--max-image-bytes", type=int, default=8 * 2**20, help="an image_url's decoded bytes at most")
@@ -440,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--server", help="server URL, e.g. http://127.0.0.1:8000 (may be left out with --save-frame)")
     ask.add_argument("--edge", help="edge folder, Hub id, or a full model folder (default: the bundled model's edge)")
     ask.add_argument("--image", required=True, help="image file")
-    ask.add_argument("question")
+    ask.add_argument("question", nargs="+", help="one or more questions; the image's indices are sent once, each "
+                     "further question as a follow-up of about 20 bytes")
     ask.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP attempt")
     ask.add_argument("--retry-window", type=float, default=30.0,
                      help="seconds during which a refused, dropped or timed-out request or a 503 is retried")

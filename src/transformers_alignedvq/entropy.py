@@ -316,6 +316,31 @@ class EntropyModel:
             with_question = _words_to_bytes(both.get_compressed())
         return _words_to_bytes(coder.get_compressed()), with_question
 
+    def encode_question(self, question: str) -> bytes:
+        """The question alone, coded as in a frame (a follow-up about a cached image, `wire_followup`)."""
+        if len(question.encode("utf-8")) > MAX_CODED_PROMPT_BYTES:
+            raise WireFormatError(f"prompt too long: a coded question holds at most {MAX_CODED_PROMPT_BYTES} bytes")
+        coder = _constriction().stream.stack.AnsCoder()
+        self._push(coder, self._question_symbols(question))
+        return _words_to_bytes(coder.get_compressed())
+
+    def decode_question(self, payload: bytes, *, max_question_bytes: int = MAX_CODED_PROMPT_BYTES) -> str:
+        """Inverse of `encode_question`, bounded like `decode_payload`."""
+        words = np.frombuffer(bytes(payload) + bytes(-len(payload) % 4), dtype="<u4").astype(np.uint32)
+        try:
+            coder = _constriction().stream.stack.AnsCoder(words)
+            question = self._decode_question(coder, min(int(max_question_bytes), MAX_CODED_PROMPT_BYTES))
+            leftover = not coder.is_empty()
+        except WireFormatError:
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - pyo3 maps Rust panics to a BaseException
+            raise WireFormatError(f"coded question is corrupt: {exc}") from None
+        if leftover:
+            raise WireFormatError("coded question has unread data after its end")
+        return question
+
     def decode_payload(self, payload: bytes, *, with_question: bool,
                        max_question_bytes: int = MAX_CODED_PROMPT_BYTES) -> tuple[np.ndarray, str | None]:
         """Inverse of `encode_payload`: ``(tokens int64 (num_tokens,), question or None)``.

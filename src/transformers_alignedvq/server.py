@@ -43,6 +43,8 @@ code  type                       when
 405   ``method_not_allowed``     wrong HTTP method
 409   ``codebook_mismatch``      the frame's codebook fingerprint is not this model's
 409   ``entropy_model_mismatch`` a coded frame names an entropy model this server does not hold
+409   ``image_not_cached``       a follow-up (`transformers_alignedvq.wire_followup`) names an image this
+                                 server does not hold (evicted, never sent, or sent with another key)
 413   ``payload_too_large``      body (or its Content-Length) above ``max_body_bytes``, or the
                                  question above ``max_prompt_bytes``
 415   ``unsupported_media_type`` Content-Type not ``application/octet-stream``, or a
@@ -89,6 +91,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
+import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -104,7 +107,9 @@ from .connection_limits import ConnectionLimits
 from .edge_export import describe
 from .errors import ServerConfigError
 from .http_guard import exposure_warnings, logging_config, make_server
+from .image_cache import ImageCache, scope_of
 from .server_metrics import install_metrics
+from .wire_followup import decode_followup, image_digest, is_followup
 from .server_schemas import (
     HealthResponse,
     ModelInfo,
@@ -171,6 +176,7 @@ class GenerationRequest:
     options: SamplingOptions
     on_tokens: Callable[[list[int]], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
+    image_digest: bytes | None = None  # set where the server keeps the image for follow-ups
 
 
 @dataclass(eq=False)
@@ -859,6 +865,8 @@ def create_app(
     max_image_bytes: int = 8 * 2**20,
     max_image_pixels: int = 4096 * 4096,
     allow_remote_images: bool = False,
+    image_cache_entries: int = 4096,
+    image_cache_bytes: int = 64 * 2**20,
     vllm_checkpoint: str | os.PathLike | None = None,
     vllm_args: dict | None = None,
 ) -> FastAPI:
@@ -872,7 +880,9 @@ def create_app(
     ``max_prompt_bytes`` (or the largest coded one, when an ``entropy_model`` is given). ``warmup`` runs one
     tiny generate before serving, which also proves the processor and the model fit together (a failure is a
     `ServerConfigError`). ``api_keys`` (see `transformers_alignedvq.auth.load_api_keys`) turns bearer-token
-    authentication on. ``docs`` serves ``/docs`` and ``/openapi.json``. ``metrics`` serves Prometheus metrics at
+    authentication on. ``docs`` serves ``/docs`` and ``/openapi.json``. ``image_cache_entries`` and
+    ``image_cache_bytes`` bound the images kept for follow-up questions (`transformers_alignedvq.image_cache`;
+    0 entries: none kept). ``metrics`` serves Prometheus metrics at
     ``/metrics`` (`transformers_alignedvq.server_metrics`), behind the API keys unless ``public_metrics``.
     """
     if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0 or max_prompt_bytes < 1:
@@ -892,6 +902,8 @@ def create_app(
                          max_queue=max_queue, max_prompt_bytes=max_prompt_bytes, max_body_bytes=max_body_bytes,
                          entropy_model=entropy_model, warmup=warmup, api_keys=api_keys, docs=docs,
                          metrics=metrics, public_metrics=public_metrics,
+                         image_cache=ImageCache(max_entries=image_cache_entries, max_bytes=image_cache_bytes)
+                         if image_cache_entries > 0 else None,
                          chat={"model_id": served_model_name or _model_id(model_dir_or_model),
                                "max_image_bytes": max_image_bytes, "max_image_pixels": max_image_pixels,
                                "allow_remote_images": allow_remote_images})
@@ -903,7 +915,8 @@ def create_app(
 def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, max_queue: int,
               max_prompt_bytes: int, max_body_bytes: int | None, entropy_model: wire.EntropyModel | None,
               warmup: bool, api_keys: Sequence[str] | None, docs: bool, metrics: bool = True,
-              public_metrics: bool = False, chat: dict | None = None) -> FastAPI:
+              public_metrics: bool = False, chat: dict | None = None,
+              image_cache: ImageCache | None = None) -> FastAPI:
     summary = engine.summary
     if max_body_bytes is None:
         max_body_bytes = wire.max_frame_bytes(
@@ -936,6 +949,7 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
         "max_body_bytes": max_body_bytes,
         "max_prompt_bytes": max_prompt_bytes,
         "frame_media_type": FRAME_MEDIA_TYPE,
+        "image_cache_entries": image_cache.max_entries if image_cache is not None else 0,
     }
 
     @app.get("/v1/model", responses={200: {"model": ModelInfo}, **error_responses({})},
@@ -943,7 +957,8 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
     async def model_info():
         return info
 
-    _add_answer_route(app, engine, batcher, _request_decoder(engine, entropy_model, max_prompt_bytes))
+    app.state.image_cache = image_cache
+    _add_answer_route(app, engine, batcher, _request_decoder(engine, entropy_model, max_prompt_bytes, image_cache))
     if chat is not None:
         _add_openai_routes(app, engine, batcher, entropy_model=entropy_model, max_prompt_bytes=max_prompt_bytes,
                            max_body_bytes=max_body_bytes, **chat)
@@ -1025,11 +1040,15 @@ def _add_health_route(app: FastAPI, batcher: DynamicBatcher, health: EngineHealt
         }, status_code=200 if status == "ok" else 503)
 
 
-def _request_decoder(engine: AnswerEngine, entropy_model: wire.EntropyModel | None, max_prompt_bytes: int):
-    """``(body, options) -> GenerationRequest``: the frame checked against the served model, or an `ApiError`."""
+def _request_decoder(engine: AnswerEngine, entropy_model: wire.EntropyModel | None, max_prompt_bytes: int,
+                     cache: ImageCache | None = None):
+    """``(body, options, scope) -> GenerationRequest``: the frame checked against the served model (and its
+    indices kept in ``cache`` under ``scope``), or a follow-up about a cached image; or an `ApiError`."""
     summary = engine.summary
 
-    def request_of(body: bytes, options: SamplingOptions) -> GenerationRequest:
+    def request_of(body: bytes, options: SamplingOptions, scope: bytes = b"") -> GenerationRequest:
+        if cache is not None and is_followup(body):
+            return _followup_request(body, options, scope)
         try:
             frame = wire.decode_frame(
                 body, codebook_size=summary["codebook_size"], codebook_fingerprint=engine.fingerprint,
@@ -1043,7 +1062,27 @@ def _request_decoder(engine: AnswerEngine, entropy_model: wire.EntropyModel | No
             raise ApiError(422, "invalid_question", "the frame carries no question; put it in the frame's prompt")
         if len(question.encode("utf-8")) > max_prompt_bytes:
             raise ApiError(413, "payload_too_large", f"the question exceeds {max_prompt_bytes} bytes")
-        return GenerationRequest(torch.from_numpy(frame.indices.copy()), engine.input_ids(question), options)
+        generation = GenerationRequest(torch.from_numpy(frame.indices.copy()), engine.input_ids(question), options)
+        if cache is not None:
+            generation.image_digest = image_digest(frame.indices, engine.fingerprint)
+            cache.put(scope, generation.image_digest, frame.indices, summary["codebook_size"])
+        return generation
+
+    def _followup_request(body: bytes, options: SamplingOptions, scope: bytes) -> GenerationRequest:
+        try:
+            followup = decode_followup(body, entropy_model=entropy_model, max_prompt_bytes=max_prompt_bytes)
+        except wire.WireFormatError as exc:
+            raise classify_wire_error(exc) from None
+        if not followup.question.strip():
+            raise ApiError(422, "invalid_question", "the follow-up carries a blank question")
+        indices = cache.get(scope, followup.digest)
+        if indices is None:
+            raise ApiError(409, "image_not_cached", f"image {followup.digest.hex()} is not (or no longer) held here; "
+                           "send its frame again")
+        generation = GenerationRequest(torch.from_numpy(indices.astype(np.int64)), engine.input_ids(followup.question),
+                                       options)
+        generation.image_digest = followup.digest
+        return generation
 
     return request_of
 
@@ -1059,7 +1098,7 @@ def _add_answer_route(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatche
         metrics = getattr(app.state, "metrics", None)
         if metrics is not None:
             metrics.frame_bytes.observe(len(body))
-        generation = await batcher.off_loop(request_of, body, options)
+        generation = await batcher.off_loop(request_of, body, options, scope_of(request.headers.get("authorization")))
         t_decoded = time.perf_counter()
 
         loop = asyncio.get_running_loop()
@@ -1084,6 +1123,7 @@ def _add_answer_route(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatche
                 "bytes_received": len(body),
                 "batch_size": job.batch_size,
                 "generated_tokens": result.generated_tokens,
+                "image_digest": generation.image_digest.hex() if generation.image_digest else None,
                 "timing_ms": {
                     "receive_body": 1000 * (t_body - t_start),
                     "decode_frame": 1000 * (t_decoded - t_body),

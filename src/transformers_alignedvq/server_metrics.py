@@ -18,6 +18,8 @@ metric                                         type       what
 ``alignedvq_abandoned_requests``               gauge      requests dropped or stopped because their client left
 ``alignedvq_engine_healthy``                   gauge      1 while the last generate succeeded, else 0
 ``alignedvq_engine_consecutive_failures``      gauge      failed batches in a row
+``alignedvq_image_cache_{entries,bytes}``      gauge      images kept for follow-up questions, their memory
+``alignedvq_image_cache_{hits,misses}``        gauge      follow-ups that found their image, or did not
 =============================================  =========  =====================================================
 """
 
@@ -121,6 +123,13 @@ def install_metrics(app, batcher, health) -> ServerMetrics:
     metrics.watch("alignedvq_engine_consecutive_failures", "Failed batches in a row",
                   lambda: health.consecutive_failures)
     batcher.on_batch = metrics.batch_size.observe
+    cache = getattr(app.state, "image_cache", None)
+    if cache is not None:
+        metrics.watch("alignedvq_image_cache_entries", "Images kept for follow-up questions", lambda: len(cache))
+        metrics.watch("alignedvq_image_cache_bytes", "Memory of the images kept", lambda: cache.bytes)
+        metrics.watch("alignedvq_image_cache_hits", "Follow-ups that found their image", lambda: cache.hits)
+        metrics.watch("alignedvq_image_cache_misses", "Follow-ups that did not (409 image_not_cached)",
+                      lambda: cache.misses)
 
     @app.get("/metrics", response_class=Response, summary="Prometheus metrics (text exposition format)",
              responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
