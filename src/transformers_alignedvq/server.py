@@ -809,7 +809,8 @@ def _load(model_dir_or_model, processor, device, dtype):
 
 
 def _build_engine(kind: str, model_dir_or_model, *, processor, device, dtype, max_new_tokens: int,
-                  vllm_checkpoint, vllm_args: dict | None) -> AnswerEngine:
+                  vllm_checkpoint, vllm_args: dict | None, max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
+                  max_batch_size: int = 8) -> AnswerEngine:
     if kind == "transformers":
         model, processor, tokenizer = _load(model_dir_or_model, processor, device, dtype)
         return AnswerEngine(model, tokenizer, processor=processor, max_new_tokens=max_new_tokens)
@@ -820,7 +821,8 @@ def _build_engine(kind: str, model_dir_or_model, *, processor, device, dtype, ma
     # Loaded on the CPU: the language model is handed to vLLM and dropped here before the rest moves.
     model, processor, tokenizer = _load(model_dir_or_model, processor, None, dtype)
     return VllmAnswerEngine(model, tokenizer, processor=processor, max_new_tokens=max_new_tokens, device=device,
-                            checkpoint=vllm_checkpoint, engine_args=vllm_args)
+                            checkpoint=vllm_checkpoint, engine_args=vllm_args, max_prompt_bytes=max_prompt_bytes,
+                            max_batch_size=max_batch_size)
 
 
 def _warm_up(engine: AnswerEngine, health: EngineHealth) -> None:
@@ -896,7 +898,8 @@ def create_app(
         entropy_model = load_entropy_model(model_dir_or_model)
     answer_engine = _build_engine(engine, model_dir_or_model, processor=processor, device=device, dtype=dtype,
                                   max_new_tokens=max_new_tokens, vllm_checkpoint=vllm_checkpoint,
-                                  vllm_args=vllm_args)
+                                  vllm_args=vllm_args, max_prompt_bytes=max_prompt_bytes,
+                                  max_batch_size=max_batch_size)
     try:
         return _make_app(answer_engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                          max_queue=max_queue, max_prompt_bytes=max_prompt_bytes, max_body_bytes=max_body_bytes,
