@@ -137,3 +137,16 @@ def test_question_length_is_bounded_by_the_caller():
     assert MODEL.decode_payload(coded, with_question=True, max_question_bytes=size)[1] == question
     with pytest.raises(WireFormatError, match=f"prompt too long: the coded question exceeds {size - 1} bytes"):
         MODEL.decode_payload(coded, with_question=True, max_question_bytes=size - 1)
+
+
+def test_questions_round_trip_on_the_smallest_states():
+    # Uniform images cost the coder almost nothing, so the question is decoded from a state with no words
+    # left; the exhausted-coder check must not refuse these, with or without a question vocabulary.
+    flat = np.zeros((40, 37), dtype=np.int64)
+    for questions in (QUESTIONS, ()):
+        model = EntropyModel.fit(flat, codebook_size=64, grid=(6, 6), has_cls_token=True, questions=questions)
+        for question in ("what color is the shape?", "é", "zz", "?", ""):
+            _, coded = model.encode_payload(flat[0], question)
+            tokens, decoded = model.decode_payload(coded, with_question=True)
+            assert decoded == question and np.array_equal(tokens, flat[0])
+            assert model.decode_question(model.encode_question(question)) == question

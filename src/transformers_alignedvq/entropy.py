@@ -384,12 +384,14 @@ class EntropyModel:
     def _decode_question(self, coder: Any, limit: int) -> str:
         out, context, escape = bytearray(), 0, len(self._pieces)
         while True:
-            symbol = _pop(coder, self._model(("question_probabilities", context)), context)
+            # Symbol 0 is piece 0 (leading to context 1) where the model has pieces; without any, it is the escape.
+            symbol = _pop(coder, self._model(("question_probabilities", context)), repeats=context == 1 and escape > 0)
             if symbol == escape + 1:
                 break
             if symbol == escape:
                 start = len(out)
-                while (byte := _pop(coder, self._model(("question_byte_probabilities", None)))) != _END_OF_PIECE:
+                while (byte := _pop(coder, self._model(("question_byte_probabilities", None)), repeats=True)) \
+                        != _END_OF_PIECE:
                     out.append(byte)
                     if len(out) > limit:
                         break
@@ -407,20 +409,20 @@ class EntropyModel:
             raise WireFormatError(f"prompt is not valid UTF-8: {exc}") from None
 
 
-def _pop(coder: Any, model: Any, context: int | None = None) -> int:
+def _pop(coder: Any, model: Any, *, repeats: bool) -> int:
     """One question symbol off ``coder``, or `WireFormatError` once the coder is exhausted.
 
     A question ends with a symbol other than 0, and an escaped piece with byte 256. An ANS coder that has run
     out of data decodes symbol 0 without changing its state (an empty one always; any other once its state is
-    below one symbol's precision and no words are left). When that happens under the byte model (no
-    ``context``), or in the context that symbol 0 leads back to (piece 0's, ``context == 1``), every later pop
-    repeats it and the question would only run to the length limit: stop at once instead.
+    below one symbol's precision and no words are left). When that happens where the next pop uses the same
+    table again (``repeats``: the byte table, or piece 0's own context), every later pop repeats it and the
+    question would only run to the length limit: stop at once instead. From an empty coder no question ends.
     """
     if coder.is_empty():
         raise WireFormatError("entropy-coded payload is corrupt: the data ended before the last symbol")
     before = coder.pos()
     symbol = int(coder.decode(model))
-    if context in (None, 1) and coder.pos() == before:
+    if repeats and coder.pos() == before:
         raise WireFormatError("entropy-coded payload is corrupt: the data ended before the last symbol")
     return symbol
 

@@ -349,7 +349,7 @@ class _Completion:
 
 
 async def _chunks(request: Request, job: _Job, engine, updates: asyncio.Queue, completion: _Completion,
-                  include_usage: bool, on_first_token):
+                  include_usage: bool, on_first_token, on_result):
     """The OpenAI chunk stream of one answer: the role, content deltas, the finish reason, [usage], [DONE]."""
     job.future.add_done_callback(lambda _: updates.put_nowait(None))
     watcher = _cancel_when_client_leaves(request, job.future)
@@ -371,6 +371,7 @@ async def _chunks(request: Request, job: _Job, engine, updates: asyncio.Queue, c
             yield f"data: {openai_error_response(error).body.decode()}\n\n"
         else:
             result: GenerationResult = job.future.result()
+            on_result(result)
             rest = _delta(sent, result.text)
             if rest:
                 yield completion.chunk({"content": rest})
@@ -428,13 +429,16 @@ def install_openai_routes(app: FastAPI, *, engine, batcher, decoder: ChatDecoder
             if metrics is not None:
                 metrics.first_token.labels("/v1/chat/completions").observe(time.perf_counter() - start)
 
+        def count(result: GenerationResult):
+            if metrics is not None:
+                metrics.generated_tokens.inc(result.generated_tokens)
+
         if chat.stream:
             return StreamingResponse(_chunks(request, job, engine, updates, completion, chat.include_usage,
-                                             first_token), media_type="text/event-stream",
+                                             first_token, count), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
         result = await _unless_client_leaves(request, job.future)
-        if metrics is not None:
-            metrics.generated_tokens.inc(result.generated_tokens)
+        count(result)
         return completion.body(generation, result, {"image_bytes_received": size, "batch_size": job.batch_size})
 
     add_request_schema(app, ChatCompletionRequest)
