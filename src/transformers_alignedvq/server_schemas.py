@@ -34,6 +34,7 @@ class AnswerResponse(BaseModel):
     bytes_received: int = Field(description="size of the frame")
     batch_size: int = Field(description="requests in the batch this one ran in")
     generated_tokens: int = Field(description="tokens generated, eos excluded")
+    image_digest: str | None = Field(description="hex digest a follow-up names this image by (None: not kept)")
     timing_ms: Timing
 
 
@@ -76,7 +77,7 @@ COMMON_ERRORS = {401: "missing or unknown API key", 500: "internal_error: a bug 
                  503: "overloaded (with Retry-After) or shutting_down"}
 FRAME_ERRORS = {
     400: "empty_body, malformed_frame, bad_request, client_disconnected",
-    409: "codebook_mismatch or entropy_model_mismatch",
+    409: "codebook_mismatch, entropy_model_mismatch, or image_not_cached (a follow-up: send the frame again)",
     413: "payload_too_large: body above max_body_bytes, or question above max_prompt_bytes",
     415: "unsupported_media_type: not application/octet-stream, or a Content-Encoding",
     422: "incompatible_frame, invalid_question or invalid_parameter",
@@ -111,7 +112,8 @@ def answer_route_openapi() -> dict:
     return {
         "parameters": ANSWER_QUERY,
         "requestBody": {"required": True, "description": "one AlignedVQ wire frame (docs/wire-format.md) with the "
-                        "question as its prompt; `alignedvq ask --save-frame FILE` writes one",
+                        "question as its prompt (`alignedvq ask --save-frame FILE` writes one), or a follow-up "
+                        "naming a kept image by its image_digest (transformers_alignedvq.wire_followup)",
                         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
     }
 
