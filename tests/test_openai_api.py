@@ -169,3 +169,34 @@ def test_remote_images_only_where_allowed(deployment, tmp_path):
                 {"type": "image_url", "image_url": {"url": data_url(image)}}, QUESTIONS[0]))
         files.shutdown()
     assert remote.choices[0].message.content == inline.choices[0].message.content
+
+
+def test_conversations_use_the_chat_template(client, engine, deployment):
+    image_part = {"type": "image_url", "image_url": {"url": data_url(images(1, seed=60)[0])}}
+    messages = [{"role": "user", "content": [image_part, {"type": "text", "text": QUESTIONS[0]}]},
+                {"role": "assistant", "content": "red"},
+                {"role": "user", "content": QUESTIONS[2]}]
+    completion = client.chat.completions.create(model=deployment.name, messages=messages)
+    converted = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTIONS[0]}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+                 {"role": "user", "content": [{"type": "text", "text": QUESTIONS[2]}]}]
+    prompt = engine.processor.apply_chat_template(converted, add_generation_prompt=True)
+    expected = engine.processor(images=images(1)[0], text=prompt, return_tensors="pt")["input_ids"][0].tolist()
+    assert engine.chat_input_ids(converted) == expected
+    assert completion.usage.prompt_tokens == len(expected) and completion.choices[0].message.content
+
+
+def test_chat_requests_are_counted_in_the_metrics(client, server, deployment):
+    from test_server_metrics import scrape, value
+
+    headers = {"Authorization": f"Bearer {KEY}"}
+    before = scrape(server.url, headers=headers)
+    image_part = {"type": "image_url", "image_url": {"url": data_url(images(1, seed=61)[0])}}
+    list(client.chat.completions.create(model=deployment.name, messages=user(image_part, QUESTIONS[0]), stream=True))
+    after = scrape(server.url, headers=headers)
+    route = "/v1/chat/completions"
+    assert value(after, "alignedvq_requests_total", route=route, status="200") - \
+        value(before, "alignedvq_requests_total", route=route, status="200") == 1
+    assert value(after, "alignedvq_time_to_first_token_seconds_count", route=route) - \
+        value(before, "alignedvq_time_to_first_token_seconds_count", route=route) == 1
+    assert value(after, "alignedvq_generated_tokens_total") > value(before, "alignedvq_generated_tokens_total")
