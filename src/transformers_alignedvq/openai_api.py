@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from . import wire
 from .sampling import SamplingError, SamplingOptions
@@ -307,11 +308,14 @@ async def _json_body(request: Request, limit: int) -> Any:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise _invalid(f"body of {declared} bytes exceeds the limit of {limit} bytes", None, 413, "payload_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _invalid(f"body exceeds the limit of {limit} bytes", None, 413, "payload_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise _invalid(f"body exceeds the limit of {limit} bytes", None, 413, "payload_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _invalid("the client disconnected while sending the body", None, 400, "client_disconnected") from None
     try:
         return json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError):
