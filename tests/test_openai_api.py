@@ -200,3 +200,42 @@ def test_chat_requests_are_counted_in_the_metrics(client, server, deployment):
     assert value(after, "alignedvq_time_to_first_token_seconds_count", route=route) - \
         value(before, "alignedvq_time_to_first_token_seconds_count", route=route) == 1
     assert value(after, "alignedvq_generated_tokens_total") > value(before, "alignedvq_generated_tokens_total")
+
+
+def test_malformed_chat_requests_get_4xx_never_5xx(server, deployment):
+    good_image = {"type": "image_url", "image_url": {"url": data_url(images(1)[0])}}
+    name = deployment.name
+    bodies = [
+        [], "text", {"model": name}, {"model": name, "messages": {}}, {"model": name, "messages": [1]},
+        {"model": name, "messages": [{"role": "tool", "content": "x"}]},
+        {"model": name, "messages": [{"role": "user", "content": [{"type": "image_url"}, {"type": "text"}]}]},
+        {"model": name, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": 5}]}]},
+        {"model": name, "messages": [{"role": "user", "content": [good_image, good_image, {"type": "text",
+                                                                                          "text": "q"}]}]},
+        {"model": name, "messages": [{"role": "assistant", "content": [good_image]}]},
+        {"model": name, "messages": [{"role": "user", "content": [good_image]}]},
+        {"model": name, "messages": user(good_image, "q"), "temperature": "hot"},
+        {"model": name, "messages": user(good_image, "q"), "temperature": 9},
+        {"model": name, "messages": user(good_image, "q"), "seed": -1},
+        {"model": name, "messages": user(good_image, "q"), "top_p": True},
+        {"model": name, "messages": user(good_image, "q"), "max_tokens": 0},
+        {"model": name, "messages": user(good_image, "q"), "n": 2},
+        {"model": name, "messages": user(good_image, "q"), "stream": "yes"},
+        {"model": name, "messages": user(good_image, "<image> what ?")},
+        {"model": name, "messages": user({"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGk="}},
+                                         "q")},
+        {"model": name, "messages": user({"type": "image_url", "image_url": {"url": "data:image/png;base64,aGk="}},
+                                         "q")},
+        {"model": name, "messages": user({"type": "alignedvq_frame", "alignedvq_frame": "x"}, "q")},
+        {"model": name, "messages": user({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, "q")},
+    ]
+    headers = {"Authorization": f"Bearer {KEY}"}
+    for body in bodies:
+        response = httpx.post(f"{server.url}/v1/chat/completions", json=body, headers=headers)
+        assert 400 <= response.status_code < 500, (body, response.text)
+        error = response.json()["error"]
+        assert error["message"] and error["code"], body
+    for content, media in ((b"{", "application/json"), (b"{}", "text/plain")):
+        response = httpx.post(f"{server.url}/v1/chat/completions", content=content,
+                              headers={**headers, "Content-Type": media})
+        assert response.status_code in (400, 415), response.text
