@@ -15,6 +15,9 @@ output in a log file, and runs:
   Failures among the checks: /healthz 503 after a failed batch, no exception text or path in the 500, no model
   path in /v1/model, no /openapi.json or /docs.
 * clients that leave: clients that send a whole request and close at once. Failures: jobs computed for them.
+* costly frames: 4 threads flood the server with one kind of frame (a bad CRC, the cheap baseline; a 21-byte
+  coded frame with an empty payload; a valid coded frame with the longest question) while a prober sends valid
+  requests. Failures: probes not answered 200; measured: the probe's p50 and p99 against no flood.
 * SIGTERM: ``--in-flight`` requests, then SIGTERM once the server has them all. Failures: connection errors or
   answers other than 200/503; the exit time is reported.
 
@@ -392,6 +395,68 @@ def case_sigterm(server: Server, frame: bytes, count: int, shutdown_timeout: flo
                      f"{server.process.returncode}), limit {shutdown_timeout:g} s"}
 
 
+def costly_frames(model: str, frame: bytes) -> dict[str, bytes]:
+    """Frames that cost the server work to refuse or to decode: a bad CRC (the cheap baseline), a 21-byte coded
+    frame whose payload is empty, and a valid coded frame whose question is 2,048 escaped bytes (the longest
+    --max-prompt-bytes allows)."""
+    from transformers_alignedvq import wire
+    from transformers_alignedvq.entropy import load_entropy_model
+
+    entropy_model = load_entropy_model(model)
+    decoded = wire.decode_frame(frame)
+    prefix = wire._PREFIX.pack(wire.MAGIC, wire.FORMAT_VERSION, wire.PROMPT_CODED << wire.PROMPT_SHIFT,
+                               wire.CODER_CONTEXT_MODEL, decoded.fingerprint)
+
+    def framed(payload: bytes) -> bytes:
+        body = prefix + entropy_model.model_id + payload
+        return body + struct.pack("<I", zlib.crc32(body))
+
+    question = "".join(chr(0x4E00 + i % 600) for i in range(2048 // 3))  # rare pieces: every byte escaped
+    _, with_question = entropy_model.encode_payload(decoded.indices[:, 0], question)
+    return {"a bad CRC": frame[:-1] + bytes([frame[-1] ^ 1]), "an empty coded payload (21 B)": framed(b""),
+            f"a valid coded {len(question.encode())}-byte question ({len(framed(with_question)):,} B)":
+            framed(with_question)}
+
+
+def case_costly_frames(server: Server, frame: bytes, model: str, seconds: float, flooders: int = 4) -> list[dict]:
+    """A valid client's latency while ``flooders`` threads send one kind of costly frame as fast as they can."""
+    import threading
+
+    def probe(stop: threading.Event) -> list[float]:
+        latencies = []
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            while not stop.is_set():
+                start = time.perf_counter()
+                response = client.post("/v1/answer", content=frame, headers={"Content-Type": "application/octet-stream"})
+                latencies.append(time.perf_counter() - start if response.status_code == 200 else float("inf"))
+        return latencies
+
+    def flood(body: bytes, stop: threading.Event, statuses: list) -> None:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            while not stop.is_set():
+                statuses.append(client.post("/v1/answer", content=body,
+                                            headers={"Content-Type": "application/octet-stream"}).status_code)
+
+    rows = []
+    for kind, body in {"no flood": None, **costly_frames(model, frame)}.items():
+        stop, statuses, result = threading.Event(), [], []
+        threads = [threading.Thread(target=flood, args=(body, stop, statuses)) for _ in range(flooders if body else 0)]
+        threads.append(threading.Thread(target=lambda: result.extend(probe(stop))))
+        for thread in threads:
+            thread.start()
+        time.sleep(seconds)
+        stop.set()
+        for thread in threads:
+            thread.join()
+        finite = sorted(x for x in result if x != float("inf"))
+        p50, p99 = (1000 * finite[int(q * (len(finite) - 1))] for q in (0.5, 0.99)) if finite else (0, 0)
+        flood_note = (f"; {len(statuses):,} flood requests, statuses {sorted(set(statuses))}" if body else "")
+        rows.append({"test": f"valid requests during a flood of {kind} ({flooders} threads)" if body else
+                     "valid requests, no flood (baseline)", "tried": len(result),
+                     "failures": len(result) - len(finite), "notes": f"p50 {p50:.0f} ms, p99 {p99:.0f} ms{flood_note}"})
+    return rows
+
+
 # ---------------------------------------------------------------------------------------------------------
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -403,7 +468,8 @@ def main() -> int:
     parser.add_argument("--auth", type=int, default=2_000, help="requests without a valid key")
     parser.add_argument("--gone", type=int, default=200, help="clients that leave after sending their request")
     parser.add_argument("--in-flight", type=int, default=64, help="requests in flight at SIGTERM")
-    parser.add_argument("--cases", default="idle,fuzz,gone,auth,health,sigterm", help="cases to run")
+    parser.add_argument("--costly-seconds", type=float, default=10.0, help="seconds each costly-frame flood lasts")
+    parser.add_argument("--cases", default="idle,fuzz,gone,auth,health,sigterm,costly", help="cases to run")
     args = parser.parse_args()
     cases = set(args.cases.split(","))
     from transformers_alignedvq import TINY_EASYVQA
@@ -436,6 +502,8 @@ def main() -> int:
                 rows.append(case_fuzz(main_server, frame, args.fuzz))
             if "gone" in cases:
                 rows.append(case_gone_clients(main_server, frame, args.gone))
+            if "costly" in cases:
+                rows += case_costly_frames(main_server, frame, model, args.costly_seconds)
             if "auth" in cases:
                 rows += case_auth(servers["auth"], frame, args.auth)
             if "health" in cases:

@@ -128,6 +128,37 @@ def test_ask_prints_answer_bytes_and_time_split(deployment, server, tmp_path, ca
     assert result["answer"] in out
 
 
+def test_ask_streams_samples_and_saves_the_frame(deployment, server, tmp_path, capsys):
+    picture = tmp_path / "picture.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(picture)
+    base = ["ask", "--server", server.url, "--edge", str(deployment), "--image", str(picture)]
+    question = "what color is the shape ?"
+    assert cli.main([*base, "--json", question]) == 0
+    greedy = json.loads(capsys.readouterr().out)["answer"]
+    assert cli.main([*base, "--stream", question]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0].strip() == greedy and re.search(r"^bytes sent: 57$", out, re.M)
+    assert cli.main([*base, "--stream", "--json", question]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert "".join(line["delta"] for line in lines[:-1]).strip() == lines[-1]["answer"] == greedy
+    sampled = [*base, "--temperature", "1.5", "--top-p", "0.9", "--seed", "7", "--max-new-tokens", "2", "--json"]
+    assert cli.main([*sampled, question]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert cli.main([*sampled, question]) == 0
+    assert json.loads(capsys.readouterr().out)["answer"] == first["answer"]
+    assert first["server"]["generated_tokens"] <= 2
+    frame = tmp_path / "frame.bin"
+    assert cli.main(["ask", "--edge", str(deployment), "--image", str(picture), "--save-frame", str(frame),
+                     question]) == 0
+    assert "frame of 57 bytes written" in capsys.readouterr().err and len(frame.read_bytes()) == 57
+    assert cli.main(["ask", "--edge", str(deployment), "--image", str(picture), question]) == 1
+    assert "give --server URL to ask, or --save-frame FILE" in capsys.readouterr().err
+    # Several questions: the frame once, then follow-ups (13 bytes and the UTF-8 question here).
+    assert cli.main([*base, question, "what shape is in the image ?"]) == 0
+    sent = re.findall(r"^bytes sent: (\d+)$", capsys.readouterr().out, re.M)
+    assert sent == ["57", str(13 + len("what shape is in the image ?"))]
+
+
 def test_ask_errors_are_one_line_and_exit_1(deployment, server, tmp_path, capsys):
     picture = tmp_path / "picture.png"
     Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(picture)

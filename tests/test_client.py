@@ -225,6 +225,27 @@ def test_ask_passes_sampling_options(edge_client, server):
         edge_client.ask(image(5), QUESTION, top_p=2.0)
 
 
+def test_stream_yields_pieces_that_add_up_to_the_answer(edge_client, server):
+    answer = edge_client.ask(image(6), QUESTION)
+    with edge_client.stream(image(6), QUESTION) as stream:
+        pieces = list(stream)
+    assert len(pieces) >= 1 and "".join(pieces).strip() == answer.text
+    assert stream.answer.text == answer.text and stream.answer.bytes_sent < 40 < answer.bytes_sent  # a follow-up
+    assert stream.answer.server["generated_tokens"] == answer.server["generated_tokens"]
+    sampled = edge_client.ask(image(6), QUESTION, temperature=1.5, seed=3)
+    assert "".join(edge_client.stream(image(6), QUESTION, temperature=1.5, seed=3)).strip() == sampled.text
+    with pytest.raises(ServerError, match="422 invalid_parameter: top_p"):
+        edge_client.stream(image(6), QUESTION, top_p=2.0)
+
+
+def test_save_frame_writes_what_ask_sends(edge_client, server, tmp_path):
+    path = tmp_path / "frame.bin"
+    size = edge_client.save_frame(path, image(7), QUESTION)
+    frame = path.read_bytes()
+    assert size == len(frame) and frame == edge_client.encode(image(7), QUESTION)
+    assert direct_answer(server, frame)["answer"] == edge_client.ask(image(7), QUESTION).text
+
+
 def test_image_inputs_are_interchangeable(edge_client, tmp_path):
     picture = image(4)
     path = tmp_path / "picture.png"
@@ -414,3 +435,35 @@ def test_idle_connections_expire_before_the_server_closes_them(edge_dir, server)
     assert KEEPALIVE_EXPIRY < ConnectionLimits().keep_alive_timeout
     with EdgeClient(edge_dir, server.url) as client:
         assert client._http._transport._pool._keepalive_expiry == KEEPALIVE_EXPIRY
+
+
+def test_ten_questions_about_one_image_send_its_indices_once(edge_dir, server):
+    app = server.app
+    questions = [f"what color is the shape {'?' * i}" for i in range(1, 11)]
+    with EdgeClient(edge_dir, server.url, retry_window=0) as client:
+        answers = client.ask_many(image(8), questions)
+        frame = client.encode(image(8), questions[0])
+        assert answers[0].bytes_sent == len(frame)
+        # A follow-up: 13 bytes and the question (UTF-8: the tiny deployment has no entropy model).
+        assert [a.bytes_sent for a in answers[1:]] == [13 + len(q.encode()) for q in questions[1:]]
+        # The same answers as frames carrying each question.
+        assert [a.text for a in answers] == [direct_answer(server, client.encode(image(8), q))["answer"]
+                                             for q in questions]
+        # ask() reuses the image too, and resends the frame once when the server dropped it.
+        assert client.ask(image(8), questions[0]).bytes_sent == 13 + len(questions[0])
+        app.state.image_cache._entries.clear()
+        again = client.ask(image(8), questions[1])
+        assert again.bytes_sent == len(client.encode(image(8), questions[1])) and again.text == answers[1].text
+        assert client.ask(image(8), questions[2]).bytes_sent == 13 + len(questions[2])
+    with EdgeClient(edge_dir, server.url, reuse_images=False) as plain:
+        assert [a.bytes_sent for a in plain.ask_many(image(8), questions[:2])] == [
+            len(plain.encode(image(8), q)) for q in questions[:2]]
+
+
+def test_a_follow_up_for_an_unknown_image_is_a_clear_409(edge_dir, server):
+    from transformers_alignedvq.wire_followup import encode_followup
+
+    response = httpx.post(f"{server.url}/v1/answer", content=encode_followup(b"\x00" * 8, "what ?"),
+                          headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 409 and response.json()["error"]["type"] == "image_not_cached"
+    assert "send its frame again" in response.json()["error"]["message"]

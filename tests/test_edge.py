@@ -45,7 +45,7 @@ def test_edge_checkpoint_errors(tmp_path, pixels):
     config = json.loads((tmp_path / EDGE_CONFIG_NAME).read_text())
     weights.write_bytes(data)
     (tmp_path / EDGE_CONFIG_NAME).write_text(json.dumps({**config, "codebook_size": 32}))
-    with pytest.raises(EdgeCheckpointError, match="wrong shape"):
+    with pytest.raises(EdgeCheckpointError, match=r"codebook_size.*=\[1, 1, 32, 32\] but the weights hold \[1, 1, 16"):
         AlignedVQEdgeEncoder.from_pretrained(tmp_path)
 
     (tmp_path / EDGE_CONFIG_NAME).write_text(json.dumps({**config, "split_layer": 1}))

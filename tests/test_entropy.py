@@ -114,3 +114,38 @@ def test_decoding_is_bounded_by_the_model_not_the_payload():
                 continue
             assert tokens.shape == (37,) and np.all((tokens >= 0) & (tokens < 64))
             assert question is None or len(question.encode()) <= MAX_CODED_PROMPT_BYTES
+
+
+def test_an_exhausted_coder_stops_decoding_at_once():
+    # An empty payload used to be decoded from the coder's idle state (symbol 0 forever), up to 4096 question
+    # bytes; a cut-short one is refused too.
+    image = blocky_images(1)[0]
+    _, coded = MODEL.encode_payload(image, "what color is the shape?")
+    with pytest.raises(WireFormatError, match="data ended before the last symbol"):
+        MODEL.decode_payload(b"", with_question=True)
+    for payload in (coded[:1], coded[: len(coded) // 2]):
+        with pytest.raises(WireFormatError, match="corrupt"):
+            MODEL.decode_payload(payload, with_question=True)
+
+
+def test_question_length_is_bounded_by_the_caller():
+    image = blocky_images(1)[0]
+    question = "what color is the shape? " * 4
+    _, coded = MODEL.encode_payload(image, question)
+    size = len(question.encode())
+    assert MODEL.decode_payload(coded, with_question=True, max_question_bytes=size)[1] == question
+    with pytest.raises(WireFormatError, match=f"prompt too long: the coded question exceeds {size - 1} bytes"):
+        MODEL.decode_payload(coded, with_question=True, max_question_bytes=size - 1)
+
+
+def test_questions_round_trip_on_the_smallest_states():
+    # Uniform images cost the coder almost nothing, so the question is decoded from a state with no words
+    # left; the exhausted-coder check must not refuse these, with or without a question vocabulary.
+    flat = np.zeros((40, 37), dtype=np.int64)
+    for questions in (QUESTIONS, ()):
+        model = EntropyModel.fit(flat, codebook_size=64, grid=(6, 6), has_cls_token=True, questions=questions)
+        for question in ("what color is the shape?", "é", "zz", "?", ""):
+            _, coded = model.encode_payload(flat[0], question)
+            tokens, decoded = model.decode_payload(coded, with_question=True)
+            assert decoded == question and np.array_equal(tokens, flat[0])
+            assert model.decode_question(model.encode_question(question)) == question

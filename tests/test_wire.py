@@ -298,6 +298,29 @@ def test_coded_frame_layout():
     assert frame[17] == len("ünseen ☃".encode()) and frame[18:18 + frame[17]] == "ünseen ☃".encode()
 
 
+def test_prompt_is_bounded_by_the_receiver_raw_and_coded():
+    pytest.importorskip("constriction")
+    image, question = blocky_images(1)[0], "what color is the shape?"
+    size = len(question.encode())
+    raw = encode_frame(image, codebook_size=64, codebook_fingerprint=FP, prompt=question)
+    coded = coded_frame(MODEL, image, prompt=question)
+    assert decode_frame(coded, entropy_model=MODEL).flags >> wire.PROMPT_SHIFT == wire.PROMPT_CODED
+    for frame in (raw, coded):
+        assert decode_frame(frame, entropy_model=MODEL, max_prompt_bytes=size).prompt == question
+        with pytest.raises(WireFormatError, match="prompt too long"):
+            decode_frame(frame, entropy_model=MODEL, max_prompt_bytes=size - 1)
+
+
+def test_coded_frame_with_an_empty_payload_is_refused_as_corrupt():
+    pytest.importorskip("constriction")
+    frame = coded_frame(MODEL, blocky_images(1)[0], prompt="what color is the shape?")
+    head = frame[:17]  # prefix + model id: a 21-byte frame once its CRC is on
+    empty = head + struct.pack("<I", zlib.crc32(head))
+    assert len(empty) == 21
+    with pytest.raises(WireFormatError, match="data ended before the last symbol"):
+        decode_frame(empty, entropy_model=MODEL)
+
+
 # --------------------------------------------------------------------------- #
 # entropy-model errors
 # --------------------------------------------------------------------------- #

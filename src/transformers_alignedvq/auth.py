@@ -4,7 +4,9 @@ Keys come from a file (one per line; blank lines and ``#`` comments ignored) and
 ``ALIGNEDVQ_API_KEYS`` (separated by commas or whitespace). A request carries one as
 ``Authorization: Bearer <key>``. Keys are kept only as SHA-256 digests, every digest is compared with
 `hmac.compare_digest` (no early exit, so the time taken does not depend on which key or how much of it
-matched), and no key ever reaches a log or an error message.
+matched), and no key ever reaches a log or an error message: `AccessLogRedaction` blanks query-string values in
+the access log, where a key sent in a URL by mistake would otherwise land. `ApiKeys.reload` reads the keys
+again; `alignedvq serve` does so on SIGHUP (revoking a key needs no restart).
 """
 
 from __future__ import annotations
@@ -12,10 +14,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from urllib.parse import unquote_plus
 
 from .errors import ServerConfigError
 
@@ -63,14 +67,48 @@ def load_api_keys(path: str | os.PathLike | None = None, *,
     return keys
 
 
+class ApiKeys:
+    """The accepted keys, as SHA-256 digests, and where they came from: `reload` reads the file and the
+    environment again (`serve` calls it on SIGHUP), so a key is revoked or added without a restart."""
+
+    def __init__(self, keys: Iterable[str] = (), *, path: str | os.PathLike | None = None,
+                 environ: Mapping[str, str] | None = None):
+        self.path, self._environ = path, environ
+        self._digests = tuple(hashlib.sha256(key.encode()).digest() for key in keys)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, *, environ: Mapping[str, str] | None = None) -> "ApiKeys":
+        """The keys of `load_api_keys` (file and ``$ALIGNEDVQ_API_KEYS``), reloadable from the same places."""
+        return cls(load_api_keys(path, environ=environ), path=path, environ=environ)
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def reload(self) -> int:
+        """Read the keys again and use them from the next request on; returns how many there are. A file that
+        became unreadable, empty or malformed raises `ServerConfigError` and the old keys stay."""
+        keys = load_api_keys(self.path, environ=self._environ)
+        if not keys:
+            raise ServerConfigError("reloading the API keys found none; keeping the previous ones")
+        self._digests = tuple(hashlib.sha256(key.encode()).digest() for key in keys)  # one atomic swap
+        return len(keys)
+
+    def matches(self, token: str) -> bool:
+        digest = hashlib.sha256(token.encode("latin-1")).digest()
+        matched = False
+        for known in self._digests:
+            matched |= hmac.compare_digest(known, digest)
+        return matched
+
+
 class BearerAuth:
     """ASGI middleware: every HTTP request outside ``open_paths`` needs a valid bearer key, or gets a 401 JSON
     error ``{"error": {"type": "unauthorized", ...}}`` before the app sees it (so before any body is read)."""
 
-    def __init__(self, app, *, keys: Iterable[str], open_paths: Iterable[str] = ("/healthz",)):
+    def __init__(self, app, *, keys: Iterable[str] | ApiKeys, open_paths: Iterable[str] = ("/healthz",)):
         self.app = app
-        self._digests = [hashlib.sha256(key.encode()).digest() for key in keys]
-        if not self._digests:
+        self.keys = keys if isinstance(keys, ApiKeys) else ApiKeys(keys)
+        if not len(self.keys):
             raise ServerConfigError("BearerAuth needs at least one key")
         self.open_paths = frozenset(open_paths)
 
@@ -79,11 +117,7 @@ class BearerAuth:
         scheme, _, token = value.decode("latin-1").strip().partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             return False
-        digest = hashlib.sha256(token.strip().encode("latin-1")).digest()
-        matched = False
-        for known in self._digests:
-            matched |= hmac.compare_digest(known, digest)
-        return matched
+        return self.keys.matches(token.strip())
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http" or scope["path"] in self.open_paths or self.authorized(scope["headers"]):
@@ -98,4 +132,29 @@ class BearerAuth:
         await send({"type": "http.response.body", "body": body.encode()})
 
 
-__all__ = ["API_KEYS_ENV", "BearerAuth", "load_api_keys"]
+class AccessLogRedaction(logging.Filter):
+    """Blanks query-string values in uvicorn's access lines, but for the parameters named in ``keep``: a key
+    a client put in the URL (``?api_key=...``) must not land in the log."""
+
+    def __init__(self, keep: Iterable[str] = ()):
+        super().__init__()
+        self.keep = frozenset(keep)
+
+    def redact(self, path: str) -> str:
+        route, sep, query = path.partition("?")
+        if not sep:
+            return path
+        parts = []
+        for item in query.split("&"):
+            name, eq, _ = item.partition("=")
+            parts.append(item if not eq or unquote_plus(name) in self.keep else f"{name}=[redacted]")
+        return f"{route}?{'&'.join(parts)}"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if record.name == "uvicorn.access" and isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            record.args = (*args[:2], self.redact(args[2]), *args[3:])
+        return True
+
+
+__all__ = ["API_KEYS_ENV", "AccessLogRedaction", "ApiKeys", "BearerAuth", "load_api_keys"]

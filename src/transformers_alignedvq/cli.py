@@ -5,6 +5,8 @@
     alignedvq export-edge --model MODEL_DIR --output EDGE_DIR
     alignedvq export-vllm --model MODEL_DIR --output VLLM_DIR
     alignedvq ask --server http://cloud:8000 --edge EDGE_DIR --image photo.png "What color is the shape?"
+    alignedvq ask --server http://cloud:8000 --image photo.png --stream --temperature 0.7 --seed 1 "What shape?"
+    alignedvq ask --edge EDGE_DIR --image photo.png --save-frame frame.bin "What color is the shape?"
     alignedvq info --model MODEL_DIR_OR_EDGE_DIR
     alignedvq demo --model MODEL_DIR
 
@@ -94,7 +96,7 @@ def _vllm_args(args) -> dict | None:
 
 
 def cmd_serve(args) -> int:
-    from .auth import load_api_keys
+    from .auth import ApiKeys
     from .connection_limits import ConnectionLimits
     from .server import serve
 
@@ -105,8 +107,12 @@ def cmd_serve(args) -> int:
     engine_options = {} if vllm_args is None else {"vllm_args": vllm_args, "vllm_checkpoint": args.vllm_checkpoint}
     serve(
         model, host=args.host, port=args.port, log_level=args.log_level, limits=limits,
-        api_keys=load_api_keys(args.api_keys_file), ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
-        docs=args.docs, max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
+        api_keys=ApiKeys.load(args.api_keys_file), ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile,
+        docs=args.docs, metrics=not args.no_metrics, public_metrics=args.public_metrics,
+        served_model_name=args.served_model_name, max_image_bytes=args.max_image_bytes,
+        max_image_pixels=args.max_image_pixels, allow_remote_images=args.allow_remote_images,
+        image_cache_entries=args.image_cache_entries, image_cache_bytes=args.image_cache_bytes,
+        max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms, max_queue=args.max_queue,
         max_new_tokens=args.max_new_tokens, max_prompt_bytes=args.max_prompt_bytes,
         max_body_bytes=args.max_body_bytes, device=args.device, dtype=args.dtype, engine=args.engine,
         **engine_options,
@@ -163,28 +169,60 @@ def _check_image_path(path: str) -> None:
 def cmd_ask(args) -> int:
     from .client import EdgeClient, check_server_url
 
-    check_server_url(args.server)
-    if not args.question.strip():
+    if args.server is None and args.save_frame is None:
+        raise CliError("give --server URL to ask, or --save-frame FILE to write the frame only")
+    server = check_server_url(args.server) if args.server else "http://unused.invalid"
+    questions = args.question
+    if not all(question.strip() for question in questions):
         raise CliError("the question is empty")
+    if len(questions) > 1 and (args.stream or args.save_frame):
+        raise CliError("--stream and --save-frame take one question")
     _check_image_path(args.image)
+    sampling = {name: getattr(args, name) for name in ("max_new_tokens", "temperature", "top_p", "seed")}
     with tempfile.TemporaryDirectory() as scratch:
         edge = _edge_folder(_default_model(args.edge), Path(scratch))
-        with EdgeClient(edge, args.server, timeout=args.timeout, retry_window=args.retry_window,
+        with EdgeClient(edge, server, timeout=args.timeout, retry_window=args.retry_window,
                         threads=args.threads, api_key=_api_key(args.api_key_file)) as client:
-            answer = client.ask(args.image, args.question)
-    if args.json:
+            if args.save_frame:
+                size = client.save_frame(args.save_frame, args.image, questions[0])
+                print(f"frame of {size} bytes written to {args.save_frame}", file=sys.stderr)
+                if args.server is None:
+                    return 0
+            if args.stream:
+                return _print_stream(client.stream(args.image, questions[0], **sampling), args.json)
+            answers = client.ask_many(args.image, questions, **sampling)  # the image's indices sent once
+    for question, answer in zip(questions, answers):
+        if len(questions) > 1 and not args.json:
+            print(f"question:   {question}")
+        _print_answer(answer, args.json)
+    return 0
+
+
+def _print_stream(stream, as_json: bool) -> int:
+    """Print each piece as it arrives (with --json, one JSON line per piece, then the answer's)."""
+    with stream:
+        for piece in stream:
+            print(json.dumps({"delta": piece}) if as_json else piece, end="\n" if as_json else "", flush=True)
+    if not as_json:
+        print()
+    _print_answer(stream.answer, as_json, text=False)
+    return 0
+
+
+def _print_answer(answer, as_json: bool, text: bool = True) -> None:
+    if as_json:
         print(json.dumps({
             "answer": answer.text, "bytes_sent": answer.bytes_sent, "edge_ms": answer.edge_ms,
             "transfer_ms": answer.transfer_ms, "cloud_ms": answer.cloud_ms, "total_ms": answer.total_ms,
             "attempts": answer.attempts, "server": answer.server,
-        }, indent=2))
-        return 0
-    print(f"answer:     {answer.text}")
+        }, indent=None if not text else 2))
+        return
+    if text:
+        print(f"answer:     {answer.text}")
     print(f"bytes sent: {answer.bytes_sent}")
     print(f"time (ms):  edge {answer.edge_ms:.1f} + transfer {answer.transfer_ms:.1f} + cloud {answer.cloud_ms:.1f}"
           f" = {answer.edge_ms + answer.transfer_ms + answer.cloud_ms:.1f} (wall {answer.total_ms:.1f},"
           f" {answer.attempts} attempt(s))")
-    return 0
 
 
 def cmd_export_edge(args) -> int:
@@ -366,10 +404,24 @@ def _add_serve_parser(sub) -> None:
                            default=getattr(ConnectionLimits, name), help=_LIMIT_HELP[name])
     serve.add_argument("--api-keys-file", default=None,
                        help=f"file of API keys, one per line; ${API_KEYS_ENV} (comma-separated) adds more. With "
-                            "keys, every route but /healthz needs 'Authorization: Bearer KEY' (default: none)")
+                            "keys, every route but /healthz needs 'Authorization: Bearer KEY'; SIGHUP reads them again "
+                            "(default: none)")
     serve.add_argument("--ssl-certfile", default=None, help="PEM certificate chain: serve HTTPS (default: plain HTTP)")
     serve.add_argument("--ssl-keyfile", default=None, help="PEM private key of --ssl-certfile")
     serve.add_argument("--docs", action="store_true", help="serve /docs and /openapi.json")
+    serve.add_argument("--no-metrics", action="store_true", help="do not serve Prometheus metrics at /metrics")
+    serve.add_argument("--image-cache-entries", type=int, default=4096,
+                       help="images kept for follow-up questions (per API key scope; 0: none)")
+    serve.add_argument("--image-cache-bytes", type=int, default=64 * 2**20, help="memory of the kept images at most")
+    chat = serve.add_argument_group("OpenAI-compatible chat (/v1/chat/completions; docs/serving.md, 'OpenAI')")
+    chat.add_argument("--served-model-name", default=None, help="model id in /v1/models (default: the folder's name)")
+    chat.add_argument("--max-image-bytes", type=int, default=8 * 2**20, help="an image_url's decoded bytes at most")
+    chat.add_argument("--max-image-pixels", type=int, default=4096 * 4096, help="an image's width x height at most")
+    chat.add_argument("--allow-remote-images", action="store_true",
+                      help="fetch http(s) image URLs (default: data URLs only; a fetch reaches any host the server "
+                           "can)")
+    serve.add_argument("--public-metrics", action="store_true",
+                       help="serve /metrics without an API key (default: behind the keys, when keys are on)")
     serve.add_argument("--device", default=None, help="e.g. cpu, cuda (default: where the model loads)")
     serve.add_argument("--dtype", default=None, help="e.g. float32, bfloat16, auto")
     serve.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -406,10 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     ask = sub.add_parser("ask", help="ask a question about an image via a server",
                          description="Run the edge part locally, send the indices, print the answer.")
-    ask.add_argument("--server", required=True, help="server URL, e.g. http://127.0.0.1:8000")
+    ask.add_argument("--server", help="server URL, e.g. http://127.0.0.1:8000 (may be left out with --save-frame)")
     ask.add_argument("--edge", help="edge folder, Hub id, or a full model folder (default: the bundled model's edge)")
     ask.add_argument("--image", required=True, help="image file")
-    ask.add_argument("question")
+    ask.add_argument("question", nargs="+", help="one or more questions; the image's indices are sent once, each "
+                     "further question as a follow-up of about 20 bytes")
     ask.add_argument("--timeout", type=float, default=60.0, help="seconds per HTTP attempt")
     ask.add_argument("--retry-window", type=float, default=30.0,
                      help="seconds during which a refused, dropped or timed-out request, or a 408, 429, 502, 503 "
@@ -417,6 +470,14 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--threads", type=int, default=None, help="CPU threads of the edge runtime")
     ask.add_argument("--api-key-file", help=f"file whose first line is the server's API key (default: ${API_KEY_ENV})")
     ask.add_argument("--json", action="store_true", help="print the answer and timings as JSON")
+    ask.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    ask.add_argument("--max-new-tokens", type=int, default=None, help="answer length at most (default: the server's)")
+    ask.add_argument("--temperature", type=float, default=None, help="0: greedy (default); up to 2: sampled")
+    ask.add_argument("--top-p", type=float, default=None, help="sample from the smallest set of tokens with this mass")
+    ask.add_argument("--seed", type=int, default=None, help="makes a sampled answer reproducible")
+    ask.add_argument("--save-frame", metavar="FILE", default=None,
+                     help="also write the frame sent to FILE (for curl or wire.decode_frame); without --server, "
+                          "only write it")
     ask.set_defaults(func=cmd_ask)
 
     export = sub.add_parser("export-edge", help="write the edge part of a model folder",

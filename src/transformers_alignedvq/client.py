@@ -7,6 +7,8 @@ never imports the server or FastAPI.
     client = EdgeClient("edge/", "http://cloud:8000")
     answer = client.ask("photo.jpg", "What color is the shape?")
     answer.text, answer.bytes_sent, answer.edge_ms, answer.transfer_ms, answer.cloud_ms
+    for piece in client.stream("photo.jpg", "What color is the shape?"):   # as it is generated
+        print(piece, end="", flush=True)
 
 Asking has no side effect on the server, so a request is safe to repeat (a greedy answer, the default, or a
 sampled one with a seed, is the same every time). The client retries a refused or dropped connection, a
@@ -24,9 +26,10 @@ import random
 import socket
 import ssl
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 from urllib.parse import urlsplit
 
 import httpx
@@ -41,6 +44,7 @@ from .edge_runtime import (
     load_edge_runtime,
 )
 from .entropy import load_entropy_model
+from .wire_followup import encode_followup, image_digest
 
 FRAME_MEDIA_TYPE = "application/octet-stream"
 DEFAULT_RETRY_WINDOW = 30.0
@@ -53,7 +57,7 @@ _RETRYABLE = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolEr
 # a server that is restarting (502, 504). Any other error status, and a TLS failure, is final at once.
 RETRY_STATUSES = frozenset({408, 429, 502, 503, 504})
 
-__all__ = ["Answer", "EdgeClient", "EdgeClientError", "ServerError", "ServerUnavailableError"]
+__all__ = ["Answer", "AnswerStream", "EdgeClient", "EdgeClientError", "ServerError", "ServerUnavailableError"]
 
 
 class EdgeClientError(RuntimeError):
@@ -159,13 +163,15 @@ class EdgeClient:
             question too where that is shorter); None (default): per frame, the smaller of the coded and the
             raw one; False: never code.
         api_key: sent as ``Authorization: Bearer <api_key>`` to a server that has API keys on.
+        reuse_images: name an image sent recently by its digest instead of sending its frame again (a
+            follow-up of about 20 bytes; the frame is resent once, automatically, if the server dropped it).
     """
 
     def __init__(self, model_dir: str | os.PathLike, server_url: str, *, timeout: float = 60.0,
                  retry_window: float = DEFAULT_RETRY_WINDOW, backoff: float = 0.2, max_backoff: float = 5.0,
                  backend: str = "auto", threads: int | None = None, device: str = "cpu",
                  transport: httpx.BaseTransport | None = None, entropy_coding: bool | None = None,
-                 seed: int | None = None, api_key: str | None = None):
+                 seed: int | None = None, api_key: str | None = None, reuse_images: bool = True):
         if retry_window < 0 or backoff < 0 or max_backoff < 0 or timeout <= 0:
             raise ValueError(f"need timeout > 0 and retry_window, backoff, max_backoff >= 0; got "
                              f"{timeout}, {retry_window}, {backoff}, {max_backoff}")
@@ -185,6 +191,8 @@ class EdgeClient:
             raise EdgeClientError(f"{directory} has no entropy model; coded frames are not available")
         self.entropy_model = entropy_model
         self.always_entropy_code = bool(entropy_coding)
+        self.reuse_images = reuse_images
+        self._sent_images: OrderedDict[bytes, None] = OrderedDict()  # digests of images the server keeps
         if transport is None:
             # httpx writes the headers and the body separately; with Nagle's algorithm on, the small body then
             # waits for the server's delayed ACK (~40 ms on Linux), more than a whole frame takes on the wire.
@@ -208,7 +216,9 @@ class EdgeClient:
     # -------------------------------------------------------------------------------------------------
     def encode(self, image, question: str) -> bytes:
         """The frame the edge sends for ``image`` and ``question`` (no network)."""
-        indices = self.edge.encode_image(image)
+        return self._frame(self.edge.encode_image(image), question)
+
+    def _frame(self, indices, question: str) -> bytes:
         options = dict(codebook_size=self.codebook_size, codebook_fingerprint=self.fingerprint, prompt=question,
                        grid=self.geometry["grid"], has_cls_token=self.geometry["has_cls_token"])
         plain = None if self.always_entropy_code else wire.encode_frame(indices, **options)
@@ -233,30 +243,89 @@ class EdgeClient:
             raise EdgeClientError(f"this edge and the server at {self.server_url} do not match ({details})")
         return info
 
+    def save_frame(self, path: str | os.PathLike, image, question: str) -> int:
+        """Write the frame `ask` would send for ``image`` and ``question`` to ``path`` (for curl, or to look at
+        with `wire.decode_frame`); returns its size in bytes."""
+        frame = self.encode(image, _checked_question(question))
+        Path(path).write_bytes(frame)
+        return len(frame)
+
     def ask(self, image, question: str, *, max_new_tokens: int | None = None, temperature: float | None = None,
             top_p: float | None = None, seed: int | None = None) -> Answer:
         """Encode ``image`` on the edge, send the frame with ``question``, return the server's answer.
 
         ``max_new_tokens``, ``temperature``, ``top_p`` and ``seed`` go to the server as they are (None: the
         server's default, greedy); a value it refuses raises `ServerError` (422 ``invalid_parameter``).
+        An image this client sent recently (same indices) is named by its digest instead of sent again
+        (`wire_followup`, with ``reuse_images``); if the server no longer holds it, the frame goes once more.
         """
-        if not isinstance(question, str) or not question.strip():
-            raise ValueError("the question must be a non-empty string")
-        sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+        return self.ask_many(image, [question], max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_p=top_p, seed=seed)[0]
+
+    def ask_many(self, image, questions: Sequence[str], **sampling) -> list[Answer]:
+        """`ask` each of ``questions`` about ``image``, running the edge once: the image's indices cross the
+        network once, each further question as a follow-up of a few bytes."""
+        questions = [_checked_question(question) for question in questions]
         start = time.perf_counter()
-        frame = self.encode(image, question)
+        indices = self.edge.encode_image(image)
         edge_ms = 1000 * (time.perf_counter() - start)
-        response, attempts = self._send("POST", "/v1/answer", content=frame,
-                                        headers={"Content-Type": FRAME_MEDIA_TYPE},
-                                        params={k: v for k, v in sampling.items() if v is not None})
-        round_trip_ms = response.elapsed.total_seconds() * 1000
-        body = response.json()
-        cloud_ms = float(body["timing_ms"]["total"])
-        return Answer(
-            text=body["answer"], bytes_sent=len(frame), edge_ms=edge_ms,
-            transfer_ms=max(0.0, round_trip_ms - cloud_ms), cloud_ms=cloud_ms,
-            total_ms=1000 * (time.perf_counter() - start), server=body, attempts=attempts,
-        )
+        params = _sampling(**sampling)
+        answers = []
+        for question in questions:
+            started = time.perf_counter()
+            response, attempts, sent = self._post_answer(indices, question, params, stream=False)
+            round_trip_ms = response.elapsed.total_seconds() * 1000
+            answers.append(_answer(response.json(), sent, edge_ms, round_trip_ms, started - edge_ms / 1000, attempts))
+            edge_ms = 0.0  # the edge ran once, for the first question
+        return answers
+
+    def stream(self, image, question: str, *, max_new_tokens: int | None = None, temperature: float | None = None,
+               top_p: float | None = None, seed: int | None = None) -> "AnswerStream":
+        """Like `ask`, but the answer comes as it is generated: iterate the returned `AnswerStream` for its
+        text pieces (they add up to the answer); its ``answer`` is the `Answer` once the stream has ended.
+
+        Connecting is retried as `ask` does; once pieces have arrived nothing is retried (a second attempt
+        would repeat them): a stream cut short raises `ServerUnavailableError`, an ``error`` event
+        `ServerError`.
+        """
+        start = time.perf_counter()
+        indices = self.edge.encode_image(image)
+        edge_ms = 1000 * (time.perf_counter() - start)
+        params = {**_sampling(max_new_tokens, temperature, top_p, seed), "stream": "true"}
+        response, attempts, sent = self._post_answer(indices, _checked_question(question), params, stream=True)
+        return AnswerStream(response, bytes_sent=sent, edge_ms=edge_ms, start=start, attempts=attempts,
+                            on_done=self._remember)
+
+    def _post_answer(self, indices, question: str, params: dict, *, stream: bool) -> tuple[httpx.Response, int, int]:
+        """``(response, attempts, bytes sent)``: a follow-up where the server should hold the image, else (or
+        when it does not) the frame."""
+        digest = image_digest(indices, self.fingerprint)
+        headers = {"Content-Type": FRAME_MEDIA_TYPE}
+        if self.reuse_images and digest in self._sent_images:
+            body = encode_followup(digest, question, entropy_model=self.entropy_model)
+            try:
+                response, attempts = self._send("POST", "/v1/answer", stream=stream, content=body, headers=headers,
+                                                params=params)
+                self._sent_images.move_to_end(digest)
+                return response, attempts, len(body)
+            except ServerError as error:
+                if error.type != "image_not_cached":
+                    raise
+                self._sent_images.pop(digest, None)
+        frame = self._frame(indices, question)
+        response, attempts = self._send("POST", "/v1/answer", stream=stream, content=frame, headers=headers,
+                                        params=params)
+        if not stream:
+            self._remember(response.json())
+        return response, attempts, len(frame)
+
+    def _remember(self, body: dict) -> None:
+        """Note the image the server says it keeps (``image_digest``), forgetting the oldest beyond 256."""
+        digest = body.get("image_digest") if self.reuse_images else None
+        if digest:
+            self._sent_images[bytes.fromhex(digest)] = None
+            while len(self._sent_images) > 256:
+                self._sent_images.popitem(last=False)
 
     # -------------------------------------------------------------------------------------------------
     def _delay(self, attempt: int, retry_after: str | None, remaining: float) -> float:
@@ -268,12 +337,14 @@ class EdgeClient:
                 pass
         return min(delay, remaining)
 
-    def _send(self, method: str, path: str, **kwargs) -> tuple[httpx.Response, int]:
+    def _send(self, method: str, path: str, *, stream: bool = False, **kwargs) -> tuple[httpx.Response, int]:
+        """The first answer below 400, retried as the class docstring says. With ``stream`` the response's
+        body is not read yet (the caller reads and closes it)."""
         start, attempt, last_problem = time.monotonic(), 0, "no attempt made"
         while True:
             retry_after = None
             try:
-                response = self._http.request(method, path, **kwargs)
+                response = self._http.send(self._http.build_request(method, path, **kwargs), stream=stream)
             except _RETRYABLE as exc:
                 if _tls_failure(exc):  # the same handshake fails the same way every time
                     raise EdgeClientError(f"{method} {self.server_url}{path}: TLS failed ({exc}); an https:// URL "
@@ -282,6 +353,9 @@ class EdgeClient:
             else:
                 if response.status_code < 400:
                     return response, attempt + 1
+                if stream:
+                    response.read()
+                    response.close()
                 error = _error_of(response)
                 if response.status_code not in RETRY_STATUSES:
                     raise error
@@ -307,6 +381,82 @@ def _tls_failure(exc: BaseException) -> bool:
             return True
         exc = exc.__cause__ or exc.__context__
     return False
+
+
+class AnswerStream:
+    """The text pieces of one streamed answer, as the server sends them (iterate once); ``answer`` is the
+    `Answer` (the server's final body, ``total_ms`` up to the last piece) once iteration has ended. Use as a
+    context manager, or iterate to the end, so the connection is released; `close` stops early (the server
+    then stops generating)."""
+
+    def __init__(self, response: httpx.Response, *, bytes_sent: int, edge_ms: float, start: float, attempts: int,
+                 on_done: Callable[[dict], None] | None = None):
+        self._response, self.bytes_sent, self.edge_ms = response, bytes_sent, edge_ms
+        self._start, self.attempts, self._on_done = start, attempts, on_done
+        self.answer: Answer | None = None
+
+    def __enter__(self) -> "AnswerStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._response.close()
+
+    def __iter__(self):
+        try:
+            for event, data in _server_sent_events(self._response):
+                if event == "token":
+                    yield str(data["delta"])
+                elif event == "error":
+                    error = data["error"]
+                    raise ServerError(200, str(error["type"]), str(error["message"]), data)
+                elif event == "done":
+                    if self._on_done is not None:
+                        self._on_done(data)
+                    round_trip_ms = 1000 * (time.perf_counter() - self._start) - self.edge_ms
+                    self.answer = _answer(data, self.bytes_sent, self.edge_ms, round_trip_ms, self._start,
+                                          self.attempts)
+                    return
+        except (httpx.TransportError, httpx.RemoteProtocolError) as exc:
+            raise ServerUnavailableError(f"the answer stream broke off: {type(exc).__name__}: {exc}") from exc
+        finally:
+            self.close()
+        raise ServerUnavailableError("the answer stream ended without its done event")
+
+
+def _server_sent_events(response: httpx.Response):
+    """``(event, data as JSON)`` of a ``text/event-stream`` body, as its events complete."""
+    event, data = "message", []
+    for line in response.iter_lines():
+        if not line:
+            if data:
+                yield event, json.loads("\n".join(data))
+            event, data = "message", []
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].lstrip())
+
+
+def _checked_question(question) -> str:
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("the question must be a non-empty string")
+    return question
+
+
+def _sampling(max_new_tokens=None, temperature=None, top_p=None, seed=None) -> dict:
+    sampling = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed}
+    return {name: value for name, value in sampling.items() if value is not None}
+
+
+def _answer(body: dict, bytes_sent: int, edge_ms: float, round_trip_ms: float, start: float,
+            attempts: int) -> Answer:
+    cloud_ms = float(body["timing_ms"]["total"])
+    return Answer(text=body["answer"], bytes_sent=bytes_sent, edge_ms=edge_ms,
+                  transfer_ms=max(0.0, round_trip_ms - cloud_ms), cloud_ms=cloud_ms,
+                  total_ms=1000 * (time.perf_counter() - start), server=body, attempts=attempts)
 
 
 def _error_of(response: httpx.Response) -> ServerError:

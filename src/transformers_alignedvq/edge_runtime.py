@@ -23,6 +23,7 @@ from typing import Callable
 
 import numpy as np
 
+from .checkpoint_limits import CheckpointSizeError, check_edge_folder
 from .entropy import ENTROPY_MODEL_NAME
 from .preprocess import ImagePreprocessing, read_preprocessing
 
@@ -111,6 +112,10 @@ def read_edge_config(directory: str | os.PathLike) -> dict:
     missing = [key for key in ("vision_config", *EDGE_SETTINGS) if key not in config]
     if missing:
         raise EdgeCheckpointError(f"{EDGE_CONFIG_NAME} lacks {missing}.")
+    try:  # before any backend builds what the config asks for
+        check_edge_folder(directory, config, EDGE_WEIGHTS_NAME)
+    except CheckpointSizeError as exc:
+        raise EdgeCheckpointError(str(exc)) from None
     return config
 
 

@@ -316,15 +316,44 @@ class EntropyModel:
             with_question = _words_to_bytes(both.get_compressed())
         return _words_to_bytes(coder.get_compressed()), with_question
 
-    def decode_payload(self, payload: bytes, *, with_question: bool) -> tuple[np.ndarray, str | None]:
-        """Inverse of `encode_payload`: ``(tokens int64 (num_tokens,), question or None)``.
+    def encode_question(self, question: str) -> bytes:
+        """The question alone, coded as in a frame (a follow-up about a cached image, `wire_followup`)."""
+        if len(question.encode("utf-8")) > MAX_CODED_PROMPT_BYTES:
+            raise WireFormatError(f"prompt too long: a coded question holds at most {MAX_CODED_PROMPT_BYTES} bytes")
+        coder = _constriction().stream.stack.AnsCoder()
+        self._push(coder, self._question_symbols(question))
+        return _words_to_bytes(coder.get_compressed())
 
-        The work is bounded by the model (its token count, ``MAX_CODED_PROMPT_BYTES``), not by the payload.
-        """
+    def decode_question(self, payload: bytes, *, max_question_bytes: int = MAX_CODED_PROMPT_BYTES) -> str:
+        """Inverse of `encode_question`, bounded like `decode_payload`."""
         words = np.frombuffer(bytes(payload) + bytes(-len(payload) % 4), dtype="<u4").astype(np.uint32)
         try:
             coder = _constriction().stream.stack.AnsCoder(words)
-            question = self._decode_question(coder) if with_question else None
+            question = self._decode_question(coder, min(int(max_question_bytes), MAX_CODED_PROMPT_BYTES))
+            leftover = not coder.is_empty()
+        except WireFormatError:
+            raise
+        except (KeyboardInterrupt, SystemExit):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - pyo3 maps Rust panics to a BaseException
+            raise WireFormatError(f"coded question is corrupt: {exc}") from None
+        if leftover:
+            raise WireFormatError("coded question has unread data after its end")
+        return question
+
+    def decode_payload(self, payload: bytes, *, with_question: bool,
+                       max_question_bytes: int = MAX_CODED_PROMPT_BYTES) -> tuple[np.ndarray, str | None]:
+        """Inverse of `encode_payload`: ``(tokens int64 (num_tokens,), question or None)``.
+
+        The work is bounded by the model (its token count) and by ``max_question_bytes`` (at most
+        ``MAX_CODED_PROMPT_BYTES``), never by what the payload claims; decoding stops with `WireFormatError` as
+        soon as the coder runs out of data (a valid payload is consumed only by its last index).
+        """
+        limit = min(int(max_question_bytes), MAX_CODED_PROMPT_BYTES)
+        words = np.frombuffer(bytes(payload) + bytes(-len(payload) % 4), dtype="<u4").astype(np.uint32)
+        try:
+            coder = _constriction().stream.stack.AnsCoder(words)
+            question = self._decode_question(coder, limit) if with_question else None
             tokens = self._decode_indices(coder)
             leftover = not coder.is_empty()
         except WireFormatError:
@@ -352,17 +381,19 @@ class EntropyModel:
 
         return head + _walk_patches(*self.grid, take)
 
-    def _decode_question(self, coder: Any) -> str:
+    def _decode_question(self, coder: Any, limit: int) -> str:
         out, context, escape = bytearray(), 0, len(self._pieces)
         while True:
-            symbol = int(coder.decode(self._model(("question_probabilities", context))))
+            # Symbol 0 is piece 0 (leading to context 1) where the model has pieces; without any, it is the escape.
+            symbol = _pop(coder, self._model(("question_probabilities", context)), repeats=context == 1 and escape > 0)
             if symbol == escape + 1:
                 break
             if symbol == escape:
                 start = len(out)
-                while (byte := int(coder.decode(self._model(("question_byte_probabilities", None))))) != _END_OF_PIECE:
+                while (byte := _pop(coder, self._model(("question_byte_probabilities", None)), repeats=True)) \
+                        != _END_OF_PIECE:
                     out.append(byte)
-                    if len(out) > MAX_CODED_PROMPT_BYTES:
+                    if len(out) > limit:
                         break
                 if len(out) == start:
                     raise WireFormatError("entropy-coded payload is corrupt: empty escaped question piece")
@@ -370,13 +401,30 @@ class EntropyModel:
             else:
                 out += self._pieces[symbol].encode("utf-8")
                 context = symbol + 1
-            if len(out) > MAX_CODED_PROMPT_BYTES:
-                raise WireFormatError(f"coded prompt is longer than {MAX_CODED_PROMPT_BYTES} bytes; the frame "
-                                      "is corrupt")
+            if len(out) > limit:
+                raise WireFormatError(f"prompt too long: the coded question exceeds {limit} bytes")
         try:
             return out.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise WireFormatError(f"prompt is not valid UTF-8: {exc}") from None
+
+
+def _pop(coder: Any, model: Any, *, repeats: bool) -> int:
+    """One question symbol off ``coder``, or `WireFormatError` once the coder is exhausted.
+
+    A question ends with a symbol other than 0, and an escaped piece with byte 256. An ANS coder that has run
+    out of data decodes symbol 0 without changing its state (an empty one always; any other once its state is
+    below one symbol's precision and no words are left). When that happens where the next pop uses the same
+    table again (``repeats``: the byte table, or piece 0's own context), every later pop repeats it and the
+    question would only run to the length limit: stop at once instead. From an empty coder no question ends.
+    """
+    if coder.is_empty():
+        raise WireFormatError("entropy-coded payload is corrupt: the data ended before the last symbol")
+    before = coder.pos()
+    symbol = int(coder.decode(model))
+    if repeats and coder.pos() == before:
+        raise WireFormatError("entropy-coded payload is corrupt: the data ended before the last symbol")
+    return symbol
 
 
 def _words_to_bytes(words: np.ndarray) -> bytes:

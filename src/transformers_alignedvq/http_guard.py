@@ -32,7 +32,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .auth import API_KEYS_ENV
+from .auth import API_KEYS_ENV, AccessLogRedaction
 from .connection_limits import ConnectionLimits
 
 logger = logging.getLogger(__name__)
@@ -143,6 +143,7 @@ def make_server(app, *, limits: ConnectionLimits, drain: Callable[[float], Await
         **uvicorn_options,
     )
     install_log_rate_limit()
+    install_access_log_redaction()
     return GuardedServer(config, shutdown_timeout=limits.shutdown_timeout, drain=drain)
 
 
@@ -199,6 +200,19 @@ def install_log_rate_limit() -> RateLimitFilter:
         if _RATE_LIMIT not in logging.getLogger(name).filters:
             logging.getLogger(name).addFilter(_RATE_LIMIT)
     return _RATE_LIMIT
+
+
+# Query parameters whose values the access log keeps (the answer route's); every other value is blanked.
+LOGGED_QUERY_PARAMETERS = ("max_new_tokens", "temperature", "top_p", "seed", "stream")
+_REDACTION = AccessLogRedaction(LOGGED_QUERY_PARAMETERS)
+
+
+def install_access_log_redaction() -> AccessLogRedaction:
+    """Put the process's one `auth.AccessLogRedaction` on uvicorn's access logger (idempotent)."""
+    access = logging.getLogger("uvicorn.access")
+    if _REDACTION not in access.filters:
+        access.addFilter(_REDACTION)
+    return _REDACTION
 
 
 def logging_config() -> dict:

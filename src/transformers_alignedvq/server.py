@@ -21,10 +21,12 @@ Routes:
   ``{"error": {"type", "message"}}`` when the answer fails after the stream began.
 * ``GET /healthz`` -> ``{"status": "ok" | "unhealthy" | "shutting_down", "last_generate", ...}``, 200 only when
   ``ok``: the last generate (the warm-up, then every batch) succeeded and the server is not stopping.
+* ``GET /metrics`` -> Prometheus metrics (`transformers_alignedvq.server_metrics`).
 * ``GET /v1/model`` -> the edge/cloud contract (split, codebook size, bits per index, tokens, codebook
   fingerprint, frame bytes) and the serving limits.
 
-With API keys (`transformers_alignedvq.auth`), every route but ``/healthz`` needs ``Authorization: Bearer
+With API keys (`transformers_alignedvq.auth`), every route but ``/healthz`` (and ``/metrics`` with
+``public_metrics``) needs ``Authorization: Bearer
 <key>``. ``/docs`` and ``/openapi.json`` exist only with ``docs=True``.
 
 Errors are JSON ``{"error": {"type": ..., "message": ...}}``:
@@ -41,6 +43,8 @@ code  type                       when
 405   ``method_not_allowed``     wrong HTTP method
 409   ``codebook_mismatch``      the frame's codebook fingerprint is not this model's
 409   ``entropy_model_mismatch`` a coded frame names an entropy model this server does not hold
+409   ``image_not_cached``       a follow-up (`transformers_alignedvq.wire_followup`) names an image this
+                                 server does not hold (evicted, never sent, or sent with another key)
 413   ``payload_too_large``      body (or its Content-Length) above ``max_body_bytes``, or the
                                  question above ``max_prompt_bytes``
 415   ``unsupported_media_type`` Content-Type not ``application/octet-stream``, or a
@@ -87,20 +91,33 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence
 
+import numpy as np
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from transformers import StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from . import wire
-from .auth import BearerAuth
+from .auth import ApiKeys, BearerAuth
+from .checkpoint_limits import CheckpointSizeError, check_model_folder
 from .connection_limits import ConnectionLimits
 from .edge_export import describe
 from .errors import ServerConfigError
 from .http_guard import exposure_warnings, logging_config, make_server
+from .image_cache import ImageCache, scope_of
 from .sampling import RowLimits, RowSampler, SamplingError, SamplingOptions, parse_query
+from .server_metrics import install_metrics
+from .server_schemas import (
+    HealthResponse,
+    ModelInfo,
+    answer_responses,
+    answer_route_openapi,
+    error_responses,
+)
+from .wire_followup import decode_followup, image_digest, is_followup
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +127,8 @@ DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_MAX_PROMPT_BYTES = 2048
 # LLaVA-1.5's format, for tokenizers saved without a chat template.
 FALLBACK_PROMPT = "USER: {image}\n{question} ASSISTANT:"
+# Threads that decode frames and tokenise questions (`DynamicBatcher.off_loop`).
+DECODE_THREADS = 2
 # After SIGTERM, how long requests already on the wire get to be read before the listening socket closes.
 DRAIN_GRACE_S = 0.1
 CLOSE = {"Connection": "close"}  # on answers sent before the body is read: the rest of it is not wanted
@@ -133,6 +152,7 @@ _WIRE_ERRORS = (
     ("decoded index out of range", 422, "incompatible_frame"),
     ("entropy model mismatch", 409, "entropy_model_mismatch"),
     ("version-1 entropy-coded frames", 422, "incompatible_frame"),
+    ("prompt too long", 413, "payload_too_large"),
 )
 
 
@@ -148,12 +168,15 @@ def classify_wire_error(exc: wire.WireFormatError) -> ApiError:
 class GenerationRequest:
     """One answer to compute: ``indices`` ``(tokens, codes_per_token)``, the prompt's ``input_ids`` (image
     placeholder expanded), its decoding ``options``, and ``on_tokens``, called with the answer's token ids so
-    far after each step (from any thread) when the answer is streamed."""
+    far after each step (from any thread) when the answer is streamed. ``cancelled`` is set once nobody waits
+    for the answer (its client left): generation stops for that row."""
 
     indices: torch.Tensor
     input_ids: list[int]
     options: SamplingOptions
     on_tokens: Callable[[list[int]], None] | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    image_digest: bytes | None = None  # set where the server keeps the image for follow-ups
 
 
 @dataclass(eq=False)
@@ -192,6 +215,16 @@ class _RowStreamer(BaseStreamer):
 
     def end(self) -> None:
         pass
+
+
+class _RowCancelled(StoppingCriteria):
+    """Row ``i`` is done once ``events[i]`` is set (its client left); when every row is, ``generate`` ends."""
+
+    def __init__(self, events: Sequence[threading.Event]):
+        self.events = list(events)
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        return torch.tensor([event.is_set() for event in self.events], device=input_ids.device)
 
 
 class AnswerEngine:
@@ -259,7 +292,20 @@ class AnswerEngine:
 
     def input_ids(self, question: str) -> list[int]:
         """Token ids of the chat prompt with the image placeholder expanded, as `LlavaProcessor` makes them."""
-        text = self.prompt_text(question)
+        return self._expanded_ids(self.prompt_text(question))
+
+    def chat_input_ids(self, messages: list[dict]) -> list[int]:
+        """`input_ids` of a conversation in Transformers' chat format (``{"role", "content": [parts]}``, one
+        ``{"type": "image"}`` part in all); without a chat template, only one user turn of text and the image."""
+        if self._template_owner is None:
+            texts = [part["text"] for message in messages for part in message["content"] if part["type"] == "text"]
+            if len(messages) != 1 or messages[0]["role"] != "user":
+                raise ApiError(422, "invalid_question", "this model has no chat template: send one user message")
+            return self.input_ids("\n".join(texts))
+        text = self._template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self._expanded_ids(text)
+
+    def _expanded_ids(self, text: str) -> list[int]:
         if text.count(self.image_token) != 1:
             raise ApiError(
                 422, "invalid_question",
@@ -332,8 +378,10 @@ class AnswerEngine:
         extra: dict[str, Any] = {"generation_config": config}
         if not all(option.greedy for option in options):
             extra["logits_processor"] = LogitsProcessorList([RowSampler(options)])
+        stopping = [_RowCancelled([request.cancelled for request in batch])]
         if len(set(limits)) > 1:
-            extra["stopping_criteria"] = StoppingCriteriaList([RowLimits(prompt_length, limits)])
+            stopping.append(RowLimits(prompt_length, limits))
+        extra["stopping_criteria"] = StoppingCriteriaList(stopping)
         if any(request.on_tokens for request in batch):
             extra["streamer"] = _RowStreamer([request.on_tokens for request in batch])
         return extra
@@ -394,6 +442,7 @@ class DynamicBatcher:
         self.queue: asyncio.Queue[_Job] | None = None
         self._task: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._decoder: ThreadPoolExecutor | None = None
         self._batch_seconds = 0.0  # moving average, for Retry-After
         self._active: set[_Job] = set()  # jobs taken from the queue and not answered yet
         self._room: asyncio.Event | None = None  # set when fewer than max_in_flight jobs are active
@@ -402,6 +451,7 @@ class DynamicBatcher:
         self.requests = 0
         self.abandoned = 0  # jobs dropped (or stopped, in vLLM) because their client left
         self.stopping = False
+        self.on_batch: Callable[[int], None] | None = None  # called with each batch's size (metrics)
 
     @property
     def in_flight(self) -> int:
@@ -415,7 +465,15 @@ class DynamicBatcher:
         self._room.set()
         # One thread: batch steps never overlap, so batches are the only parallelism of this process.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="alignedvq-generate")
+        self._decoder = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="alignedvq-decode")
         self._task = asyncio.create_task(self._worker(), name="alignedvq-batcher")
+
+    async def off_loop(self, function: Callable[..., Any], *args) -> Any:
+        """``function(*args)`` in the decode threads: frame decoding and tokenisation stay off the event loop,
+        so a flood of costly frames delays the requests behind it in those threads, not every connection."""
+        if self._decoder is None:
+            raise _shutting_down()
+        return await asyncio.get_running_loop().run_in_executor(self._decoder, function, *args)
 
     async def drain(self, deadline: float) -> None:
         """Take no new jobs; answer the queued and running ones until ``deadline`` (`time.monotonic`), then
@@ -439,6 +497,9 @@ class DynamicBatcher:
             await asyncio.gather(*self._completions, return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._decoder is not None:
+            self._decoder.shutdown(wait=True)
+            self._decoder = None
 
     def _refuse_pending(self) -> None:
         # A job's completion task is cancelled when its future is settled here (see `_complete`).
@@ -508,6 +569,8 @@ class DynamicBatcher:
             started = time.perf_counter()
             for job in batch:
                 job.started, job.batch_size = started, len(batch)
+            if self.on_batch is not None:
+                self.on_batch(len(batch))
             try:
                 prepared = await loop.run_in_executor(self._executor, self.run_batch, batch)
             except Exception:  # a bug or a model failure: every waiting client gets a 500, the server lives
@@ -519,6 +582,7 @@ class DynamicBatcher:
             else:
                 self.health.record(True)
                 if self.complete is None:
+                    self.abandoned += sum(job.future.cancelled() for job in batch)  # stopped mid-generate
                     for job, result in zip(batch, prepared):
                         _settle(job.future, result=result)
                     self._release(batch)
@@ -716,6 +780,11 @@ def _load(model_dir_or_model, processor, device, dtype):
 
     if isinstance(model_dir_or_model, (str, os.PathLike)):
         source = str(model_dir_or_model)
+        if os.path.isdir(source):
+            try:  # before from_pretrained allocates what config.json asks for
+                check_model_folder(source)
+            except CheckpointSizeError as exc:
+                raise ServerConfigError(str(exc)) from None
         kwargs = {"dtype": dtype} if dtype is not None else {}
         model = AutoModel.from_pretrained(source, **kwargs)
     else:
@@ -740,7 +809,8 @@ def _load(model_dir_or_model, processor, device, dtype):
 
 
 def _build_engine(kind: str, model_dir_or_model, *, processor, device, dtype, max_new_tokens: int,
-                  vllm_checkpoint, vllm_args: dict | None) -> AnswerEngine:
+                  vllm_checkpoint, vllm_args: dict | None, max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
+                  max_batch_size: int = 8) -> AnswerEngine:
     if kind == "transformers":
         model, processor, tokenizer = _load(model_dir_or_model, processor, device, dtype)
         return AnswerEngine(model, tokenizer, processor=processor, max_new_tokens=max_new_tokens)
@@ -751,7 +821,8 @@ def _build_engine(kind: str, model_dir_or_model, *, processor, device, dtype, ma
     # Loaded on the CPU: the language model is handed to vLLM and dropped here before the rest moves.
     model, processor, tokenizer = _load(model_dir_or_model, processor, None, dtype)
     return VllmAnswerEngine(model, tokenizer, processor=processor, max_new_tokens=max_new_tokens, device=device,
-                            checkpoint=vllm_checkpoint, engine_args=vllm_args)
+                            checkpoint=vllm_checkpoint, engine_args=vllm_args, max_prompt_bytes=max_prompt_bytes,
+                            max_batch_size=max_batch_size)
 
 
 def _warm_up(engine: AnswerEngine, health: EngineHealth) -> None:
@@ -790,6 +861,14 @@ def create_app(
     warmup: bool = True,
     api_keys: Sequence[str] | None = None,
     docs: bool = False,
+    metrics: bool = True,
+    public_metrics: bool = False,
+    served_model_name: str | None = None,
+    max_image_bytes: int = 8 * 2**20,
+    max_image_pixels: int = 4096 * 4096,
+    allow_remote_images: bool = False,
+    image_cache_entries: int = 4096,
+    image_cache_bytes: int = 64 * 2**20,
     vllm_checkpoint: str | os.PathLike | None = None,
     vllm_args: dict | None = None,
 ) -> FastAPI:
@@ -803,7 +882,10 @@ def create_app(
     ``max_prompt_bytes`` (or the largest coded one, when an ``entropy_model`` is given). ``warmup`` runs one
     tiny generate before serving, which also proves the processor and the model fit together (a failure is a
     `ServerConfigError`). ``api_keys`` (see `transformers_alignedvq.auth.load_api_keys`) turns bearer-token
-    authentication on. ``docs`` serves ``/docs`` and ``/openapi.json``.
+    authentication on. ``docs`` serves ``/docs`` and ``/openapi.json``. ``image_cache_entries`` and
+    ``image_cache_bytes`` bound the images kept for follow-up questions (`transformers_alignedvq.image_cache`;
+    0 entries: none kept). ``metrics`` serves Prometheus metrics at
+    ``/metrics`` (`transformers_alignedvq.server_metrics`), behind the API keys unless ``public_metrics``.
     """
     if max_batch_size < 1 or max_queue < 1 or max_wait_ms < 0 or max_prompt_bytes < 1:
         raise ServerConfigError(
@@ -816,11 +898,18 @@ def create_app(
         entropy_model = load_entropy_model(model_dir_or_model)
     answer_engine = _build_engine(engine, model_dir_or_model, processor=processor, device=device, dtype=dtype,
                                   max_new_tokens=max_new_tokens, vllm_checkpoint=vllm_checkpoint,
-                                  vllm_args=vllm_args)
+                                  vllm_args=vllm_args, max_prompt_bytes=max_prompt_bytes,
+                                  max_batch_size=max_batch_size)
     try:
         return _make_app(answer_engine, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                          max_queue=max_queue, max_prompt_bytes=max_prompt_bytes, max_body_bytes=max_body_bytes,
-                         entropy_model=entropy_model, warmup=warmup, api_keys=api_keys, docs=docs)
+                         entropy_model=entropy_model, warmup=warmup, api_keys=api_keys, docs=docs,
+                         metrics=metrics, public_metrics=public_metrics,
+                         image_cache=ImageCache(max_entries=image_cache_entries, max_bytes=image_cache_bytes)
+                         if image_cache_entries > 0 else None,
+                         chat={"model_id": served_model_name or _model_id(model_dir_or_model),
+                               "max_image_bytes": max_image_bytes, "max_image_pixels": max_image_pixels,
+                               "allow_remote_images": allow_remote_images})
     except BaseException:
         answer_engine.close()
         raise
@@ -828,7 +917,9 @@ def create_app(
 
 def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, max_queue: int,
               max_prompt_bytes: int, max_body_bytes: int | None, entropy_model: wire.EntropyModel | None,
-              warmup: bool, api_keys: Sequence[str] | None, docs: bool) -> FastAPI:
+              warmup: bool, api_keys: Sequence[str] | None, docs: bool, metrics: bool = True,
+              public_metrics: bool = False, chat: dict | None = None,
+              image_cache: ImageCache | None = None) -> FastAPI:
     summary = engine.summary
     if max_body_bytes is None:
         max_body_bytes = wire.max_frame_bytes(
@@ -842,7 +933,8 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
     batcher = DynamicBatcher(lambda jobs: engine.run_batch([job.request for job in jobs]),
                              max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
                              health=health, complete=engine.complete, max_in_flight=engine.max_in_flight)
-    app = _new_app(batcher, api_keys=api_keys, docs=docs)
+    app = _new_app(batcher, api_keys=api_keys, docs=docs,
+                   open_paths=("/healthz", "/metrics") if public_metrics else ("/healthz",))
     app.state.engine, app.state.batcher = engine, batcher
     app.state.max_body_bytes, app.state.max_prompt_bytes = max_body_bytes, max_prompt_bytes
     _add_health_route(app, batcher, health)
@@ -860,14 +952,47 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
         "max_body_bytes": max_body_bytes,
         "max_prompt_bytes": max_prompt_bytes,
         "frame_media_type": FRAME_MEDIA_TYPE,
+        "image_cache_entries": image_cache.max_entries if image_cache is not None else 0,
     }
 
-    @app.get("/v1/model")
+    @app.get("/v1/model", responses={200: {"model": ModelInfo}, **error_responses({})},
+             summary="The edge/cloud contract and the serving limits")
     async def model_info():
         return info
 
-    _add_answer_route(app, engine, batcher, _request_decoder(engine, entropy_model, max_prompt_bytes))
+    app.state.image_cache = image_cache
+    _add_answer_route(app, engine, batcher, _request_decoder(engine, entropy_model, max_prompt_bytes, image_cache))
+    if chat is not None:
+        _add_openai_routes(app, engine, batcher, entropy_model=entropy_model, max_prompt_bytes=max_prompt_bytes,
+                           max_body_bytes=max_body_bytes, **chat)
+    if metrics:
+        install_metrics(app, batcher, health)
     return app
+
+
+def _model_id(model_dir_or_model) -> str:
+    """The id ``/v1/models`` lists: the model folder's name (or the loaded model's), else ``alignedvq``."""
+    if not isinstance(model_dir_or_model, (str, os.PathLike)):
+        model_dir_or_model = getattr(model_dir_or_model, "name_or_path", "") or ""
+    return os.path.basename(os.path.normpath(str(model_dir_or_model))) if str(model_dir_or_model) else "alignedvq"
+
+
+def _add_openai_routes(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatcher, *, model_id: str,
+                       entropy_model, max_prompt_bytes: int, max_body_bytes: int, max_image_bytes: int,
+                       max_image_pixels: int, allow_remote_images: bool) -> None:
+    from .openai_api import ChatDecoder, ChatLimits, install_openai_routes
+
+    if max_image_bytes < 1 or max_image_pixels < 1:
+        raise ServerConfigError(f"need max_image_bytes >= 1 and max_image_pixels >= 1; got {max_image_bytes}, "
+                                f"{max_image_pixels}")
+    # The largest valid JSON: both base64 payloads, the text escaped (\uXXXX: 6 characters a byte), and room for
+    # the rest of the request.
+    request_bytes = 4 * (max_image_bytes // 3 + 1) + 4 * (max_body_bytes // 3 + 1) + 6 * max_prompt_bytes + 2**16
+    limits = ChatLimits(max_request_bytes=request_bytes, max_image_bytes=max_image_bytes,
+                        max_image_pixels=max_image_pixels, allow_remote_images=allow_remote_images)
+    decoder = ChatDecoder(engine, entropy_model=entropy_model, max_prompt_bytes=max_prompt_bytes,
+                          max_body_bytes=max_body_bytes, limits=limits)
+    install_openai_routes(app, engine=engine, batcher=batcher, decoder=decoder, model_id=model_id)
 
 
 def _check_entropy_model(entropy_model: wire.EntropyModel | None, summary: dict) -> None:
@@ -878,7 +1003,8 @@ def _check_entropy_model(entropy_model: wire.EntropyModel | None, summary: dict)
                                 f"(K={summary['codebook_size']}, {num_tokens} tokens x {codes} codes)")
 
 
-def _new_app(batcher: DynamicBatcher, *, api_keys: Sequence[str] | None, docs: bool) -> FastAPI:
+def _new_app(batcher: DynamicBatcher, *, api_keys: Sequence[str] | None, docs: bool,
+             open_paths: Sequence[str] = ("/healthz",)) -> FastAPI:
     """The FastAPI app whose lifespan runs ``batcher``, with the drain hook, auth and the JSON error handlers."""
 
     @asynccontextmanager
@@ -894,13 +1020,15 @@ def _new_app(batcher: DynamicBatcher, *, api_keys: Sequence[str] | None, docs: b
     app.state.drain = batcher.drain  # called by `http_guard.GuardedServer` on SIGTERM
     app.add_middleware(_CloseWhileDraining, draining=lambda: batcher.stopping)
     if api_keys:
-        app.add_middleware(BearerAuth, keys=api_keys)
+        app.add_middleware(BearerAuth, keys=api_keys, open_paths=open_paths)
     _add_error_handlers(app)
     return app
 
 
 def _add_health_route(app: FastAPI, batcher: DynamicBatcher, health: EngineHealth) -> None:
-    @app.get("/healthz")
+    @app.get("/healthz", responses={200: {"model": HealthResponse}, 503: {"model": HealthResponse,
+             "description": "unhealthy (the last generate failed) or shutting_down"}},
+             summary="Health: 200 only while the model answers and the server is not stopping")
     async def healthz():
         status = "shutting_down" if batcher.stopping else "ok" if health.ok else "unhealthy"
         return JSONResponse({
@@ -915,16 +1043,20 @@ def _add_health_route(app: FastAPI, batcher: DynamicBatcher, health: EngineHealt
         }, status_code=200 if status == "ok" else 503)
 
 
-def _request_decoder(engine: AnswerEngine, entropy_model: wire.EntropyModel | None, max_prompt_bytes: int):
-    """``(body, options) -> GenerationRequest``: the frame checked against the served model, or an `ApiError`."""
+def _request_decoder(engine: AnswerEngine, entropy_model: wire.EntropyModel | None, max_prompt_bytes: int,
+                     cache: ImageCache | None = None):
+    """``(body, options, scope) -> GenerationRequest``: the frame checked against the served model (and its
+    indices kept in ``cache`` under ``scope``), or a follow-up about a cached image; or an `ApiError`."""
     summary = engine.summary
 
-    def request_of(body: bytes, options: SamplingOptions) -> GenerationRequest:
+    def request_of(body: bytes, options: SamplingOptions, scope: bytes = b"") -> GenerationRequest:
+        if cache is not None and is_followup(body):
+            return _followup_request(body, options, scope)
         try:
             frame = wire.decode_frame(
                 body, codebook_size=summary["codebook_size"], codebook_fingerprint=engine.fingerprint,
                 num_tokens=summary["num_tokens"], codes_per_token=summary["codes_per_token"],
-                entropy_model=entropy_model,
+                entropy_model=entropy_model, max_prompt_bytes=max_prompt_bytes,
             )
         except wire.WireFormatError as exc:
             raise classify_wire_error(exc) from None
@@ -933,19 +1065,43 @@ def _request_decoder(engine: AnswerEngine, entropy_model: wire.EntropyModel | No
             raise ApiError(422, "invalid_question", "the frame carries no question; put it in the frame's prompt")
         if len(question.encode("utf-8")) > max_prompt_bytes:
             raise ApiError(413, "payload_too_large", f"the question exceeds {max_prompt_bytes} bytes")
-        return GenerationRequest(torch.from_numpy(frame.indices.copy()), engine.input_ids(question), options)
+        generation = GenerationRequest(torch.from_numpy(frame.indices.copy()), engine.input_ids(question), options)
+        if cache is not None:
+            generation.image_digest = image_digest(frame.indices, engine.fingerprint)
+            cache.put(scope, generation.image_digest, frame.indices, summary["codebook_size"])
+        return generation
+
+    def _followup_request(body: bytes, options: SamplingOptions, scope: bytes) -> GenerationRequest:
+        try:
+            followup = decode_followup(body, entropy_model=entropy_model, max_prompt_bytes=max_prompt_bytes)
+        except wire.WireFormatError as exc:
+            raise classify_wire_error(exc) from None
+        if not followup.question.strip():
+            raise ApiError(422, "invalid_question", "the follow-up carries a blank question")
+        indices = cache.get(scope, followup.digest)
+        if indices is None:
+            raise ApiError(409, "image_not_cached", f"image {followup.digest.hex()} is not (or no longer) held here; "
+                           "send its frame again")
+        generation = GenerationRequest(torch.from_numpy(indices.astype(np.int64)), engine.input_ids(followup.question),
+                                       options)
+        generation.image_digest = followup.digest
+        return generation
 
     return request_of
 
 
 def _add_answer_route(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatcher, request_of) -> None:
-    @app.post("/v1/answer")
+    @app.post("/v1/answer", openapi_extra=answer_route_openapi(), responses=answer_responses(),
+              summary="Answer the question carried by an AlignedVQ frame")
     async def answer(request: Request):
         t_start = time.perf_counter()
         options, stream = _sampling_from(request, engine.max_new_tokens)
         body = await _read_body(request, app.state.max_body_bytes)
         t_body = time.perf_counter()
-        generation = request_of(body, options)
+        metrics = getattr(app.state, "metrics", None)
+        if metrics is not None:
+            metrics.frame_bytes.observe(len(body))
+        generation = await batcher.off_loop(request_of, body, options, scope_of(request.headers.get("authorization")))
         t_decoded = time.perf_counter()
 
         loop = asyncio.get_running_loop()
@@ -953,6 +1109,8 @@ def _add_answer_route(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatche
             updates: asyncio.Queue = asyncio.Queue()
             generation.on_tokens = lambda tokens: loop.call_soon_threadsafe(updates.put_nowait, tokens)
         job = _Job(request=generation, future=loop.create_future(), enqueued=t_decoded)
+        # Settled early (the client left, or shutdown answered it): a running generate stops this row.
+        job.future.add_done_callback(lambda _: generation.cancelled.set())
         try:
             batcher.submit(job)
         except QueueFull:
@@ -961,11 +1119,14 @@ def _add_answer_route(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatche
                            {"Retry-After": str(retry)}) from None
 
         def body_of(result: GenerationResult) -> dict:
+            if metrics is not None:
+                metrics.generated_tokens.inc(result.generated_tokens)
             return {
                 "answer": result.text,
                 "bytes_received": len(body),
                 "batch_size": job.batch_size,
                 "generated_tokens": result.generated_tokens,
+                "image_digest": generation.image_digest.hex() if generation.image_digest else None,
                 "timing_ms": {
                     "receive_body": 1000 * (t_body - t_start),
                     "decode_frame": 1000 * (t_decoded - t_body),
@@ -976,8 +1137,10 @@ def _add_answer_route(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatche
             }
 
         if stream:
-            return StreamingResponse(_stream_events(request, job, engine, updates, body_of),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+            events = _stream_events(request, job, engine, updates, body_of)
+            if metrics is not None:
+                events = metrics.stream_timer("/v1/answer", t_start)(events)
+            return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return body_of(await _unless_client_leaves(request, job.future))
 
 
@@ -1047,14 +1210,15 @@ def serve(
     port: int = 8000,
     log_level: str = "info",
     limits: ConnectionLimits | None = None,
-    api_keys: Sequence[str] | None = None,
+    api_keys: Sequence[str] | ApiKeys | None = None,
     ssl_certfile: str | os.PathLike | None = None,
     ssl_keyfile: str | os.PathLike | None = None,
     **app_kwargs,
 ) -> None:
     """Serve until SIGTERM or SIGINT (blocking), then drain and exit. ``app_kwargs`` go to `create_app`.
 
-    ``limits`` bound connections (`ConnectionLimits`); ``api_keys`` turn on bearer-token authentication;
+    ``limits`` bound connections (`ConnectionLimits`); ``api_keys`` turn on bearer-token authentication (an
+    `auth.ApiKeys` loaded from a file is read again on SIGHUP);
     ``ssl_certfile`` and ``ssl_keyfile`` (PEM) serve HTTPS.
     """
     if (ssl_certfile is None) != (ssl_keyfile is None):
@@ -1065,12 +1229,28 @@ def serve(
         logger.warning(warning)
     app = create_app(model_dir_or_model, api_keys=api_keys, **app_kwargs)
     _close_before_signal_exit(app.state.engine)
+    if isinstance(api_keys, ApiKeys) and len(api_keys):
+        _reload_keys_on_sighup(api_keys)
     try:
         server = make_server(app, limits=limits, drain=app.state.drain, host=host, port=port, log_level=log_level,
                              log_config=logging_config(), ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
         server.run()
     finally:
         app.state.engine.close()
+
+
+def _reload_keys_on_sighup(keys: ApiKeys) -> None:
+    """``kill -HUP <pid>`` reads the API keys again (`ApiKeys.reload`); a bad file keeps the old keys."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
+        return
+
+    def reload(signum, frame):
+        try:
+            logger.info("SIGHUP: %d API key(s) loaded", keys.reload())
+        except ServerConfigError as exc:
+            logger.error("SIGHUP: API keys not reloaded, the previous ones stay: %s", exc)
+
+    signal.signal(signal.SIGHUP, reload)
 
 
 def _close_before_signal_exit(engine: AnswerEngine) -> None:

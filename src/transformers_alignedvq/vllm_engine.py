@@ -58,6 +58,43 @@ def build_engine_args(checkpoint: str | os.PathLike, *, dtype: torch.dtype, extr
                            **settings)
 
 
+KV_BLOCK_TOKENS = 16  # vLLM's default block size: the cache is allotted in whole blocks
+
+
+def kv_cache_defaults(text_config, dtype: torch.dtype, *, prompt_tokens: int, max_new_tokens: int, sequences: int,
+                      extra: dict | None = None) -> dict:
+    """vLLM engine arguments that size the KV cache from the model and the serving limits, for a CPU.
+
+    vLLM otherwise reserves ``gpu_memory_utilization`` (92%) of the machine's memory and refuses to start when
+    less is free, which on a shared CPU host is the usual case. Here: ``max_model_len`` is the longest
+    sequence this server can make (``prompt_tokens``, the image's tokens and the longest question included,
+    plus ``max_new_tokens``; at most the model's ``max_position_embeddings``), and ``kv_cache_memory_bytes``
+    holds ``sequences`` of them (2 x layers x KV heads x head size x bytes per value, per token, in whole
+    blocks). Empty when ``extra`` (the user's arguments) sets the cache size or the memory fraction; a
+    ``max_model_len`` or ``max_num_seqs`` there is used as given.
+    """
+    extra = extra or {}
+    if "kv_cache_memory_bytes" in extra or "gpu_memory_utilization" in extra:
+        return {}
+    limit = getattr(text_config, "max_position_embeddings", None) or prompt_tokens + max_new_tokens
+    max_model_len = int(extra.get("max_model_len") or min(limit, prompt_tokens + max_new_tokens))
+    heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    per_token = 2 * text_config.num_hidden_layers * kv_heads * head_dim * (torch.finfo(dtype).bits // 8)
+    blocks = -(-max_model_len // KV_BLOCK_TOKENS) * max(1, int(extra.get("max_num_seqs") or sequences))
+    defaults = {"kv_cache_memory_bytes": per_token * KV_BLOCK_TOKENS * blocks}
+    if "max_model_len" not in extra:
+        defaults["max_model_len"] = max_model_len
+    return defaults
+
+
+def _on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
 def _drop_language_model(model) -> None:
     """Free the language model (vLLM has its own copy); the vision part and the projector stay."""
     model.model.language_model = None
@@ -73,18 +110,29 @@ class VllmAnswerEngine(AnswerEngine):
         device: where the vision part runs (default: the CPU).
         checkpoint: folder of the exported language model (see the module docstring); None: a temporary one.
         engine_args: further ``vllm.AsyncEngineArgs`` fields (``tensor_parallel_size``,
-            ``pipeline_parallel_size``, ``distributed_executor_backend``, ``max_num_seqs``, ...).
+            ``pipeline_parallel_size``, ``distributed_executor_backend``, ``max_num_seqs``, ...). On a CPU,
+            unless they set ``kv_cache_memory_bytes`` or ``gpu_memory_utilization``, the KV cache is sized from
+            the model and the limits (`kv_cache_defaults`: ``max_batch_size`` sequences of the longest prompt
+            ``max_prompt_bytes`` allows plus ``max_new_tokens``) instead of 92% of the machine's memory.
     """
 
     name = "vllm"
 
     def __init__(self, model, tokenizer, *, processor=None, max_new_tokens: int, device=None,
-                 checkpoint: str | os.PathLike | None = None, engine_args: dict | None = None):
+                 checkpoint: str | os.PathLike | None = None, engine_args: dict | None = None,
+                 max_prompt_bytes: int = 2048, max_batch_size: int = 8):
         try:
             import vllm  # noqa: F401
         except ImportError as exc:
             raise ServerConfigError(f"the vLLM engine needs vLLM ({INSTALL_HINT}): {exc}") from exc
         super().__init__(model, tokenizer, processor=processor, max_new_tokens=max_new_tokens)
+        if _on_cpu():
+            # The longest prompt: the template and the image's tokens, and a question of max_prompt_bytes (at most
+            # a token per byte, and one more where the tokenizer opens a word).
+            prompt_tokens = len(self.input_ids("?")) + max_prompt_bytes + 1
+            engine_args = {**kv_cache_defaults(model.config.text_config, model.dtype, prompt_tokens=prompt_tokens,
+                                               max_new_tokens=max_new_tokens, sequences=max_batch_size,
+                                               extra=engine_args), **(engine_args or {})}
         self._scratch = None
         self.checkpoint = self._prepare_checkpoint(checkpoint)
         _drop_language_model(model)
@@ -192,4 +240,4 @@ class VllmAnswerEngine(AnswerEngine):
             self._scratch.cleanup()
 
 
-__all__ = ["INSTALL_HINT", "VllmAnswerEngine", "build_engine_args"]
+__all__ = ["INSTALL_HINT", "VllmAnswerEngine", "build_engine_args", "kv_cache_defaults"]

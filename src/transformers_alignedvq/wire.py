@@ -645,12 +645,15 @@ def decode_frame(
     num_tokens: int | None = None,
     codes_per_token: int | None = None,
     entropy_model: EntropyModel | None = None,
+    max_prompt_bytes: int | None = None,
 ) -> Frame:
     """Parse and verify one frame (version 2, or a raw version-1 frame).
 
     Each keyword that is not ``None`` is an expectation of the receiving model and is checked against the
-    header. ``entropy_model`` is required for coded frames and must be the one the edge used. The work done
-    is bounded by the frame's length (raw) or by the entropy model (coded), whatever the header claims.
+    header. ``entropy_model`` is required for coded frames and must be the one the edge used.
+    ``max_prompt_bytes`` refuses a longer prompt (UTF-8 bytes) before decoding it, and stops a coded one as
+    soon as it exceeds that. The work done is bounded by the frame's length (raw) or by the entropy model and
+    ``max_prompt_bytes`` (coded), whatever the header claims.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise WireFormatError(f"frame must be bytes-like, got {type(data).__name__}")
@@ -670,11 +673,16 @@ def decode_frame(
                              "codes_per_token": codes_per_token})
     bits = (header.codebook_size - 1).bit_length()
     prompt_bytes = header.prompt
+    if max_prompt_bytes is not None and prompt_bytes is not None and len(prompt_bytes) > max_prompt_bytes:
+        raise WireFormatError(f"prompt too long: {len(prompt_bytes)} bytes, this side takes at most "
+                              f"{max_prompt_bytes}")
     if model is None:
         table = _unpack_indices(header.payload, header.num_tokens * header.codes_per_token, bits)
         table = table.reshape(header.num_tokens, header.codes_per_token)
     else:
-        tokens, coded_prompt = model.decode_payload(header.payload, with_question=header.prompt_mode == PROMPT_CODED)
+        limit = {} if max_prompt_bytes is None else {"max_question_bytes": max_prompt_bytes}
+        tokens, coded_prompt = model.decode_payload(header.payload, with_question=header.prompt_mode == PROMPT_CODED,
+                                                    **limit)
         table = tokens[:, None]
         if coded_prompt is not None:
             prompt_bytes = coded_prompt.encode("utf-8")
