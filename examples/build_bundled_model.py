@@ -27,14 +27,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import finetune_alignedvq  # noqa: E402
-import fit_entropy_model  # noqa: E402
 from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
 
 from transformers_alignedvq import SPLIT_SITES, LlavaAlignedVQForConditionalGeneration  # noqa: E402
 from transformers_alignedvq.data import load_easy_vqa  # noqa: E402
 from transformers_alignedvq.edge_export import export_onnx_folder  # noqa: E402
+from transformers_alignedvq.entropy_fit import fit as fit_entropy_model  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
+from transformers_alignedvq.finetune import main as finetune  # noqa: E402
 from transformers_alignedvq.hub import has_lora, merge_lora_, write_model_card  # noqa: E402
 
 ASSETS = Path(__file__).resolve().parents[1] / "src" / "transformers_alignedvq" / "assets" / "tiny-easyvqa"
@@ -44,7 +44,7 @@ def fit_entropy(model, processor):
     """The entropy model of coded frames, fitted on the training split by `fit_entropy_model.py`."""
     with tempfile.TemporaryDirectory() as scratch:
         model.edge_encoder(processor).save_pretrained(scratch)
-        return fit_entropy_model.fit(Path(scratch))
+        return fit_entropy_model(Path(scratch))
 
 
 def main(argv=None):
@@ -88,7 +88,7 @@ def main(argv=None):
         argv += ["--limit", str(args.limit), "--calibration-images", "16", "--kmeans-iters", "2"]
     else:
         argv += ["--calibration-images", str(args.calibration_images)]
-    finetune_alignedvq.main(argv)
+    finetune(argv)
     train_seconds = time.time() - started
     package(args, work, train_seconds=train_seconds, epochs=args.epochs)
     shutil.rmtree(work, ignore_errors=True)

@@ -42,13 +42,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import finetune_alignedvq  # noqa: E402
 from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainingArguments  # noqa: E402
 
 import transformers_alignedvq  # noqa: E402,F401
 from transformers_alignedvq import LlavaAlignedVQForConditionalGeneration  # noqa: E402
 from transformers_alignedvq.data import VQACollator, load_easy_vqa  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
+from transformers_alignedvq.finetune import main as finetune  # noqa: E402
 from transformers_alignedvq.models.llava_alignedvq.split import SPLIT_SITES, edge_forward  # noqa: E402
 from transformers_alignedvq.training import AlignedVQTrainer  # noqa: E402
 
@@ -254,7 +254,7 @@ class Runner:
                 argv += [flag, str(value)]
         start = time.time()
         with residual_kept_unquantized() if residual_kept else contextlib.nullcontext():
-            finetune_alignedvq.main(argv)
+            finetune(argv)
             train_seconds = time.time() - start
             model = LlavaAlignedVQForConditionalGeneration.from_pretrained(output).eval()
             test = self.test if full_eval else self.ablation_test

@@ -24,7 +24,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import finetune_alignedvq  # noqa: E402
 from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
 
 from transformers_alignedvq import LlavaAlignedVQForConditionalGeneration  # noqa: E402
@@ -32,6 +31,7 @@ from transformers_alignedvq.data import load_easy_vqa  # noqa: E402
 from transformers_alignedvq.edge_export import export_edge  # noqa: E402
 from transformers_alignedvq.edge_runtime import load_edge_runtime  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
+from transformers_alignedvq.finetune import main as run_finetune  # noqa: E402
 from transformers_alignedvq.search import SearchConfig  # noqa: E402
 
 # name -> (split_layer, split_site, extra finetune flags)
@@ -62,7 +62,7 @@ def finetune(args, name: str, layer: int, site: str, extra: list[str]) -> Path:
             "--split-layer", str(layer), "--split-site", site, "--no-progress", "--logging-steps", "50", *extra]
     if args.limit:
         argv += ["--limit", str(args.limit), "--kmeans-iters", "2"]
-    finetune_alignedvq.main(argv)
+    run_finetune(argv)
     return output
 
 

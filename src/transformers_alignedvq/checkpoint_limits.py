@@ -17,7 +17,7 @@ import struct
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import CheckpointMismatchError
+from .errors import CheckpointSizeError
 
 # Far above any real model (LLaVA-1.5-13B: 40 text layers, hidden 5120; CLIP ViT-L: 24 layers, 577 tokens),
 # far below what would exhaust a server.
@@ -35,10 +35,6 @@ LIMITS = {
 }
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own bound on its JSON header
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-
-
-class CheckpointSizeError(CheckpointMismatchError):
-    """A size in a checkpoint's config is beyond `LIMITS` or disagrees with its weights."""
 
 
 def safetensors_shapes(paths: Iterable[str | os.PathLike]) -> dict[str, list[int]]:

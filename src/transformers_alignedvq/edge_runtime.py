@@ -23,15 +23,17 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint_limits import CheckpointSizeError, check_edge_folder
+from .checkpoint_limits import check_edge_folder
 from .entropy import ENTROPY_MODEL_NAME
+from .errors import CheckpointSizeError, EdgeCheckpointError
 from .preprocess import ImagePreprocessing, read_preprocessing
+from .settings import SPLIT_SETTINGS
 
 EDGE_CONFIG_NAME = "edge_config.json"
 EDGE_WEIGHTS_NAME = "edge_model.safetensors"
 EDGE_ONNX_NAME = "edge_model.onnx"
 EDGE_FORMAT_VERSION = 1
-EDGE_SETTINGS = ("split_layer", "split_site", "codebook_size", "codebook_dim", "num_codebooks", "num_groups", "use_dlp")
+EDGE_SETTINGS = SPLIT_SETTINGS
 BACKENDS = ("onnx", "torch")
 # What a device fetches of a checkpoint. Transformers 5 keeps the image processor's settings inside
 # processor_config.json (older checkpoints: preprocessor_config.json); the edge needs them to resize and
@@ -44,10 +46,6 @@ EDGE_FILES = (
     "preprocessor_config.json",
     ENTROPY_MODEL_NAME,
 )
-
-
-class EdgeCheckpointError(ValueError):
-    """An edge folder is missing files, or they cannot be read, or do not belong together."""
 
 
 @dataclass

@@ -39,6 +39,7 @@ from .entropy import ENTROPY_MODEL_NAME, load_entropy_model  # noqa: F401 (re-ex
 from .errors import CheckpointMismatchError
 from .lora import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, has_lora, load_lora, merge_lora_, save_lora
 from .ptq import PTQ_CONFIG_NAME, PTQ_WEIGHTS_NAME, is_quantized, load_ptq, save_ptq
+from .settings import SPLIT_SETTINGS, TRAINING_SETTINGS
 
 ALIGNEDVQ_WEIGHTS_NAME = "alignedvq.safetensors"
 WEIGHTS_NAME = "model.safetensors"
@@ -266,13 +267,7 @@ def load_adapter_checkpoint(cls, path_or_id, config, **kwargs):
     # Transformers look the base up at this repo's commit.
     load_kwargs = {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS and k not in ("config", "adapter_kwargs")}
     load_kwargs.update(base_kwargs)
-    options = {
-        key: getattr(config, key)
-        for key in (
-            "split_layer", "split_site", "codebook_size", "num_codebooks", "num_groups", "codebook_dim",
-            "use_dlp", "commitment_weight", "ema_decay", "dead_code_threshold",
-        )
-    }
+    options = {key: getattr(config, key) for key in SPLIT_SETTINGS + TRAINING_SETTINGS}
     model = cls.from_llava(base, load_kwargs=load_kwargs, **options)
     apply_alignedvq_state(model, state)
     model.config.checkpoint_kind = "adapter"
