@@ -37,8 +37,12 @@ import ptq_report  # noqa: E402
 import transformers_alignedvq  # noqa: E402
 from transformers_alignedvq.data import VQACollator, load_easy_vqa, one_question_per_image  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
-from transformers_alignedvq.ptq import model_bits  # noqa: E402
-from transformers_alignedvq.ptq_search import PTQConfig, dependency_analysis, quantize_model  # noqa: E402
+from transformers_alignedvq.ptq import (  # noqa: E402
+    PTQConfig,
+    dependency_analysis,
+    model_bits,  # noqa: E402
+    quantize_model,
+)
 
 BITS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a4": (4, 4), "w4a16": (4, None)}
 METHODS = ("rtn", "layerwise", "qvlm")
@@ -142,7 +146,7 @@ class Runner:
         if "bits" in spec:
             config = self.config(spec)
             if spec.get("fp_after_veo"):
-                from transformers_alignedvq.ptq_search import optimize_visual_encoder
+                from transformers_alignedvq.ptq import optimize_visual_encoder
 
                 result["report"] = optimize_visual_encoder(model, self.batches(spec["model"]), config)
             else:

@@ -12,7 +12,7 @@ BITS = ("w8a8", "w6a6", "w4a4", "w4a16")
 METHOD_NOTES = [
     "## What is quantized, and how",
     "",
-    "* **Layers**: every `nn.Linear` of the selected parts (`transformers_alignedvq.ptq_search.PTQConfig.parts`): "
+    "* **Layers**: every `nn.Linear` of the selected parts (`transformers_alignedvq.ptq.PTQConfig.parts`): "
     "`edge` (the vision blocks the device runs; AlignedVQ only), `vision` (the other vision blocks up to the "
     "feature layer LLaVA reads), `projector`, `language_model`. The headline rows quantize all of them (for the "
     "AlignedVQ model the edge too, as an int8/int4 edge would). Full precision stays: the patch embedding, "
@@ -152,7 +152,7 @@ def _ablation_table(results: dict, prefix: str) -> list[str]:
 
 
 def _dependency_table(results: dict) -> tuple[list[str], list[tuple[str, float, float]]]:
-    from transformers_alignedvq.ptq_search import r_squared
+    from transformers_alignedvq.ptq import r_squared
 
     out = ["| model | layer l (next) | mean entropy of l | mean DED (relative MSE) | R² over samples |",
            "|---|---|---:|---:|---:|"]

@@ -23,8 +23,7 @@ from transformers import AutoModel, AutoProcessor
 import transformers_alignedvq  # noqa: F401  (registers the AlignedVQ Auto classes)
 from transformers_alignedvq.data import VQACollator, load_easy_vqa, one_question_per_image
 from transformers_alignedvq.evaluation import evaluate_vqa
-from transformers_alignedvq.ptq import PARTS, model_bits
-from transformers_alignedvq.ptq_search import METHODS, PTQConfig, quantize_model
+from transformers_alignedvq.ptq import METHODS, PARTS, PTQConfig, model_bits, quantize_model
 
 
 def parse_args(argv=None):

@@ -1,4 +1,4 @@
-"""Post-training quantization (`ptq.py`, `ptq_search.py`): quantizer math, the three methods on tiny models,
+"""Post-training quantization (`ptq/`): quantizer math, the three methods on tiny models,
 saved checkpoints (strict loading) and serving a quantized model."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from torch import nn
 
 import transformers_alignedvq as tav
 from transformers_alignedvq import ptq
-from transformers_alignedvq.ptq_search import (
+from transformers_alignedvq.ptq import (
     Calibrator,
     PTQConfig,
     dependency_analysis,

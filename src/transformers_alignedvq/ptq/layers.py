@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import CheckpointMismatchError
+from ..errors import CheckpointMismatchError
 
 PTQ_CONFIG_NAME = "ptq_config.json"
 PTQ_WEIGHTS_NAME = "ptq.safetensors"
