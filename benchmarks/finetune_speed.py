@@ -19,8 +19,8 @@ from transformers import AutoProcessor, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from transformers_alignedvq import LlavaAlignedVQForConditionalGeneration
-from transformers_alignedvq.data import VQACollator, load_easy_vqa
 from transformers_alignedvq.training import AlignedVQTrainer, prepare_for_finetuning
+from transformers_alignedvq.training.data import VQACollator, load_easy_vqa
 
 
 class CountingCollator(VQACollator):

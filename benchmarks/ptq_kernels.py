@@ -78,8 +78,8 @@ def accuracy(questions: int) -> list[dict]:
     from transformers import AutoModel, AutoProcessor, TorchAoConfig
 
     import transformers_alignedvq as tav
-    from transformers_alignedvq.data import load_easy_vqa
     from transformers_alignedvq.evaluation import evaluate_vqa
+    from transformers_alignedvq.training.data import load_easy_vqa
 
     config = TorchAoConfig(FqnToConfig({LM_LINEARS: Int8DynamicActivationInt8WeightConfig()}))
     processor = AutoProcessor.from_pretrained(tav.TINY_EASYVQA)

@@ -19,8 +19,8 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import transformers_alignedvq  # noqa: F401  (registers the AlignedVQ Auto classes)
-from transformers_alignedvq.data import EASY_VQA_COLORS, load_easy_vqa, question_template
 from transformers_alignedvq.evaluation import evaluate_vqa
+from transformers_alignedvq.training.data import EASY_VQA_COLORS, load_easy_vqa, question_template
 
 
 def by_template(data, predictions) -> dict:

@@ -1,6 +1,6 @@
 """AlignedVQ finetuning of a LLaVA with the Hugging Face `Trainer` (the paper's Section 3.2.3 recipe).
 
-The recipe lives in the package (`transformers_alignedvq.finetune`); this script runs it, e.g.
+The recipe lives in the package (`transformers_alignedvq.training.finetune`); this script runs it, e.g.
 
     python examples/finetune_alignedvq.py --base artifacts/base-easyvqa --output runs/alignedvq-easyvqa \\
         --eval-images 200 --save-steps 200
@@ -11,7 +11,7 @@ The recipe lives in the package (`transformers_alignedvq.finetune`); this script
 
 import os
 
-from transformers_alignedvq.finetune import main, parse_args  # noqa: F401 (other examples call both)
+from transformers_alignedvq.training.finetune import main, parse_args  # noqa: F401 (other examples call both)
 
 if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

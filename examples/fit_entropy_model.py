@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from transformers_alignedvq.entropy_fit import fit
+from transformers_alignedvq.training.entropy_fit import fit
 
 
 def main(argv=None) -> None:

@@ -46,11 +46,11 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainingA
 
 import transformers_alignedvq  # noqa: E402,F401
 from transformers_alignedvq import LlavaAlignedVQForConditionalGeneration  # noqa: E402
-from transformers_alignedvq.data import VQACollator, load_easy_vqa  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
-from transformers_alignedvq.finetune import main as finetune  # noqa: E402
 from transformers_alignedvq.models.llava_alignedvq.split import SPLIT_SITES, edge_forward  # noqa: E402
 from transformers_alignedvq.training import AlignedVQTrainer  # noqa: E402
+from transformers_alignedvq.training.data import VQACollator, load_easy_vqa  # noqa: E402
+from transformers_alignedvq.training.finetune import main as finetune  # noqa: E402
 
 
 def parse_args(argv=None):

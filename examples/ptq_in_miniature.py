@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).parent))
 import ptq_report  # noqa: E402
 
 import transformers_alignedvq  # noqa: E402
-from transformers_alignedvq.data import VQACollator, load_easy_vqa, one_question_per_image  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
 from transformers_alignedvq.ptq import (  # noqa: E402
     PTQConfig,
@@ -43,6 +42,7 @@ from transformers_alignedvq.ptq import (  # noqa: E402
     model_bits,  # noqa: E402
     quantize_model,
 )
+from transformers_alignedvq.training.data import VQACollator, load_easy_vqa, one_question_per_image  # noqa: E402
 
 BITS = {"w8a8": (8, 8), "w6a6": (6, 6), "w4a4": (4, 4), "w4a16": (4, None)}
 METHODS = ("rtn", "layerwise", "qvlm")

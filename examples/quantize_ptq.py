@@ -21,9 +21,9 @@ import torch
 from transformers import AutoModel, AutoProcessor
 
 import transformers_alignedvq  # noqa: F401  (registers the AlignedVQ Auto classes)
-from transformers_alignedvq.data import VQACollator, load_easy_vqa, one_question_per_image
 from transformers_alignedvq.evaluation import evaluate_vqa
 from transformers_alignedvq.ptq import METHODS, PARTS, PTQConfig, model_bits, quantize_model
+from transformers_alignedvq.training.data import VQACollator, load_easy_vqa, one_question_per_image
 
 
 def parse_args(argv=None):

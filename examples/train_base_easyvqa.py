@@ -112,7 +112,8 @@ from transformers import (  # noqa: E402
 )
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from transformers_alignedvq.data import (  # noqa: E402
+from transformers_alignedvq.training import shared_image_prefix_loss  # noqa: E402
+from transformers_alignedvq.training.data import (  # noqa: E402
     EASY_VQA_COLORS,
     EASY_VQA_SHAPES,
     EasyVQAAugment,
@@ -122,7 +123,6 @@ from transformers_alignedvq.data import (  # noqa: E402
     image_attributes,
     load_easy_vqa,
 )
-from transformers_alignedvq.training import shared_image_prefix_loss  # noqa: E402
 
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<|user|>", "<|assistant|>"]
 

@@ -11,8 +11,8 @@ pytestmark = pytest.mark.bundled_model
 def test_bundled_model_answers_test_questions_over_the_wire():
     from transformers import AutoModel, AutoProcessor
 
-    from transformers_alignedvq.data import load_easy_vqa
     from transformers_alignedvq.evaluation import evaluate_vqa
+    from transformers_alignedvq.training.data import load_easy_vqa
 
     model = AutoModel.from_pretrained(tav.TINY_EASYVQA).eval()
     assert isinstance(model, tav.LlavaAlignedVQForConditionalGeneration)
@@ -41,9 +41,9 @@ def test_bundled_entropy_model_codes_test_images_losslessly():
     import numpy as np
 
     from transformers_alignedvq import wire
-    from transformers_alignedvq.data import load_easy_vqa
     from transformers_alignedvq.edge_runtime import frame_geometry, load_edge_runtime
     from transformers_alignedvq.entropy import load_entropy_model
+    from transformers_alignedvq.training.data import load_easy_vqa
 
     edge = load_edge_runtime(tav.TINY_EASYVQA)
     model = load_entropy_model(tav.TINY_EASYVQA)

@@ -15,7 +15,7 @@ pytest.importorskip("datasets")
 pytest.importorskip("easy_vqa")
 torch = pytest.importorskip("torch")
 
-from transformers_alignedvq.data import (  # noqa: E402
+from transformers_alignedvq.training.data import (  # noqa: E402
     EASY_VQA_SIZES,
     EasyVQAAugment,
     ImageGroupedBatchSampler,

@@ -1,4 +1,4 @@
-"""The finetune command (`transformers_alignedvq.finetune`, run by examples/finetune_alignedvq.py) with the
+"""The finetune command (`transformers_alignedvq.training.finetune`, run by examples/finetune_alignedvq.py) with the
 Trainer's usual options: a held-out split by image, eval_loss and VQA accuracy, checkpoints, exact resume,
 the entropy model refitted for the new codebook."""
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from transformers_alignedvq.finetune import main, split_off_images
+from transformers_alignedvq.training.finetune import main, split_off_images
 
 pytest.importorskip("easy_vqa")
 BASE = Path(__file__).resolve().parents[1] / "artifacts" / "base-easyvqa"
@@ -19,7 +19,7 @@ TINY_RUN = ["--base", str(BASE), "--limit", "60", "--batch-size", "8", "--calibr
 
 
 def test_held_out_images_are_never_trained_on():
-    from transformers_alignedvq.data import load_easy_vqa
+    from transformers_alignedvq.training.data import load_easy_vqa
 
     data = load_easy_vqa("train", limit=200)
     train, held = split_off_images(data, 3, seed=0)

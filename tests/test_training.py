@@ -130,7 +130,7 @@ def easyvqa_batch():
     pytest.importorskip("easy_vqa")
     from transformers import AutoProcessor
 
-    from transformers_alignedvq.data import EasyVQAAugment, VQACollator, load_easy_vqa
+    from transformers_alignedvq.training.data import EasyVQAAugment, VQACollator, load_easy_vqa
 
     processor = AutoProcessor.from_pretrained(BASE)
     rows = load_easy_vqa("train", limit=25)  # 3 images, several questions each
@@ -189,7 +189,7 @@ def test_shared_image_prefix_loss_matches_the_stock_forward(easyvqa_batch, kind)
 
 def test_shared_image_prefix_loss_declines_batches_without_shared_images(easyvqa_batch):
     processor, rows, _ = easyvqa_batch
-    from transformers_alignedvq.data import VQACollator
+    from transformers_alignedvq.training.data import VQACollator
 
     distinct = [rows[i] for i in range(len(rows)) if i == 0 or rows[i]["image_id"] != rows[i - 1]["image_id"]]
     assert len({r["image_id"] for r in distinct}) == len(distinct) >= 2
@@ -205,8 +205,8 @@ def test_trainer_groups_images_and_uses_the_shared_prefix(tmp_path, monkeypatch)
     pytest.importorskip("easy_vqa")
     from transformers import AutoProcessor
 
-    from transformers_alignedvq import training
-    from transformers_alignedvq.data import VQACollator, load_easy_vqa
+    from transformers_alignedvq.training import trainer as training
+    from transformers_alignedvq.training.data import VQACollator, load_easy_vqa
 
     processor = AutoProcessor.from_pretrained(BASE)
     data = load_easy_vqa("train", limit=60)

@@ -283,7 +283,7 @@ def demo_samples(images: int, questions_per_image: int, split: str = "test") -> 
     from PIL import Image
 
     try:
-        from .data import load_easy_vqa
+        from .training.data import load_easy_vqa
     except ImportError:  # the data module (or `datasets`) is absent: read the easy-vqa package directly
         load_easy_vqa = None
     rows: list[dict] = []

@@ -158,7 +158,7 @@ def evaluate_vqa(
     """
     import torch
 
-    from .data import format_prompt
+    from ..training.data import format_prompt
 
     if mode == "auto":
         mode = "indices" if hasattr(model, "encode_edge") else "pixels"
@@ -214,7 +214,7 @@ def indices_over_the_wire(model, pixels, *, edge=None, entropy_model=None, finge
     import numpy as np
     import torch
 
-    from .wire import decode_frame, encode_frame
+    from ..wire import decode_frame, encode_frame
 
     config = model.config
     fingerprint = model.codebook_fingerprint() if fingerprint is None else fingerprint

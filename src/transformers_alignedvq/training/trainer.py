@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import Trainer
 
-from .lora import add_lora
+from ..lora import add_lora
 
 # LoRA goes into the language model only; CLIP's attention also has q_proj/k_proj/v_proj, which must not match.
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -249,7 +249,7 @@ class AlignedVQTrainer(Trainer):
         metrics = super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
         if self.vqa_eval_dataset is None or eval_dataset is not None:  # every process: they pick the best alike
             return metrics
-        from .evaluation import evaluate_vqa
+        from ..evaluation import evaluate_vqa
 
         model = self.accelerator.unwrap_model(self.model)
         training = model.training
