@@ -410,7 +410,7 @@ class LlavaAlignedVQModel(LlavaModel):
 
 
 try:
-    from transformers_alignedvq.checkpointing import AlignedVQCheckpointMixin as _CheckpointMixin
+    from transformers_alignedvq.checkpoints.mixin import AlignedVQCheckpointMixin as _CheckpointMixin
 except ModuleNotFoundError as missing:  # remote code without the package: Transformers' own loading and saving
     if missing.name != "transformers_alignedvq":
         raise

@@ -1,0 +1,127 @@
+"""Checkpoint reading and writing for the AlignedVQ model classes, kept beside the model folder.
+
+`AlignedVQCheckpointMixin` is a base of `LlavaAlignedVQForConditionalGeneration` when this package is installed:
+strict loading of our own checkpoints (`loading.py`), the adapter-only kind, the edge files and model card written
+with every save, the Trainer's resume, and the two deployment helpers (`codebook_fingerprint`, `edge_encoder`).
+The model folder (`models/llava_alignedvq/`) ships as remote code without it; there the stock methods run.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from transformers import LlavaForConditionalGeneration
+
+from ..models.llava_alignedvq.configuration_alignedvq import AlignedVQConfig
+from ..preprocess import ImagePreprocessing
+from ..wire import codebook_fingerprint
+from .cards import hub_reference, write_model_card
+from .loading import (
+    check_complete_load,
+    load_adapter_checkpoint,
+    load_from_state_dict,
+    load_full_checkpoint,
+    load_llava,
+    module_state_dict,
+    read_alignedvq_config,
+)
+from .saving import save_checkpoint
+
+
+class AlignedVQCheckpointMixin:
+    """Loading and saving of our checkpoints, and the deployment helpers, for the model class (first base)."""
+
+    @classmethod
+    def _load_llava(cls, path: str | os.PathLike, **load_kwargs) -> LlavaForConditionalGeneration:
+        """`from_llava`'s loader for a path or Hub id: checked as strictly as our own checkpoints."""
+        return load_llava(path, **load_kwargs)
+
+    @staticmethod
+    def _base_reference(path: str | os.PathLike, revision: str | None) -> tuple[str, str | None]:
+        """What `from_llava` records as the base: the Hub id and commit of a Hub id or Hub-cache folder."""
+        repo_id, commit = hub_reference(path)
+        return repo_id or str(path), commit or revision
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """Load a full or an adapter-only AlignedVQ checkpoint (see `loading.py`), strictly: a missing, unexpected,
+        mis-shaped or mis-typed tensor, or a truncated weights file, raises `hub.CheckpointMismatchError`.
+        A plain LLaVA checkpoint is refused with a pointer to `from_llava`."""
+        config = kwargs.pop("config", None)
+        if pretrained_model_name_or_path is None:  # weights given as `state_dict`, as Transformers allows
+            return load_from_state_dict(super().from_pretrained, config, *model_args, **kwargs)
+        if not isinstance(config, AlignedVQConfig):
+            config = read_alignedvq_config(pretrained_model_name_or_path, kwargs)
+        if config.checkpoint_kind == "adapter":
+            return load_adapter_checkpoint(cls, pretrained_model_name_or_path, config, **kwargs)
+        parent = super().from_pretrained
+        return load_full_checkpoint(parent, pretrained_model_name_or_path, config, *model_args, **kwargs)
+
+    def save_pretrained(
+        self,
+        save_directory,
+        *,
+        checkpoint_kind: str | None = None,
+        merge_lora: bool = False,
+        include_ema_state: bool | None = None,
+        eval_results: dict | None = None,
+        **kwargs,
+    ):
+        """Save as a `"full"` or `"adapter"` checkpoint (default: `config.checkpoint_kind`), safetensors only.
+
+        Args:
+            checkpoint_kind: `"full"` writes every weight; `"adapter"` writes only the codebook, DLP and LoRA
+                adapter plus a config naming `config.base_model_name_or_path` / `base_model_revision`.
+            merge_lora: merge an injected LoRA adapter into the weights first (full kind).
+            include_ema_state: also save the EMA statistics; default: yes for the full kind (the `Trainer`
+                resumes from it and nothing may restart), no for the adapter kind. Inference needs only the
+                codebook.
+            eval_results: `{"results": {name: value}, "datasets": [...], "model_name": ...}` for the model card.
+        """
+        kwargs.pop("safe_serialization", None)  # safetensors always
+        return save_checkpoint(
+            self,
+            save_directory,
+            kind=checkpoint_kind,
+            merge_lora=merge_lora,
+            include_ema_state=include_ema_state,
+            eval_results=eval_results,
+            save_function=LlavaForConditionalGeneration.save_pretrained,
+            **kwargs,
+        )
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """`nn.Module.load_state_dict` that also takes our weights files' names (what the `Trainer` passes when
+        it resumes or loads the best model), and refuses a whole-model load that would leave a tensor fresh or
+        drop one, even with ``strict=False`` (`loading.check_complete_load`)."""
+        state_dict = module_state_dict(self, state_dict)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        check_complete_load(self, state_dict, result)
+        return result
+
+    def _upload_modified_files(self, working_dir, repo_id, *args, **kwargs):
+        # `push_to_hub` saves through `save_pretrained`, then replaces README.md with a generic card; put ours
+        # back (titled with the repo's name) before the upload.
+        write_model_card(self, Path(working_dir), kind=self.config.checkpoint_kind, model_name=repo_id.split("/")[-1])
+        return super()._upload_modified_files(working_dir, repo_id, *args, **kwargs)
+
+    def codebook_fingerprint(self) -> bytes:
+        """16-byte fingerprint of the codebook(s); the wire format carries it so a cloud holding a different
+        codebook refuses the frame instead of decoding garbage."""
+        return codebook_fingerprint(self.model.alignedvq.quantizer.codebook)
+
+    def edge_encoder(self, image_processor=None):
+        """A standalone module with only what the edge needs; see `AlignedVQEdgeEncoder`. Pass the model's
+        image processor to record its exact preprocessing (default: the vision tower family's standard one)."""
+        from ..edge import AlignedVQEdgeEncoder
+
+        preprocessing = None
+        if image_processor is not None:
+            settings = getattr(image_processor, "image_processor", image_processor)  # a whole processor works too
+            settings = settings if isinstance(settings, dict) else settings.to_dict()
+            preprocessing = ImagePreprocessing.from_image_processor(settings)
+        return AlignedVQEdgeEncoder.from_model(self, preprocessing)
+
+
+__all__ = ["AlignedVQCheckpointMixin"]
