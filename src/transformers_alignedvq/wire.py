@@ -29,6 +29,9 @@ frames are refused with a message saying so.
 Every malformed frame or invalid argument raises ``WireFormatError`` (a ``ValueError``) with a message
 saying what is wrong; ``decode_frame`` raises nothing else for any byte string. Coding without
 ``constriction`` installed raises ``ModuleNotFoundError`` naming the package.
+
+Encoding and decoding stay in one module, past 500 lines: they are two readings of one byte layout, which must
+change together (and together with ``docs/wire-format.md``).
 """
 
 from __future__ import annotations
