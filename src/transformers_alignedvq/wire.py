@@ -51,6 +51,7 @@ __all__ = [
     "CRC_SIZE",
     "FINGERPRINT_SIZE",
     "FORMAT_VERSION",
+    "FRAME_MEDIA_TYPE",
     "MAGIC",
     "WIRE_FINGERPRINT_SIZE",
     "EntropyModel",
@@ -65,6 +66,8 @@ __all__ = [
 ]
 
 MAGIC = b"AV"
+# The Content-Type of a frame sent over HTTP (the client sends it, the server requires it).
+FRAME_MEDIA_TYPE = "application/octet-stream"
 FORMAT_VERSION = 2
 CODER_RAW = 0
 CODER_CONTEXT_MODEL = 1

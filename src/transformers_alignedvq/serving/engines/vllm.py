@@ -1,4 +1,4 @@
-"""The cloud's language model on vLLM: `VllmAnswerEngine`, behind the same request path as `AnswerEngine`.
+"""The ``"vllm"`` engine: the cloud's language model on vLLM, `VllmAnswerEngine`, behind the same request path.
 
 What stays ours: the frame checks, the prompt, and the image features (codebook lookup, output DLP, the rest of
 the vision tower, the projector), computed here in batches by the server's worker. The language model runs in
@@ -6,7 +6,7 @@ vLLM: each request goes to vLLM's engine with its prompt and its image features 
 embeddings (``enable_mm_embeds``), and joins vLLM's running batch (continuous batching, paged KV cache; tensor
 and pipeline parallelism, and several machines through Ray, with the matching ``engine_args``).
 
-vLLM reads a plain llava-hf folder (`transformers_alignedvq.vllm_checkpoint.export_for_vllm`): a temporary one
+vLLM reads a plain llava-hf folder (`vllm_checkpoint.export_for_vllm`): a temporary one
 by default, or ``checkpoint``: written there when the folder is empty, checked against this model's weights when
 it is not (every machine of a multi-node setup must read the same folder). Once the folder is written the
 language model is dropped from this process; only the vision part stays, on ``device``.
@@ -31,8 +31,9 @@ from typing import Any, Coroutine
 
 import torch
 
-from .errors import CheckpointMismatchError, ServerConfigError
-from .server import AnswerEngine, GenerationRequest, GenerationResult
+from ...errors import CheckpointMismatchError, ServerConfigError
+from .base import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PROMPT_BYTES, AnswerEngine, GenerationRequest, GenerationResult
+from .base import load_model as _load_model
 from .vllm_checkpoint import check_export, export_for_vllm
 
 logger = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class VllmAnswerEngine(AnswerEngine):
     """`AnswerEngine` whose language model runs in vLLM.
 
     Args:
-        model, tokenizer, processor, max_new_tokens: as for `AnswerEngine` (the model on the CPU; its language
+        model, tokenizer, processor, max_new_tokens: as for every `AnswerEngine` (the model on the CPU; its language
             model is exported for vLLM, then dropped).
         device: where the vision part runs (default: the CPU).
         checkpoint: folder of the exported language model (see the module docstring); None: a temporary one.
@@ -120,7 +121,7 @@ class VllmAnswerEngine(AnswerEngine):
 
     def __init__(self, model, tokenizer, *, processor=None, max_new_tokens: int, device=None,
                  checkpoint: str | os.PathLike | None = None, engine_args: dict | None = None,
-                 max_prompt_bytes: int = 2048, max_batch_size: int = 8):
+                 max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES, max_batch_size: int = 8):
         try:
             import vllm  # noqa: F401
         except ImportError as exc:
@@ -153,6 +154,17 @@ class VllmAnswerEngine(AnswerEngine):
             raise ServerConfigError(f"vLLM's engine did not start (its log above says why): "
                                     f"{type(exc).__name__}: {exc}") from exc
         self.max_in_flight = self.llm.vllm_config.scheduler_config.max_num_seqs
+
+    @classmethod
+    def from_pretrained(cls, model_dir_or_model, *, processor=None, device=None, dtype=None,
+                        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES,
+                        max_batch_size: int = 8, checkpoint: str | os.PathLike | None = None,
+                        engine_args: dict | None = None) -> "VllmAnswerEngine":
+        # Loaded on the CPU: the language model is handed to vLLM and dropped here before the rest moves.
+        model, processor, tokenizer = _load_model(model_dir_or_model, processor, None, dtype)
+        return cls(model, tokenizer, processor=processor, max_new_tokens=max_new_tokens, device=device,
+                   checkpoint=checkpoint, engine_args=engine_args, max_prompt_bytes=max_prompt_bytes,
+                   max_batch_size=max_batch_size)
 
     # ------------------------------------------------------------------------------------------------
     def _prepare_checkpoint(self, checkpoint) -> Path:

@@ -37,19 +37,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
-from . import wire
+from .. import wire
+from .batcher import Job, QueueFull
+from .engines.base import GenerationRequest, GenerationResult
+from .errors import ApiError, RequestError, as_api_error, classify_wire_error
 from .sampling import SamplingError, SamplingOptions
-from .server import (
-    ApiError,
-    GenerationRequest,
-    GenerationResult,
-    QueueFull,
-    _cancel_when_client_leaves,
-    _delta,
-    _Job,
-    _unless_client_leaves,
-    classify_wire_error,
-)
+from .streaming import cancel_when_client_leaves, text_delta, unless_client_leaves
 
 FRAME_PART = "alignedvq_frame"
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -352,16 +345,16 @@ class _Completion:
         return f"data: {json.dumps(body, separators=(',', ':'))}\n\n"
 
 
-async def _chunks(request: Request, job: _Job, engine, updates: asyncio.Queue, completion: _Completion,
+async def _chunks(request: Request, job: Job, engine, updates: asyncio.Queue, completion: _Completion,
                   include_usage: bool, on_first_token, on_result):
     """The OpenAI chunk stream of one answer: the role, content deltas, the finish reason, [usage], [DONE]."""
     job.future.add_done_callback(lambda _: updates.put_nowait(None))
-    watcher = _cancel_when_client_leaves(request, job.future)
+    watcher = cancel_when_client_leaves(request, job.future)
     generation, sent = job.request, ""
     try:
         yield completion.chunk({"role": "assistant", "content": ""})
         while (tokens := await updates.get()) is not None:
-            delta = _delta(sent, engine.answer_text(tokens, generation.options))
+            delta = text_delta(sent, engine.answer_text(tokens, generation.options))
             if delta:
                 if not sent:
                     on_first_token()
@@ -376,7 +369,7 @@ async def _chunks(request: Request, job: _Job, engine, updates: asyncio.Queue, c
         else:
             result: GenerationResult = job.future.result()
             on_result(result)
-            rest = _delta(sent, result.text)
+            rest = text_delta(sent, result.text)
             if rest:
                 yield completion.chunk({"content": rest})
             yield completion.chunk({}, _finish_reason(result, generation.options))
@@ -390,7 +383,7 @@ async def _chunks(request: Request, job: _Job, engine, updates: asyncio.Queue, c
 
 def install_openai_routes(app: FastAPI, *, engine, batcher, decoder: ChatDecoder, model_id: str) -> None:
     """Add ``GET /v1/models`` and ``POST /v1/chat/completions`` to ``app`` (same batcher, auth and limits)."""
-    from .server_schemas import (
+    from .protocol import (
         ChatCompletionRequest,
         add_request_schema,
         chat_openapi,
@@ -410,8 +403,8 @@ def install_openai_routes(app: FastAPI, *, engine, batcher, decoder: ChatDecoder
     async def chat_completions(request: Request):
         try:
             return await _complete(request)
-        except ApiError as error:
-            return openai_error_response(error)
+        except (ApiError, RequestError) as error:
+            return openai_error_response(as_api_error(error))
 
     async def _complete(request: Request):
         start = time.perf_counter()
@@ -425,7 +418,7 @@ def install_openai_routes(app: FastAPI, *, engine, batcher, decoder: ChatDecoder
         updates: asyncio.Queue = asyncio.Queue()
         if chat.stream:
             generation.on_tokens = lambda tokens: loop.call_soon_threadsafe(updates.put_nowait, tokens)
-        job = _Job(request=generation, future=loop.create_future(), enqueued=time.perf_counter())
+        job = Job(request=generation, future=loop.create_future(), enqueued=time.perf_counter())
         job.future.add_done_callback(lambda _: generation.cancelled.set())
         try:
             batcher.submit(job)
@@ -447,7 +440,7 @@ def install_openai_routes(app: FastAPI, *, engine, batcher, decoder: ChatDecoder
             return StreamingResponse(_chunks(request, job, engine, updates, completion, chat.include_usage,
                                              first_token, count), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache"})
-        result = await _unless_client_leaves(request, job.future)
+        result = await unless_client_leaves(request, job.future)
         count(result)
         return completion.body(generation, result, {"image_bytes_received": size, "batch_size": job.batch_size})
 

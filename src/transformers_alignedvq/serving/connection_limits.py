@@ -1,7 +1,7 @@
 """What one client connection may hold, and for how long (standard library only, so the CLI can show the
 defaults without importing the server).
 
-The server applies these in `transformers_alignedvq.http_guard`; `alignedvq serve` has a flag for each.
+The server applies these in `transformers_alignedvq.serving.guards`; `alignedvq serve` has a flag for each.
 """
 
 from __future__ import annotations

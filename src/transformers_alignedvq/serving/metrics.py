@@ -112,7 +112,7 @@ def install_metrics(app, batcher, health) -> ServerMetrics:
     ``batcher`` and engine ``health``; the metrics are also ``app.state.metrics``."""
     from starlette.responses import Response
 
-    from .server_schemas import error_responses
+    from .protocol import error_responses
 
     metrics = ServerMetrics(())
     metrics.watch("alignedvq_queue_depth", "Requests waiting for a batch", batcher.queue_depth)
@@ -133,7 +133,7 @@ def install_metrics(app, batcher, health) -> ServerMetrics:
 
     @app.get("/metrics", response_class=Response, summary="Prometheus metrics (text exposition format)",
              responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}},
-                              "description": "every metric of server_metrics"}, **error_responses({})})
+                              "description": "every metric of serving.metrics"}, **error_responses({})})
     async def prometheus_metrics():
         content, media_type = metrics.exposition()
         return Response(content, media_type=media_type)

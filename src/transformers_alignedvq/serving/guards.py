@@ -38,7 +38,8 @@ from .connection_limits import ConnectionLimits
 logger = logging.getLogger(__name__)
 
 # Loggers a client can make write: uvicorn's (bad requests, access lines), asyncio's (accept failures), ours.
-FLOODABLE_LOGGERS = ("uvicorn.error", "uvicorn.access", "asyncio", "transformers_alignedvq.server", __name__)
+FLOODABLE_LOGGERS = ("uvicorn.error", "uvicorn.access", "asyncio", "transformers_alignedvq.serving.app",
+                     "transformers_alignedvq.serving.batcher", __name__)
 
 
 class GuardedH11Protocol(H11Protocol):

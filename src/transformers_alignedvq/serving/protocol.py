@@ -1,4 +1,5 @@
-"""The server's request and response shapes, for its OpenAPI document (``/openapi.json`` with ``docs=True``).
+"""The server's protocol: the frame's media type, and the request and response shapes of its OpenAPI document
+(``/openapi.json`` with ``docs=True``).
 
 These models document; the routes build their answers as plain dicts, so nothing here filters or reshapes a
 response. `answer_route_openapi` describes what FastAPI cannot infer from ``POST /v1/answer``: a raw binary
@@ -10,6 +11,8 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from ..wire import FRAME_MEDIA_TYPE
 
 
 class ErrorDetail(BaseModel):
@@ -114,7 +117,7 @@ def answer_route_openapi() -> dict:
         "requestBody": {"required": True, "description": "one AlignedVQ wire frame (docs/wire-format.md) with the "
                         "question as its prompt (`alignedvq ask --save-frame FILE` writes one), or a follow-up "
                         "naming a kept image by its image_digest (transformers_alignedvq.wire_followup)",
-                        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+                        "content": {FRAME_MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}},
     }
 
 
@@ -256,5 +259,5 @@ def models_responses() -> dict:
     return {200: {"model": ModelList}, **error_responses({})}
 
 
-__all__ = ["AnswerResponse", "ErrorResponse", "HealthResponse", "ModelInfo", "answer_responses",
+__all__ = ["FRAME_MEDIA_TYPE", "AnswerResponse", "ErrorResponse", "HealthResponse", "ModelInfo", "answer_responses",
            "answer_route_openapi", "add_request_schema", "chat_openapi", "chat_responses", "error_responses", "models_responses"]

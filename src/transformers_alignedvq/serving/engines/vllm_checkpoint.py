@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .errors import CheckpointMismatchError
+from ...errors import CheckpointMismatchError
 
 VLLM_ARCHITECTURE = "LlavaForConditionalGeneration"
 EXPORT_RECORD_NAME = "alignedvq_export.json"
