@@ -1,0 +1,5 @@
+"""Moved to `transformers_alignedvq.serving.metrics` (this path works until the next release)."""
+
+from ._moved import forward_to
+
+__getattr__ = forward_to(__name__, "transformers_alignedvq.serving.metrics")
