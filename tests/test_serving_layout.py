@@ -96,6 +96,18 @@ def test_engines_never_import_each_other_nor_the_app():
         assert not {m for m in imported if m.split(".")[2] in ("app", "answer", "openai", "runner")}, imported
 
 
+def test_engines_are_chosen_by_name_and_derive_from_the_base_only():
+    from transformers_alignedvq.errors import ServerConfigError
+    from transformers_alignedvq.serving.engines import ENGINES, AnswerEngine, get_engine
+
+    assert ENGINES == ("transformers", "vllm")
+    for name in ENGINES:
+        engine = get_engine(name)
+        assert engine.name == name and engine.__bases__ == (AnswerEngine,), engine.__mro__
+    with pytest.raises(ServerConfigError, match="engine='tgi' must be one of transformers, vllm"):
+        get_engine("tgi")
+
+
 @pytest.mark.parametrize("module", MODULES)
 def test_every_module_declares_its_public_names(module):
     loaded = importlib.import_module(module)

@@ -11,12 +11,10 @@ from __future__ import annotations
 import importlib
 
 from ...errors import ServerConfigError
+from .base import AnswerEngine, GenerationRequest, GenerationResult
 
 # Name -> "module:class", relative to this package.
-_BACKENDS = {
-    "transformers": ".transformers:TransformersAnswerEngine",
-    "vllm": ".vllm:VllmAnswerEngine",
-}
+_BACKENDS = {"transformers": ".transformers:TransformersAnswerEngine", "vllm": ".vllm:VllmAnswerEngine"}
 ENGINES = tuple(_BACKENDS)
 
 
@@ -27,13 +25,6 @@ def get_engine(name: str):
         raise ServerConfigError(f"engine={name!r} must be one of {', '.join(ENGINES)}")
     module, cls = target.split(":")
     return getattr(importlib.import_module(module, __name__), cls)
-
-
-def __getattr__(name: str):
-    # The base names without importing a backend: `from ...engines import AnswerEngine`.
-    if name in ("AnswerEngine", "GenerationRequest", "GenerationResult"):
-        return getattr(importlib.import_module(".base", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["ENGINES", "AnswerEngine", "GenerationRequest", "GenerationResult", "get_engine"]
