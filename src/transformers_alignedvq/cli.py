@@ -317,10 +317,8 @@ def cmd_demo(args) -> int:
 
     from .client import EdgeClient
     from .entropy import ENTROPY_MODEL_NAME, load_entropy_model
-    from .errors import ServerConfigError
-    from .serving.app import create_app
+    from .serving import BackgroundServer, ServerConfigError, create_app
     from .serving.connection_limits import ConnectionLimits
-    from .serving.runner import BackgroundServer
 
     _set_threads(args.threads)
     folder = Path(_default_model(args.model))
