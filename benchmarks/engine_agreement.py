@@ -72,7 +72,7 @@ def main() -> int:
 
     import transformers_alignedvq
     from transformers_alignedvq.cli import demo_samples, parse_vllm_args
-    from transformers_alignedvq.server import create_app
+    from transformers_alignedvq.serving import create_app
 
     torch.set_num_threads(1)
     model = args.model or transformers_alignedvq.TINY_EASYVQA

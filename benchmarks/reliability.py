@@ -53,15 +53,16 @@ from load_test import free_port, make_frames, wait_ready  # noqa: E402
 KEY = "reliability-benchmark-key-0123456789"
 FAILING_SERVER = """
 import sys
-from transformers_alignedvq import server
-generate, calls = server.AnswerEngine.generate, []
+from transformers_alignedvq.serving import serve
+from transformers_alignedvq.serving.engines.transformers import TransformersAnswerEngine
+generate, calls = TransformersAnswerEngine.generate, []
 def failing(self, batch):  # the warm-up passes, every batch after it fails
     calls.append(1)
     if len(calls) > 1:
         raise RuntimeError("CUDA error: device-side assert triggered in /opt/private/models/secret.py")
     return generate(self, batch)
-server.AnswerEngine.generate = failing
-server.serve(sys.argv[1], port=int(sys.argv[2]), max_new_tokens=8)
+TransformersAnswerEngine.generate = failing
+serve(sys.argv[1], port=int(sys.argv[2]), max_new_tokens=8)
 """
 
 
@@ -473,8 +474,8 @@ def main() -> int:
     args = parser.parse_args()
     cases = set(args.cases.split(","))
     from transformers_alignedvq import TINY_EASYVQA
-    from transformers_alignedvq.connection_limits import ConnectionLimits
     from transformers_alignedvq.edge_export import describe_checkpoint
+    from transformers_alignedvq.serving.connection_limits import ConnectionLimits
 
     defaults = ConnectionLimits()
     args.header_timeout, args.body_timeout = defaults.header_timeout, defaults.body_timeout

@@ -6,14 +6,10 @@ import asyncio
 
 import pytest
 
-from transformers_alignedvq.sampling import SamplingOptions
-from transformers_alignedvq.server import (
-    ApiError,
-    DynamicBatcher,
-    GenerationRequest,
-    GenerationResult,
-    _Job,
-)
+from transformers_alignedvq.serving.batcher import DynamicBatcher, Job
+from transformers_alignedvq.serving.engines.base import GenerationRequest, GenerationResult
+from transformers_alignedvq.serving.errors import ApiError
+from transformers_alignedvq.serving.sampling import SamplingOptions
 
 
 class FakeEngine:
@@ -42,12 +38,12 @@ class FakeEngine:
         return GenerationResult(text=prepared, generated_tokens=1, generate_s=0.0)
 
 
-def job(number: int) -> _Job:
+def job(number: int) -> Job:
     request = GenerationRequest(indices=None, input_ids=[number], options=SamplingOptions(max_new_tokens=1))
-    return _Job(request=request, future=asyncio.get_running_loop().create_future(), enqueued=0.0)
+    return Job(request=request, future=asyncio.get_running_loop().create_future(), enqueued=0.0)
 
 
-async def started(engine: FakeEngine, jobs: list[_Job], **options) -> DynamicBatcher:
+async def started(engine: FakeEngine, jobs: list[Job], **options) -> DynamicBatcher:
     """A running batcher given ``jobs``, once as many of them as it may take are waiting in ``complete``."""
     batcher = DynamicBatcher(engine.run_batch, complete=engine.complete, max_wait_ms=0, max_queue=16, **options)
     await batcher.start()

@@ -15,7 +15,7 @@ from PIL import Image
 import transformers_alignedvq
 from transformers_alignedvq import cli
 from transformers_alignedvq.edge import AlignedVQEdgeEncoder
-from transformers_alignedvq.server import BackgroundServer, create_app
+from transformers_alignedvq.serving import BackgroundServer, create_app
 from transformers_alignedvq.testing import save_tiny_deployment
 
 SUBCOMMANDS = {
@@ -221,11 +221,11 @@ def test_module_entry_point_in_a_fresh_interpreter(info_subprocess, deployment):
 
 
 def serve_kwargs(monkeypatch, argv: list[str]) -> dict:
-    """What ``alignedvq serve ARGV`` passes to `server.serve` (which is not run)."""
-    from transformers_alignedvq import server
+    """What ``alignedvq serve ARGV`` passes to `serve` (which is not run)."""
+    from transformers_alignedvq.serving import runner
 
     calls = []
-    monkeypatch.setattr(server, "serve", lambda model, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(runner, "serve", lambda model, **kwargs: calls.append(kwargs))
     assert cli.main(["serve", *argv]) == 0
     return calls[0]
 

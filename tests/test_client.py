@@ -24,13 +24,13 @@ from transformers_alignedvq.client import EdgeClient, EdgeClientError, ServerErr
 from transformers_alignedvq.edge_export import export_edge
 from transformers_alignedvq.edge_runtime import EDGE_WEIGHTS_NAME
 from transformers_alignedvq.preprocess import ImageInputError
-from transformers_alignedvq.server import BackgroundServer, create_app
+from transformers_alignedvq.serving import BackgroundServer, create_app
 from transformers_alignedvq.testing import WITHOUT_CLOUD_PACKAGES, save_tiny_deployment
 from transformers_alignedvq.wire import codebook_fingerprint
 
 QUESTION = "what color is the shape ?"
 # Modules the edge process must never load: the web server stack and the language model.
-SERVER_MODULES = ("fastapi", "starlette", "uvicorn", "transformers_alignedvq.server")
+SERVER_MODULES = ("fastapi", "starlette", "uvicorn", "transformers_alignedvq.serving")
 LM_MODULES = ("transformers.models.llama.modeling_llama",)
 
 _PROBE = textwrap.dedent(
@@ -430,7 +430,7 @@ def test_idle_connections_expire_before_the_server_closes_them(edge_dir, server)
     """A request sent on a keep-alive connection the server is closing at that moment fails mid-flight; the
     client drops idle connections before the server's keep-alive timeout would."""
     from transformers_alignedvq.client import KEEPALIVE_EXPIRY
-    from transformers_alignedvq.connection_limits import ConnectionLimits
+    from transformers_alignedvq.serving.connection_limits import ConnectionLimits
 
     assert KEEPALIVE_EXPIRY < ConnectionLimits().keep_alive_timeout
     with EdgeClient(edge_dir, server.url) as client:

@@ -7,7 +7,7 @@ import pytest
 
 from tests.wire_data import QUESTIONS, blocky_images, small_model
 from transformers_alignedvq.errors import WireFormatError
-from transformers_alignedvq.image_cache import ImageCache, scope_of
+from transformers_alignedvq.serving.image_cache import ImageCache, scope_of
 from transformers_alignedvq.wire_followup import decode_followup, encode_followup, image_digest, is_followup
 
 FP = bytes(range(16))
@@ -63,7 +63,7 @@ def test_each_api_key_sees_only_its_own_images(tmp_path):
     from fastapi.testclient import TestClient
 
     from tests.test_server import OCTET, make_frame
-    from transformers_alignedvq.server import create_app
+    from transformers_alignedvq.serving import create_app
     from transformers_alignedvq.testing import save_tiny_deployment
 
     keys = ["first-key-" + "1" * 20, "second-key-" + "2" * 20]

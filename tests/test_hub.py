@@ -703,7 +703,7 @@ def test_a_device_without_torch_asks_with_the_onnx_edge_of_a_hub_checkpoint(hub_
 
     from transformers_alignedvq import edge_runtime
     from transformers_alignedvq.client import EdgeClient
-    from transformers_alignedvq.server import BackgroundServer, create_app
+    from transformers_alignedvq.serving import BackgroundServer, create_app
 
     local = hub_server.models / "tiny-deployment"
     assert {"edge_model.onnx", "edge_config.json"} <= set(checkpoint_files(local))  # save_pretrained wrote it

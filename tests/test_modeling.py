@@ -236,7 +236,7 @@ def test_edge_side_imports_nothing_from_the_cloud():
     code = (
         "import sys, transformers_alignedvq.edge\n"
         "banned = ['fastapi', 'uvicorn', 'peft', 'datasets', 'transformers.trainer',"
-        " 'transformers.models.llama.modeling_llama', 'transformers_alignedvq.server', 'transformers_alignedvq.training']\n"
+        " 'transformers.models.llama.modeling_llama', 'transformers_alignedvq.serving', 'transformers_alignedvq.training']\n"
         "print([m for m in banned if m in sys.modules])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

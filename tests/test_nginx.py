@@ -15,7 +15,7 @@ import httpx
 import pytest
 
 from tests.serving_helpers import OCTET, make_frame
-from transformers_alignedvq.server import BackgroundServer, create_app
+from transformers_alignedvq.serving import BackgroundServer, create_app
 from transformers_alignedvq.testing import save_tiny_deployment
 
 NGINX = shutil.which("nginx") or shutil.which("/usr/sbin/nginx")

@@ -17,7 +17,7 @@ openai = pytest.importorskip("openai")
 
 from test_server import OCTET, edge_indices, images, make_frame  # noqa: E402
 
-from transformers_alignedvq.server import BackgroundServer, create_app  # noqa: E402
+from transformers_alignedvq.serving import BackgroundServer, create_app  # noqa: E402
 from transformers_alignedvq.testing import save_tiny_deployment  # noqa: E402
 
 KEY = "openai-test-key-" + "o" * 20

@@ -324,7 +324,7 @@ def test_a_quantized_model_answers_through_the_server(tmp_path):
     from fastapi.testclient import TestClient
 
     from transformers_alignedvq import wire
-    from transformers_alignedvq.server import create_app
+    from transformers_alignedvq.serving import create_app
     from transformers_alignedvq.testing import save_tiny_deployment
 
     directory = save_tiny_deployment(tmp_path / "tiny")

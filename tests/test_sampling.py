@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from transformers_alignedvq.sampling import RowLimits, RowSampler, SamplingError, SamplingOptions, parse_query
+from transformers_alignedvq.serving.sampling import RowLimits, RowSampler, SamplingError, SamplingOptions, parse_query
 
 
 def test_defaults_are_greedy_with_the_server_limit():

@@ -1,4 +1,4 @@
-"""Cloud server (`transformers_alignedvq.server`) through FastAPI's TestClient, on a tiny saved deployment."""
+"""Cloud server (`transformers_alignedvq.serving`) through FastAPI's TestClient, on a tiny saved deployment."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from PIL import Image
 
 from tests.serving_helpers import OCTET, assert_error, make_frame, post_to, sse_events, streamed
 from transformers_alignedvq import wire
-from transformers_alignedvq.server import create_app
+from transformers_alignedvq.serving import create_app
 from transformers_alignedvq.testing import IMAGE_SIZE, save_tiny_deployment
 
 QUESTIONS = ["what color is the shape ?", "does the image contain a circle ?", "what shape is in the image ?",

@@ -14,7 +14,7 @@ import torch
 from test_server import OCTET, assert_error, make_frame
 from test_server_hardening import post_request, wait_for
 
-from transformers_alignedvq.server import BackgroundServer, create_app
+from transformers_alignedvq.serving import BackgroundServer, create_app
 from transformers_alignedvq.testing import save_tiny_deployment
 
 
@@ -111,8 +111,8 @@ KEY_1, KEY_2 = "first-key-" + "a" * 20, "second-key-" + "b" * 20
 
 
 def test_access_log_blanks_query_values_but_the_sampling_ones():
-    from transformers_alignedvq.auth import AccessLogRedaction
-    from transformers_alignedvq.http_guard import LOGGED_QUERY_PARAMETERS
+    from transformers_alignedvq.serving.auth import AccessLogRedaction
+    from transformers_alignedvq.serving.guards import LOGGED_QUERY_PARAMETERS
 
     redaction = AccessLogRedaction(LOGGED_QUERY_PARAMETERS)
     assert redaction.redact("/v1/answer?api_key=SECRET&top_p=0.5&stream=true&x") == \
@@ -123,7 +123,7 @@ def test_access_log_blanks_query_values_but_the_sampling_ones():
 def test_keys_reload_without_a_restart(deployment, tmp_path):
     from fastapi.testclient import TestClient
 
-    from transformers_alignedvq.auth import ApiKeys
+    from transformers_alignedvq.serving.auth import ApiKeys
 
     path = tmp_path / "keys"
     path.write_text(KEY_1 + "\n")

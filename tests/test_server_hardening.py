@@ -1,5 +1,5 @@
 """The server against hostile and unlucky clients, over real sockets: connection cap, head/body deadlines,
-graceful shutdown, clients that leave, health, API keys and TLS (`http_guard`, `auth`, `server`)."""
+graceful shutdown, clients that leave, health, API keys and TLS (`serving.guards`, `serving.auth`, `serving.runner`)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ from fastapi.testclient import TestClient
 
 from tests.serving_helpers import OCTET, assert_error, make_frame
 from transformers_alignedvq import cli
-from transformers_alignedvq.auth import API_KEYS_ENV, load_api_keys
-from transformers_alignedvq.connection_limits import ConnectionLimits
 from transformers_alignedvq.errors import ServerConfigError
-from transformers_alignedvq.http_guard import RateLimitFilter, exposure_warnings
-from transformers_alignedvq.server import AnswerEngine, BackgroundServer, create_app
+from transformers_alignedvq.serving import BackgroundServer, create_app
+from transformers_alignedvq.serving.auth import API_KEYS_ENV, load_api_keys
+from transformers_alignedvq.serving.connection_limits import ConnectionLimits
+from transformers_alignedvq.serving.engines.transformers import TransformersAnswerEngine
+from transformers_alignedvq.serving.guards import RateLimitFilter, exposure_warnings
 from transformers_alignedvq.testing import save_tiny_deployment
 
 KEY = "k" * 20 + "-secret-1"
@@ -228,9 +229,10 @@ def test_sigterm_answers_503_to_what_cannot_finish_within_the_timeout(deployment
 SERVE_RECORDING_CLOSE = """
 import sys
 from pathlib import Path
-from transformers_alignedvq import server
-server.AnswerEngine.close = lambda self: Path(sys.argv[3]).write_text("closed")
-server.serve(sys.argv[1], port=int(sys.argv[2]), max_new_tokens=2)
+from transformers_alignedvq.serving import serve
+from transformers_alignedvq.serving.engines.transformers import TransformersAnswerEngine
+TransformersAnswerEngine.close = lambda self: Path(sys.argv[3]).write_text("closed")
+serve(sys.argv[1], port=int(sys.argv[2]), max_new_tokens=2)
 """
 
 
@@ -292,7 +294,7 @@ def test_warm_up_failure_is_a_start_up_error(deployment, monkeypatch):
     def broken(self, batch):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(AnswerEngine, "generate", broken)
+    monkeypatch.setattr(TransformersAnswerEngine, "generate", broken)
     with pytest.raises(ServerConfigError, match="warm-up generate failed.*out of memory"):
         create_app(deployment)
 
@@ -422,7 +424,7 @@ def test_exposure_warnings():
 
 def test_serve_on_all_interfaces_without_keys_warns_before_loading(tmp_path, caplog, monkeypatch):
     monkeypatch.delenv(API_KEYS_ENV, raising=False)
-    with caplog.at_level(logging.WARNING, logger="transformers_alignedvq.server"):
+    with caplog.at_level(logging.WARNING, logger="transformers_alignedvq.serving.runner"):
         assert cli.main(["serve", "--model", str(tmp_path / "missing"), "--host", "0.0.0.0"]) == 1
     assert "listening on all interfaces without API keys" in caplog.text
 

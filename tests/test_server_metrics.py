@@ -1,4 +1,4 @@
-"""Prometheus metrics (`server_metrics`): scraped over HTTP from a real server, counters that move."""
+"""Prometheus metrics (`serving.metrics`): scraped over HTTP from a real server, counters that move."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_server import OCTET, make_frame
 
-from transformers_alignedvq.server import BackgroundServer, create_app
+from transformers_alignedvq.serving import BackgroundServer, create_app
 from transformers_alignedvq.testing import save_tiny_deployment
 
 KEY = "metrics-test-key-" + "m" * 20

@@ -11,13 +11,13 @@ from transformers import LlavaForConditionalGeneration
 
 from transformers_alignedvq import CheckpointMismatchError
 from transformers_alignedvq.lora import add_lora
-from transformers_alignedvq.testing import IMAGE_TOKEN_ID, save_tiny_deployment, tiny_model, tiny_processor
-from transformers_alignedvq.vllm_checkpoint import (
+from transformers_alignedvq.serving.engines.vllm_checkpoint import (
     EXPORT_RECORD_NAME,
     check_export,
     checkpoint_name,
     export_for_vllm,
 )
+from transformers_alignedvq.testing import IMAGE_TOKEN_ID, save_tiny_deployment, tiny_model, tiny_processor
 
 IMAGE_TOKENS = 16  # the tiny model's 17 vision tokens less the CLS one
 

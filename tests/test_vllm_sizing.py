@@ -9,7 +9,7 @@ import torch
 from transformers import AutoConfig, LlamaConfig
 
 import transformers_alignedvq
-from transformers_alignedvq.vllm_engine import kv_cache_defaults
+from transformers_alignedvq.serving.engines.vllm import kv_cache_defaults
 
 
 def test_llava_7b_cache_holds_the_batch_of_longest_sequences():

@@ -96,9 +96,9 @@ def _vllm_args(args) -> dict | None:
 
 
 def cmd_serve(args) -> int:
-    from .auth import ApiKeys
-    from .connection_limits import ConnectionLimits
-    from .server import serve
+    from .serving.auth import ApiKeys
+    from .serving.connection_limits import ConnectionLimits
+    from .serving.runner import serve
 
     _set_threads(args.threads)
     model = _default_model(args.model)
@@ -121,7 +121,7 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export_vllm(args) -> int:
-    from .vllm_checkpoint import export_for_vllm
+    from .serving.engines.vllm_checkpoint import export_for_vllm
 
     folder = export_for_vllm(_default_model(args.model), args.output, dtype=args.dtype)
     files = sorted(p.name for p in folder.iterdir())
@@ -316,9 +316,9 @@ def cmd_demo(args) -> int:
     from transformers import AutoModel, AutoProcessor
 
     from .client import EdgeClient
-    from .connection_limits import ConnectionLimits
     from .entropy import ENTROPY_MODEL_NAME, load_entropy_model
-    from .server import BackgroundServer, ServerConfigError, create_app
+    from .serving import BackgroundServer, ServerConfigError, create_app
+    from .serving.connection_limits import ConnectionLimits
 
     _set_threads(args.threads)
     folder = Path(_default_model(args.model))
@@ -382,11 +382,11 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _add_serve_parser(sub) -> None:
-    from .auth import API_KEYS_ENV
-    from .connection_limits import ConnectionLimits
+    from .serving.auth import API_KEYS_ENV
+    from .serving.connection_limits import ConnectionLimits
 
     serve = sub.add_parser("serve", help="run the cloud server", formatter_class=_DefaultsFormatter,
-                           description="Serve POST /v1/answer (see server.py and docs/serving.md). SIGTERM drains: "
+                           description="Serve POST /v1/answer (see docs/serving.md). SIGTERM drains: "
                                        "requests already received are answered, then the process exits.")
     serve.add_argument("--model", help="model folder or Hub id (default: the bundled model, if any)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 for all interfaces")

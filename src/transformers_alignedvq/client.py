@@ -46,7 +46,6 @@ from .edge_runtime import (
 from .entropy import load_entropy_model
 from .wire_followup import encode_followup, image_digest
 
-FRAME_MEDIA_TYPE = "application/octet-stream"
 DEFAULT_RETRY_WINDOW = 30.0
 # Seconds an idle keep-alive connection is kept: below `alignedvq serve`'s --keep-alive-timeout (5 s).
 KEEPALIVE_EXPIRY = 2.0
@@ -143,7 +142,7 @@ def _looks_like_repo_id(text: str) -> bool:
 
 
 class EdgeClient:
-    """Runs the edge part of an AlignedVQ model and asks a cloud server (`transformers_alignedvq.server`).
+    """Runs the edge part of an AlignedVQ model and asks a cloud server (`transformers_alignedvq.serving`).
 
     Args:
         model_dir: an edge folder (`alignedvq export-edge`, or `model.edge_encoder().save_pretrained(dir)`), a
@@ -300,7 +299,7 @@ class EdgeClient:
         """``(response, attempts, bytes sent)``: a follow-up where the server should hold the image, else (or
         when it does not) the frame."""
         digest = image_digest(indices, self.fingerprint)
-        headers = {"Content-Type": FRAME_MEDIA_TYPE}
+        headers = {"Content-Type": wire.FRAME_MEDIA_TYPE}
         if self.reuse_images and digest in self._sent_images:
             body = encode_followup(digest, question, entropy_model=self.entropy_model)
             try:

@@ -54,6 +54,7 @@ __all__ = [
     "CRC_SIZE",
     "FINGERPRINT_SIZE",
     "FORMAT_VERSION",
+    "FRAME_MEDIA_TYPE",
     "MAGIC",
     "WIRE_FINGERPRINT_SIZE",
     "EntropyModel",
@@ -68,6 +69,8 @@ __all__ = [
 ]
 
 MAGIC = b"AV"
+# The Content-Type of a frame sent over HTTP (the client sends it, the server requires it).
+FRAME_MEDIA_TYPE = "application/octet-stream"
 FORMAT_VERSION = 2
 CODER_RAW = 0
 CODER_CONTEXT_MODEL = 1
