@@ -85,3 +85,12 @@ def llava_7b_config_path():
     from pathlib import Path
 
     return Path(__file__).parent / "data" / "llava-1.5-7b-hf.config.json"
+
+
+@pytest.fixture(scope="session")
+def deployment(tmp_path_factory):
+    """One served deployment for every test that needs one (read it, never write into it): a tiny random
+    AlignedVQ model with its processor and edge files, as `alignedvq serve` takes it."""
+    from transformers_alignedvq.testing import save_tiny_deployment
+
+    return save_tiny_deployment(tmp_path_factory.mktemp("tiny-deployment"))

@@ -11,12 +11,6 @@ import pytest
 from transformers_alignedvq.checkpoint_limits import CheckpointSizeError, check_model_folder, safetensors_shapes
 from transformers_alignedvq.edge_runtime import EdgeCheckpointError, load_edge_runtime
 from transformers_alignedvq.serving import ServerConfigError, create_app
-from transformers_alignedvq.testing import save_tiny_deployment
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    return save_tiny_deployment(tmp_path_factory.mktemp("tiny-deployment"))
 
 
 def edited(source, target, name, edit):

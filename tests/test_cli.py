@@ -16,7 +16,6 @@ import transformers_alignedvq
 from transformers_alignedvq import cli
 from transformers_alignedvq.edge import AlignedVQEdgeEncoder
 from transformers_alignedvq.serving import BackgroundServer, create_app
-from transformers_alignedvq.testing import save_tiny_deployment
 
 SUBCOMMANDS = {
     "serve": ["--model", "--host", "--port", "--max-batch-size", "--engine", "--tensor-parallel-size",
@@ -27,11 +26,6 @@ SUBCOMMANDS = {
     "info": ["--model", "--json"],
     "demo": ["--model", "--images"],
 }
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    return save_tiny_deployment(tmp_path_factory.mktemp("tiny-deployment"))
 
 
 @pytest.fixture(scope="module")

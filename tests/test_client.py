@@ -25,7 +25,7 @@ from transformers_alignedvq.edge_export import export_edge
 from transformers_alignedvq.edge_runtime import EDGE_WEIGHTS_NAME
 from transformers_alignedvq.preprocess import ImageInputError
 from transformers_alignedvq.serving import BackgroundServer, create_app
-from transformers_alignedvq.testing import WITHOUT_CLOUD_PACKAGES, save_tiny_deployment
+from transformers_alignedvq.testing import WITHOUT_CLOUD_PACKAGES
 from transformers_alignedvq.wire import codebook_fingerprint
 
 QUESTION = "what color is the shape ?"
@@ -48,11 +48,6 @@ _PROBE = textwrap.dedent(
     print(json.dumps({"answer": answer.text, "bytes_sent": answer.bytes_sent, "modules": sorted(sys.modules)}))
     """
 )
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    return save_tiny_deployment(tmp_path_factory.mktemp("tiny-deployment"))
 
 
 @pytest.fixture(scope="module")

@@ -18,15 +18,9 @@ openai = pytest.importorskip("openai")
 from test_server import OCTET, edge_indices, images, make_frame  # noqa: E402
 
 from transformers_alignedvq.serving import BackgroundServer, create_app  # noqa: E402
-from transformers_alignedvq.testing import save_tiny_deployment  # noqa: E402
 
 KEY = "openai-test-key-" + "o" * 20
 QUESTIONS = ["what color is the shape ?", "does the image contain a circle ?", "what shape is in the image ?"]
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    return save_tiny_deployment(tmp_path_factory.mktemp("tiny-deployment"))
 
 
 @pytest.fixture(scope="module")

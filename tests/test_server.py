@@ -17,15 +17,10 @@ from PIL import Image
 from tests.serving_helpers import OCTET, assert_error, make_frame, post_to, sse_events, streamed
 from transformers_alignedvq import wire
 from transformers_alignedvq.serving import create_app
-from transformers_alignedvq.testing import IMAGE_SIZE, save_tiny_deployment
+from transformers_alignedvq.testing import IMAGE_SIZE
 
 QUESTIONS = ["what color is the shape ?", "does the image contain a circle ?", "what shape is in the image ?",
              "is there a red triangle in the picture ?", "what ?"]
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    return save_tiny_deployment(tmp_path_factory.mktemp("tiny-deployment"))
 
 
 @pytest.fixture(scope="module")

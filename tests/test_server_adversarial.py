@@ -15,12 +15,6 @@ from test_server import OCTET, assert_error, make_frame
 from test_server_hardening import post_request, wait_for
 
 from transformers_alignedvq.serving import BackgroundServer, create_app
-from transformers_alignedvq.testing import save_tiny_deployment
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    return save_tiny_deployment(tmp_path_factory.mktemp("tiny-deployment"))
 
 
 class CountingForward:

@@ -25,15 +25,9 @@ from transformers_alignedvq.serving.auth import API_KEYS_ENV, load_api_keys
 from transformers_alignedvq.serving.connection_limits import ConnectionLimits
 from transformers_alignedvq.serving.engines.transformers import TransformersAnswerEngine
 from transformers_alignedvq.serving.guards import RateLimitFilter, exposure_warnings
-from transformers_alignedvq.testing import save_tiny_deployment
 
 KEY = "k" * 20 + "-secret-1"
 FAST = ConnectionLimits(max_connections=8, backlog=4, header_timeout=0.5, body_timeout=0.5, keep_alive_timeout=0.5)
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    return save_tiny_deployment(tmp_path_factory.mktemp("tiny-deployment"))
 
 
 @pytest.fixture(scope="module")

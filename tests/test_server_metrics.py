@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import httpx
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from test_server import OCTET, make_frame
 
 from transformers_alignedvq.serving import BackgroundServer, create_app
-from transformers_alignedvq.testing import save_tiny_deployment
 
 KEY = "metrics-test-key-" + "m" * 20
-
-
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory):
-    return save_tiny_deployment(tmp_path_factory.mktemp("tiny-deployment"))
 
 
 def scrape(url: str, **kwargs) -> dict[tuple[str, tuple], float]:
