@@ -3,11 +3,11 @@
 The package root is lazy, like Transformers' own: importing it, or any device module under it (`client`,
 `wire`, `entropy`, `preprocess`, `edge_runtime`, the ``alignedvq ask`` command), loads neither PyTorch nor
 Transformers, even where both are installed. The model names (``AlignedVQConfig``,
-``LlavaAlignedVQForConditionalGeneration``, ...) are imported on first use (PEP 562 ``__getattr__``).
+``LlavaAlignedVQForConditionalGeneration``, ``from_vlm``, ...) are imported on first use (PEP 562 ``__getattr__``).
 
-Transformers' Auto classes learn our model type (``llava_alignedvq``) as soon as both this package and
-Transformers are imported, in either order, so ``import transformers_alignedvq`` followed by
-``AutoModel.from_pretrained(path)`` keeps working:
+Transformers' Auto classes learn our model types (``llava_alignedvq``, ``llava_onevision_alignedvq``) as soon
+as both this package and Transformers are imported, in either order, so ``import transformers_alignedvq``
+followed by ``AutoModel.from_pretrained(path)`` keeps working:
 
 * imported after Transformers: registered right here;
 * imported before it: a one-shot import hook registers right after ``import transformers`` finishes;
@@ -41,6 +41,7 @@ if (_Path(__file__).parent / "assets" / "tiny-easyvqa" / "config.json").is_file(
 
 # Name -> module of the names that need PyTorch and Transformers (the [cloud] extra).
 _MODEL = "models.llava_alignedvq."
+_ONEVISION = "models.llava_onevision_alignedvq."
 _CLOUD_NAMES = {
     "SPLIT_SITES": _MODEL + "configuration_alignedvq",
     "AlignedVQConfig": _MODEL + "configuration_alignedvq",
@@ -54,6 +55,11 @@ _CLOUD_NAMES = {
     "LlavaAlignedVQModelOutputWithPast": _MODEL + "modeling_alignedvq",
     "VectorQuantizer": _MODEL + "quantizer",
     "bits_per_index": "wire",
+    "FamilyAdapter": "models.family",
+    "FrameGeometry": "models.family",
+    "from_vlm": "models.family",
+    "LlavaOnevisionAlignedVQConfig": _ONEVISION + "configuration_llava_onevision_alignedvq",
+    "LlavaOnevisionAlignedVQForConditionalGeneration": _ONEVISION + "modeling_llava_onevision_alignedvq",
 }
 
 __all__ = ["VQA_ACCURACY_METRIC", "CheckpointMismatchError", "register", *_CLOUD_NAMES]
@@ -94,7 +100,22 @@ def register() -> None:
     AutoConfig.register(AlignedVQConfig.model_type, AlignedVQConfig, exist_ok=True)
     AutoModel.register(AlignedVQConfig, LlavaAlignedVQForConditionalGeneration, exist_ok=True)
     AutoModelForImageTextToText.register(AlignedVQConfig, LlavaAlignedVQForConditionalGeneration, exist_ok=True)
+    _register_onevision()
     _registered = True
+
+
+def _register_onevision() -> None:
+    """The LLaVA-OneVision variant, where the installed Transformers can run it (its classes need >= 5.19)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+    from .models.llava_onevision_alignedvq.configuration_llava_onevision_alignedvq import LlavaOnevisionAlignedVQConfig
+    from .models.llava_onevision_alignedvq.modeling_llava_onevision_alignedvq import (
+        LlavaOnevisionAlignedVQForConditionalGeneration as model_class,
+    )
+
+    AutoConfig.register(LlavaOnevisionAlignedVQConfig.model_type, LlavaOnevisionAlignedVQConfig, exist_ok=True)
+    AutoModel.register(LlavaOnevisionAlignedVQConfig, model_class, exist_ok=True)
+    AutoModelForImageTextToText.register(LlavaOnevisionAlignedVQConfig, model_class, exist_ok=True)
 
 
 def _register_or_warn() -> None:
