@@ -118,13 +118,42 @@ def test_generate_from_pixels_and_from_indices_agree():
     model = tiny_split()
     ids = prompt(model)
     mask = (ids != 0).long()
-    options = dict(input_ids=ids, attention_mask=mask, image_sizes=SIZES, max_new_tokens=6, do_sample=False)
-    from_pixels = model.generate(pixel_values=pixels(), **options)
-    from_indices = model.generate(image_indices=model.encode_edge(pixels(), SIZES), **options)
-    assert from_pixels.shape == (2, ids.shape[1] + 6)
-    assert torch.equal(from_pixels, from_indices)
+    for beams in (1, 2):  # beams expand the pre-encoded image as generation does for pixels
+        options = dict(input_ids=ids, attention_mask=mask, image_sizes=SIZES, max_new_tokens=6, do_sample=False,
+                       num_beams=beams)
+        from_pixels = model.generate(pixel_values=pixels(), **options)
+        from_indices = model.generate(image_indices=model.encode_edge(pixels(), SIZES), **options)
+        assert from_pixels.shape == (2, ids.shape[1] + 6)
+        assert torch.equal(from_pixels, from_indices)
     # The image matters: other pixels, other indices.
     assert not torch.equal(model.encode_edge(pixels(seed=1), SIZES), model.encode_edge(pixels(), SIZES))
+
+
+def test_a_two_image_prompt_sends_base_views_only():
+    model = tiny_split()
+    count = torch.tensor([2])
+    tiles = pixels()[:, 0]  # (2, 3, tile, tile): one base view per image
+    indices = model.encode_edge(tiles, SIZES, batch_num_images=count)
+    assert indices.shape == (2, 16)
+    image = model.model.get_image_features(image_indices=indices, image_sizes=SIZES, batch_num_images=count)
+    lengths = [len(features) for features in image.pooler_output]
+    assert lengths == [17, 17]  # 16 tokens and a newline each
+    ids = torch.cat([torch.full((1, sum(lengths)), IMAGE_TOKEN), torch.tensor([[5, 6]])], dim=1)
+    options = dict(input_ids=ids, image_sizes=SIZES, batch_num_images=count)
+    from_pixels = model(pixel_values=tiles, **options)
+    assert torch.equal(from_pixels.logits, model.forward_from_indices(indices, **options).logits)
+
+
+def test_videos_and_vision_layer_outputs_are_refused():
+    model = tiny_split()
+    ids = prompt(model)
+    video = torch.zeros(1, 2, 3, TILE, TILE)
+    with pytest.raises(ValueError, match="pixel_values_videos"):
+        model(input_ids=ids, pixel_values_videos=video)
+    with pytest.raises(ValueError, match="pixel_values_videos"):
+        model.generate(input_ids=ids, pixel_values_videos=video, max_new_tokens=1)
+    with pytest.raises(ValueError, match="per-layer"):
+        model.model.get_image_features(pixels(), SIZES, output_hidden_states=True)
 
 
 def test_indices_are_checked_against_the_geometry():

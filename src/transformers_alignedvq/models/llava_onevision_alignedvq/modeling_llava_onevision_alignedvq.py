@@ -203,6 +203,8 @@ class LlavaOnevisionAlignedVQModel(LlavaOnevisionModel):
         """
         if (pixel_values is None) == (image_indices is None):
             raise ValueError("Pass exactly one of pixel_values and image_indices, not both or neither.")
+        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+            raise ValueError("The split OneVision tower does not return per-layer vision outputs yet.")
         config = self.config
         geometry = self.frame_geometry(image_sizes, batch_num_images)
         vq = self._site_features(pixel_values, image_indices, geometry)
@@ -240,6 +242,12 @@ class LlavaOnevisionAlignedVQModel(LlavaOnevisionModel):
             return self.alignedvq(self.edge_features(self.pixel_tiles(pixel_values, geometry)))
         indices = self.check_indices(image_indices, geometry)
         return AlignedVQLayerOutput(self.alignedvq.decode(indices, dtype=self.vision_tower.dtype), indices)
+
+
+def refuse_videos(arguments: dict) -> None:
+    """Videos would run the stock, unsplit tower (`get_video_features`): refused rather than silently not split."""
+    if arguments.get("pixel_values_videos") is not None:
+        raise ValueError("LLaVA-OneVision with AlignedVQ splits images only; pixel_values_videos is not supported.")
 
 
 class LlavaOnevisionAlignedVQForConditionalGeneration(LlavaOnevisionForConditionalGeneration, GenerationMixin):
@@ -357,6 +365,7 @@ class LlavaOnevisionAlignedVQForConditionalGeneration(LlavaOnevisionForCondition
         `forward_from_indices(encode_edge(pixel_values, image_sizes), image_sizes=image_sizes)` exactly.
         """
         arguments = bind_arguments(LlavaOnevisionAlignedVQForConditionalGeneration.forward, self, args, kwargs)
+        refuse_videos(arguments)
         return_dict = arguments.pop("return_dict", None)
         image_indices = arguments.pop("image_indices", None)
         if image_indices is not None:
@@ -388,6 +397,7 @@ class LlavaOnevisionAlignedVQForConditionalGeneration(LlavaOnevisionForCondition
         either and generation never moves the EMA codebook. The decoded image enters through
         `mm_encoder_outputs`, the channel generation itself uses for pre-encoded images.
         """
+        refuse_videos(kwargs)
         pixel_values = kwargs.pop("pixel_values", None)
         if pixel_values is not None:
             if image_indices is not None:
