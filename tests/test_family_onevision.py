@@ -79,13 +79,14 @@ def test_geometry_follows_onevision_tiling():
         model.frame_geometry(SIZES, batch_num_images=[1])
 
 
-@pytest.mark.parametrize("site", ["input", "mlp"])
+@pytest.mark.parametrize("site", ["patch", "input", "attn", "mlp"])
 def test_split_without_quantization_is_the_stock_model(site, monkeypatch):
     """Exact sites with the quantizer bypassed give OneVision's own packed image features: tiling, the
     tower's continuation, the projector and the packing are the stock model's."""
     base = tiny_onevision()
     expected = base.model.get_image_features(pixels(), SIZES, return_dict=True).pooler_output
-    model = from_vlm(base, split_layer=1, split_site=site, codebook_size=16)
+    model = from_vlm(base, split_layer=0 if site == "patch" else 1, split_site=site, codebook_size=16)
+
     def unquantized(z):
         return AlignedVQLayerOutput(z, torch.zeros(*z.shape[:2], 1, dtype=torch.long))
 
@@ -96,7 +97,9 @@ def test_split_without_quantization_is_the_stock_model(site, monkeypatch):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize(("site", "layer"), [("input", 1), ("ln1", 0), ("mlp", 1)])
+@pytest.mark.parametrize(
+    ("site", "layer"), [("patch", 0), ("input", 1), ("ln1", 0), ("attn", 1), ("ln2", 2), ("mlp", 1)]
+)
 def test_pixels_and_indices_give_the_same_forward(site, layer):
     model = tiny_split(site, layer)
     ids = prompt(model)
