@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_llava
+from PIL import Image
 from transformers import (
     AutoModelForImageTextToText,
     LlavaOnevisionConfig,
@@ -19,8 +21,11 @@ from transformers_alignedvq.models.family import LlavaAdapter, from_vlm
 from transformers_alignedvq.models.llava_alignedvq.alignedvq_layer import AlignedVQLayerOutput
 from transformers_alignedvq.models.llava_alignedvq.modeling_alignedvq import LlavaAlignedVQForConditionalGeneration
 from transformers_alignedvq.models.llava_onevision_alignedvq.modeling_llava_onevision_alignedvq import (
+    _HAS_MM_ENCODER_OUTPUTS,
     LlavaOnevisionAlignedVQForConditionalGeneration,
 )
+
+pytestmark = pytest.mark.skipif(not _HAS_MM_ENCODER_OUTPUTS, reason="OneVision with AlignedVQ needs transformers>=5.19")
 
 IMAGE_TOKEN, TILE, PATCH = 99, 16, 4
 PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32]]
@@ -77,6 +82,26 @@ def test_geometry_follows_onevision_tiling():
         model.frame_geometry(None)
     with pytest.raises(ValueError, match="batch_num_images"):
         model.frame_geometry(SIZES, batch_num_images=[1])
+
+
+def test_geometry_matches_the_image_processor():
+    """The tiles the processor makes for photos of three shapes are exactly those the geometry names: the rest
+    of each image's padded slots are empty, and the edge takes the processor's output as it is."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    processor = LlavaOnevisionImageProcessorPil(size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS)
+    photos = [Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+              for seed, (h, w) in enumerate([(20, 30), (16, 16), (40, 12)])]
+    batch = processor(photos, return_tensors="pt")
+    model = tiny_split()
+    geometry = model.frame_geometry(batch["image_sizes"], batch["batch_num_images"])
+    assert geometry.tiles_per_image == (5, 2, 3) and geometry.tile_grids == ((2, 2), (1, 1), (2, 1))
+    filled = (batch["pixel_values"].abs().flatten(2).sum(-1) > 0).sum(-1)
+    assert tuple(filled.tolist()) == geometry.tiles_per_image
+    indices = model.encode_edge(batch["pixel_values"], batch["image_sizes"], batch["batch_num_images"])
+    assert indices.shape == (10, 16)
 
 
 @pytest.mark.parametrize("site", ["patch", "input", "attn", "mlp"])
@@ -157,6 +182,17 @@ def test_videos_and_vision_layer_outputs_are_refused():
         model.generate(input_ids=ids, pixel_values_videos=video, max_new_tokens=1)
     with pytest.raises(ValueError, match="per-layer"):
         model.model.get_image_features(pixels(), SIZES, output_hidden_states=True)
+
+
+def test_grouped_codes_travel_per_tile():
+    model = from_vlm(tiny_onevision(), split_layer=1, split_site="mlp", codebook_size=16, num_groups=2)
+    indices = model.encode_edge(pixels(), SIZES)
+    assert indices.shape == (7, 16, 2)
+    ids = prompt(model)
+    from_pixels = model(input_ids=ids, pixel_values=pixels(), image_sizes=SIZES)
+    assert torch.equal(from_pixels.logits, model.forward_from_indices(indices, input_ids=ids, image_sizes=SIZES).logits)
+    with pytest.raises(ValueError, match=r"\(7, 16, 2\)"):
+        model.forward_from_indices(indices[..., 0], input_ids=ids, image_sizes=SIZES)
 
 
 def test_indices_are_checked_against_the_geometry():
