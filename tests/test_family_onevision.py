@@ -256,7 +256,7 @@ def test_from_vlm_dispatches_by_family(tmp_path):
     assert type(from_folder) is LlavaOnevisionAlignedVQForConditionalGeneration
     text_only = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                              num_attention_heads=4, num_key_value_heads=2, vocab_size=100))
-    with pytest.raises(TypeError, match="LlavaForConditionalGeneration, LlavaOnevisionForConditionalGeneration"):
+    with pytest.raises(TypeError, match="LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, LlavaOnevision"):
         from_vlm(text_only, codebook_size=16)
     with pytest.raises(TypeError, match="already split"):
         from_vlm(onevision, codebook_size=16)

@@ -5,9 +5,9 @@ The package root is lazy, like Transformers' own: importing it, or any device mo
 Transformers, even where both are installed. The model names (``AlignedVQConfig``,
 ``LlavaAlignedVQForConditionalGeneration``, ``from_vlm``, ...) are imported on first use (PEP 562 ``__getattr__``).
 
-Transformers' Auto classes learn our model types (``llava_alignedvq``, ``llava_onevision_alignedvq``) as soon
-as both this package and Transformers are imported, in either order, so ``import transformers_alignedvq``
-followed by ``AutoModel.from_pretrained(path)`` keeps working:
+Transformers' Auto classes learn our model types (``llava_alignedvq``, ``llava_next_alignedvq``,
+``llava_onevision_alignedvq``) as soon as both this package and Transformers are imported, in either order, so
+``import transformers_alignedvq`` followed by ``AutoModel.from_pretrained(path)`` keeps working:
 
 * imported after Transformers: registered right here;
 * imported before it: a one-shot import hook registers right after ``import transformers`` finishes;
@@ -41,6 +41,7 @@ if (_Path(__file__).parent / "assets" / "tiny-easyvqa" / "config.json").is_file(
 
 # Name -> module of the names that need PyTorch and Transformers (the [cloud] extra).
 _MODEL = "models.llava_alignedvq."
+_NEXT = "models.llava_next_alignedvq."
 _ONEVISION = "models.llava_onevision_alignedvq."
 _CLOUD_NAMES = {
     "SPLIT_SITES": _MODEL + "configuration_alignedvq",
@@ -58,6 +59,8 @@ _CLOUD_NAMES = {
     "FamilyAdapter": "models.family",
     "FrameGeometry": "models.family",
     "from_vlm": "models.family",
+    "LlavaNextAlignedVQConfig": _NEXT + "configuration_llava_next_alignedvq",
+    "LlavaNextAlignedVQForConditionalGeneration": _NEXT + "modeling_llava_next_alignedvq",
     "LlavaOnevisionAlignedVQConfig": _ONEVISION + "configuration_llava_onevision_alignedvq",
     "LlavaOnevisionAlignedVQForConditionalGeneration": _ONEVISION + "modeling_llava_onevision_alignedvq",
 }
@@ -100,22 +103,24 @@ def register() -> None:
     AutoConfig.register(AlignedVQConfig.model_type, AlignedVQConfig, exist_ok=True)
     AutoModel.register(AlignedVQConfig, LlavaAlignedVQForConditionalGeneration, exist_ok=True)
     AutoModelForImageTextToText.register(AlignedVQConfig, LlavaAlignedVQForConditionalGeneration, exist_ok=True)
-    _register_onevision()
+    _register_tiled_families()
     _registered = True
 
 
-def _register_onevision() -> None:
-    """The LLaVA-OneVision variant, where the installed Transformers can run it (its classes need >= 5.19)."""
+def _register_tiled_families() -> None:
+    """The LLaVA-NeXT and LLaVA-OneVision variants (their classes refuse to build before Transformers 5.19)."""
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
-    from .models.llava_onevision_alignedvq.configuration_llava_onevision_alignedvq import LlavaOnevisionAlignedVQConfig
-    from .models.llava_onevision_alignedvq.modeling_llava_onevision_alignedvq import (
-        LlavaOnevisionAlignedVQForConditionalGeneration as model_class,
-    )
-
-    AutoConfig.register(LlavaOnevisionAlignedVQConfig.model_type, LlavaOnevisionAlignedVQConfig, exist_ok=True)
-    AutoModel.register(LlavaOnevisionAlignedVQConfig, model_class, exist_ok=True)
-    AutoModelForImageTextToText.register(LlavaOnevisionAlignedVQConfig, model_class, exist_ok=True)
+    for family, config_name, model_name in (
+        ("llava_next", "LlavaNextAlignedVQConfig", "LlavaNextAlignedVQForConditionalGeneration"),
+        ("llava_onevision", "LlavaOnevisionAlignedVQConfig", "LlavaOnevisionAlignedVQForConditionalGeneration"),
+    ):
+        folder = f"{__name__}.models.{family}_alignedvq"
+        config = getattr(importlib.import_module(f"{folder}.configuration_{family}_alignedvq"), config_name)
+        model = getattr(importlib.import_module(f"{folder}.modeling_{family}_alignedvq"), model_name)
+        AutoConfig.register(config.model_type, config, exist_ok=True)
+        AutoModel.register(config, model, exist_ok=True)
+        AutoModelForImageTextToText.register(config, model, exist_ok=True)
 
 
 def _register_or_warn() -> None:

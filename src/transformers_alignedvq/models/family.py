@@ -113,6 +113,7 @@ class LlavaAdapter(FamilyAdapter):
 # Adapters by dotted path, imported on use so that a family's Transformers classes load only when needed.
 FAMILY_ADAPTERS: dict[str, str] = {
     "llava": f"{__name__}:LlavaAdapter",
+    "llava_next": f"{__package__}.llava_next_alignedvq.modeling_llava_next_alignedvq:LlavaNextAdapter",
     "llava_onevision": (
         f"{__package__}.llava_onevision_alignedvq.modeling_llava_onevision_alignedvq:LlavaOnevisionAdapter"
     ),
@@ -158,8 +159,9 @@ def from_vlm(model_or_id, *, load_kwargs: dict | None = None, **vq_options) -> n
     """Turn a supported VLM into its AlignedVQ variant.
 
     Args:
-        model_or_id: a loaded model (`LlavaForConditionalGeneration`, `LlavaOnevisionForConditionalGeneration`;
-            its modules are reused, not copied) or a Hub id / local folder holding one.
+        model_or_id: a loaded model (`LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`,
+            `LlavaOnevisionForConditionalGeneration`; its modules are reused, not copied) or a Hub id / local
+            folder holding one.
         load_kwargs: passed to the family's `from_pretrained` when ``model_or_id`` is a name.
         **vq_options: AlignedVQ config fields (``split_layer``, ``split_site``, ``codebook_size``, ...).
 

@@ -191,7 +191,8 @@ class TiledAlignedVQGenerationMixin:
             reference = str(base), (load_kwargs or {}).get("revision")
             base = cls.parent_class.from_pretrained(base, **(load_kwargs or {}))
         if not isinstance(base, cls.parent_class) or hasattr(base.model, "alignedvq"):
-            raise TypeError(f"{cls.__name__} converts a {cls.parent_class.__name__} or a path, got {type(base).__name__}.")
+            raise TypeError(f"{cls.__name__} converts a {cls.parent_class.__name__} or a path, got "
+                            f"{type(base).__name__}.")
         values = base.config.to_dict()
         for key in ("model_type", "architectures", "auto_map", "transformers_version"):
             values.pop(key, None)
