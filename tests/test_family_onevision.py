@@ -262,3 +262,14 @@ def test_from_vlm_dispatches_by_family(tmp_path):
         from_vlm(onevision, codebook_size=16)
     with pytest.raises(ValueError, match="split_layer"):
         from_vlm(tiny_onevision(), split_layer=3, codebook_size=16)
+
+
+def test_another_feature_layer_from_indices_and_one_before_the_split_refused():
+    model = tiny_split("ln1", 1)
+    ids, indices = prompt(model), model.encode_edge(pixels(), SIZES)
+    options = dict(input_ids=ids, image_sizes=SIZES, vision_feature_layer=-2)
+    from_pixels = model(pixel_values=pixels(), **options).logits
+    assert torch.equal(from_pixels, model.forward_from_indices(indices, **options).logits)
+    assert not torch.equal(from_pixels, model.forward_from_indices(indices, input_ids=ids, image_sizes=SIZES).logits)
+    with pytest.raises(ValueError, match="before the split"):
+        model.forward_from_indices(indices, input_ids=ids, image_sizes=SIZES, vision_feature_layer=1)
