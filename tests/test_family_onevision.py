@@ -24,6 +24,7 @@ from transformers_alignedvq.models.llava_onevision_alignedvq.modeling_llava_onev
     _HAS_MM_ENCODER_OUTPUTS,
     LlavaOnevisionAlignedVQForConditionalGeneration,
 )
+from transformers_alignedvq.models.tiled_alignedvq import cap_pinpoints
 
 pytestmark = pytest.mark.skipif(not _HAS_MM_ENCODER_OUTPUTS, reason="OneVision with AlignedVQ needs transformers>=5.19")
 
@@ -273,3 +274,29 @@ def test_another_feature_layer_from_indices_and_one_before_the_split_refused():
     assert not torch.equal(from_pixels, model.forward_from_indices(indices, input_ids=ids, image_sizes=SIZES).logits)
     with pytest.raises(ValueError, match="before the split"):
         model.forward_from_indices(indices, input_ids=ids, image_sizes=SIZES, vision_feature_layer=1)
+
+
+def test_a_capped_tile_grid_is_shared_by_the_processor_and_the_model():
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    capped = cap_pinpoints(PINPOINTS, TILE, max_grid_tiles=2)
+    assert capped == [[16, 16], [16, 32], [32, 16]]
+    model = from_vlm(tiny_onevision(), split_layer=1, split_site="mlp", codebook_size=16, image_grid_pinpoints=capped)
+    processor = LlavaOnevisionImageProcessorPil(size={"height": TILE, "width": TILE}, image_grid_pinpoints=capped)
+    photo = Image.fromarray(np.random.RandomState(0).randint(0, 255, (30, 40, 3), dtype=np.uint8))
+    batch = processor([photo], return_tensors="pt")
+    assert tiny_split().frame_geometry(batch["image_sizes"]).tiles_per_image == (5,)  # uncapped: 2x2 + base
+    geometry = model.frame_geometry(batch["image_sizes"])
+    assert geometry.tiles_per_image == (3,) and geometry.tile_grids == ((1, 2),)
+    assert batch["pixel_values"].shape[1] == 3
+    indices = model.encode_edge(batch["pixel_values"], batch["image_sizes"])
+    lengths = [len(f) for f in model.model.get_image_features(image_indices=indices,
+                                                                image_sizes=batch["image_sizes"]).pooler_output]
+    ids = torch.cat([torch.full((1, lengths[0]), IMAGE_TOKEN), torch.tensor([[5, 6]])], dim=1)
+    options = dict(input_ids=ids, image_sizes=batch["image_sizes"])
+    from_pixels = model(pixel_values=batch["pixel_values"], **options).logits
+    assert torch.equal(from_pixels, model.forward_from_indices(indices, **options).logits)
+    with pytest.raises(ValueError, match="at most 0|positive"):
+        cap_pinpoints(PINPOINTS, TILE, max_grid_tiles=0)
