@@ -62,9 +62,11 @@ class LlavaOnevisionAlignedVQConfig(LlavaOnevisionConfig):
 
     @property
     def tokens_per_tile(self) -> int:
-        """Tokens the SigLIP tower makes per tile (no CLS token): what the edge sends indices for, per tile."""
+        """Tokens the tower makes per tile, what the edge sends indices for: the patches (SigLIP, OneVision's
+        tower, has no CLS token; another tower's counts too)."""
         vision = self.vision_config
-        return (vision.image_size // vision.patch_size) ** 2
+        has_cls = vision.model_type != "siglip_vision_model"
+        return (vision.image_size // vision.patch_size) ** 2 + int(has_cls)
 
     @classmethod
     def from_onevision_config(cls, config: LlavaOnevisionConfig, **vq_options) -> "LlavaOnevisionAlignedVQConfig":
