@@ -3,11 +3,11 @@
 The package root is lazy, like Transformers' own: importing it, or any device module under it (`client`,
 `wire`, `entropy`, `preprocess`, `edge_runtime`, the ``alignedvq ask`` command), loads neither PyTorch nor
 Transformers, even where both are installed. The model names (``AlignedVQConfig``,
-``LlavaAlignedVQForConditionalGeneration``, ...) are imported on first use (PEP 562 ``__getattr__``).
+``LlavaAlignedVQForConditionalGeneration``, ``from_vlm``, ...) are imported on first use (PEP 562 ``__getattr__``).
 
-Transformers' Auto classes learn our model type (``llava_alignedvq``) as soon as both this package and
-Transformers are imported, in either order, so ``import transformers_alignedvq`` followed by
-``AutoModel.from_pretrained(path)`` keeps working:
+Transformers' Auto classes learn our model types (``llava_alignedvq``, ``llava_next_alignedvq``,
+``llava_onevision_alignedvq``) as soon as both this package and Transformers are imported, in either order, so
+``import transformers_alignedvq`` followed by ``AutoModel.from_pretrained(path)`` keeps working:
 
 * imported after Transformers: registered right here;
 * imported before it: a one-shot import hook registers right after ``import transformers`` finishes;
@@ -41,6 +41,8 @@ if (_Path(__file__).parent / "assets" / "tiny-easyvqa" / "config.json").is_file(
 
 # Name -> module of the names that need PyTorch and Transformers (the [cloud] extra).
 _MODEL = "models.llava_alignedvq."
+_NEXT = "models.llava_next_alignedvq."
+_ONEVISION = "models.llava_onevision_alignedvq."
 _CLOUD_NAMES = {
     "SPLIT_SITES": _MODEL + "configuration_alignedvq",
     "AlignedVQConfig": _MODEL + "configuration_alignedvq",
@@ -54,6 +56,13 @@ _CLOUD_NAMES = {
     "LlavaAlignedVQModelOutputWithPast": _MODEL + "modeling_alignedvq",
     "VectorQuantizer": _MODEL + "quantizer",
     "bits_per_index": "wire",
+    "FamilyAdapter": "models.family",
+    "FrameGeometry": "models.family",
+    "from_vlm": "models.family",
+    "LlavaNextAlignedVQConfig": _NEXT + "configuration_llava_next_alignedvq",
+    "LlavaNextAlignedVQForConditionalGeneration": _NEXT + "modeling_llava_next_alignedvq",
+    "LlavaOnevisionAlignedVQConfig": _ONEVISION + "configuration_llava_onevision_alignedvq",
+    "LlavaOnevisionAlignedVQForConditionalGeneration": _ONEVISION + "modeling_llava_onevision_alignedvq",
 }
 
 __all__ = ["VQA_ACCURACY_METRIC", "CheckpointMismatchError", "register", *_CLOUD_NAMES]
@@ -94,7 +103,24 @@ def register() -> None:
     AutoConfig.register(AlignedVQConfig.model_type, AlignedVQConfig, exist_ok=True)
     AutoModel.register(AlignedVQConfig, LlavaAlignedVQForConditionalGeneration, exist_ok=True)
     AutoModelForImageTextToText.register(AlignedVQConfig, LlavaAlignedVQForConditionalGeneration, exist_ok=True)
+    _register_tiled_families()
     _registered = True
+
+
+def _register_tiled_families() -> None:
+    """The LLaVA-NeXT and LLaVA-OneVision variants (their classes refuse to build before Transformers 5.19)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+
+    for family, config_name, model_name in (
+        ("llava_next", "LlavaNextAlignedVQConfig", "LlavaNextAlignedVQForConditionalGeneration"),
+        ("llava_onevision", "LlavaOnevisionAlignedVQConfig", "LlavaOnevisionAlignedVQForConditionalGeneration"),
+    ):
+        folder = f"{__name__}.models.{family}_alignedvq"
+        config = getattr(importlib.import_module(f"{folder}.configuration_{family}_alignedvq"), config_name)
+        model = getattr(importlib.import_module(f"{folder}.modeling_{family}_alignedvq"), model_name)
+        AutoConfig.register(config.model_type, config, exist_ok=True)
+        AutoModel.register(config, model, exist_ok=True)
+        AutoModelForImageTextToText.register(config, model, exist_ok=True)
 
 
 def _register_or_warn() -> None:

@@ -1,0 +1,335 @@
+"""What the any-resolution families (LLaVA-NeXT, LLaVA-OneVision) share once split by AlignedVQ.
+
+Both cut an image into a base view plus a grid of tiles, run every tile through a CLIP/SigLIP tower on its own,
+project each tile's features and pack them (un-padding, newlines; OneVision also downsamples) before the
+language model. So the edge sends indices per tile, ``(num_tiles, tokens_per_tile[, codes])`` for a batch, tiles
+in the tower's order (image by image, base view first), and the cloud needs each image's ``image_sizes`` to know
+which tiles are whose (the family adapter's ``geometry``).
+
+The two mixins below are bases placed before the family's Transformers classes: `TiledAlignedVQModelMixin`
+overrides ``get_image_features`` to run the split tower from pixels or from indices (the stock forward calls it
+for pixels); `TiledAlignedVQGenerationMixin` brings images given as indices in through the parent's own
+pre-encoded channel, ``mm_encoder_outputs`` (which generation also uses), and adds the conversion, k-means
+initialisation and the edge entry point. A family file supplies its adapter, config, output class, the model's
+``__init__`` and ``pack`` (its own packing call), and a ``forward`` carrying the parent's signature.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from .family import FamilyAdapter, FrameGeometry
+from .llava_alignedvq.alignedvq_layer import AlignedVQLayerOutput
+from .llava_alignedvq.modeling_alignedvq import (
+    AlignedVQImageOutput,
+    _init_alignedvq_weights,
+    alignedvq_fields,
+    bind_arguments,
+    build_alignedvq_layer,
+)
+from .llava_alignedvq.split import check_pixel_values
+
+# The forward arguments that shape an image's features, passed on when it is decoded from indices.
+IMAGE_ARGUMENTS = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
+                   "batch_num_images")
+
+
+class TiledAlignedVQModelMixin:
+    """The split tower for the family's inner model (``LlavaNextModel``, ``LlavaOnevisionModel``)."""
+
+    adapter: ClassVar[type[FamilyAdapter]]
+
+    def _init_weights(self, module):
+        if not _init_alignedvq_weights(self, module):
+            super()._init_weights(module)
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        return False  # our init uses Transformers' init functions; see the LLaVA model's note
+
+    def pack(self, projected: list[torch.Tensor], image_sizes, strategy: str, aspect_ratio: str | None) -> list:
+        """The family's packing of each image's projected tiles into its prompt features."""
+        raise NotImplementedError
+
+    def frame_geometry(self, image_sizes, batch_num_images=None) -> FrameGeometry:
+        return self.adapter.geometry(self.config, image_sizes, batch_num_images)
+
+    def pixel_tiles(self, pixel_values: torch.Tensor, geometry: FrameGeometry) -> torch.Tensor:
+        """The tower's batch ``(num_tiles, channels, size, size)`` from the processor's padded
+        ``(images, max_tiles, channels, size, size)`` or already-flat tiles."""
+        if isinstance(pixel_values, torch.Tensor) and pixel_values.dim() == 5:
+            counts = geometry.tiles_per_image
+            if pixel_values.shape[0] != len(counts):
+                raise ValueError(f"pixel_values hold {pixel_values.shape[0]} images, image_sizes {len(counts)}.")
+            if pixel_values.shape[1] < max(counts):
+                raise ValueError(f"pixel_values hold {pixel_values.shape[1]} tiles per image; image_sizes need up to "
+                                 f"{max(counts)}.")
+            pixel_values = torch.cat([image[:count] for image, count in zip(pixel_values, counts)])
+        self._check_tiles(pixel_values)
+        if pixel_values.shape[0] != geometry.num_tiles:
+            raise ValueError(f"pixel_values hold {pixel_values.shape[0]} tiles; image_sizes make {geometry.num_tiles}.")
+        return pixel_values
+
+    def _check_tiles(self, tiles) -> None:
+        vision = self.config.vision_config
+        check_pixel_values(tiles, num_channels=vision.num_channels, image_size=vision.image_size)
+
+    def edge_features(self, pixel_tiles: torch.Tensor) -> torch.Tensor:
+        """Site features ``(num_tiles, tokens_per_tile, vision_hidden)`` of flat tiles."""
+        self._check_tiles(pixel_tiles)
+        config = self.config
+        return self.adapter.edge(self.vision_tower, pixel_tiles, config.split_layer, config.split_site)
+
+    @torch.no_grad()
+    def encode_edge(self, pixel_values, image_sizes, batch_num_images=None) -> torch.LongTensor:
+        """Edge half: pixels -> indices ``(num_tiles, tokens_per_tile[, codes_per_token])``."""
+        tiles = self.pixel_tiles(pixel_values, self.frame_geometry(image_sizes, batch_num_images))
+        return self._public_indices(self.alignedvq.encode(self.edge_features(tiles)))
+
+    def check_indices(self, image_indices, geometry: FrameGeometry) -> torch.Tensor:
+        """Indices from the wire as ``(num_tiles, tokens_per_tile, codes_per_token)`` int64, checked against the
+        geometry; `ValueError` naming the problem."""
+        codes = self.config.codes_per_token
+        if not isinstance(image_indices, torch.Tensor):
+            raise ValueError(f"image_indices must be a torch.Tensor, got {type(image_indices).__name__}.")
+        expected = (geometry.num_tiles, geometry.tokens_per_tile) + ((codes,) if codes > 1 else ())
+        if tuple(image_indices.shape) != expected:
+            raise ValueError(f"image_indices must have shape {expected} (tiles, tokens per tile[, codes]) for these "
+                             f"image_sizes, got {tuple(image_indices.shape)}.")
+        self.alignedvq.quantizer.validate_indices(image_indices)
+        device = self.alignedvq.quantizer.codebook.device
+        return image_indices.to(device=device, dtype=torch.long).reshape(*expected[:2], codes)
+
+    def _public_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return indices.squeeze(-1) if self.config.codes_per_token == 1 else indices
+
+    def get_image_features(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        vision_feature_layer: int | list[int] | None = None,
+        vision_feature_select_strategy: str | None = None,
+        vision_aspect_ratio: str | None = None,
+        batch_num_images: torch.LongTensor | None = None,
+        image_indices: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AlignedVQImageOutput | tuple:
+        r"""
+        The family's image features through the split tower, from `pixel_values` (`(images, max_tiles, channels,
+        size, size)` or flat tiles) or from `image_indices` (`(num_tiles, tokens_per_tile[, codes])`), with the
+        `image_sizes` `(images, 2)` both ends share. `pooler_output` holds one packed
+        `(image_tokens, text_hidden_size)` tensor per image, as the stock model's does.
+        """
+        if (pixel_values is None) == (image_indices is None):
+            raise ValueError("Pass exactly one of pixel_values and image_indices, not both or neither.")
+        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
+            raise ValueError("The split any-resolution tower does not return per-layer vision outputs yet.")
+        config = self.config
+        geometry = self.frame_geometry(image_sizes, batch_num_images)
+        vq = self._site_features(pixel_values, image_indices, geometry)
+        layers = self._selected_layers(vision_feature_layer)
+        hidden = self.adapter.cloud(self.vision_tower, vq.features, config.split_layer, config.split_site, layers)
+        selected = torch.cat([hidden[index] for index in layers], dim=-1)
+        strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
+        if strategy == "default":
+            selected = selected[:, 1:]  # the CLS token, as the stock models drop it (SigLIP has none to drop)
+        projected = torch.split(self.multi_modal_projector(selected), list(geometry.tiles_per_image), dim=0)
+        output = AlignedVQImageOutput(
+            last_hidden_state=selected,
+            pooler_output=list(self.pack(projected, image_sizes, strategy, vision_aspect_ratio)),
+            image_indices=self._public_indices(vq.indices),
+            commitment_loss=vq.commitment_loss,
+            codebook_perplexity=vq.perplexity,
+            codebook_usage=vq.usage,
+        )
+        return output if (return_dict if return_dict is not None else config.return_dict) else output.to_tuple()
+
+    def _selected_layers(self, vision_feature_layer) -> list[int]:
+        if vision_feature_layer is None or vision_feature_layer == self.config.vision_feature_layer:
+            return self.config.feature_layer_indices()
+        values = {**self.config.to_dict(), "vision_feature_layer": vision_feature_layer}
+        for key in ("model_type", "architectures", "transformers_version"):
+            values.pop(key, None)
+        return type(self.config)(**values).feature_layer_indices()  # validated as the config validates it
+
+    def _site_features(self, pixel_values, image_indices, geometry: FrameGeometry) -> AlignedVQLayerOutput:
+        """From pixels: the AlignedVQ layer's forward (training: straight-through, EMA, commitment loss;
+        evaluation: exactly encode + decode). From indices: decoded."""
+        if pixel_values is not None:
+            return self.alignedvq(self.edge_features(self.pixel_tiles(pixel_values, geometry)))
+        indices = self.check_indices(image_indices, geometry)
+        return AlignedVQLayerOutput(self.alignedvq.decode(indices, dtype=self.vision_tower.dtype), indices)
+
+
+class TiledAlignedVQGenerationMixin:
+    """Conversion, codebook initialisation and the edge/cloud entry points for the family's conditional
+    generation class; the family's ``forward`` (with its parent's signature) calls `_split_forward`."""
+
+    parent_class: ClassVar[type]
+    output_class: ClassVar[type]
+    _keys_to_ignore_on_load_missing = [r"model\.alignedvq\.quantizer\.(cluster_size|embed_sum)"]
+
+    def _init_weights(self, module):
+        if not _init_alignedvq_weights(self, module):
+            super()._init_weights(module)
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        return False
+
+    @classmethod
+    def from_base(cls, base, *, load_kwargs: dict | None = None, **vq_options):
+        """Add AlignedVQ to a model of `parent_class` (a loaded one, whose modules are reused, or a path / Hub id
+        loaded with `load_kwargs`). Returns the model in the mode the base was in; the codebook is random."""
+        reference = None
+        if isinstance(base, (str, os.PathLike)):
+            reference = str(base), (load_kwargs or {}).get("revision")
+            base = cls.parent_class.from_pretrained(base, **(load_kwargs or {}))
+        if not isinstance(base, cls.parent_class) or hasattr(base.model, "alignedvq"):
+            raise TypeError(f"{cls.__name__} converts a {cls.parent_class.__name__} or a path, got "
+                            f"{type(base).__name__}.")
+        values = base.config.to_dict()
+        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
+            values.pop(key, None)
+        config = cls.config_class(**{**values, **vq_options})
+        if reference is not None and not config.base_model_name_or_path:
+            config.base_model_name_or_path, config.base_model_revision = reference
+        with torch.device("meta"):
+            model = cls(config)
+        for name in ("vision_tower", "multi_modal_projector", "language_model", "image_newline"):
+            setattr(model.model, name, getattr(base.model, name))
+        model.lm_head = base.lm_head
+        weight = base.model.vision_tower.get_input_embeddings().weight
+        layer = build_alignedvq_layer(config)
+        model.model.alignedvq = layer.to("meta") if weight.is_meta else layer.to(weight.device, weight.dtype)
+        model.generation_config = base.generation_config
+        return model.train(base.training)
+
+    @torch.no_grad()
+    def init_codebook(self, batches, *, iters: int = 20, max_features: int = 200_000, seed: int = 0) -> int:
+        """K-means initialisation of the codebook(s) on real site features of every tile.
+
+        Args:
+            batches: iterable of dicts with `pixel_values` and `image_sizes` (the processor's output), or of
+                flat tile tensors `(num_tiles, channels, size, size)`.
+            iters, max_features, seed: as for the LLaVA model's `init_codebook`.
+
+        Returns the number of token features clustered.
+        """
+        features = []
+        for batch in batches:
+            tiles = batch
+            if isinstance(batch, dict):
+                geometry = self.model.frame_geometry(batch["image_sizes"], batch.get("batch_num_images"))
+                tiles = self.model.pixel_tiles(batch["pixel_values"], geometry)
+            tiles = tiles.to(self.model.vision_tower.device)
+            features.append(self.model.edge_features(tiles).reshape(-1, self.config.vision_config.hidden_size))
+        if not features:
+            raise ValueError("init_codebook got no calibration batches.")
+        features = torch.cat(features).float()
+        if features.shape[0] > max_features:
+            generator = torch.Generator().manual_seed(seed)
+            features = features[torch.randperm(features.shape[0], generator=generator)[:max_features]]
+        quantizer = self.model.alignedvq.quantizer
+        self.model.alignedvq.init_codebook(features.to(quantizer.codebook.device), iters=iters, seed=seed)
+        return features.shape[0]
+
+    def encode_edge(self, pixel_values, image_sizes, batch_num_images=None) -> torch.LongTensor:
+        """Edge half: pixels -> indices `(num_tiles, tokens_per_tile[, codes_per_token])`."""
+        return self.model.encode_edge(pixel_values, image_sizes, batch_num_images)
+
+    def frame_geometry(self, image_sizes, batch_num_images=None) -> FrameGeometry:
+        """Tiles per image, tile grid and tokens per tile for images of `image_sizes` `(images, 2)`."""
+        return self.model.frame_geometry(image_sizes, batch_num_images)
+
+    def forward_from_indices(self, image_indices: torch.Tensor, **kwargs):
+        """Cloud forward pass from the edge's indices; `kwargs` as for `forward` (`image_sizes` required)."""
+        return self(image_indices=image_indices, **kwargs)
+
+    def _split_forward(self, forward, args: tuple, kwargs: dict):
+        """The body of the family's ``forward``: indices decoded into ``mm_encoder_outputs``, the parent's forward,
+        and its output with the AlignedVQ fields added (the commitment term in the loss)."""
+        arguments = bind_arguments(forward, self, args, kwargs)
+        self._refuse_unsplit_inputs(arguments)
+        return_dict = arguments.pop("return_dict", None)
+        image_indices = arguments.pop("image_indices", None)
+        if image_indices is not None:
+            if arguments.get("pixel_values") is not None:
+                raise ValueError("Pass images either as pixel_values or as image_indices, not both.")
+            encoded = dict(arguments.get("mm_encoder_outputs") or {})
+            encoded["image"] = self._image_from_indices(image_indices, arguments)
+            arguments["mm_encoder_outputs"] = encoded
+        outputs = self.parent_class.forward(self, **arguments, return_dict=True)
+        image = outputs.get("image_outputs")
+        ours = alignedvq_fields(image if isinstance(image, AlignedVQImageOutput) else None)
+        fields = {**dict(outputs.items()), **ours}
+        lm_loss, commitment = outputs.get("loss"), fields["commitment_loss"]
+        if lm_loss is not None and commitment is not None:
+            fields["loss"] = lm_loss + self.config.commitment_weight * commitment.to(lm_loss.dtype)
+        outputs = self.output_class(**fields, lm_loss=lm_loss)
+        return outputs if (return_dict if return_dict is not None else self.config.return_dict) else outputs.to_tuple()
+
+    def _refuse_unsplit_inputs(self, arguments: dict) -> None:
+        """Inputs that would run the stock, unsplit tower are refused rather than silently not split."""
+        if arguments.get("pixel_values_videos") is not None:
+            raise ValueError(f"{type(self).__name__} splits images only; pixel_values_videos is not supported.")
+
+    def _image_from_indices(self, image_indices: torch.Tensor, arguments: dict) -> AlignedVQImageOutput:
+        return self.model.get_image_features(image_indices=image_indices, return_dict=True,
+                                             **{name: arguments.get(name) for name in IMAGE_ARGUMENTS})
+
+    def generate(self, *args, image_indices: torch.Tensor | None = None, **kwargs):
+        """`GenerationMixin.generate` with the image as `pixel_values` or `image_indices`, plus `image_sizes`.
+
+        Pixels are turned into indices first, as a device would send them, so the result is the same from
+        either and generation never moves the EMA codebook. The decoded image enters through
+        `mm_encoder_outputs`, the channel generation itself uses for pre-encoded images.
+        """
+        self._refuse_unsplit_inputs(kwargs)
+        pixel_values = kwargs.pop("pixel_values", None)
+        if pixel_values is not None:
+            if image_indices is not None:
+                raise ValueError("Pass images either as pixel_values or as image_indices, not both.")
+            image_indices = self.encode_edge(pixel_values, kwargs.get("image_sizes"), kwargs.get("batch_num_images"))
+        if image_indices is not None:
+            with torch.no_grad():
+                image = self._image_from_indices(image_indices, kwargs)
+            kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": image}
+        return super().generate(*args, **kwargs)
+
+
+def cap_pinpoints(pinpoints: list, tile_size: int, max_grid_tiles: int) -> list[list[int]]:
+    """The any-resolution pinpoints whose tile grid has at most ``max_grid_tiles`` tiles (base view not counted).
+
+    The bandwidth lever of these families: the edge sends every tile, so capping the grid caps the indices per
+    image (OneVision at 2048x2048: 37 tiles with its 36 default pinpoints, 10 with ``max_grid_tiles=9``). Both
+    ends must tile alike: give the result to the model (``from_vlm(..., image_grid_pinpoints=capped)``, which
+    the checkpoint's config then carries) and to the image processor (``image_grid_pinpoints=capped``).
+    """
+    if not isinstance(max_grid_tiles, int) or max_grid_tiles < 1:
+        raise ValueError(f"max_grid_tiles must be a positive int, got {max_grid_tiles!r}.")
+    kept = [list(p) for p in pinpoints if (p[0] // tile_size) * (p[1] // tile_size) <= max_grid_tiles]
+    if not kept:
+        raise ValueError(f"No pinpoint of {pinpoints} has at most {max_grid_tiles} tiles of {tile_size} px.")
+    return kept
+
+
+def tile_modules(model: nn.Module, config) -> None:
+    """The any-resolution families' inner-model submodules, in their own order and names, plus `alignedvq`."""
+    from transformers.models.auto import AutoModel
+
+    model.vision_tower = AutoModel.from_config(config.vision_config)
+    model.multi_modal_projector = model.projector_class(config)
+    embed_std = 1 / config.text_config.hidden_size**0.5
+    model.image_newline = nn.Parameter(torch.randn(config.text_config.hidden_size, dtype=model.dtype) * embed_std)
+    model.vocab_size = config.text_config.vocab_size
+    model.language_model = AutoModel.from_config(config.text_config)
+    model.alignedvq = build_alignedvq_layer(config)
+
+
+__all__ = ["TiledAlignedVQGenerationMixin", "TiledAlignedVQModelMixin", "cap_pinpoints", "tile_modules"]
