@@ -207,6 +207,16 @@ def test_openai_client_gets_the_binary_routes_greedy_answers_on_both_engines(vll
         assert found == expected["binary"], f"vLLM engine, {way}"
 
 
+def test_a_question_beyond_vllms_context_is_a_413(vllm_server, samples):
+    client = openai.OpenAI(base_url=f"{vllm_server[1]}/v1", api_key="unused", max_retries=0, timeout=300)
+    question, image_url, _ = samples[0]
+    long = [{"type": "image_url", "image_url": {"url": image_url}}, {"type": "text", "text": "what " * 400 + "?"}]
+    with pytest.raises(openai.APIStatusError) as error:
+        chat(client, client.models.list().data[0].id, long, stream=False)
+    assert error.value.status_code == 413 and error.value.body["code"] == "payload_too_large", error.value.body
+    assert httpx.get(f"{vllm_server[1]}/healthz").json()["consecutive_failures"] == 0
+
+
 # Last in this module: it stops the module's server.
 def test_sigterm_stops_the_server_and_vllms_processes(vllm_server):
     process, _, log = vllm_server

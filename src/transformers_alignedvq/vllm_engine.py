@@ -32,7 +32,7 @@ from typing import Any, Coroutine
 import torch
 
 from .errors import CheckpointMismatchError, ServerConfigError
-from .server import AnswerEngine, GenerationRequest, GenerationResult
+from .server import AnswerEngine, ApiError, GenerationRequest, GenerationResult
 from .vllm_checkpoint import check_export, export_for_vllm
 
 logger = logging.getLogger(__name__)
@@ -153,6 +153,7 @@ class VllmAnswerEngine(AnswerEngine):
             raise ServerConfigError(f"vLLM's engine did not start (its log above says why): "
                                     f"{type(exc).__name__}: {exc}") from exc
         self.max_in_flight = self.llm.vllm_config.scheduler_config.max_num_seqs
+        self.max_model_len = self.llm.vllm_config.model_config.max_model_len
 
     # ------------------------------------------------------------------------------------------------
     def _prepare_checkpoint(self, checkpoint) -> Path:
@@ -179,6 +180,22 @@ class VllmAnswerEngine(AnswerEngine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     # ------------------------------------------------------------------------------------------------
+    def input_ids(self, question: str) -> list[int]:
+        return self._within_context(super().input_ids(question))
+
+    def chat_input_ids(self, messages: list[dict]) -> list[int]:
+        return self._within_context(super().chat_input_ids(messages))
+
+    def _within_context(self, ids: list[int]) -> list[int]:
+        """``ids``, checked while the request is decoded: vLLM refuses a prompt that leaves no room for an
+        answer token in ``max_model_len``, which would otherwise surface as a 500 counted against the engine's
+        health."""
+        limit = getattr(self, "max_model_len", None)  # None while __init__ sizes the cache from a prompt
+        if limit is not None and len(ids) >= limit:
+            raise ApiError(413, "payload_too_large", f"the prompt is {len(ids)} tokens with the image's; this "
+                                                     f"server's context (max_model_len) takes at most {limit - 1}")
+        return ids
+
     def run_batch(self, batch: list[GenerationRequest]) -> list[torch.Tensor]:
         """The server's batch step: each request's image features ``(lm_image_tokens, text_hidden)``, on
         the CPU (vLLM copies them to its workers)."""
