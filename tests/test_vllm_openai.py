@@ -190,6 +190,16 @@ def answers(url: str, samples) -> dict[str, list]:
     return found
 
 
+def scrape(url: str) -> dict[tuple, float]:
+    """``(sample name, sorted labels) -> value`` of the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    response = httpx.get(f"{url}/metrics")
+    assert response.status_code == 200, response.text
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(response.text) for sample in family.samples}
+
+
 def test_serve_starts_with_default_memory_flags_beside_other_jobs(vllm_server, memory_holder):
     _, url, _ = vllm_server
     info = meminfo()
@@ -203,8 +213,16 @@ def test_openai_client_gets_the_binary_routes_greedy_answers_on_both_engines(vll
     assert len({answer for answer, _, _ in expected["binary"]}) > 2  # real answers, not one reply to everything
     for way, found in expected.items():
         assert found == expected["binary"], f"Transformers engine, {way}"
-    for way, found in answers(vllm_server[1], samples).items():
-        assert found == expected["binary"], f"vLLM engine, {way}"
+    found = answers(vllm_server[1], samples)
+    for way, answered in found.items():
+        assert answered == expected["binary"], f"vLLM engine, {way}"
+    # Prometheus counted them: 4 chat completions per sample, 2 of them streamed; every answer's tokens.
+    metrics = scrape(vllm_server[1])
+    assert metrics[("alignedvq_requests_total", (("route", "/v1/chat/completions"), ("status", "200")))] == \
+        4 * len(samples)
+    chat_route = (("route", "/v1/chat/completions"),)
+    assert metrics[("alignedvq_time_to_first_token_seconds_count", chat_route)] == 2 * len(samples)
+    assert metrics[("alignedvq_generated_tokens_total", ())] == sum(n for way in found.values() for _, n, _ in way)
 
 
 def test_a_question_beyond_vllms_context_is_a_413(vllm_server, samples):
