@@ -225,6 +225,31 @@ def test_openai_client_gets_the_binary_routes_greedy_answers_on_both_engines(vll
     assert metrics[("alignedvq_generated_tokens_total", ())] == sum(n for way in found.values() for _, n, _ in way)
 
 
+def test_conversations_and_seeded_sampling_agree_across_engines(vllm_server, hf_server, samples):
+    """A system message and an earlier turn go through the chat template the same way on both engines; a
+    seeded sampled answer repeats."""
+    found = {}
+    for name, url in (("vllm", vllm_server[1]), ("transformers", hf_server.url)):
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=300)
+        model = client.models.list().data[0].id
+        replies = []
+        for question, image_url, _ in samples[:4]:
+            messages = [{"role": "system", "content": "answer in one word"},
+                        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_url}},
+                                                     {"type": "text", "text": question}]},
+                        {"role": "assistant", "content": "i am not sure"},
+                        {"role": "user", "content": question}]
+            completion = client.chat.completions.create(model=model, messages=messages, temperature=0)
+            replies.append(completion.choices[0].message.content)
+        found[name] = replies
+        content = [{"type": "image_url", "image_url": {"url": samples[0][1]}}, {"type": "text", "text": samples[0][0]}]
+        sampled = [client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
+                                                  temperature=2, seed=seed, max_tokens=8).choices[0].message.content
+                   for seed in (1, 2, 3, 1, 2, 3)]
+        assert sampled[:3] == sampled[3:], (name, sampled)
+    assert found["vllm"] == found["transformers"] and all(found["vllm"]), found
+
+
 def test_a_question_beyond_vllms_context_is_a_413(vllm_server, samples):
     client = openai.OpenAI(base_url=f"{vllm_server[1]}/v1", api_key="unused", max_retries=0, timeout=300)
     question, image_url, _ = samples[0]
