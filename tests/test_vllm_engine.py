@@ -95,6 +95,17 @@ def test_options_health_and_errors(vllm_client, frames):
     assert health.status_code == 200 and health.json()["requests"] > 0
 
 
+def test_a_prompt_beyond_vllms_context_is_a_413_not_a_model_failure(vllm_client, frames):
+    engine = vllm_client.app.state.engine
+    question = "what " * 400 + "shape?"  # within the server's max_prompt_bytes, beyond the model's 256 tokens
+    assert len(engine.input_ids("?")) < engine.max_model_len == 256
+    long = make_frame(engine, question=question, grid=(8, 8))
+    assert_error(vllm_client.post("/v1/answer", content=long, headers=OCTET), 413, "payload_too_large",
+                 "max_model_len")
+    assert vllm_client.get("/healthz").json()["consecutive_failures"] == 0
+    assert post_to(vllm_client, frames[0])["answer"]
+
+
 def test_engine_arguments_are_checked_by_name(tmp_path):
     from transformers_alignedvq.errors import ServerConfigError
     from transformers_alignedvq.serving.engines.vllm import build_engine_args

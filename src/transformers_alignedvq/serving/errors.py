@@ -36,7 +36,13 @@ class InvalidQuestionError(RequestError):
     code = "invalid_question"
 
 
-_STATUS = {RequestError.code: 400, InvalidQuestionError.code: 422}
+class PromptTooLongError(RequestError):
+    """The prompt (question and image tokens) leaves the model no room to answer within its context."""
+
+    code = "payload_too_large"
+
+
+_STATUS = {RequestError.code: 400, InvalidQuestionError.code: 422, PromptTooLongError.code: 413}
 
 # Documented prefixes of `wire.decode_frame` messages (docs/wire-format.md, "Errors") -> (status, type).
 # Checked in order; anything else the decoder raises is a malformed frame (400).
@@ -90,6 +96,7 @@ __all__ = [
     "CLOSE",
     "ApiError",
     "InvalidQuestionError",
+    "PromptTooLongError",
     "RequestError",
     "ServerConfigError",
     "as_api_error",

@@ -32,6 +32,7 @@ from typing import Any, Coroutine
 import torch
 
 from ...errors import CheckpointMismatchError, ServerConfigError
+from ..errors import PromptTooLongError
 from .base import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PROMPT_BYTES, AnswerEngine, GenerationRequest, GenerationResult
 from .base import load_model as _load_model
 from .vllm_checkpoint import check_export, export_for_vllm
@@ -154,6 +155,7 @@ class VllmAnswerEngine(AnswerEngine):
             raise ServerConfigError(f"vLLM's engine did not start (its log above says why): "
                                     f"{type(exc).__name__}: {exc}") from exc
         self.max_in_flight = self.llm.vllm_config.scheduler_config.max_num_seqs
+        self.max_model_len = self.llm.vllm_config.model_config.max_model_len
 
     @classmethod
     def from_pretrained(cls, model_dir_or_model, *, processor=None, device=None, dtype=None,
@@ -191,6 +193,22 @@ class VllmAnswerEngine(AnswerEngine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     # ------------------------------------------------------------------------------------------------
+    def input_ids(self, question: str) -> list[int]:
+        return self._within_context(super().input_ids(question))
+
+    def chat_input_ids(self, messages: list[dict]) -> list[int]:
+        return self._within_context(super().chat_input_ids(messages))
+
+    def _within_context(self, ids: list[int]) -> list[int]:
+        """``ids``, checked while the request is decoded: vLLM refuses a prompt that leaves no room for an
+        answer token in ``max_model_len``, which would otherwise surface as a 500 counted against the engine's
+        health."""
+        limit = getattr(self, "max_model_len", None)  # None while __init__ sizes the cache from a prompt
+        if limit is not None and len(ids) >= limit:
+            raise PromptTooLongError(f"the prompt is {len(ids)} tokens with the image's; this server's context "
+                                     f"(max_model_len) takes at most {limit - 1}")
+        return ids
+
     def run_batch(self, batch: list[GenerationRequest]) -> list[torch.Tensor]:
         """The server's batch step: each request's image features ``(lm_image_tokens, text_hidden)``, on
         the CPU (vLLM copies them to its workers)."""
