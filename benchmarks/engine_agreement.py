@@ -71,7 +71,8 @@ def main() -> int:
     from fastapi.testclient import TestClient
 
     import transformers_alignedvq
-    from transformers_alignedvq.cli import demo_samples, parse_vllm_args
+    from transformers_alignedvq.cli import parse_vllm_args
+    from transformers_alignedvq.demo import demo_samples
     from transformers_alignedvq.serving import create_app
 
     torch.set_num_threads(1)

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from transformers_alignedvq import DEFAULT_MODEL
-from transformers_alignedvq.cli import demo_samples
 from transformers_alignedvq.client import EdgeClient
+from transformers_alignedvq.demo import demo_samples
 from transformers_alignedvq.serving.image_cache import ENTRY_OVERHEAD, ImageCache
 from transformers_alignedvq.wire_followup import encode_followup, image_digest
 

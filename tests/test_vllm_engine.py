@@ -17,7 +17,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 import transformers_alignedvq  # noqa: E402
 from tests.serving_helpers import OCTET, assert_error, make_frame, post_to, streamed  # noqa: E402
-from transformers_alignedvq.cli import demo_samples  # noqa: E402
+from transformers_alignedvq.demo import demo_samples  # noqa: E402
 from transformers_alignedvq.serving import create_app  # noqa: E402
 
 MODEL = getattr(transformers_alignedvq, "TINY_EASYVQA", None)

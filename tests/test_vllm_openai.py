@@ -27,7 +27,7 @@ openai = pytest.importorskip("openai")
 
 import transformers_alignedvq  # noqa: E402
 from tests.serving_helpers import OCTET, make_frame  # noqa: E402
-from transformers_alignedvq.cli import demo_samples  # noqa: E402
+from transformers_alignedvq.demo import demo_samples  # noqa: E402
 from transformers_alignedvq.serving import BackgroundServer, create_app  # noqa: E402
 
 MODEL = getattr(transformers_alignedvq, "TINY_EASYVQA", None)
