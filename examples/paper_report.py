@@ -14,6 +14,12 @@ def _pct(result: dict | None) -> str:
     return f"{100 * result['accuracy']:.2f}" if result else "—"
 
 
+def _on_validation(result: dict | None) -> dict | None:
+    """A reported run's scores on the validation questions the ablations use (itself for an ablation, and for
+    runs written before the validation split existed, when everything was scored on test)."""
+    return None if result is None else result.get("validation", result)
+
+
 def _bytes(result: dict | None) -> str:
     return f"{result['bytes_per_image']:,.0f}" if result else "—"
 
@@ -119,6 +125,10 @@ def _base_curve(base: Path, figures: Path, plt) -> list[str]:
     if not path.is_file():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # curves written before the validation split existed scored a test subset at every epoch end
+    split = "validation" if any("validation_subset_acc" in r for r in records) else "test"
+    for r in records:
+        r.setdefault("subset_acc", r.get(f"{split}_subset_acc"))
     vision = [r for r in records if r["type"] == "vision_pretrain"]
     evals = [r for r in records if r["type"] == "eval"]
     final = next((r for r in records if r["type"] == "final"), None)
@@ -127,23 +137,25 @@ def _base_curve(base: Path, figures: Path, plt) -> list[str]:
     lines = ["## The base model's learning curve", "",
              f"`examples/train_base_easyvqa.py` ({base}/learning_curve.jsonl): {len(vision)} epochs of supervised "
              "colour/shape pretraining of the vision tower (standing in for CLIP's pretraining), then LLaVA "
-             "training; accuracy after each epoch on a fixed 1,000-question test subset, by question type.", "",
+             f"training; accuracy after each epoch on a fixed 1,000-question {split} subset, by question type"
+             + (" (this run predates the validation split: its epochs were scored, and it was chosen, on test)."
+                if split == "test" else "."), "",
              "| epoch | train loss | accuracy (%) | colour | shape | yes/no | minutes |", "|---|---|---|---|---|---|---|"]
     for r in evals:
         t = r["by_type"]
-        lines.append(f"| {r['epoch']} | {r['loss']:.4f} | {100 * r['test_subset_acc']:.1f} | {100 * t['color']:.1f} | "
+        lines.append(f"| {r['epoch']} | {r['loss']:.4f} | {100 * r['subset_acc']:.1f} | {100 * t['color']:.1f} | "
                      f"{100 * t['shape']:.1f} | {100 * t['yes/no']:.1f} | {r['total_elapsed_s'] / 60:.1f} |")
     if final:
         t = final["by_type"]
         lines += ["", f"Final, all {final['n']:,} test questions: {100 * final['test_acc']:.2f}% (colour "
                   f"{100 * t['color']:.2f}, shape {100 * t['shape']:.2f}, yes/no {100 * t['yes/no']:.2f})."]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["epoch"] for r in evals], [100 * r["test_subset_acc"] for r in evals], marker="o", label="all")
+    ax.plot([r["epoch"] for r in evals], [100 * r["subset_acc"] for r in evals], marker="o", label="all")
     for key, label in (("color", "colour"), ("shape", "shape"), ("yes/no", "yes/no")):
         ax.plot([r["epoch"] for r in evals], [100 * r["by_type"][key] for r in evals], marker=".", label=label)
     ax.axhline(95, color="gray", linestyle=":", label="95% target")
     ax.set_xlabel("LLaVA training epoch")
-    ax.set_ylabel("test-subset accuracy (%)")
+    ax.set_ylabel(f"{split}-subset accuracy (%)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(figures / "base_learning_curve.png", dpi=120)
@@ -158,6 +170,7 @@ def write_report(runs: Path, doc: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     results = _load(runs)
+    ablation_split = results.get("table1_ln1", {}).get("eval_split", "test")
     figures = doc.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     get = results.get
@@ -174,7 +187,10 @@ def write_report(runs: Path, doc: Path, args) -> None:
         f"{args.headline_epochs} epoch(s) of finetuning, k-means on {args.calibration_images} images "
         f"({args.kmeans_iters} iterations). Ablations: {args.ablation_epochs} epoch(s) of finetuning, k-means on "
         f"{args.ablation_calibration_images} images ({args.ablation_kmeans_iters} iterations), scored on a fixed "
-        f"random subset of {args.ablation_eval} test questions (the same subset for every ablation).",
+        f"random subset of {args.ablation_eval} {ablation_split} questions (the same subset for every ablation, "
+        "and the LLaVA column and lines beside them are the base on the same questions)."
+        + (" These results predate the validation split: the ablations, and the choices made from them, were "
+           "scored on test." if ablation_split == "test" else ""),
         "",
         "## Table 2/3: accuracy and bytes per image",
         "",
@@ -196,7 +212,7 @@ def write_report(runs: Path, doc: Path, args) -> None:
         "| site | " + " | ".join(["ln1", "attn", "ln2", "mlp"]) + " | LLaVA |",
         "|---|---|---|---|---|---|",
         "| accuracy (%) | " + " | ".join(_pct(get(f"table1_{s}")) for s in ["ln1", "attn", "ln2", "mlp"])
-        + f" | {_pct(get('base_raw'))} |",
+        + f" | {_pct(_on_validation(get('base_raw')))} |",
         "",
     ]
 
@@ -213,7 +229,7 @@ def write_report(runs: Path, doc: Path, args) -> None:
             xs = [l for l in layers if get(f"fig7_L{l}_{key}")]
             ax.plot(xs, [100 * get(f"fig7_L{l}_{key}")["accuracy"] for l in xs], marker="o", label=label)
         if get("base_raw"):
-            ax.axhline(100 * get("base_raw")["accuracy"], color="pink", linestyle="--", label="LLaVA")
+            ax.axhline(100 * _on_validation(get("base_raw"))["accuracy"], color="pink", linestyle="--", label="LLaVA")
         ax.set_xlabel("split block")
         ax.set_ylabel("accuracy (%)")
         ax.legend(fontsize=8)
@@ -261,7 +277,7 @@ def write_report(runs: Path, doc: Path, args) -> None:
         ax.plot([get(f"bits_K{k}")["bytes_per_image"] for k in sizes], [100 * get(f"bits_K{k}")["accuracy"] for k in sizes], marker="o", label="AlignedVQ")
         for name, label in (("base_jpeg90", "JPEG-90"), ("base_jpeg10", "JPEG-10"), ("base_raw", "PNG")):
             if get(name):
-                ax.scatter([get(name)["bytes_per_image"]], [100 * get(name)["accuracy"]], label=label)
+                ax.scatter([get(name)["bytes_per_image"]], [100 * _on_validation(get(name))["accuracy"]], label=label)
         ax.set_xscale("log")
         ax.set_xlabel("bytes per image")
         ax.set_ylabel("accuracy (%)")
