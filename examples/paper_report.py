@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers_alignedvq.significance import ALPHA, combine_verdicts, compare_results, verdict, verdict_no_worse
+
 
 def _load(runs: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted((runs / "results").glob("*.json"))}
@@ -25,60 +27,79 @@ def _bytes(result: dict | None) -> str:
 
 
 def _agreement(get, layers, names) -> list[str]:
-    """Each claim of the paper next to what our numbers say, decided by the numbers."""
-    out = ["## Where we agree with the paper, and where we do not", ""]
+    """Each claim of the paper next to what our numbers say, with a verdict from a paired test."""
+    out = ["## Where we agree with the paper, and where we do not", "",
+           "Verdicts come from McNemar's mid-p test on the questions two runs both answered "
+           f"(`transformers_alignedvq.significance`, alpha = {ALPHA}): **agrees** or **disagrees** when the "
+           "difference is significant and goes the claimed way or the other, **inconclusive** when it is not, or "
+           "when a run stored no per-question results (runs from before they were recorded; only the difference is "
+           "shown then). Claims of a bound (\"within x points\") use the 95% interval of the paired difference.", ""]
 
     def acc(name):
         r = get(name)
         return None if r is None else 100 * r["accuracy"]
 
-    def claim(text, ours, holds):
-        if ours is None:
-            out.append(f"- {text}: not measured.")
-        else:
-            out.append(f"- {text}: {ours} — **{'agrees' if holds else 'does not agree'}**.")
+    def compared(name_a, name_b, *, a_better=True):
+        """(text, verdict) of "a is more accurate than b" (or less, with ``a_better=False``)."""
+        test = compare_results(get(name_a), get(name_b))
+        if test is None:
+            return f"{acc(name_a) - acc(name_b):+.2f} (unpaired)", "inconclusive"
+        return test.describe(), verdict(test, a_better=a_better)
+
+    def within(name_a, name_b, points):
+        test = compare_results(get(name_a), get(name_b))
+        if test is None:
+            return f"{acc(name_a) - acc(name_b):+.2f} points (unpaired)", "inconclusive"
+        return test.describe(), verdict_no_worse(test, points / 100)
+
+    def claim(text, ours, decided):
+        out.append(f"- {text}: not measured." if ours is None else f"- {text}: {ours} — **{decided}**.")
 
     base, head, head_mlp = acc("base_raw"), acc("alignedvq_headline"), acc("alignedvq_headline_mlp")
     if base is not None and head is not None:
         claim("AlignedVQ stays close to the original model (paper: -2.23 to +1.6 points)",
-              f"{head - base:+.2f} points", head - base >= -2.23)
-        out.append(f"- Our own goal, within 0.5 points of the base: AlignedVQ at `ln1` {head - base:+.2f} points "
-                   f"({'met' if head - base >= -0.5 else 'not met'})"
-                   + ("" if head_mlp is None else f"; the same recipe with VQ at the block output "
-                      f"{head_mlp - base:+.2f} points ({'met' if head_mlp - base >= -0.5 else 'not met'})") + ".")
+              *within("alignedvq_headline", "base_raw", 2.23))
+        goal = {"agrees": "met", "disagrees": "not met", "inconclusive": "inconclusive"}
+        for name, label in (("alignedvq_headline", "AlignedVQ at `ln1`"),
+                            ("alignedvq_headline_mlp", "the same recipe with VQ at the block output")):
+            if get(name):
+                text, decided = within(name, "base_raw", 0.5)
+                out.append(f"- Our own goal, within 0.5 points of the base: {label} {text} — **{goal[decided]}**.")
     ln_cv = [get("figure4_magnitudes", {}).get(s, {}).get("cv") for s in ("ln1", "ln2", "attn", "mlp")]
-    if None not in ln_cv:
+    if None not in ln_cv:  # a statistic of one model's features, not a noisy accuracy: decided by the numbers
         claim("Features after a LayerNorm have a lower coefficient of variation of their magnitudes (Figure 4)",
               f"ln1 {ln_cv[0]:.3f}, ln2 {ln_cv[1]:.3f} vs attn {ln_cv[2]:.3f}, mlp {ln_cv[3]:.3f}",
-              max(ln_cv[:2]) < min(ln_cv[2:]))
-    ln = [acc(f"table1_{s}") for s in ("ln1", "ln2")]
-    other = [acc(f"table1_{s}") for s in ("attn", "mlp")]
-    if None not in ln + other:
+              "agrees" if max(ln_cv[:2]) < min(ln_cv[2:]) else "disagrees")
+    if all(get(f"table1_{s}") for s in ("ln1", "ln2", "attn", "mlp")):
+        tests = [compared(f"table1_{a}", f"table1_{b}") for a in ("ln1", "ln2") for b in ("attn", "mlp")]
         claim("VQ after a LayerNorm (ln1/ln2) beats VQ on the residual stream (attn/mlp) (Table 1)",
-              f"ln1 {ln[0]:.2f}, ln2 {ln[1]:.2f} vs attn {other[0]:.2f}, mlp {other[1]:.2f}", min(ln) > max(other))
+              "; ".join(f"{a} vs {b} {text}" for (a, b), (text, _) in
+                        zip([(a, b) for a in ("ln1", "ln2") for b in ("attn", "mlp")], tests)),
+              combine_verdicts([v for _, v in tests]))
     for key_a, key_b, text in (
         ("ln1", "vanilla", "Moving VQ from after the block to after LN1 helps at every split (Figure 7)"),
         ("ln1_dlp", "ln1", "Adding DLP helps at every split (Figure 7)"),
         ("alignedvq", "ln1_dlp", "Adding LoRA helps at every split (Figure 7)"),
     ):
-        pairs = [(acc(f"fig7_L{l}_{key_a}"), acc(f"fig7_L{l}_{key_b}")) for l in layers]
-        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-        if pairs:
-            gains = ", ".join(f"{a - b:+.2f}" for a, b in pairs)
-            claim(text, f"gains per split block {gains}", all(a >= b for a, b in pairs))
-    one = acc("table4_c1_g1")
-    rest = [acc(f"table4_c{c}_g{g}") for c in (1, 2, 3) for g in (1, 2, 4, 8) if (c, g) != (1, 1)]
-    rest = [r for r in rest if r is not None]
-    if one is not None and rest:
-        claim("More codebooks or groups add little or nothing (Table 4)",
-              f"best of the others {max(rest):.2f} vs 1x1 {one:.2f}", max(rest) - one <= 1.0)
+        here = [l for l in layers if get(f"fig7_L{l}_{key_a}") and get(f"fig7_L{l}_{key_b}")]
+        if here:
+            tests = [compared(f"fig7_L{l}_{key_a}", f"fig7_L{l}_{key_b}") for l in here]
+            claim(text, "; ".join(f"block {l}: {t} ({v})" for l, (t, v) in zip(here, tests)),
+                  combine_verdicts([v for _, v in tests]))
+    rest = [f"table4_c{c}_g{g}" for c in (1, 2, 3) for g in (1, 2, 4, 8) if (c, g) != (1, 1) and get(f"table4_c{c}_g{g}")]
+    if get("table4_c1_g1") and rest:
+        best = max(rest, key=acc)
+        claim("More codebooks or groups add little or nothing (Table 4; the best other setting at most 1 point "
+              "ahead of one codebook, one group)", f"{best} vs 1x1: " + within("table4_c1_g1", best, 1.0)[0],
+              within("table4_c1_g1", best, 1.0)[1])
     out.append("")
     ablation = get("table1_ln1")
     if ablation and acc("table1_ln1") is not None:
         n, p = ablation["eval_questions"], ablation["accuracy"]
         out += [f"Ablations are scored on {n:,} questions: at {100 * p:.1f}% that is a binomial standard error of "
-                f"{100 * (p * (1 - p) / n) ** 0.5:.2f} points, so differences between two ablations under about "
-                "three times that are noise.", ""]
+                f"{100 * (p * (1 - p) / n) ** 0.5:.2f} points for one accuracy alone. Two runs on the same questions "
+                "answer most of them alike, so the paired test above separates smaller differences than that "
+                "suggests; it, not this error, decides the verdicts.", ""]
     out += [
         "### Why the LayerNorm site loses here",
         "",

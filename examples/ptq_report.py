@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers_alignedvq.significance import ALPHA, compare_results, verdict, verdict_no_worse
+
 MODELS = {"base": "base LLaVA (`artifacts/base-easyvqa`)", "alignedvq": "AlignedVQ (bundled model)"}
 METHODS = {"rtn": "RTN min-max", "layerwise": "layer-wise clipping search", "qvlm": "Q-VLM"}
 BITS = ("w8a8", "w6a6", "w4a4", "w4a16")
@@ -190,6 +192,18 @@ def _ablation_split(results: dict) -> str:
     return results.get("ablation_base_fp", {}).get("eval_split", "test")
 
 
+def _better(results: dict, name_a: str, name_b: str) -> tuple[str | None, str]:
+    """(text, verdict) for "a is more accurate than b", from McNemar's paired test (`significance`); runs that
+    stored no per-question results cannot be paired: their verdict is inconclusive."""
+    a, b = _acc(results, name_a), _acc(results, name_b)
+    if a is None or b is None:
+        return None, "inconclusive"
+    test = compare_results(results[name_a], results[name_b])
+    if test is None:
+        return f"{a:.2f} vs {b:.2f} (unpaired: a run stored no per-question results)", "inconclusive"
+    return f"{a:.2f} vs {b:.2f}, {test.describe()}", verdict(test)
+
+
 def _acc(results: dict, name: str) -> float | None:
     r = results.get(name)
     return None if not r or "accuracy" not in r else 100 * r["accuracy"]
@@ -204,21 +218,15 @@ def _claims(results: dict) -> list[str]:
     """The paper's claims next to what our numbers say, decided by the numbers (absent ones say so)."""
     out = []
 
-    def claim(text, ours, holds):
+    def claim(text, ours, decided):
         if ours is None:
-            verdict = "not measured yet"
+            out.append(f"- {text}: not measured yet.")
         else:
-            verdict = f"{ours} — **{'within noise' if holds is None else 'agrees' if holds else 'does not agree'}**"
-        out.append(f"- {text}: {verdict}.")
+            decided = decided if isinstance(decided, str) else "agrees" if decided else "disagrees"
+            out.append(f"- {text}: {ours} — **{decided}**.")
 
     def better(name_a, name_b):
-        """(text, verdict) for "a is more accurate than b": None when the gap is under 3 standard errors."""
-        a, b = _acc(results, name_a), _acc(results, name_b)
-        if a is None or b is None:
-            return None, False
-        p, n = (a + b) / 200, results[name_a]["eval_questions"]
-        noise = 300 * (p * (1 - p) / n) ** 0.5
-        return f"{a:.2f} vs {b:.2f} (noise ±{noise:.2f})", None if abs(a - b) < noise else a > b
+        return _better(results, name_a, name_b)
 
     for model, label in MODELS.items():
         for bits in ("w6a6", "w4a4"):
@@ -284,16 +292,19 @@ def _goals(results: dict) -> list[str]:
         if fp is None or w6 is None:
             out.append(f"- {label}, W6A6 Q-VLM within 0.5 point of full precision: not measured yet.")
         else:
+            test = compare_results(results[f"{model}_qvlm_w6a6"], results[f"{model}_fp"])
+            met = ("met" if w6 - fp >= -0.5 else "not met") if test is None else {
+                "agrees": "met", "disagrees": "not met", "inconclusive": "inconclusive"}[verdict_no_worse(test, 0.005)]
             out.append(f"- {label}, W6A6 Q-VLM within 0.5 point of full precision: {w6 - fp:+.2f} points "
-                       f"(**{'met' if w6 - fp >= -0.5 else 'not met'}**).")
+                       f"(**{met}**{'' if test is None else '; paired: ' + test.describe()}).")
         if fp is None or w4 is None or None in baselines:
             out.append(f"- {label}, W4A4 Q-VLM ahead of both baselines and within 2 points: not measured yet.")
         else:
-            ahead = w4 > max(baselines)
-            p, n = w4 / 100, results[f"{model}_qvlm_w4a4"]["eval_questions"]
-            noise = 300 * (p * (1 - p) / n) ** 0.5
+            best = max(("rtn", "layerwise"), key=lambda m: acc(f"{model}_{m}_w4a4"))
+            text, decided = _better(results, f"{model}_qvlm_w4a4", f"{model}_{best}_w4a4")
+            ahead = {"agrees": "ahead of", "disagrees": "behind", "inconclusive": "not distinguishable from"}[decided]
             out.append(f"- {label}, W4A4: Q-VLM {w4:.2f} vs RTN {baselines[0]:.2f} and layer-wise {baselines[1]:.2f} "
-                       f"(**{'ahead' if ahead else 'not ahead'}**, by {w4 - max(baselines):+.2f}; noise ±{noise:.2f}), "
+                       f"(**{ahead}** the better baseline: {text}), "
                        f"{w4 - fp:+.2f} points from full precision "
                        f"(**{'within 2' if w4 - fp >= -2 else 'not within 2'}**).")
             if w4 - fp < -2:
@@ -367,8 +378,10 @@ def write(runs: Path, doc: Path, args=None) -> None:
         "",
         "## Where we agree with Q-VLM, and where we do not",
         "",
-        "Noise: three binomial standard errors of one accuracy at that level and number of questions; a difference "
-        "smaller than that is called within noise.",
+        f"Verdicts: McNemar's mid-p test on the questions both runs answered, alpha = {ALPHA} "
+        "(`transformers_alignedvq.significance`): **agrees** / **disagrees** when the difference is significant and "
+        "goes the claimed way / the other way, **inconclusive** when it is not, or when a run stored no "
+        "per-question results (runs from before they were recorded).",
         "",
         *_claims(results),
         "",
