@@ -5,22 +5,31 @@ For each candidate split site, a k-means codebook (K = 4096) is fitted on that s
 interleaved so machine noise hits every method alike):
 
 * ``torch, exact``: the PyTorch edge module with the exact search (what the edge ran before the ONNX path);
-* ``onnx, exact``: the same graph in ONNX Runtime;
-* ``onnx, shortlist``: ONNX Runtime with the low-rank shortlist search (`search.CodewordSearch`);
-* ``onnx int8, shortlist``: the same with the front (patch embedding and blocks) in int8, calibrated on photos;
-* ``search alone``: the dense exact search and the shortlist on the site features, without the front.
+* ``onnx, exact``: the edge as shipped to ONNX Runtime (`edge_onnx.export_onnx`) with the exact search;
+* ``onnx, shortlist``: the same with the low-rank shortlist search (`search.CodewordSearch`);
+* ``onnx int8, shortlist``: the same with the front (patch embedding and blocks) in int8, calibrated on photos
+  (not at ``patch``, whose only linear layer is folded into the codebook: its ``onnx`` rows have no front);
+* ``dense search``: the dense exact search alone on the site features (577 x 1024 against K = 4096), in PyTorch
+  (``addmm`` + ``argmin``) and in ONNX Runtime (a graph of ``MatMul`` + ``ArgMin`` built with ``onnx.helper``,
+  and the shipped exact search, ``Gemm`` + ``TopK``); the fastest of these is the **dense baseline** every edge is
+  compared with (the last column);
+* ``search alone: shortlist``: the shipped shortlist search on the site features, without the front.
 
 Agreement is the share of tokens of held-out photos (crops of photos the codebook never saw) whose index equals
 an fp64 exact search's. The random weights make these timings real (the arithmetic is LLaVA's) but the
 agreement only indicative: real CLIP features have another spectrum.
 
-    python benchmarks/edge_encode.py [--sites input_0 ln1_0 mlp_0 mlp_1] [--repeats 15] [--json out.json]
+Run it on one core with one thread; other processes on that core show up as noise, so repeat the run:
+
+    OMP_NUM_THREADS=1 taskset -c 1 python benchmarks/edge_encode.py [--sites patch_0 input_0] [--repeats 15] \
+        [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -33,21 +42,28 @@ from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from transformers_alignedvq.edge import AlignedVQEdgeEncoder
-from transformers_alignedvq.edge_onnx import export_onnx, export_search
+from transformers_alignedvq.edge_onnx import export_onnx, export_search, quantizes_front
 from transformers_alignedvq.models.llava_alignedvq.quantizer import kmeans
 from transformers_alignedvq.preprocess import ImagePreprocessing
 from transformers_alignedvq.search import SearchConfig
 
+DENSE_TORCH = "dense search: PyTorch addmm + argmin"
+DENSE_ARGMIN = "dense search: ORT MatMul + ArgMin"
+DENSE_SHIPPED = "dense search: ORT Gemm + TopK (shipped exact)"
+DENSE = (DENSE_TORCH, DENSE_ARGMIN, DENSE_SHIPPED)
 SITES = {"patch_0": (0, "patch"), "input_0": (0, "input"), "ln1_0": (0, "ln1"), "mlp_0": (0, "mlp"), "mlp_1": (1, "mlp")}
 FIT_PHOTOS = ("coffee", "colorwheel", "hubble_deep_field", "immunohistochemistry", "retina", "rocket", "camera",
               "coins", "page")
 HELD_OUT_PHOTOS = ("astronaut", "chelsea")  # chelsea is the cat of `cat`, which is left out of the fit set
 
 
-def llava_tower() -> tuple[CLIPVisionConfig, CLIPVisionModel]:
-    vision = CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                              image_size=336, patch_size=14, projection_dim=768)
-    return vision, CLIPVisionModel(vision).eval()
+def llava_tower(blocks: int = 24) -> tuple[CLIPVisionConfig, CLIPVisionModel]:
+    """LLaVA-1.5's vision config, and a random tower with its first ``blocks`` blocks (the edges use no more;
+    initialising all 24 takes minutes on a busy core)."""
+    settings = dict(hidden_size=1024, intermediate_size=4096, num_attention_heads=16, image_size=336, patch_size=14,
+                    projection_dim=768)
+    vision = CLIPVisionConfig(num_hidden_layers=24, **settings)
+    return vision, CLIPVisionModel(CLIPVisionConfig(num_hidden_layers=blocks, **settings)).eval()
 
 
 def photo_crops(names, per_photo: int, seed: int) -> list[Image.Image]:
@@ -88,6 +104,11 @@ def build_edge(vision, tower, layer: int, site: str, fit_pixels: torch.Tensor, k
     return edge.refresh_search().eval()
 
 
+def on_features(label: str) -> bool:
+    """Rows that time a search alone (fed site features), not a whole edge (fed pixels)."""
+    return label.startswith(("search", "dense"))
+
+
 def edge_features(edge, pixels: torch.Tensor) -> torch.Tensor:
     from transformers_alignedvq import split
 
@@ -100,6 +121,44 @@ def onnx_session(path: Path):
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def profile_ops(path: Path, feed: dict, runs: int = 30, top: int = 6) -> list[tuple[str, float]]:
+    """ONNX Runtime's own profile of a graph: ms per run of its costliest op types (one thread)."""
+    import collections
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as scratch:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
+        options.enable_profiling, options.profile_file_prefix = True, str(Path(scratch) / "profile")
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        for _ in range(runs):
+            session.run(None, feed)
+        events = json.loads(Path(session.end_profiling()).read_text())
+    per_op = collections.Counter()
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            per_op[event["args"]["op_name"]] += event["dur"] / 1000 / runs
+    return per_op.most_common(top)
+
+
+def dense_matmul_argmin(search, path: Path) -> Path:
+    """The textbook dense exact search in ONNX: ``ArgMin(features @ (-2 E)ᵀ + offsets)``, built with onnx.helper."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    table = numpy_helper.from_array((-2.0 * search.folded.T).contiguous().numpy(), "table")
+    offsets = numpy_helper.from_array(search.offsets.numpy(), "offsets")
+    nodes = [helper.make_node("MatMul", ["features", "table"], ["products"]),
+             helper.make_node("Add", ["products", "offsets"], ["scores"]),
+             helper.make_node("ArgMin", ["scores"], ["indices"], axis=-1, keepdims=0)]
+    graph = helper.make_graph(
+        nodes, "dense_search", [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", "tokens", 1024])],
+        [helper.make_tensor_value_info("indices", TensorProto.INT64, ["batch", "tokens"])], [table, offsets])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
 
 
 def interleaved_medians(methods: dict, repeats: int) -> dict[str, float]:
@@ -128,28 +187,60 @@ def measure_site(name: str, args, vision, tower, fit_pixels, held_pixels, calibr
     edge.refresh_search(shortlist)
     fast_search = edge.search
     paths["onnx, shortlist"] = export_onnx(edge, scratch / f"{name}_shortlist.onnx")
-    paths["onnx int8, shortlist"] = export_onnx(edge, scratch / f"{name}_int8.onnx", int8=True, calibration=calibration)
+    if quantizes_front(edge, True):
+        paths["onnx int8, shortlist"] = export_onnx(edge, scratch / f"{name}_int8.onnx", int8=True,
+                                                    calibration=calibration)
     features = held_features[:1]
-    for label, search in (("search alone: dense exact", dense_search), ("search alone: shortlist", fast_search)):
+    paths[DENSE_ARGMIN] = dense_matmul_argmin(dense_search, scratch / f"{name}_dense_argmin.onnx")
+    for label, search in ((DENSE_SHIPPED, dense_search), ("search alone: shortlist", fast_search)):
         edge.search = search
         paths[label] = export_search(edge, scratch / f"{name}_search_{label[-5:]}.onnx", held_features[:2])
     sessions = {label: onnx_session(path) for label, path in paths.items()}
     one = held_pixels[:1]
     edge.refresh_search(SearchConfig())
-    methods = {"torch, exact": lambda: edge(one)}
+    methods = {"torch, exact": lambda: edge(one), DENSE_TORCH: lambda: dense_search(features)}
     for label, session in sessions.items():
-        feed = {"features": features.numpy()} if label.startswith("search") else {"pixel_values": one.numpy()}
+        feed = {"features": features.numpy()} if on_features(label) else {"pixel_values": one.numpy()}
         methods[label] = lambda s=session, f=feed: s.run(None, f)
     with torch.inference_mode():
         times = interleaved_medians(methods, args.repeats)
-        agreement = {"torch, exact": float((edge(held_pixels).reshape(-1) == reference).float().mean())}
+        agreement = {"torch, exact": float((edge(held_pixels).reshape(-1) == reference).float().mean()),
+                     DENSE_TORCH: float((dense_search(held_features).reshape(-1) == reference).float().mean())}
     for label, session in sessions.items():
-        inputs = held_features if label.startswith("search") else held_pixels
-        key = "features" if label.startswith("search") else "pixel_values"
+        inputs = held_features if on_features(label) else held_pixels
+        key = "features" if on_features(label) else "pixel_values"
         got = np.concatenate([session.run(None, {key: b.numpy()})[0] for b in inputs.split(8)])
         agreement[label] = float((torch.from_numpy(got).reshape(-1) == reference).float().mean())
+    shipped = "onnx int8, shortlist" if "onnx int8, shortlist" in paths else "onnx, shortlist"
+    profile = profile_ops(paths[shipped], {"pixel_values": one.numpy()}) if args.profile else None
     return [{"site": name, "method": label, "ms": times[label], "agreement": agreement[label],
-             "onnx_bytes": paths[label].stat().st_size if label in paths else None} for label in methods]
+             "onnx_bytes": paths[label].stat().st_size if label in paths else None,
+             **({"profile": profile} if profile and label == shipped else {})} for label in methods]
+
+
+def dense_baseline(rows: list[dict], site: str) -> dict:
+    """The fastest dense exact search measured at ``site``."""
+    return min((r for r in rows if r["site"] == site and r["method"] in DENSE), key=lambda r: r["ms"])
+
+
+def table(rows: list[dict], args, tokens: int) -> str:
+    affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
+    lines = [f"LLaVA-1.5 edge (CLIP ViT-L/14-336, random weights), K=4096, one ONNX Runtime / PyTorch thread "
+             f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, CPUs {affinity}), medians of "
+             f"{args.repeats} interleaved repeats; shortlist rank {args.rank}, {args.candidates} candidates; "
+             f"agreement on {tokens} held-out photo tokens",
+             "| site | method | ms/image | vs torch exact edge | vs dense baseline | agreement with exact search |",
+             "|---|---|---:|---:|---:|---:|"]
+    for row in rows:
+        torch_edge = next(r["ms"] for r in rows if r["site"] == row["site"] and r["method"] == "torch, exact")
+        baseline = dense_baseline(rows, row["site"])
+        lines.append(f"| {row['site']} | {row['method']} | {row['ms']:.1f} | {row['ms'] / torch_edge:.2f}x | "
+                     f"{row['ms'] / baseline['ms']:.2f}x | {100 * row['agreement']:.2f}% |")
+    for row in rows:
+        if row.get("profile"):
+            ops = ", ".join(f"{op} {ms:.2f}" for op, ms in row["profile"])
+            lines.append(f"\nProfile of {row['site']} {row['method']} (ms per image, costliest op types): {ops}")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> None:
@@ -161,10 +252,11 @@ def main(argv=None) -> None:
     p.add_argument("--fit-crops", type=int, default=12, help="crops per fit photo (577 features each)")
     p.add_argument("--kmeans-iters", type=int, default=10)
     p.add_argument("--json", default=None, help="write the rows to this file")
+    p.add_argument("--profile", action="store_true", help="also print ONNX Runtime's per-op profile of each shipped edge")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    vision, tower = llava_tower()
+    vision, tower = llava_tower(blocks=max(SITES[name][0] for name in args.sites) + 1)
     prep = ImagePreprocessing.for_vision_config("clip_vision_model", 336)
     pixels = lambda crops: torch.from_numpy(np.concatenate([prep(c) for c in crops]))  # noqa: E731
     fit_pixels = pixels(photo_crops(FIT_PHOTOS, args.fit_crops, seed=0))
@@ -175,17 +267,12 @@ def main(argv=None) -> None:
         for name in args.sites:
             rows += measure_site(name, args, vision, tower, fit_pixels, held_pixels, calibration, Path(scratch))
             print(f"measured {name}", file=sys.stderr, flush=True)
-    print(f"LLaVA-1.5 edge (CLIP ViT-L/14-336, random weights), K=4096, one thread, {args.repeats} interleaved "
-          f"repeats; shortlist rank {args.rank}, {args.candidates} candidates; agreement on "
-          f"{held_pixels.shape[0] * 577} held-out photo tokens")
-    print("| site | method | ms/image | vs torch exact | agreement with exact search |")
-    print("|---|---|---:|---:|---:|")
-    for row in rows:
-        base = next(r["ms"] for r in rows if r["site"] == row["site"] and r["method"] == "torch, exact")
-        print(f"| {row['site']} | {row['method']} | {row['ms']:.1f} | {row['ms'] / base:.2f}x | "
-              f"{100 * row['agreement']:.2f}% |")
+    print(table(rows, args, held_pixels.shape[0] * 577))
     if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        Path(args.json).write_text(json.dumps({"args": vars(args), "cpus": cpus, "cpu_count": os.cpu_count(),
+                                               "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "rows": rows},
+                                              indent=1))
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ def by_template(data, predictions) -> dict:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True)
-    p.add_argument("--split", default="test")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"],
+                   help="validation (held-out training images) for choices, test for the numbers reported")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--jpeg", type=int, default=None, help="JPEG quality for a stock model's images")

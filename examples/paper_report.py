@@ -5,6 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers_alignedvq.evaluation.significance import (
+    ALPHA,
+    combine_verdicts,
+    compare_results,
+    verdict_no_worse,
+)
+
 
 def _load(runs: Path) -> dict[str, dict]:
     return {p.stem: json.loads(p.read_text()) for p in sorted((runs / "results").glob("*.json"))}
@@ -14,65 +21,90 @@ def _pct(result: dict | None) -> str:
     return f"{100 * result['accuracy']:.2f}" if result else "—"
 
 
+def _on_validation(result: dict | None) -> dict | None:
+    """A reported run's scores on the validation questions the ablations use (itself for an ablation, and for
+    runs written before the validation split existed, when everything was scored on test)."""
+    return None if result is None else result.get("validation", result)
+
+
 def _bytes(result: dict | None) -> str:
     return f"{result['bytes_per_image']:,.0f}" if result else "—"
 
 
 def _agreement(get, layers, names) -> list[str]:
-    """Each claim of the paper next to what our numbers say, decided by the numbers."""
-    out = ["## Where we agree with the paper, and where we do not", ""]
+    """Each claim of the paper next to what our numbers say, with a verdict from a paired test."""
+    out = ["## Where we agree with the paper, and where we do not", "",
+           "Verdicts come from McNemar's mid-p test on the questions two runs both answered "
+           f"(`transformers_alignedvq.evaluation.significance`, alpha = {ALPHA}): **agrees** or **disagrees** when the "
+           "difference is significant and goes the claimed way or the other, **inconclusive** when it is not, or "
+           "when a run stored no per-question results (runs from before they were recorded; only the difference is "
+           "shown then). Claims of a bound (\"within x points\") use the 95% interval of the paired difference.", ""]
 
     def acc(name):
         r = get(name)
         return None if r is None else 100 * r["accuracy"]
 
-    def claim(text, ours, holds):
-        if ours is None:
-            out.append(f"- {text}: not measured.")
-        else:
-            out.append(f"- {text}: {ours} — **{'agrees' if holds else 'does not agree'}**.")
+    def compared(name_a, name_b, *, a_better=True):
+        """(text, verdict) of "a is more accurate than b" (or less, with ``a_better=False``)."""
+        test = compare_results(get(name_a), get(name_b))
+        if test is None:
+            return f"{acc(name_a) - acc(name_b):+.2f} (unpaired)", "inconclusive"
+        return test.describe(), verdict(test, a_better=a_better)
 
-    base, head, head_mlp = acc("base_raw"), acc("alignedvq_headline"), acc("alignedvq_headline_mlp")
+    def within(name_a, name_b, points):
+        test = compare_results(get(name_a), get(name_b))
+        if test is None:
+            return f"{acc(name_a) - acc(name_b):+.2f} points (unpaired)", "inconclusive"
+        return test.describe(), verdict_no_worse(test, points / 100)
+
+    def claim(text, ours, decided):
+        out.append(f"- {text}: not measured." if ours is None else f"- {text}: {ours} — **{decided}**.")
+
+    base, head = acc("base_raw"), acc("alignedvq_headline")
     if base is not None and head is not None:
         claim("AlignedVQ stays close to the original model (paper: -2.23 to +1.6 points)",
-              f"{head - base:+.2f} points", head - base >= -2.23)
-        out.append(f"- Our own goal, within 0.5 points of the base: AlignedVQ at `ln1` {head - base:+.2f} points "
-                   f"({'met' if head - base >= -0.5 else 'not met'})"
-                   + ("" if head_mlp is None else f"; the same recipe with VQ at the block output "
-                      f"{head_mlp - base:+.2f} points ({'met' if head_mlp - base >= -0.5 else 'not met'})") + ".")
+              *within("alignedvq_headline", "base_raw", 2.23))
+        goal = {"agrees": "met", "disagrees": "not met", "inconclusive": "inconclusive"}
+        for name, label in (("alignedvq_headline", "AlignedVQ at `ln1`"),
+                            ("alignedvq_headline_mlp", "the same recipe with VQ at the block output")):
+            if get(name):
+                text, decided = within(name, "base_raw", 0.5)
+                out.append(f"- Our own goal, within 0.5 points of the base: {label} {text} — **{goal[decided]}**.")
     ln_cv = [get("figure4_magnitudes", {}).get(s, {}).get("cv") for s in ("ln1", "ln2", "attn", "mlp")]
-    if None not in ln_cv:
+    if None not in ln_cv:  # a statistic of one model's features, not a noisy accuracy: decided by the numbers
         claim("Features after a LayerNorm have a lower coefficient of variation of their magnitudes (Figure 4)",
               f"ln1 {ln_cv[0]:.3f}, ln2 {ln_cv[1]:.3f} vs attn {ln_cv[2]:.3f}, mlp {ln_cv[3]:.3f}",
-              max(ln_cv[:2]) < min(ln_cv[2:]))
-    ln = [acc(f"table1_{s}") for s in ("ln1", "ln2")]
-    other = [acc(f"table1_{s}") for s in ("attn", "mlp")]
-    if None not in ln + other:
+              "agrees" if max(ln_cv[:2]) < min(ln_cv[2:]) else "disagrees")
+    if all(get(f"table1_{s}") for s in ("ln1", "ln2", "attn", "mlp")):
+        tests = [compared(f"table1_{a}", f"table1_{b}") for a in ("ln1", "ln2") for b in ("attn", "mlp")]
         claim("VQ after a LayerNorm (ln1/ln2) beats VQ on the residual stream (attn/mlp) (Table 1)",
-              f"ln1 {ln[0]:.2f}, ln2 {ln[1]:.2f} vs attn {other[0]:.2f}, mlp {other[1]:.2f}", min(ln) > max(other))
+              "; ".join(f"{a} vs {b} {text}" for (a, b), (text, _) in
+                        zip([(a, b) for a in ("ln1", "ln2") for b in ("attn", "mlp")], tests)),
+              combine_verdicts([v for _, v in tests]))
     for key_a, key_b, text in (
         ("ln1", "vanilla", "Moving VQ from after the block to after LN1 helps at every split (Figure 7)"),
         ("ln1_dlp", "ln1", "Adding DLP helps at every split (Figure 7)"),
         ("alignedvq", "ln1_dlp", "Adding LoRA helps at every split (Figure 7)"),
     ):
-        pairs = [(acc(f"fig7_L{layer}_{key_a}"), acc(f"fig7_L{layer}_{key_b}")) for layer in layers]
-        pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
-        if pairs:
-            gains = ", ".join(f"{a - b:+.2f}" for a, b in pairs)
-            claim(text, f"gains per split block {gains}", all(a >= b for a, b in pairs))
-    one = acc("table4_c1_g1")
-    rest = [acc(f"table4_c{c}_g{g}") for c in (1, 2, 3) for g in (1, 2, 4, 8) if (c, g) != (1, 1)]
-    rest = [r for r in rest if r is not None]
-    if one is not None and rest:
-        claim("More codebooks or groups add little or nothing (Table 4)",
-              f"best of the others {max(rest):.2f} vs 1x1 {one:.2f}", max(rest) - one <= 1.0)
+        here = [layer for layer in layers if get(f"fig7_L{layer}_{key_a}") and get(f"fig7_L{layer}_{key_b}")]
+        if here:
+            tests = [compared(f"fig7_L{layer}_{key_a}", f"fig7_L{layer}_{key_b}") for layer in here]
+            claim(text, "; ".join(f"block {layer}: {t} ({v})" for layer, (t, v) in zip(here, tests)),
+                  combine_verdicts([v for _, v in tests]))
+    rest = [f"table4_c{c}_g{g}" for c in (1, 2, 3) for g in (1, 2, 4, 8) if (c, g) != (1, 1) and get(f"table4_c{c}_g{g}")]
+    if get("table4_c1_g1") and rest:
+        best = max(rest, key=acc)
+        claim("More codebooks or groups add little or nothing (Table 4; the best other setting at most 1 point "
+              "ahead of one codebook, one group)", f"{best} vs 1x1: " + within("table4_c1_g1", best, 1.0)[0],
+              within("table4_c1_g1", best, 1.0)[1])
     out.append("")
     ablation = get("table1_ln1")
     if ablation and acc("table1_ln1") is not None:
         n, p = ablation["eval_questions"], ablation["accuracy"]
         out += [f"Ablations are scored on {n:,} questions: at {100 * p:.1f}% that is a binomial standard error of "
-                f"{100 * (p * (1 - p) / n) ** 0.5:.2f} points, so differences between two ablations under about "
-                "three times that are noise.", ""]
+                f"{100 * (p * (1 - p) / n) ** 0.5:.2f} points for one accuracy alone. Two runs on the same questions "
+                "answer most of them alike, so the paired test above separates smaller differences than that "
+                "suggests; it, not this error, decides the verdicts.", ""]
     out += [
         "### Why the LayerNorm site loses here",
         "",
@@ -119,6 +151,10 @@ def _base_curve(base: Path, figures: Path, plt) -> list[str]:
     if not path.is_file():
         return []
     records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # curves written before the validation split existed scored a test subset at every epoch end
+    split = "validation" if any("validation_subset_acc" in r for r in records) else "test"
+    for r in records:
+        r.setdefault("subset_acc", r.get(f"{split}_subset_acc"))
     vision = [r for r in records if r["type"] == "vision_pretrain"]
     evals = [r for r in records if r["type"] == "eval"]
     final = next((r for r in records if r["type"] == "final"), None)
@@ -127,23 +163,25 @@ def _base_curve(base: Path, figures: Path, plt) -> list[str]:
     lines = ["## The base model's learning curve", "",
              f"`examples/train_base_easyvqa.py` ({base}/learning_curve.jsonl): {len(vision)} epochs of supervised "
              "colour/shape pretraining of the vision tower (standing in for CLIP's pretraining), then LLaVA "
-             "training; accuracy after each epoch on a fixed 1,000-question test subset, by question type.", "",
+             f"training; accuracy after each epoch on a fixed 1,000-question {split} subset, by question type"
+             + (" (this run predates the validation split: its epochs were scored, and it was chosen, on test)."
+                if split == "test" else "."), "",
              "| epoch | train loss | accuracy (%) | colour | shape | yes/no | minutes |", "|---|---|---|---|---|---|---|"]
     for r in evals:
         t = r["by_type"]
-        lines.append(f"| {r['epoch']} | {r['loss']:.4f} | {100 * r['test_subset_acc']:.1f} | {100 * t['color']:.1f} | "
+        lines.append(f"| {r['epoch']} | {r['loss']:.4f} | {100 * r['subset_acc']:.1f} | {100 * t['color']:.1f} | "
                      f"{100 * t['shape']:.1f} | {100 * t['yes/no']:.1f} | {r['total_elapsed_s'] / 60:.1f} |")
     if final:
         t = final["by_type"]
         lines += ["", f"Final, all {final['n']:,} test questions: {100 * final['test_acc']:.2f}% (colour "
                   f"{100 * t['color']:.2f}, shape {100 * t['shape']:.2f}, yes/no {100 * t['yes/no']:.2f})."]
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["epoch"] for r in evals], [100 * r["test_subset_acc"] for r in evals], marker="o", label="all")
+    ax.plot([r["epoch"] for r in evals], [100 * r["subset_acc"] for r in evals], marker="o", label="all")
     for key, label in (("color", "colour"), ("shape", "shape"), ("yes/no", "yes/no")):
         ax.plot([r["epoch"] for r in evals], [100 * r["by_type"][key] for r in evals], marker=".", label=label)
     ax.axhline(95, color="gray", linestyle=":", label="95% target")
     ax.set_xlabel("LLaVA training epoch")
-    ax.set_ylabel("test-subset accuracy (%)")
+    ax.set_ylabel(f"{split}-subset accuracy (%)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(figures / "base_learning_curve.png", dpi=120)
@@ -158,6 +196,7 @@ def write_report(runs: Path, doc: Path, args) -> None:
     import matplotlib.pyplot as plt
 
     results = _load(runs)
+    ablation_split = results.get("table1_ln1", {}).get("eval_split", "test")
     figures = doc.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     get = results.get
@@ -174,7 +213,10 @@ def write_report(runs: Path, doc: Path, args) -> None:
         f"{args.headline_epochs} epoch(s) of finetuning, k-means on {args.calibration_images} images "
         f"({args.kmeans_iters} iterations). Ablations: {args.ablation_epochs} epoch(s) of finetuning, k-means on "
         f"{args.ablation_calibration_images} images ({args.ablation_kmeans_iters} iterations), scored on a fixed "
-        f"random subset of {args.ablation_eval} test questions (the same subset for every ablation).",
+        f"random subset of {args.ablation_eval} {ablation_split} questions (the same subset for every ablation, "
+        "and the LLaVA column and lines beside them are the base on the same questions)."
+        + (" These results predate the validation split: the ablations, and the choices made from them, were "
+           "scored on test." if ablation_split == "test" else ""),
         "",
         "## Table 2/3: accuracy and bytes per image",
         "",
@@ -196,7 +238,7 @@ def write_report(runs: Path, doc: Path, args) -> None:
         "| site | " + " | ".join(["ln1", "attn", "ln2", "mlp"]) + " | LLaVA |",
         "|---|---|---|---|---|---|",
         "| accuracy (%) | " + " | ".join(_pct(get(f"table1_{s}")) for s in ["ln1", "attn", "ln2", "mlp"])
-        + f" | {_pct(get('base_raw'))} |",
+        + f" | {_pct(_on_validation(get('base_raw')))} |",
         "",
     ]
 
@@ -213,7 +255,7 @@ def write_report(runs: Path, doc: Path, args) -> None:
             xs = [layer for layer in layers if get(f"fig7_L{layer}_{key}")]
             ax.plot(xs, [100 * get(f"fig7_L{layer}_{key}")["accuracy"] for layer in xs], marker="o", label=label)
         if get("base_raw"):
-            ax.axhline(100 * get("base_raw")["accuracy"], color="pink", linestyle="--", label="LLaVA")
+            ax.axhline(100 * _on_validation(get("base_raw"))["accuracy"], color="pink", linestyle="--", label="LLaVA")
         ax.set_xlabel("split block")
         ax.set_ylabel("accuracy (%)")
         ax.legend(fontsize=8)
@@ -261,7 +303,7 @@ def write_report(runs: Path, doc: Path, args) -> None:
         ax.plot([get(f"bits_K{k}")["bytes_per_image"] for k in sizes], [100 * get(f"bits_K{k}")["accuracy"] for k in sizes], marker="o", label="AlignedVQ")
         for name, label in (("base_jpeg90", "JPEG-90"), ("base_jpeg10", "JPEG-10"), ("base_raw", "PNG")):
             if get(name):
-                ax.scatter([get(name)["bytes_per_image"]], [100 * get(name)["accuracy"]], label=label)
+                ax.scatter([get(name)["bytes_per_image"]], [100 * _on_validation(get(name))["accuracy"]], label=label)
         ax.set_xscale("log")
         ax.set_xlabel("bytes per image")
         ax.set_ylabel("accuracy (%)")

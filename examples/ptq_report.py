@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers_alignedvq.evaluation.significance import ALPHA, compare_results, verdict, verdict_no_worse
+
 MODELS = {"base": "base LLaVA (`artifacts/base-easyvqa`)", "alignedvq": "AlignedVQ (bundled model)"}
 METHODS = {"rtn": "RTN min-max", "layerwise": "layer-wise clipping search", "qvlm": "Q-VLM"}
 BITS = ("w8a8", "w6a6", "w4a4", "w4a16")
@@ -185,6 +187,23 @@ def _kernels(results: dict) -> list[str]:
     return out
 
 
+def _ablation_split(results: dict) -> str:
+    """The split the ablations were scored on: validation, or test for runs from before it existed."""
+    return results.get("ablation_base_fp", {}).get("eval_split", "test")
+
+
+def _better(results: dict, name_a: str, name_b: str) -> tuple[str | None, str]:
+    """(text, verdict) for "a is more accurate than b", from McNemar's paired test (`significance`); runs that
+    stored no per-question results cannot be paired: their verdict is inconclusive."""
+    a, b = _acc(results, name_a), _acc(results, name_b)
+    if a is None or b is None:
+        return None, "inconclusive"
+    test = compare_results(results[name_a], results[name_b])
+    if test is None:
+        return f"{a:.2f} vs {b:.2f} (unpaired: a run stored no per-question results)", "inconclusive"
+    return f"{a:.2f} vs {b:.2f}, {test.describe()}", verdict(test)
+
+
 def _acc(results: dict, name: str) -> float | None:
     r = results.get(name)
     return None if not r or "accuracy" not in r else 100 * r["accuracy"]
@@ -199,28 +218,23 @@ def _claims(results: dict) -> list[str]:
     """The paper's claims next to what our numbers say, decided by the numbers (absent ones say so)."""
     out = []
 
-    def claim(text, ours, holds):
+    def claim(text, ours, decided):
         if ours is None:
-            verdict = "not measured yet"
+            out.append(f"- {text}: not measured yet.")
         else:
-            verdict = f"{ours} — **{'within noise' if holds is None else 'agrees' if holds else 'does not agree'}**"
-        out.append(f"- {text}: {verdict}.")
+            decided = decided if isinstance(decided, str) else "agrees" if decided else "disagrees"
+            out.append(f"- {text}: {ours} — **{decided}**.")
 
     def better(name_a, name_b):
-        """(text, verdict) for "a is more accurate than b": None when the gap is under 3 standard errors."""
-        a, b = _acc(results, name_a), _acc(results, name_b)
-        if a is None or b is None:
-            return None, False
-        p, n = (a + b) / 200, results[name_a]["eval_questions"]
-        noise = 300 * (p * (1 - p) / n) ** 0.5
-        return f"{a:.2f} vs {b:.2f} (noise ±{noise:.2f})", None if abs(a - b) < noise else a > b
+        return _better(results, name_a, name_b)
 
     for model, label in MODELS.items():
         for bits in ("w6a6", "w4a4"):
             claim(f"Q-VLM beats the layer-wise search ({label}, {bits.upper()})",
                   *better(f"{model}_qvlm_{bits}", f"{model}_layerwise_{bits}"))
         names = {key: f"ablation_{model}_qvlm_w4a4_{key}" for key in ("plain", "depth1", "alljoint", "veo")}
-        claim(f"The visual encoder optimization improves W4A4 accuracy ({label}, test subset; with it vs without)",
+        claim(f"The visual encoder optimization improves W4A4 accuracy ({label}, {_ablation_split(results)} subset; "
+              "with it vs without)",
               *better(names["veo"], names["plain"]))
         blocks, one, everything = (_seconds(results, f"{model}_qvlm_w4a4"), _seconds(results, names["depth1"]),
                                    _seconds(results, names["alljoint"]))
@@ -260,7 +274,7 @@ def _where_w4a4_loses(results: dict, model: str) -> list[str]:
         return ["  Where the points go (one part at a time at W4A4): not measured yet."]
     questions = results[f"ablation_{model}_fp"]["eval_questions"]
     losses = ", ".join(f"{part} {value - fp:+.2f}" for part, value in single.items())
-    return [f"  Why not, on {questions:,} test questions (full precision {fp:.2f}, every part at W4A4 {everything:.2f}): "
+    return [f"  Why not, on {questions:,} {_ablation_split(results)} questions (full precision {fp:.2f}, every part at W4A4 {everything:.2f}): "
             f"Q-VLM at W4A4 on one part at a time loses {losses} points."]
 
 
@@ -278,16 +292,19 @@ def _goals(results: dict) -> list[str]:
         if fp is None or w6 is None:
             out.append(f"- {label}, W6A6 Q-VLM within 0.5 point of full precision: not measured yet.")
         else:
+            test = compare_results(results[f"{model}_qvlm_w6a6"], results[f"{model}_fp"])
+            met = ("met" if w6 - fp >= -0.5 else "not met") if test is None else {
+                "agrees": "met", "disagrees": "not met", "inconclusive": "inconclusive"}[verdict_no_worse(test, 0.005)]
             out.append(f"- {label}, W6A6 Q-VLM within 0.5 point of full precision: {w6 - fp:+.2f} points "
-                       f"(**{'met' if w6 - fp >= -0.5 else 'not met'}**).")
+                       f"(**{met}**{'' if test is None else '; paired: ' + test.describe()}).")
         if fp is None or w4 is None or None in baselines:
             out.append(f"- {label}, W4A4 Q-VLM ahead of both baselines and within 2 points: not measured yet.")
         else:
-            ahead = w4 > max(baselines)
-            p, n = w4 / 100, results[f"{model}_qvlm_w4a4"]["eval_questions"]
-            noise = 300 * (p * (1 - p) / n) ** 0.5
+            best = max(("rtn", "layerwise"), key=lambda m: acc(f"{model}_{m}_w4a4"))
+            text, decided = _better(results, f"{model}_qvlm_w4a4", f"{model}_{best}_w4a4")
+            ahead = {"agrees": "ahead of", "disagrees": "behind", "inconclusive": "not distinguishable from"}[decided]
             out.append(f"- {label}, W4A4: Q-VLM {w4:.2f} vs RTN {baselines[0]:.2f} and layer-wise {baselines[1]:.2f} "
-                       f"(**{'ahead' if ahead else 'not ahead'}**, by {w4 - max(baselines):+.2f}; noise ±{noise:.2f}), "
+                       f"(**{ahead}** the better baseline: {text}), "
                        f"{w4 - fp:+.2f} points from full precision "
                        f"(**{'within 2' if w4 - fp >= -2 else 'not within 2'}**).")
             if w4 - fp < -2:
@@ -323,8 +340,11 @@ def write(runs: Path, doc: Path, args=None) -> None:
         "",
         *_cost_table(results),
         "",
-        "## Ablations (W4A4 and per part, on a fixed subset of test questions)",
+        f"## Ablations (W4A4 and per part, on a fixed subset of {_ablation_split(results)} questions)",
         "",
+        *(["These ablations predate the validation split: they, and the choice of leaving the visual encoder "
+           "optimization out of the headline rows, were scored on test.", ""]
+          if _ablation_split(results) == "test" else []),
         *_ablation_table(results, "ablation_"),
         "",
         "## Activation entropy against the layer-wise vs joint search error difference",
@@ -358,8 +378,10 @@ def write(runs: Path, doc: Path, args=None) -> None:
         "",
         "## Where we agree with Q-VLM, and where we do not",
         "",
-        "Noise: three binomial standard errors of one accuracy at that level and number of questions; a difference "
-        "smaller than that is called within noise.",
+        f"Verdicts: McNemar's mid-p test on the questions both runs answered, alpha = {ALPHA} "
+        "(`transformers_alignedvq.evaluation.significance`): **agrees** / **disagrees** when the difference is significant and "
+        "goes the claimed way / the other way, **inconclusive** when it is not, or when a run stored no "
+        "per-question results (runs from before they were recorded).",
         "",
         *_claims(results),
         "",

@@ -4,11 +4,14 @@
     python examples/split_study.py --base artifacts/base-easyvqa --runs runs/split_study --only input_0
 
 Every candidate is finetuned exactly as the bundled model was (`build_bundled_model.py`: K = 4096, DLP, LoRA
-r = 16, k-means on 2,000 training images, two epochs, lr 5e-4, batch 32) and scored on the full easy-VQA test
-split (9,673 questions) over real wire frames, first with the PyTorch edge and exact search, then with the
+r = 16, k-means on 2,000 training images, two epochs, lr 5e-4, batch 32) and scored over real wire frames on
+the validation split (2,839 questions on 300 held-out training images: the site is chosen on these) and on the
+full easy-VQA test split (9,673 questions: what is reported), first with the PyTorch edge and exact search, then
+with the
 deployable ONNX edges: fp32 with the shortlist search, and int8 (calibrated on 256 training images) with the
 shortlist search. Runs are resumable: each candidate's model is kept in ``RUNS/NAME`` and its scores in
-``RUNS/results/NAME[__variant].json``; what is done is skipped. The edge cost of each site at LLaVA-1.5 scale
+``RUNS/results/NAME[__variant].json`` (test scores, the validation scores under ``validation``); what is done
+is skipped, and results from before the validation split (trained on its images) are refused. The edge cost of each site at LLaVA-1.5 scale
 comes from `benchmarks/edge_encode.py`; `examples/split_report.py` joins both into docs/edge.md.
 """
 
@@ -73,19 +76,19 @@ def main(argv=None) -> None:
     p.add_argument("--only", nargs="*", choices=sorted(CANDIDATES), help="run only these candidates")
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--calibration-images", type=int, default=2000)
-    p.add_argument("--limit", type=int, default=None, help="smoke runs: first N train/test questions")
+    p.add_argument("--limit", type=int, default=None, help="smoke runs: first N train/validation/test questions")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = Path(args.runs) / "results"
     results.mkdir(parents=True, exist_ok=True)
     processor = AutoProcessor.from_pretrained(args.base)
-    test = load_easy_vqa("test", limit=args.limit)
+    data = {"validation": load_easy_vqa("validation", limit=args.limit), "test": load_easy_vqa("test", limit=args.limit)}
     calibration = [row["image"] for row in load_easy_vqa("train").select(range(0, 2560, 10))]
+    refuse_stale(results)
     if not (results / "base.json").is_file():  # the base LLaVA on the PNG images, the reference
         base = LlavaForConditionalGeneration.from_pretrained(args.base).eval()
-        result = evaluate_vqa(base, processor, test, batch_size=256)
-        (results / "base.json").write_text(json.dumps({**result, "name": "base", "eval_questions": len(test)}))
+        (results / "base.json").write_text(json.dumps({**score(base, processor, data), "name": "base"}))
     for name in args.only or CANDIDATES:
         path = results / f"{name}.json"
         layer, site, extra = CANDIDATES[name]
@@ -94,16 +97,34 @@ def main(argv=None) -> None:
             folder = finetune(args, name, layer, site, extra)
             train_seconds = time.time() - started
             model = LlavaAlignedVQForConditionalGeneration.from_pretrained(folder).eval()
-            result = evaluate_vqa(model, processor, test, batch_size=256)
-            result.update(name=name, split_layer=layer, split_site=site, train_seconds=train_seconds,
-                          eval_questions=len(test), epochs=args.epochs)
+            result = score(model, processor, data)
+            result.update(name=name, split_layer=layer, split_site=site, train_seconds=train_seconds, epochs=args.epochs)
             path.write_text(json.dumps(result, indent=1))
-            print(f"{name}: accuracy {result['accuracy']:.4f} on {len(test)} questions", flush=True)
+            print(f"{name}: accuracy {result['validation']['accuracy']:.4f} on validation, "
+                  f"{result['accuracy']:.4f} on test", flush=True)
         for variant, options in EDGE_VARIANTS.items():
-            evaluate_edge(args, name, variant, options, calibration, processor, test)
+            evaluate_edge(args, name, variant, options, calibration, processor, data)
 
 
-def evaluate_edge(args, name: str, variant: str, options: dict, calibration, processor, test) -> None:
+def score(model, processor, data: dict, **options) -> dict:
+    """Test scores, with the validation scores (what choices are made on) under ``validation``."""
+    validation = evaluate_vqa(model, processor, data["validation"], batch_size=256, **options)
+    validation.update(eval_questions=len(data["validation"]), eval_split="validation")
+    result = evaluate_vqa(model, processor, data["test"], batch_size=256, **options)
+    result.update(eval_questions=len(data["test"]), eval_split="test", validation=validation)
+    return result
+
+
+def refuse_stale(results: Path) -> None:
+    """Results written before the validation split existed came from models trained on its images: a validation
+    score of them would be flattered, so they must not be mixed with new ones."""
+    stale = [path.name for path in sorted(results.glob("*.json")) if "validation" not in json.loads(path.read_text())]
+    if stale:
+        raise SystemExit(f"{results}: {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''} predate the validation "
+                         "split (their models trained on its images); use a new --runs folder")
+
+
+def evaluate_edge(args, name: str, variant: str, options: dict, calibration, processor, data: dict) -> None:
     """Score ``name`` with its edge exported as ``variant`` (the cloud half unchanged)."""
     path = Path(args.runs) / "results" / f"{name}__{variant}.json"
     if path.is_file():
@@ -114,9 +135,11 @@ def evaluate_edge(args, name: str, variant: str, options: dict, calibration, pro
     edge = load_edge_runtime(edge_dir, threads=args.threads)
     model = LlavaAlignedVQForConditionalGeneration.from_pretrained(folder).eval()
     exact = json.loads((Path(args.runs) / "results" / f"{name}.json").read_text())
-    result = evaluate_vqa(model, processor, test, batch_size=256, edge=edge.encode)
-    result.update(name=name, variant=variant, eval_questions=len(test),
-                  same_answers=sum(a == b for a, b in zip(result["predictions"], exact["predictions"])) / len(test))
+    result = score(model, processor, data, edge=edge.encode)
+    for scores, reference in ((result, exact), (result["validation"], exact["validation"])):
+        same = sum(a == b for a, b in zip(scores["predictions"], reference["predictions"]))
+        scores["same_answers"] = same / len(scores["predictions"])
+    result.update(name=name, variant=variant)
     path.write_text(json.dumps(result, indent=1))
     print(f"{name} {variant}: accuracy {result['accuracy']:.4f}", flush=True)
 

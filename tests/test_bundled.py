@@ -21,6 +21,9 @@ def test_bundled_model_answers_test_questions_over_the_wire():
     result = evaluate_vqa(model, processor, questions, batch_size=24)
     assert result["accuracy"] >= 20 / 24, list(zip(result["predictions"], questions["answer"]))
     assert result["bytes_per_image"] < 200  # a whole wire frame, header and CRC included
+    # per-question correctness, in question order, for paired tests between runs
+    assert len(result["correct"]) == 24 and result["correct"].count("1") == round(24 * result["accuracy"])
+    assert [bit == "1" for bit in result["correct"]] == [p == a for p, a in zip(result["predictions"], questions["answer"])]
 
 
 def test_bundled_model_is_safetensors_with_its_edge_part_and_card():

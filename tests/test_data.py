@@ -15,6 +15,7 @@ pytest.importorskip("datasets")
 pytest.importorskip("easy_vqa")
 torch = pytest.importorskip("torch")
 
+from transformers_alignedvq.data import VALIDATION_IMAGES  # noqa: E402
 from transformers_alignedvq.training.data import (  # noqa: E402
     EASY_VQA_SIZES,
     EasyVQAAugment,
@@ -27,6 +28,7 @@ from transformers_alignedvq.training.data import (  # noqa: E402
     image_attributes,
     load_easy_vqa,
     question_template,
+    validation_image_ids,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +64,7 @@ def _rows(split, n):
 # ---------------------------------------------------------------- dataset
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
 def test_split_sizes_and_columns(split):
     ds = load_easy_vqa(split)
     assert len(ds) == EASY_VQA_SIZES[split]
@@ -81,6 +83,34 @@ def test_answers_and_limit():
     assert len(load_easy_vqa("test", limit=0)) == 0
     with pytest.raises(ValueError):
         load_easy_vqa("dev")
+
+
+def test_validation_is_held_out_training_images():
+    import easy_vqa
+
+    train, validation = load_easy_vqa("train"), load_easy_vqa("validation")
+    train_ids, validation_ids = set(train["image_id"]), set(validation["image_id"])
+    # carved by image: no image contributes questions to both splits
+    assert len(validation_ids) == VALIDATION_IMAGES and not train_ids & validation_ids
+    # together they are exactly the published training split, every question once
+    published = easy_vqa.get_train_questions()
+    rows = [tuple(zip(d["question"], d["answer"], d["image_id"])) for d in (train, validation)]
+    assert sorted(rows[0] + rows[1]) == sorted(zip(*published))
+    # the carve is fixed (same ids on every call, not the first or last images) and its images are the train files
+    assert validation_image_ids(published[2]) == frozenset(validation_ids)
+    assert max(validation_ids) - min(validation_ids) > 3000
+    paths = easy_vqa.get_train_image_paths()
+    row = validation[0]
+    from PIL import Image
+
+    assert row["image"].tobytes() == Image.open(paths[row["image_id"]]).tobytes()
+
+
+def test_validation_differs_from_test():
+    # "validation" used to alias "test"; choices made on it must not see test questions' images
+    validation, test = load_easy_vqa("validation", limit=50), load_easy_vqa("test", limit=50)
+    assert validation.split == "validation"
+    assert [r["image"].tobytes() for r in validation] != [r["image"].tobytes() for r in test]
 
 
 def test_image_ids_are_consistent():
@@ -105,7 +135,7 @@ def _answer_from_attributes(attrs, question):
     return "yes" if present != bool(words & {"not", "no"}) else "no"
 
 
-@pytest.mark.parametrize("split", ["train", "test"])
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
 def test_image_attributes_answer_every_question(split):
     ds = load_easy_vqa(split)
     questions, answers, ids = ds["question"], ds["answer"], ds["image_id"]

@@ -25,7 +25,8 @@ def _session(path):
     return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-@pytest.mark.parametrize("site,layer,method", [("patch", 0, "shortlist"), ("input", 0, "exact"), ("mlp", 1, "exact")])
+@pytest.mark.parametrize("site,layer,method", [("patch", 0, "shortlist"), ("input", 0, "exact"), ("ln1", 0, "shortlist"),
+                                               ("mlp", 1, "exact")])
 def test_fp32_onnx_edge_gives_the_pytorch_edges_indices(tmp_path, site, layer, method):
     model = tiny_alignedvq(split_site=site, split_layer=layer, codebook_size=32)
     with torch.no_grad():
@@ -94,3 +95,35 @@ def test_shortlist_search_is_exact_when_the_codebook_fits_its_rank():
     assert (rough == reference).float().mean() < 0.9 < (reranked == reference).float().mean()
     with pytest.raises(ValueError, match="search method"):
         SearchConfig("nearest")
+
+
+@pytest.mark.parametrize("method", ["exact", "shortlist"])
+def test_patch_site_folds_its_convolution_into_the_codebook(tmp_path, method):
+    import onnx
+
+    from transformers_alignedvq.edge_onnx import quantizes_front
+
+    model = tiny_alignedvq(split_site="patch", codebook_size=32)
+    with torch.no_grad():
+        model.model.alignedvq.dlp_in.gate.fill_(0.3)
+    edge = model.edge_encoder().refresh_search(SearchConfig(method, rank=8, candidates=4))
+    # SigLIP's patch convolution has a bias, CLIP's has none: fold one with a bias (the PyTorch edge uses it too)
+    old = edge.embeddings.patch_embedding
+    biased = torch.nn.Conv2d(old.in_channels, old.out_channels, old.kernel_size, old.stride, bias=True)
+    with torch.no_grad():
+        biased.weight.copy_(old.weight)
+        biased.bias.copy_(torch.randn(old.out_channels, generator=torch.Generator().manual_seed(3)))
+    edge.embeddings.patch_embedding = biased
+    calibration = [_pixels(seed, 2).numpy() for seed in range(2)]
+    path = export_onnx(edge, tmp_path / "edge.onnx", int8=True, calibration=calibration)
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert not ops & {"Conv", "QLinearConv", "ConvInteger"}, ops  # no front: nothing left to run, or quantize
+    session = _session(path)
+    for batch in (1, 3):
+        pixels = _pixels(10 + batch, batch)
+        got = session.run(None, {"pixel_values": pixels.numpy()})[0]
+        assert got.shape == (batch, NUM_PATCHES + 1)
+        assert np.array_equal(got, edge(pixels).numpy())
+    # the folder's config says so (export_onnx_folder records int8 only where a front was quantized)
+    assert not quantizes_front(edge, True)
+    assert quantizes_front(tiny_alignedvq(split_site="input").edge_encoder(), True)

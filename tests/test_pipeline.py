@@ -42,7 +42,11 @@ def test_pipeline_smoke(tmp_path):
     assert results["bits_K4096"]["same_run_as"] == "table1_ln1"
     assert results["bits_K4096"]["accuracy"] == results["table1_ln1"]["accuracy"]
     assert json.loads(results["table1_ln1"]["config_key"])["split_site"] == "ln1"
+    # choices are made on validation questions; reported runs are scored on test and on the same validation ones
+    assert results["table1_ln1"]["eval_split"] == "validation" and results["table1_ln1"]["eval_questions"] == 16
     head = results["alignedvq_headline"]
+    assert head["eval_split"] == "test" and head["validation"]["eval_questions"] == 16
+    assert results["base_raw"]["validation"]["eval_split"] == "validation"
     # 65 tokens x 12 bits = 98 payload bytes + 36-byte header + 4-byte CRC
     assert head["bytes_per_image"] == 121 and head["num_examples"] == 16 and 0 <= head["accuracy"] <= 1
     # easy-VQA's 64x64 flat-colour PNGs are a few hundred bytes: smaller than any JPEG (whose header alone is
@@ -80,12 +84,15 @@ def test_concurrent_workers_claim_each_experiment_once(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "results" / "b.lock").write_text(dead.stdout.strip())
     assert runner.claim("b")  # the owner is gone: taken over
-    runner.record("a", {"accuracy": 0.5})
-    assert not (tmp_path / "results" / "a.lock").exists() and runner.done("a") == {"accuracy": 0.5}
+    runner.record("a", {"accuracy": 0.5, "eval_split": "validation"})
+    assert not (tmp_path / "results" / "a.lock").exists() and runner.done("a")["accuracy"] == 0.5
     assert not runner.claim("a")  # done
+    # a result scored before the validation split existed is not reused: it is run again
+    runner.record("stale", {"accuracy": 0.5})
+    assert runner.done("stale") is None and runner.claim("stale")
     # an ablation whose configuration was already run reuses that result instead of training again
     key = runner._config_key(0.25, False, True, {"codebook_size": 4096})
-    runner.record("table1_ln1", {"accuracy": 0.9, "config_key": key})
+    runner.record("table1_ln1", {"accuracy": 0.9, "config_key": key, "eval_split": "validation"})
     runner.alignedvq("bits_K4096", epochs=0.25, codebook_size=4096)
     assert runner.done("bits_K4096")["same_run_as"] == "table1_ln1"
     assert runner.done("bits_K4096")["accuracy"] == 0.9

@@ -193,7 +193,7 @@ def export_onnx_folder(edge, out_dir: str | os.PathLike, *, int8: bool = False,
                        calibration_images: Iterable | None = None) -> Path:
     """Write an `AlignedVQEdgeEncoder` as an ONNX edge folder (``edge_config.json`` + ``edge_model.onnx``);
     ``int8`` and ``calibration_images`` as for `export_edge`."""
-    from .edge_onnx import export_onnx
+    from .edge_onnx import export_onnx, quantizes_front
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +206,9 @@ def export_onnx_folder(edge, out_dir: str | os.PathLike, *, int8: bool = False,
             raise ValueError("int8 export got no calibration images")
     export_onnx(edge, out_dir / EDGE_ONNX_NAME, int8=int8, calibration=calibration)
     config = edge.edge_config()
-    config["onnx"] = {"file": EDGE_ONNX_NAME, "int8": int8, "calibration_images": len(calibration or ())}
+    # a patch-site edge folds its only linear layer into the codebook: nothing is left for int8 to quantize
+    int8 = quantizes_front(edge, int8)
+    config["onnx"] = {"file": EDGE_ONNX_NAME, "int8": int8, "calibration_images": len(calibration or ()) if int8 else 0}
     write_edge_config(out_dir, config)
     return out_dir
 

@@ -5,7 +5,12 @@
 * the *front*: patch embedding, pre-LayerNorm, the blocks before the split and the split block up to the site,
   ``pixel_values (batch, 3, size, size) -> features (batch, tokens, dim)``;
 * the *search*: input DLP folded into the codebook, exact or shortlist search
-  (`search.CodewordSearch`), ``features -> indices (batch, tokens[, codes])``.
+  (`search.CodewordSearch`), ``features -> indices (batch, tokens[, codes])``, written directly as ONNX
+  (`onnx_search`: what ONNX Runtime runs fastest on one thread); residual or grouped codebooks export
+  PyTorch's generic search.
+
+At the ``patch`` site there is no front: the patch convolution is linear, so it is folded into the codebook and
+the graph searches raw pixel patches (`onnx_search.patch_edge_model`); ``int8`` has nothing to quantize there.
 
 With ``int8=True`` the front's convolutions and matrix products are quantized to int8 by ONNX Runtime's static
 quantizer (QOperator format: `QLinearConv` / `QLinearMatMul` kernels, weights per channel, activation ranges
@@ -26,6 +31,7 @@ import torch
 from torch import nn
 
 from .models.llava_alignedvq import split
+from .onnx_search import foldable_patch_embedding, patch_edge_model, search_model
 
 INPUT_NAME, FEATURES_NAME, OUTPUT_NAME = "pixel_values", "features", "indices"
 
@@ -62,12 +68,18 @@ def _export(module: nn.Module, example: torch.Tensor, input_name: str, output_na
     program.save(str(path))
 
 
+def quantizes_front(edge, int8: bool) -> bool:
+    """Whether `export_onnx` with ``int8`` writes an int8 front: not where the patch embedding is folded away."""
+    return int8 and not foldable_patch_embedding(edge)
+
+
 def export_onnx(edge, path: str | os.PathLike, *, int8: bool = False,
                 calibration: Iterable[np.ndarray] | None = None) -> Path:
     """Write ``edge`` (an `AlignedVQEdgeEncoder` in eval mode) as one ONNX graph ``pixel_values -> indices``.
 
     Args:
-        int8: quantize the front to int8 (see the module docstring); needs ``calibration``.
+        int8: quantize the front to int8 (see the module docstring); needs ``calibration``. A ``patch``-site
+            edge with a folded search has no front (`quantizes_front` says which).
         calibration: pixel arrays ``(batch, 3, size, size)`` float32 of real images, already preprocessed
             (`ImagePreprocessing`); a few hundred images are plenty.
     """
@@ -77,6 +89,11 @@ def export_onnx(edge, path: str | os.PathLike, *, int8: bool = False,
     if int8 and calibration is None:
         raise ValueError("int8 export needs calibration images (real images, preprocessed)")
     path = Path(path)
+    if foldable_patch_embedding(edge):
+        model = patch_edge_model(edge, input_name=INPUT_NAME, output_name=OUTPUT_NAME)
+        onnx.checker.check_model(model)
+        onnx.save(model, str(path))
+        return path
     vision = edge.vision_config
     # The folded search takes any batch (exported from a batch of 2: with 1, torch.export would make the batch
     # dimension a constant). The generic residual/grouped search loops over chunks of its input, so its graph
@@ -87,11 +104,18 @@ def export_onnx(edge, path: str | os.PathLike, *, int8: bool = False,
         front_path, search_path = Path(scratch) / "front.onnx", Path(scratch) / "search.onnx"
         _export(_Front(edge).eval(), example, INPUT_NAME, FEATURES_NAME, front_path, dynamic)
         features = _Front(edge).eval()(example)
-        _export(_Search(edge).eval(), features, FEATURES_NAME, OUTPUT_NAME, search_path, dynamic)
+        if edge.search is None:
+            _export(_Search(edge).eval(), features, FEATURES_NAME, OUTPUT_NAME, search_path, dynamic)
         if int8:
             front_path = _quantize_front(front_path, Path(scratch), calibration)
-        front, search = onnx.load(str(front_path)), onnx.load(str(search_path))
-        search = compose.add_prefix(search, prefix="search/", rename_inputs=False, rename_outputs=False)
+        front = onnx.load(str(front_path))
+        if edge.search is None:
+            search = onnx.load(str(search_path))
+            search = compose.add_prefix(search, prefix="search/", rename_inputs=False, rename_outputs=False)
+        else:
+            search = search_model(edge.search, features.shape[-1], input_name=FEATURES_NAME, output_name=OUTPUT_NAME,
+                                  opset=_opset(front))
+            search.ir_version = front.ir_version
         if front.opset_import != search.opset_import:
             search = onnx.version_converter.convert_version(search, _opset(front))
         merged = compose.merge_models(front, search, io_map=[(FEATURES_NAME, FEATURES_NAME)])
@@ -103,6 +127,12 @@ def export_onnx(edge, path: str | os.PathLike, *, int8: bool = False,
 def export_search(edge, path: str | os.PathLike, features: torch.Tensor) -> Path:
     """The edge's search alone as ONNX, ``features (batch, tokens, dim) -> indices``: to measure it apart
     from the front. ``features`` is an example batch (of at least 2)."""
+    import onnx
+
+    if edge.search is not None:
+        onnx.save(search_model(edge.search, features.shape[-1], input_name=FEATURES_NAME, output_name=OUTPUT_NAME),
+                  str(path))
+        return Path(path)
     with torch.no_grad():
         _export(_Search(edge).eval(), features, FEATURES_NAME, OUTPUT_NAME, Path(path), edge.search is not None)
     return Path(path)
@@ -136,4 +166,4 @@ def _quantize_front(path: Path, scratch: Path, calibration: Iterable[np.ndarray]
     return quantized
 
 
-__all__ = ["FEATURES_NAME", "INPUT_NAME", "OUTPUT_NAME", "export_onnx", "export_search"]
+__all__ = ["FEATURES_NAME", "INPUT_NAME", "OUTPUT_NAME", "export_onnx", "export_search", "quantizes_front"]

@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
+from .significance import correctness_bits
+
 _CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
     "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
@@ -154,7 +156,9 @@ def evaluate_vqa(
             edge, e.g. an `edge_runtime.EdgeRuntime`'s ``encode`` (an exported ONNX edge).
 
     Returns accuracy, mean bytes per image on the wire (frame incl. header and CRC, or the JPEG/PNG file),
-    and per-example predictions.
+    per-example predictions, and ``correct``: per-question correctness as a string of ``0``/``1`` (see
+    `significance.correctness_bits`), small enough for results files, so two runs on the same questions can be
+    compared with a paired test (`significance.paired_test`).
     """
     import torch
 
@@ -200,6 +204,7 @@ def evaluate_vqa(
         "num_examples": len(predictions),
         "bytes_per_image": float(sum(sizes) / len(sizes)),
         "predictions": predictions,
+        "correct": correctness_bits([vqa_score(p, r) for p, r in zip(predictions, references)]),
     }
     if entropy_sizes:
         result["entropy_coded_bytes_per_image"] = float(sum(entropy_sizes) / len(entropy_sizes))

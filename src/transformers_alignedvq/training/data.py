@@ -35,6 +35,8 @@ from PIL import Image
 
 __all__ = [
     "EASY_VQA_SIZES",
+    "VALIDATION_IMAGES",
+    "VALIDATION_SEED",
     "EasyVQAAugment",
     "ImageGroupedBatchSampler",
     "VQACollator",
@@ -44,15 +46,26 @@ __all__ = [
     "format_conversation",
     "image_attributes",
     "load_easy_vqa",
+    "validation_image_ids",
     "one_question_per_image",
     "question_template",
     "EASY_VQA_COLORS",
     "EASY_VQA_SHAPES",
 ]
 
-# Number of questions per split of the published dataset; used by tests and as
-# a sanity check that the installed package is the expected release.
-EASY_VQA_SIZES = {"train": 38_575, "test": 9_673}
+# Number of questions per split (train and validation together are the
+# published training split, 38,575 questions on 4,000 images); used by tests and
+# as a sanity check that the installed package is the expected release.
+EASY_VQA_SIZES = {"train": 35_736, "validation": 2_839, "test": 9_673}
+
+# easy-VQA publishes train (4,000 images) and test (1,000 images) only. Choices
+# (recipe, split site, epochs, PTQ options) need held-out data that is not the
+# test split, so "validation" is carved from the training images: this many
+# images, drawn once with this seed, with all their questions. Carving by image
+# (not by question) keeps every validation image unseen by a model trained on
+# "train". Changing either number changes every split, so both are fixed.
+VALIDATION_IMAGES = 300
+VALIDATION_SEED = 22
 
 IGNORE_INDEX = -100
 
@@ -75,28 +88,46 @@ def easy_vqa_answers() -> list[str]:
     return list(_easy_vqa().get_answers())
 
 
+def validation_image_ids(train_image_ids: Sequence[int]) -> frozenset[int]:
+    """The training-image ids that form the validation split (``VALIDATION_IMAGES`` of them, fixed seed)."""
+    distinct = sorted({int(i) for i in train_image_ids})
+    if len(distinct) <= VALIDATION_IMAGES:
+        raise ValueError(f"easy-VQA train has {len(distinct)} images; cannot hold out {VALIDATION_IMAGES}")
+    return frozenset(random.Random(VALIDATION_SEED).sample(distinct, VALIDATION_IMAGES))
+
+
+def _split_questions(ev, split: str):
+    """(questions, answers, image_ids, paths) of one split, in the package's order."""
+    if split == "test":
+        questions, answers, image_ids = ev.get_test_questions()
+        return list(questions), list(answers), list(image_ids), ev.get_test_image_paths()
+    if split not in ("train", "validation"):
+        raise ValueError(f"unknown easy-VQA split {split!r}; expected 'train', 'validation' or 'test'")
+    questions, answers, image_ids = ev.get_train_questions()
+    held_out = validation_image_ids(image_ids)
+    keep = [(i in held_out) == (split == "validation") for i in image_ids]
+    rows = [row for row, kept in zip(zip(questions, answers, image_ids), keep) if kept]
+    return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows], ev.get_train_image_paths()
+
+
 def load_easy_vqa(split: str, *, limit: int | None = None) -> datasets.Dataset:
     """Load an easy-VQA split as a ``datasets.Dataset``.
 
+    ``split`` is ``"train"``, ``"validation"`` or ``"test"``. The published
+    dataset has no validation split: ``"validation"`` is ``VALIDATION_IMAGES``
+    training images drawn with a fixed seed (all their questions), and
+    ``"train"`` is the rest of the training images. Make every choice on
+    ``"validation"`` and keep ``"test"`` for the numbers that are reported.
+
     Columns: ``image`` (``datasets.Image`` feature, decoded to PIL on access),
     ``question`` (str), ``answer`` (str) and ``image_id`` (int, unique within a
-    split; the train and test splits have separate image sets).
+    split; train and validation share the training image ids, test has its own).
 
     ``limit`` keeps the first ``limit`` questions in the package's order, which
     groups questions by image; that makes small limits deterministic and cheap
     (few distinct images), which is what smoke tests want.
     """
-    ev = _easy_vqa()
-    if split == "train":
-        questions, answers, image_ids = ev.get_train_questions()
-        paths = ev.get_train_image_paths()
-    elif split in ("test", "validation"):
-        # easy-VQA has no validation split; "validation" is accepted as an
-        # alias so HF-style scripts that ask for it get the held-out images.
-        questions, answers, image_ids = ev.get_test_questions()
-        paths = ev.get_test_image_paths()
-    else:
-        raise ValueError(f"unknown easy-VQA split {split!r}; expected 'train' or 'test'")
+    questions, answers, image_ids, paths = _split_questions(_easy_vqa(), split)
     if limit is not None:
         if limit < 0:
             raise ValueError("limit must be non-negative")
@@ -112,6 +143,7 @@ def load_easy_vqa(split: str, *, limit: int | None = None) -> datasets.Dataset:
             "image_id": datasets.Value("int32"),
         }
     )
+    named = {"train": datasets.Split.TRAIN, "validation": datasets.Split.VALIDATION, "test": datasets.Split.TEST}
     # Storing paths (not bytes) keeps construction instant; the Image feature
     # decodes lazily from the files installed with the package.
     return datasets.Dataset.from_dict(
@@ -122,7 +154,7 @@ def load_easy_vqa(split: str, *, limit: int | None = None) -> datasets.Dataset:
             "image_id": [int(i) for i in image_ids],
         },
         features=features,
-        split=datasets.Split.TRAIN if split == "train" else datasets.Split.TEST,
+        split=named[split],
     )
 
 
