@@ -139,7 +139,8 @@ def profile_ops(path: Path, feed: dict, runs: int = 30, top: int = 6) -> list[tu
         events = json.loads(Path(session.end_profiling()).read_text())
     per_op = collections.Counter()
     for event in events:
-        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+        # a Scan's time is that of the nodes of its body, which are listed themselves
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time") and event["args"]["op_name"] != "Scan":
             per_op[event["args"]["op_name"]] += event["dur"] / 1000 / runs
     return per_op.most_common(top)
 
