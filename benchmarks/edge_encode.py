@@ -41,11 +41,11 @@ import torch
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from transformers_alignedvq.edge import AlignedVQEdgeEncoder
-from transformers_alignedvq.edge_onnx import export_onnx, export_search, quantizes_front
+from transformers_alignedvq.export.edge import AlignedVQEdgeEncoder
+from transformers_alignedvq.export.edge_onnx import export_onnx, export_search, quantizes_front
+from transformers_alignedvq.export.search import SearchConfig
 from transformers_alignedvq.models.llava_alignedvq.quantizer import kmeans
 from transformers_alignedvq.preprocess import ImagePreprocessing
-from transformers_alignedvq.search import SearchConfig
 
 DENSE_TORCH = "dense search: PyTorch addmm + argmin"
 DENSE_ARGMIN = "dense search: ORT MatMul + ArgMin"

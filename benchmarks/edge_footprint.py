@@ -131,7 +131,7 @@ def main(argv=None) -> None:
     p.add_argument("--markdown", default=None, help="also write the table to this file")
     args = p.parse_args(argv)
     import transformers_alignedvq
-    from transformers_alignedvq.edge_export import export_edge
+    from transformers_alignedvq.export.edge_export import export_edge
 
     model = args.model or transformers_alignedvq.DEFAULT_MODEL
     with tempfile.TemporaryDirectory() as scratch:

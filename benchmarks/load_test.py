@@ -227,7 +227,7 @@ def main() -> int:
     args.levels = [int(c) for c in args.concurrency.split(",")]
     configs = configurations(args)
 
-    from transformers_alignedvq.edge_export import describe_checkpoint
+    from transformers_alignedvq.export.edge_export import describe_checkpoint
 
     with tempfile.TemporaryDirectory() as scratch:
         model = args.model

@@ -170,11 +170,11 @@ def measure_compute(photos, qualities, repeats: int, threads: int | None, cloud_
     from torch import nn
 
     from transformers_alignedvq import split, wire
-    from transformers_alignedvq.edge_export import export_onnx_folder
     from transformers_alignedvq.edge_runtime import load_edge_runtime
+    from transformers_alignedvq.export.edge_export import export_onnx_folder
+    from transformers_alignedvq.export.search import SearchConfig
     from transformers_alignedvq.models.llava_alignedvq.alignedvq_layer import AlignedVQLayer
     from transformers_alignedvq.preprocess import ImagePreprocessing
-    from transformers_alignedvq.search import SearchConfig
 
     sys.path.insert(0, str(Path(__file__).parent))
     import edge_encode

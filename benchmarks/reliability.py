@@ -474,7 +474,7 @@ def main() -> int:
     args = parser.parse_args()
     cases = set(args.cases.split(","))
     from transformers_alignedvq import TINY_EASYVQA
-    from transformers_alignedvq.edge_export import describe_checkpoint
+    from transformers_alignedvq.export.edge_export import describe_checkpoint
     from transformers_alignedvq.serving.connection_limits import ConnectionLimits
 
     defaults = ConnectionLimits()

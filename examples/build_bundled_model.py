@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
 
 from transformers_alignedvq import SPLIT_SITES, LlavaAlignedVQForConditionalGeneration  # noqa: E402
-from transformers_alignedvq.edge_export import export_onnx_folder  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
+from transformers_alignedvq.export.edge_export import export_onnx_folder  # noqa: E402
 from transformers_alignedvq.hub import has_lora, merge_lora_, write_model_card  # noqa: E402
 from transformers_alignedvq.training.data import load_easy_vqa  # noqa: E402
 from transformers_alignedvq.training.entropy_fit import fit as fit_entropy_model  # noqa: E402

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E402
 
 from transformers_alignedvq import LlavaAlignedVQForConditionalGeneration  # noqa: E402
-from transformers_alignedvq.edge_export import export_edge  # noqa: E402
 from transformers_alignedvq.edge_runtime import load_edge_runtime  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
-from transformers_alignedvq.search import SearchConfig  # noqa: E402
+from transformers_alignedvq.export.edge_export import export_edge  # noqa: E402
+from transformers_alignedvq.export.search import SearchConfig  # noqa: E402
 from transformers_alignedvq.training.data import load_easy_vqa  # noqa: E402
 from transformers_alignedvq.training.finetune import main as run_finetune  # noqa: E402
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 import transformers_alignedvq
 from transformers_alignedvq import cli
-from transformers_alignedvq.edge import AlignedVQEdgeEncoder
+from transformers_alignedvq.export.edge import AlignedVQEdgeEncoder
 from transformers_alignedvq.serving import BackgroundServer, create_app
 
 SUBCOMMANDS = {

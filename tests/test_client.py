@@ -21,8 +21,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoProcessor
 
 from transformers_alignedvq.client import EdgeClient, EdgeClientError, ServerError, ServerUnavailableError
-from transformers_alignedvq.edge_export import export_edge
 from transformers_alignedvq.edge_runtime import EDGE_WEIGHTS_NAME
+from transformers_alignedvq.export.edge_export import export_edge
 from transformers_alignedvq.preprocess import ImageInputError
 from transformers_alignedvq.serving import BackgroundServer, create_app
 from transformers_alignedvq.testing import WITHOUT_CLOUD_PACKAGES

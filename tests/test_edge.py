@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from tests.conftest import IMAGE_SIZE, tiny_alignedvq
-from transformers_alignedvq.edge import EDGE_CONFIG_NAME, EDGE_WEIGHTS_NAME, AlignedVQEdgeEncoder, EdgeCheckpointError
+from transformers_alignedvq.export.edge import (
+    EDGE_CONFIG_NAME,
+    EDGE_WEIGHTS_NAME,
+    AlignedVQEdgeEncoder,
+    EdgeCheckpointError,
+)
 
 
 @pytest.mark.parametrize("site", ["input", "ln1", "attn", "ln2", "mlp"])

@@ -10,11 +10,11 @@ import torch
 
 from tests.conftest import IMAGE_SIZE, NUM_PATCHES, tiny_alignedvq
 from transformers_alignedvq.edge_runtime import EDGE_ONNX_NAME, load_edge_runtime
-from transformers_alignedvq.search import CodewordSearch, SearchConfig, fold_codebook
+from transformers_alignedvq.export.search import CodewordSearch, SearchConfig, fold_codebook
 
 onnxruntime = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
-from transformers_alignedvq.edge_onnx import export_onnx  # noqa: E402
+from transformers_alignedvq.export.edge_onnx import export_onnx  # noqa: E402
 
 
 def _pixels(seed: int, batch: int = 3) -> torch.Tensor:
@@ -101,7 +101,7 @@ def test_shortlist_search_is_exact_when_the_codebook_fits_its_rank():
 def test_patch_site_folds_its_convolution_into_the_codebook(tmp_path, method):
     import onnx
 
-    from transformers_alignedvq.edge_onnx import quantizes_front
+    from transformers_alignedvq.export.edge_onnx import quantizes_front
 
     model = tiny_alignedvq(split_site="patch", codebook_size=32)
     with torch.no_grad():

@@ -9,8 +9,8 @@ pytest.importorskip("constriction")
 from tests.wire_data import blocky_images  # noqa: E402
 from transformers_alignedvq import wire  # noqa: E402
 from transformers_alignedvq.client import EdgeClient, ServerError  # noqa: E402
-from transformers_alignedvq.edge_export import export_edge  # noqa: E402
 from transformers_alignedvq.entropy import ENTROPY_MODEL_NAME, EntropyModel, load_entropy_model  # noqa: E402
+from transformers_alignedvq.export.edge_export import export_edge  # noqa: E402
 from transformers_alignedvq.serving import BackgroundServer, ServerConfigError, create_app  # noqa: E402
 from transformers_alignedvq.testing import save_tiny_deployment  # noqa: E402
 

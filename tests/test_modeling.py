@@ -234,7 +234,7 @@ def test_bad_inputs_raise_value_errors_naming_the_problem(pixels):
 
 def test_edge_side_imports_nothing_from_the_cloud():
     code = (
-        "import sys, transformers_alignedvq.edge\n"
+        "import sys, transformers_alignedvq.export.edge\n"
         "banned = ['fastapi', 'uvicorn', 'peft', 'datasets', 'transformers.trainer',"
         " 'transformers.models.llama.modeling_llama', 'transformers_alignedvq.serving', 'transformers_alignedvq.training']\n"
         "print([m for m in banned if m in sys.modules])\n"

@@ -339,7 +339,7 @@ def test_api_keys_load_from_file_and_environment_and_are_never_echoed(tmp_path):
 def test_https_with_api_key_through_real_clients(deployment, tmp_path):
     trustme = pytest.importorskip("trustme")
     from transformers_alignedvq.client import EdgeClient, ServerError
-    from transformers_alignedvq.edge_export import export_edge
+    from transformers_alignedvq.export.edge_export import export_edge
 
     authority = trustme.CA()
     certificate = authority.issue_cert("127.0.0.1")
@@ -442,7 +442,7 @@ def test_serve_help_shows_every_limit_with_its_default(capsys):
 def test_ask_sends_the_key_from_a_file_or_the_environment(deployment, tmp_path, monkeypatch, capsys):
     from PIL import Image
 
-    from transformers_alignedvq.edge_export import export_edge
+    from transformers_alignedvq.export.edge_export import export_edge
 
     picture = tmp_path / "picture.png"
     Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(picture)

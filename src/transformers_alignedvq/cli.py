@@ -133,7 +133,7 @@ def _edge_folder(path: str, scratch: Path) -> str:
     """An exported edge folder for ``path``; a full model folder is exported into ``scratch`` first."""
     folder = Path(path)
     if folder.is_dir() and not (folder / "edge_config.json").is_file() and (folder / "config.json").is_file():
-        from .edge_export import export_edge
+        from .export.edge_export import export_edge
 
         print(f"{folder} is a full model folder: exporting its edge part once (use export-edge to keep it)",
               file=sys.stderr)
@@ -225,9 +225,9 @@ def _print_answer(answer, as_json: bool, text: bool = True) -> None:
 
 
 def cmd_export_edge(args) -> int:
-    from .edge_export import export_edge
     from .edge_runtime import load_edge_runtime
-    from .search import SearchConfig
+    from .export.edge_export import export_edge
+    from .export.search import SearchConfig
 
     calibration = None
     if args.int8:
@@ -254,7 +254,7 @@ def _image_files(folder: str, count: int) -> list[Path]:
 
 
 def cmd_info(args) -> int:
-    from .edge_export import describe_checkpoint
+    from .export.edge_export import describe_checkpoint
 
     summary = describe_checkpoint(_default_model(args.model))
     if args.json:

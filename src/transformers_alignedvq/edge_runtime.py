@@ -3,9 +3,9 @@
 An edge folder holds ``edge_config.json`` (split settings, vision tower config, image preprocessing, search,
 codebook fingerprint) and the edge's weights in one or both forms:
 
-* ``edge_model.onnx``: the edge as one ONNX graph (`edge_onnx.export_onnx`), run by ONNX Runtime with numpy,
+* ``edge_model.onnx``: the edge as one ONNX graph (`export.edge_onnx.export_onnx`), run by ONNX Runtime with numpy,
   without PyTorch or Transformers (``pip install "transformers-alignedvq[edge]"``);
-* ``edge_model.safetensors``: the PyTorch `edge.AlignedVQEdgeEncoder` (needs torch and transformers).
+* ``edge_model.safetensors``: the PyTorch `export.edge.AlignedVQEdgeEncoder` (needs torch and transformers).
 
 A full checkpoint folder carries the safetensors form. `load_edge_runtime` picks a backend ("auto": ONNX when
 the folder has it and onnxruntime is installed, else PyTorch); the client only sees `EdgeRuntime`. This module
@@ -15,7 +15,6 @@ imports numpy only; each backend imports its runtime when it is chosen.
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +22,20 @@ from typing import Callable
 
 import numpy as np
 
-from .checkpoint_limits import check_edge_folder
+from .edge_config import (
+    EDGE_CONFIG_NAME,
+    EDGE_FORMAT_VERSION,
+    EDGE_ONNX_NAME,
+    EDGE_SETTINGS,
+    EDGE_WEIGHTS_NAME,
+    frame_geometry,
+    read_edge_config,
+    write_edge_config,
+)
 from .entropy import ENTROPY_MODEL_NAME
-from .errors import CheckpointSizeError, EdgeCheckpointError
+from .errors import EdgeCheckpointError
 from .preprocess import ImagePreprocessing, read_preprocessing
-from .settings import SPLIT_SETTINGS
 
-EDGE_CONFIG_NAME = "edge_config.json"
-EDGE_WEIGHTS_NAME = "edge_model.safetensors"
-EDGE_ONNX_NAME = "edge_model.onnx"
-EDGE_FORMAT_VERSION = 1
-EDGE_SETTINGS = SPLIT_SETTINGS
 BACKENDS = ("onnx", "torch")
 # What a device fetches of a checkpoint. Transformers 5 keeps the image processor's settings inside
 # processor_config.json (older checkpoints: preprocessor_config.json); the edge needs them to resize and
@@ -84,43 +86,6 @@ class EdgeRuntime:
     def encode_image(self, image) -> np.ndarray:
         """One image (anything `preprocess.load_image` takes) -> indices ``(tokens, codes_per_token)``."""
         return self.encode(self.preprocessing(image))[0]
-
-
-def frame_geometry(image_size: int, patch_size: int) -> dict:
-    """Tokens per image and the grid recorded in frames: CLIP order, CLS token first."""
-    side = image_size // patch_size
-    return {"grid": (side, side), "has_cls_token": True, "num_tokens": side * side + 1}
-
-
-def read_edge_config(directory: str | os.PathLike) -> dict:
-    """``edge_config.json`` of ``directory``, checked for its format and the settings every backend needs."""
-    path = Path(directory) / EDGE_CONFIG_NAME
-    if not path.is_file():
-        raise EdgeCheckpointError(f"{EDGE_CONFIG_NAME} not found in {directory}; is this an AlignedVQ edge folder?")
-    try:
-        config = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise EdgeCheckpointError(f"{EDGE_CONFIG_NAME} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or config.get("format") != "alignedvq-edge" or config.get(
-        "format_version"
-    ) != EDGE_FORMAT_VERSION:
-        raise EdgeCheckpointError(
-            f"{EDGE_CONFIG_NAME} is not an AlignedVQ edge config of format version {EDGE_FORMAT_VERSION}."
-        )
-    missing = [key for key in ("vision_config", *EDGE_SETTINGS) if key not in config]
-    if missing:
-        raise EdgeCheckpointError(f"{EDGE_CONFIG_NAME} lacks {missing}.")
-    try:  # before any backend builds what the config asks for
-        check_edge_folder(directory, config, EDGE_WEIGHTS_NAME)
-    except CheckpointSizeError as exc:
-        raise EdgeCheckpointError(str(exc)) from None
-    return config
-
-
-def write_edge_config(directory: str | os.PathLike, config: dict) -> Path:
-    path = Path(directory) / EDGE_CONFIG_NAME
-    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return path
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -207,7 +172,7 @@ def _onnx_runtime(directory: Path, config: dict, threads: int | None) -> EdgeRun
 def _torch_runtime(directory: Path, device: str, threads: int | None) -> EdgeRuntime:
     import torch
 
-    from .edge import AlignedVQEdgeEncoder
+    from .export.edge import AlignedVQEdgeEncoder
 
     if threads:
         torch.set_num_threads(threads)

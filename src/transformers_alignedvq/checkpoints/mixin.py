@@ -114,7 +114,7 @@ class AlignedVQCheckpointMixin:
     def edge_encoder(self, image_processor=None):
         """A standalone module with only what the edge needs; see `AlignedVQEdgeEncoder`. Pass the model's
         image processor to record its exact preprocessing (default: the vision tower family's standard one)."""
-        from ..edge import AlignedVQEdgeEncoder
+        from ..export.edge import AlignedVQEdgeEncoder
 
         preprocessing = None
         if image_processor is not None:

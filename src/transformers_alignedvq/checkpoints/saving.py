@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from ..edge_export import write_checkpoint_edge
+from ..export.edge_export import write_checkpoint_edge
 from ..lora import has_lora, merge_lora_, save_lora
 from ..ptq import is_quantized, save_ptq
 from .cards import write_model_card

@@ -28,7 +28,7 @@ def easy_vqa_indices(model_dir: Path, split: str, *, batch_size: int = 200) -> t
     with tempfile.TemporaryDirectory() as scratch:
         edge_dir = model_dir
         if not (model_dir / EDGE_CONFIG_NAME).is_file():
-            from ..edge_export import export_edge
+            from ..export.edge_export import export_edge
 
             edge_dir = export_edge(model_dir, Path(scratch) / "edge")
         edge = load_edge_runtime(edge_dir)

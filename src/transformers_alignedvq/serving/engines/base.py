@@ -20,8 +20,9 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import torch
 
-from ...edge_export import describe
 from ...errors import ServerConfigError
+from ...export.edge_export import describe
+from ...settings import FRAME_SETTINGS
 from ..errors import InvalidQuestionError
 from ..sampling import SamplingOptions
 
@@ -79,8 +80,7 @@ class AnswerEngine(ABC):
         template_owner = processor if getattr(processor, "chat_template", None) else tokenizer
         self._template_owner = template_owner if getattr(template_owner, "chat_template", None) else None
         geometry = describe(
-            settings={key: getattr(config, key)
-                      for key in ("split_layer", "split_site", "codebook_size", "num_codebooks", "num_groups")},
+            settings={key: getattr(config, key) for key in FRAME_SETTINGS},
             image_size=config.vision_config.image_size,
             patch_size=config.vision_config.patch_size,
             fingerprint=self.fingerprint,
