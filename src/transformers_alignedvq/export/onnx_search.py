@@ -31,6 +31,9 @@ from __future__ import annotations
 import numpy as np
 
 OPSET = 17
+# The IR version that goes with opset 17: what onnx writes by default is newer than the oldest onnxruntime we
+# support (1.20 reads IR <= 10), and nothing here needs more.
+IR_VERSION = 8
 # Rows the shortlist scores per step: their (64, 4,096) fp32 scores (1 MiB) stay in the L2 cache between the
 # product and TopK, where all 577 rows' 9.4 MB would go through memory twice. 64 was the fastest of 48 ... 192
 # on a LLaVA-1.5 image (`benchmarks/edge_encode.py`).
@@ -133,7 +136,7 @@ def _model(graph: _Graph, input_name: str, input_shape: list, output_name: str, 
     inputs = [helper.make_tensor_value_info(input_name, TensorProto.FLOAT, input_shape)]
     outputs = [helper.make_tensor_value_info(output_name, TensorProto.INT64, output_shape)]
     body = helper.make_graph(graph.nodes, "alignedvq_edge", inputs, outputs, graph.initializers)
-    return helper.make_model(body, opset_imports=[helper.make_opsetid("", opset)])
+    return helper.make_model(body, opset_imports=[helper.make_opsetid("", opset)], ir_version=IR_VERSION)
 
 
 def search_model(search, dim: int, *, input_name: str = "features", output_name: str = "indices",
