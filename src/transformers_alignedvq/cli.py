@@ -461,5 +461,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+__all__ = [
+    "API_KEY_ENV",
+    "NO_BUNDLED_MODEL",
+    "CliError",
+    "build_parser",
+    "cmd_ask",
+    "cmd_demo",
+    "cmd_export_edge",
+    "cmd_export_vllm",
+    "cmd_info",
+    "cmd_serve",
+    "main",
+    "parse_vllm_args",
+]
+
+
 if __name__ == "__main__":
     sys.exit(main())

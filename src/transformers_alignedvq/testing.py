@@ -140,3 +140,18 @@ def save_tiny_deployment(directory: str | os.PathLike, *, seed: int = 0, **vq_op
     tiny_model(seed=seed, **vq_options).save_pretrained(directory)
     tiny_processor().save_pretrained(directory)
     return directory
+
+
+__all__ = [
+    "CHAT_TEMPLATE",
+    "IMAGE_SIZE",
+    "IMAGE_TOKEN_ID",
+    "INIT_RANGE",
+    "PATCH_SIZE",
+    "VOCAB_SIZE",
+    "WITHOUT_CLOUD_PACKAGES",
+    "save_tiny_deployment",
+    "tiny_model",
+    "tiny_processor",
+    "tiny_tokenizer",
+]

@@ -96,3 +96,10 @@ def hub_reference(name_or_path) -> tuple[str | None, str | None]:
     return text, None
 
 
+__all__ = [
+    "TEMPLATE_PATH",
+    "card_eval_results",
+    "card_title",
+    "hub_reference",
+    "write_model_card",
+]

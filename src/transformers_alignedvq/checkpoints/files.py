@@ -123,3 +123,22 @@ def checkpoint_files(directory: str | os.PathLike) -> dict[str, int]:
 
 def read_json(path: str | os.PathLike) -> dict:
     return json.loads(Path(path).read_text())
+
+
+__all__ = [
+    "ALIGNEDVQ_WEIGHTS_NAME",
+    "AUTO_MAP",
+    "FP32_TENSORS",
+    "LORA_SUBFOLDER",
+    "MODEL_FOLDER",
+    "REMOTE_CODE_FILES",
+    "WEIGHTS_INDEX_NAME",
+    "WEIGHTS_NAME",
+    "check_tensor_dtypes",
+    "check_weight_files",
+    "checkpoint_files",
+    "hub_kwargs_from",
+    "read_json",
+    "read_safetensors_header",
+    "weight_files",
+]

@@ -265,3 +265,19 @@ def load_llava(path_or_id, **load_kwargs):
     model, info = LlavaForConditionalGeneration.from_pretrained(path_or_id, output_loading_info=True, **load_kwargs)
     check_loading_info({"missing_keys": info.get("missing_keys", ())}, source=str(path_or_id))
     return model
+
+
+__all__ = [
+    "apply_alignedvq_state",
+    "check_base_compatible",
+    "check_complete_load",
+    "check_loading_info",
+    "load_adapter_checkpoint",
+    "load_from_state_dict",
+    "load_full_checkpoint",
+    "load_llava",
+    "maybe_load_lora",
+    "maybe_load_ptq",
+    "module_state_dict",
+    "read_alignedvq_config",
+]

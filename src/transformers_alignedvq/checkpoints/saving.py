@@ -132,3 +132,10 @@ def save_checkpoint(
     finally:
         config.checkpoint_kind = original_kind
     return directory
+
+
+__all__ = [
+    "alignedvq_state_dict",
+    "save_checkpoint",
+    "write_remote_code",
+]

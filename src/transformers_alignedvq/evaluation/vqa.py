@@ -240,3 +240,14 @@ def indices_over_the_wire(model, pixels, *, edge=None, entropy_model=None, finge
         received.append(np.array(decode_frame(frame, num_tokens=config.num_image_tokens, **frame_options).indices))
     cloud = torch.from_numpy(np.stack(received)).to(next(model.parameters()).device)
     return (cloud[..., 0] if config.codes_per_token == 1 else cloud), sizes, coded
+
+
+__all__ = [
+    "evaluate_vqa",
+    "indices_over_the_wire",
+    "jpeg_roundtrip",
+    "normalize_answer",
+    "png_bytes",
+    "vqa_accuracy",
+    "vqa_score",
+]

@@ -231,3 +231,7 @@ class AlignedVQEdgeEncoder(nn.Module):
             )
         return edge.eval()
 
+
+__all__ = [
+    "AlignedVQEdgeEncoder",
+]

@@ -249,3 +249,14 @@ def write_checkpoint_edge(model, directory: str | os.PathLike, mode: bool | str 
         warnings.warn(message, RuntimeWarning, stacklevel=3)
         return
     export_onnx_folder(edge, directory, int8=mode == "int8", calibration_images=calibration_images)
+
+
+__all__ = [
+    "CHECKPOINT_EDGE_MODES",
+    "EXPORT_FORMATS",
+    "describe",
+    "describe_checkpoint",
+    "export_edge",
+    "export_onnx_folder",
+    "write_checkpoint_edge",
+]

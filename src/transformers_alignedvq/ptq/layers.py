@@ -347,3 +347,29 @@ def load_ptq(model: nn.Module, config_path, weights_path, weight_paths) -> nn.Mo
     except Exception as exc:  # safetensors raises its own error types for truncated or corrupt files
         _fail(f"cannot be read (truncated or corrupt?): {exc}")
     return apply_ptq(model, config, state)
+
+
+__all__ = [
+    "PARTS",
+    "PTQ_CONFIG_NAME",
+    "PTQ_FORMAT",
+    "PTQ_FORMAT_VERSION",
+    "PTQ_WEIGHTS_NAME",
+    "SUPPORTED_BITS",
+    "QuantLinear",
+    "activation_qparams",
+    "apply_ptq",
+    "check_bits",
+    "edge_quantizers",
+    "fake_quantize",
+    "is_quantized",
+    "load_ptq",
+    "model_bits",
+    "ptq_state",
+    "quant_layers",
+    "quantizers_disabled",
+    "replace_linear",
+    "save_ptq",
+    "weight_range",
+    "weight_scales",
+]

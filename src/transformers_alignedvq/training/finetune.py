@@ -342,5 +342,22 @@ def main(argv=None) -> dict:
     return {"log_history": trainer.state.log_history, "output": args.output}
 
 
+__all__ = [
+    "SITES",
+    "build_model",
+    "calibration_batches",
+    "fit_entropy_model",
+    "images_per_batch",
+    "load_train_data",
+    "main",
+    "parse_args",
+    "push",
+    "resume_point",
+    "save_entropy_model",
+    "split_off_images",
+    "training_arguments",
+]
+
+
 if __name__ == "__main__":
     main()

@@ -319,3 +319,16 @@ class AlignedVQTrainer(Trainer):
                 logs[name] = round(total / count, 6) if not math.isnan(total) else total
             self._vq_sums, self._vq_count = {}, 0
         super().log(logs, *args, **kwargs)
+
+
+__all__ = [
+    "DEFAULT_LORA_TARGETS",
+    "AlignedVQTrainer",
+    "SharedPrefixLoss",
+    "cache_argument",
+    "checkpointing_argument",
+    "cloud_vision_lora_targets",
+    "prepare_for_finetuning",
+    "shared_image_prefix_loss",
+    "trainable_parameters",
+]

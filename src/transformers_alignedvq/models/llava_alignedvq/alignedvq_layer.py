@@ -186,3 +186,10 @@ class AlignedVQLayer(nn.Module):
         weight, bias = self._pre_quantization_affine()
         pre = torch.addmm(bias, z.to(device=weight.device, dtype=torch.float32), weight.T)
         self.quantizer.init_from_features(pre, iters=iters, seed=seed)
+
+
+__all__ = [
+    "AlignedVQLayer",
+    "AlignedVQLayerOutput",
+    "fold_codebook",
+]

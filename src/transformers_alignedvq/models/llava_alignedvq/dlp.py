@@ -41,3 +41,8 @@ class DualLinearProjection(nn.Module):
         weight = self.proj.weight.float()
         eye = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
         return eye + scale * weight, scale * self.proj.bias.float()
+
+
+__all__ = [
+    "DualLinearProjection",
+]

@@ -417,3 +417,14 @@ class VectorQuantizer(nn.Module):
         self.cluster_size.fill_(1.0)
         self.embed_sum.copy_(self.codebook)
 
+
+__all__ = [
+    "QuantizerOutput",
+    "VectorQuantizer",
+    "all_reduce_sum_",
+    "broadcast_",
+    "codebook_perplexity",
+    "kmeans",
+    "nearest_codeword",
+    "squared_norms",
+]

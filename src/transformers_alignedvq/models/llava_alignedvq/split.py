@@ -174,3 +174,18 @@ def recorded_attentions(tower: nn.Module, enabled: bool = True):
         for hook in hooks:
             hook.remove()
 
+
+__all__ = [
+    "SPLIT_SITES",
+    "add_positions",
+    "block_from_site",
+    "block_to_site",
+    "check_pixel_values",
+    "cloud_forward",
+    "edge_forward",
+    "edge_hidden_states",
+    "embed",
+    "patch_content",
+    "recorded_attentions",
+    "vision_blocks",
+]
