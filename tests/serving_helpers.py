@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -54,3 +55,22 @@ def post_to(client, body: bytes, query: str = "") -> dict:
     response = client.post(f"/v1/answer{query}", content=body, headers=OCTET)
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def descendants(root: int) -> dict[int, str]:
+    """Live descendants of process ``root``: pid -> name."""
+    parents, names = {}, {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                name = (entry / "comm").read_text().strip()
+            except OSError:
+                continue
+            if fields[0] != "Z":
+                parents[int(entry.name)], names[int(entry.name)] = int(fields[1]), name
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return {pid: names[pid] for pid in found}

@@ -16,7 +16,7 @@ pytest.importorskip("vllm")
 from fastapi.testclient import TestClient  # noqa: E402
 
 import transformers_alignedvq  # noqa: E402
-from tests.serving_helpers import OCTET, assert_error, make_frame, post_to, streamed  # noqa: E402
+from tests.serving_helpers import OCTET, assert_error, descendants, make_frame, post_to, streamed  # noqa: E402
 from transformers_alignedvq.demo import demo_samples  # noqa: E402
 from transformers_alignedvq.serving import create_app  # noqa: E402
 
@@ -126,23 +126,8 @@ def test_settings_vllm_refuses_are_a_start_up_error():
 def vllm_processes() -> dict[int, str]:
     """Live descendants of this process that vLLM named (``VLLM::EngineCore``, ``VLLM::Worker``): pid -> name."""
     import os
-    from pathlib import Path
 
-    parents, names = {}, {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                name = (entry / "comm").read_text().strip()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                parents[int(entry.name)], names[int(entry.name)] = int(fields[1]), name
-    ours, frontier = set(), {os.getpid()}
-    while frontier:
-        ours |= frontier
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - ours
-    return {pid: names[pid] for pid in ours if names.get(pid, "").startswith("VLLM::")}
+    return {pid: name for pid, name in descendants(os.getpid()).items() if name.startswith("VLLM::")}
 
 
 # Last in this module: it closes the module's engine.

@@ -26,7 +26,7 @@ pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
 
 import transformers_alignedvq  # noqa: E402
-from tests.serving_helpers import OCTET, make_frame  # noqa: E402
+from tests.serving_helpers import OCTET, descendants, make_frame  # noqa: E402
 from transformers_alignedvq.demo import demo_samples  # noqa: E402
 from transformers_alignedvq.serving import BackgroundServer, create_app  # noqa: E402
 
@@ -68,25 +68,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def descendants(root: int) -> dict[int, str]:
-    """Live descendants of process ``root``: pid -> name."""
-    parents, names = {}, {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-                name = (entry / "comm").read_text().strip()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                parents[int(entry.name)], names[int(entry.name)] = int(fields[1]), name
-    found, frontier = set(), {root}
-    while frontier:
-        frontier = {pid for pid, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return {pid: names[pid] for pid in found}
 
 
 def running(pid: int) -> bool:

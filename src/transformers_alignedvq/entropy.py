@@ -326,17 +326,8 @@ class EntropyModel:
 
     def decode_question(self, payload: bytes, *, max_question_bytes: int = MAX_CODED_PROMPT_BYTES) -> str:
         """Inverse of `encode_question`, bounded like `decode_payload`."""
-        words = np.frombuffer(bytes(payload) + bytes(-len(payload) % 4), dtype="<u4").astype(np.uint32)
-        try:
-            coder = _constriction().stream.stack.AnsCoder(words)
-            question = self._decode_question(coder, min(int(max_question_bytes), MAX_CODED_PROMPT_BYTES))
-            leftover = not coder.is_empty()
-        except WireFormatError:
-            raise
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # noqa: BLE001 - pyo3 maps Rust panics to a BaseException
-            raise WireFormatError(f"coded question is corrupt: {exc}") from None
+        limit = min(int(max_question_bytes), MAX_CODED_PROMPT_BYTES)
+        question, leftover = _decoded(payload, lambda coder: self._decode_question(coder, limit), "coded question")
         if leftover:
             raise WireFormatError("coded question has unread data after its end")
         return question
@@ -350,18 +341,12 @@ class EntropyModel:
         soon as the coder runs out of data (a valid payload is consumed only by its last index).
         """
         limit = min(int(max_question_bytes), MAX_CODED_PROMPT_BYTES)
-        words = np.frombuffer(bytes(payload) + bytes(-len(payload) % 4), dtype="<u4").astype(np.uint32)
-        try:
-            coder = _constriction().stream.stack.AnsCoder(words)
+
+        def read(coder):
             question = self._decode_question(coder, limit) if with_question else None
-            tokens = self._decode_indices(coder)
-            leftover = not coder.is_empty()
-        except WireFormatError:
-            raise
-        except (KeyboardInterrupt, SystemExit):
-            raise
-        except BaseException as exc:  # noqa: BLE001 - pyo3 maps Rust panics to a BaseException
-            raise WireFormatError(f"entropy-coded payload is corrupt: {exc}") from None
+            return question, self._decode_indices(coder)
+
+        (question, tokens), leftover = _decoded(payload, read, "entropy-coded payload")
         if leftover:
             raise WireFormatError("entropy-coded payload has unread data after the last index; the frame is "
                                   "corrupt or was coded with another constriction release")
@@ -425,6 +410,19 @@ def _pop(coder: Any, model: Any, *, repeats: bool) -> int:
     if repeats and coder.pos() == before:
         raise WireFormatError("entropy-coded payload is corrupt: the data ended before the last symbol")
     return symbol
+
+
+def _decoded(payload: bytes, read: Any, what: str) -> tuple[Any, bool]:
+    """``(read(coder), whether data is left)`` for an ANS coder over ``payload``; a corrupt payload (including
+    a panic in constriction, which pyo3 raises as a `BaseException`) is a `WireFormatError` naming ``what``."""
+    words = np.frombuffer(bytes(payload) + bytes(-len(payload) % 4), dtype="<u4").astype(np.uint32)
+    try:
+        coder = _constriction().stream.stack.AnsCoder(words)
+        return read(coder), not coder.is_empty()
+    except (WireFormatError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - pyo3 maps Rust panics to a BaseException
+        raise WireFormatError(f"{what} is corrupt: {exc}") from None
 
 
 def _words_to_bytes(words: np.ndarray) -> bytes:
