@@ -9,17 +9,7 @@
 * `entropy_fit.py`: fitting the entropy model of coded frames for a trained model's folder.
 """
 
-from .trainer import (
-    DEFAULT_LORA_TARGETS,
-    AlignedVQTrainer,
-    SharedPrefixLoss,
-    cache_argument,
-    checkpointing_argument,
-    cloud_vision_lora_targets,
-    prepare_for_finetuning,
-    shared_image_prefix_loss,
-    trainable_parameters,
-)
+import importlib
 
 __all__ = [
     "DEFAULT_LORA_TARGETS",
@@ -32,3 +22,13 @@ __all__ = [
     "shared_image_prefix_loss",
     "trainable_parameters",
 ]
+
+
+def __getattr__(name: str):
+    """The trainer's names, imported on first use: `training.data` (which evaluation reads) then loads without
+    the `Trainer`, and evaluation and training do not import each other at import time."""
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(".trainer", __name__), name)
+    globals()[name] = value
+    return value
