@@ -37,6 +37,8 @@ def module_state_dict(model, state: dict[str, torch.Tensor]) -> dict[str, torch.
     from transformers.core_model_loading import revert_weight_conversion
 
     own = model.state_dict(keep_vars=True)
+    if all(key in own for key in state):  # already the model's names (PEFT loading an adapter, a user's dict)
+        return state
     module_of = {id(tensor): key for key, tensor in own.items()}
     saved_names = revert_weight_conversion(model, {key.replace(".base_layer.", "."): own[key] for key in own})
     to_module = {name: module_of[id(tensor)] for name, tensor in saved_names.items() if id(tensor) in module_of}

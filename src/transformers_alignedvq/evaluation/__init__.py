@@ -1,22 +1,5 @@
 """Evaluation: VQA accuracy (the VQA-v2 answer normalisation) of a model, with images over the real wire
-format (`vqa.py`)."""
+format (`vqa.py`), and the paired tests the reports decide claims with (`significance.py`)."""
 
-from .vqa import (
-    evaluate_vqa,
-    indices_over_the_wire,
-    jpeg_roundtrip,
-    normalize_answer,
-    png_bytes,
-    vqa_accuracy,
-    vqa_score,
-)
-
-__all__ = [
-    "evaluate_vqa",
-    "indices_over_the_wire",
-    "jpeg_roundtrip",
-    "normalize_answer",
-    "png_bytes",
-    "vqa_accuracy",
-    "vqa_score",
-]
+from .vqa import *  # noqa: F403 (the public names of vqa.py, listed in its __all__)
+from .vqa import __all__ as __all__

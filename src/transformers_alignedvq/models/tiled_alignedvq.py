@@ -228,16 +228,8 @@ class TiledAlignedVQGenerationMixin:
                 geometry = self.model.frame_geometry(batch["image_sizes"], batch.get("batch_num_images"))
                 tiles = self.model.pixel_tiles(batch["pixel_values"], geometry)
             tiles = tiles.to(self.model.vision_tower.device)
-            features.append(self.model.edge_features(tiles).reshape(-1, self.config.vision_config.hidden_size))
-        if not features:
-            raise ValueError("init_codebook got no calibration batches.")
-        features = torch.cat(features).float()
-        if features.shape[0] > max_features:
-            generator = torch.Generator().manual_seed(seed)
-            features = features[torch.randperm(features.shape[0], generator=generator)[:max_features]]
-        quantizer = self.model.alignedvq.quantizer
-        self.model.alignedvq.init_codebook(features.to(quantizer.codebook.device), iters=iters, seed=seed)
-        return features.shape[0]
+            features.append(self.model.edge_features(tiles))
+        return self.model.alignedvq.fit_codebook(features, iters=iters, max_features=max_features, seed=seed)
 
     def encode_edge(self, pixel_values, image_sizes, batch_num_images=None) -> torch.LongTensor:
         """Edge half: pixels -> indices `(num_tiles, tokens_per_tile[, codes_per_token])`."""

@@ -187,6 +187,19 @@ class AlignedVQLayer(nn.Module):
         pre = torch.addmm(bias, z.to(device=weight.device, dtype=torch.float32), weight.T)
         self.quantizer.init_from_features(pre, iters=iters, seed=seed)
 
+    @torch.no_grad()
+    def fit_codebook(self, features: list[torch.Tensor], *, iters: int = 20, max_features: int = 200_000,
+                     seed: int = 0) -> int:
+        """`init_codebook` on site features gathered in pieces ``[(n_i, dim), ...]``, at most ``max_features``
+        of them (a random subset drawn with ``seed``). Returns the number of features clustered."""
+        if not features:
+            raise ValueError("init_codebook got no calibration batches.")
+        z = torch.cat([f.reshape(-1, f.shape[-1]) for f in features]).float()
+        if z.shape[0] > max_features:
+            z = z[torch.randperm(z.shape[0], generator=torch.Generator().manual_seed(seed))[:max_features]]
+        self.init_codebook(z.to(self.quantizer.codebook.device), iters=iters, seed=seed)
+        return z.shape[0]
+
 
 __all__ = [
     "AlignedVQLayer",

@@ -149,7 +149,7 @@ def with_parent_signature(parent_forward, **ours):
 
 def bind_arguments(forward, model, args: tuple, kwargs: dict) -> dict:
     """``forward``'s arguments by name (positional ones included, ``**kwargs`` merged in), without ``self``."""
-    bound = inspect.signature(forward).bind(model, *args, **kwargs)
+    bound = forward.__signature__.bind(model, *args, **kwargs)  # set by `with_parent_signature`
     named = {name: value for name, value in bound.arguments.items() if name != "self"}
     named.update(named.pop("kwargs", {}))
     return named
@@ -551,15 +551,8 @@ class LlavaAlignedVQForConditionalGeneration(_CheckpointMixin, LlavaForCondition
         for batch in pixel_batches:
             pixels = batch["pixel_values"] if isinstance(batch, dict) else batch
             pixels = pixels.to(self.model.vision_tower.device)
-            features.append(self.model.edge_features(pixels).reshape(-1, self.config.vision_config.hidden_size))
-        if not features:
-            raise ValueError("init_codebook got no calibration batches.")
-        features = torch.cat(features).float()
-        if features.shape[0] > max_features:
-            generator = torch.Generator().manual_seed(seed)
-            features = features[torch.randperm(features.shape[0], generator=generator)[:max_features]]
-        self.model.alignedvq.init_codebook(features.to(self.model.alignedvq.quantizer.codebook.device), iters=iters, seed=seed)
-        return features.shape[0]
+            features.append(self.model.edge_features(pixels))
+        return self.model.alignedvq.fit_codebook(features, iters=iters, max_features=max_features, seed=seed)
 
     # ------------------------------------------------------------------------------------------------
     # edge / cloud entry points
