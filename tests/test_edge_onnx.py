@@ -127,3 +127,41 @@ def test_patch_site_folds_its_convolution_into_the_codebook(tmp_path, method):
     # the folder's config says so (export_onnx_folder records int8 only where a front was quantized)
     assert not quantizes_front(edge, True)
     assert quantizes_front(tiny_alignedvq(split_site="input").edge_encoder(), True)
+
+
+@pytest.mark.parametrize("site,method", [("patch", "exact"), ("patch", "shortlist"), ("input", "exact"),
+                                         ("ln1", "shortlist")])
+def test_residual_edge_folds_every_stage(tmp_path, site, method):
+    """Residual VQ's stages search folded tables in PyTorch and in ONNX (any batch), with the same indices as
+    the model's own residual search (exact; a shortlist as wide as the codebook is exact too)."""
+    model = tiny_alignedvq(split_site=site, codebook_size=32, num_codebooks=3)
+    with torch.no_grad():
+        model.model.alignedvq.dlp_in.gate.fill_(0.3)
+    # k-means codebooks, as after `init_codebook`: random later stages lie far from the residuals they code, and
+    # their near-ties then break differently under fp32 rounding of different (equivalent) formulas
+    model.init_codebook([_pixels(seed, 4) for seed in range(8)], iters=5)
+    wide = SearchConfig(method, rank=8, candidates=32 if method == "shortlist" else 8)
+    edge = model.edge_encoder().refresh_search(wide)
+    pixels = _pixels(5)
+    assert torch.equal(edge(pixels), model.encode_edge(pixels))
+    edge.refresh_search(SearchConfig(method, rank=4, candidates=3))  # a real shortlist: ONNX == PyTorch
+    session = _session(export_onnx(edge, tmp_path / "edge.onnx"))
+    assert session.get_inputs()[0].shape[0] == "batch"
+    for batch in (1, 3):
+        pixels = _pixels(20 + batch, batch)
+        got = session.run(None, {"pixel_values": pixels.numpy()})[0]
+        assert got.shape == (batch, NUM_PATCHES + 1, 3)
+        assert np.array_equal(got, edge(pixels).numpy())
+
+
+def test_residual_stage_search_matches_the_quantizer_on_many_features():
+    from transformers_alignedvq.export.search import ResidualCodewordSearch
+    from transformers_alignedvq.models.llava_alignedvq.alignedvq_layer import AlignedVQLayer
+
+    torch.manual_seed(0)
+    layer = AlignedVQLayer(24, 64, num_codebooks=3, use_dlp=True)
+    features = torch.randn(3000, 24) * 3 + 1
+    layer.init_codebook(layer.pre_quantization(features).detach(), iters=5)
+    weight, bias = layer._pre_quantization_affine()
+    search = ResidualCodewordSearch(layer.quantizer.codebook[:, 0].detach(), weight.detach(), bias.detach())
+    assert torch.equal(search(features.reshape(100, 30, 24)), layer.encode(features).reshape(100, 30, 3))

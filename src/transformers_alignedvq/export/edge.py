@@ -30,7 +30,7 @@ from ..errors import EdgeCheckpointError
 from ..models.llava_alignedvq import split
 from ..models.llava_alignedvq.alignedvq_layer import AlignedVQLayer, fold_codebook
 from ..preprocess import ImagePreprocessing, read_preprocessing
-from .search import CodewordSearch, SearchConfig
+from .search import CodewordSearch, ResidualCodewordSearch, SearchConfig
 
 # Submodules of the split block the edge never runs, by site.
 _UNUSED_AT_SITE = {
@@ -107,7 +107,7 @@ class AlignedVQEdgeEncoder(nn.Module):
 
     def refresh_search(self, config: SearchConfig | None = None) -> "AlignedVQEdgeEncoder":
         """(Re)build the search tables from the current weights, optionally with another search config.
-        Residual or grouped codebooks keep the generic exact search."""
+        Residual codebooks get the folded residual search; grouped ones keep the generic exact search."""
         self.search_config = config or self.search_config
         layer = self.alignedvq
         self.search = None
@@ -116,8 +116,12 @@ class AlignedVQEdgeEncoder(nn.Module):
                 folded, offsets = fold_codebook(layer.quantizer.codebook[0, 0], *layer._pre_quantization_affine())
             device = layer.quantizer.codebook.device
             self.search = CodewordSearch(folded, offsets, self.search_config).to(device)
+        elif layer.quantizer.num_groups == 1:
+            with torch.no_grad():
+                codebooks, (weight, bias) = layer.quantizer.codebook[:, 0], layer._pre_quantization_affine()
+                self.search = ResidualCodewordSearch(codebooks, weight, bias, self.search_config).to(codebooks.device)
         elif self.search_config.method != "exact":
-            raise ValueError("only a single codebook and group supports the shortlist search")
+            raise ValueError("grouped codebooks support only the exact search")
         return self
 
     @classmethod

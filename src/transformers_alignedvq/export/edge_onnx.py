@@ -6,8 +6,8 @@
   ``pixel_values (batch, 3, size, size) -> features (batch, tokens, dim)``;
 * the *search*: input DLP folded into the codebook, exact or shortlist search
   (`search.CodewordSearch`), ``features -> indices (batch, tokens[, codes])``, written directly as ONNX
-  (`onnx_search`: what ONNX Runtime runs fastest on one thread); residual or grouped codebooks export
-  PyTorch's generic search.
+  (`onnx_search`: what ONNX Runtime runs fastest on one thread), one codebook or residual stages; grouped
+  codebooks export PyTorch's generic search.
 
 At the ``patch`` site there is no front: the patch convolution is linear, so it is folded into the codebook and
 the graph searches raw pixel patches (`onnx_search.patch_edge_model`); ``int8`` has nothing to quantize there.
@@ -96,7 +96,7 @@ def export_onnx(edge, path: str | os.PathLike, *, int8: bool = False,
         return path
     vision = edge.vision_config
     # The folded search takes any batch (exported from a batch of 2: with 1, torch.export would make the batch
-    # dimension a constant). The generic residual/grouped search loops over chunks of its input, so its graph
+    # dimension a constant). The generic grouped search loops over chunks of its input, so its graph
     # takes one image at a time; `edge_runtime` runs such a graph image by image.
     dynamic = edge.search is not None
     example = torch.zeros(2 if dynamic else 1, vision.num_channels, vision.image_size, vision.image_size)

@@ -45,11 +45,16 @@ class _Graph:
 
     def __init__(self, prefix: str):
         self.prefix, self.nodes, self.initializers, self._count = prefix, [], [], 0
+        self._names: set[str] = set()
 
     def const(self, array: np.ndarray, name: str) -> str:
         from onnx import numpy_helper
 
         name = self.prefix + name
+        while name in self._names:  # a helper used twice (one search stage after another) names its tables again
+            self._count += 1
+            name = f"{self.prefix}{name.removeprefix(self.prefix)}_{self._count}"
+        self._names.add(name)
         self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
@@ -141,19 +146,90 @@ def _model(graph: _Graph, input_name: str, input_shape: list, output_name: str, 
 
 def search_model(search, dim: int, *, input_name: str = "features", output_name: str = "indices",
                  opset: int = OPSET):
-    """The search alone as an ONNX model: ``features (batch, tokens, dim)`` -> ``indices (batch, tokens)``
-    (``opset`` >= 17; the ops used mean the same in every later one)."""
+    """The search alone as an ONNX model: ``features (batch, tokens, dim)`` -> ``indices (batch, tokens)``, or
+    ``(batch, tokens, stages)`` for a residual search (``opset`` >= 17; the ops used mean the same in every later
+    one)."""
     graph = _Graph("search/")
     rows = graph.op("Reshape", [input_name, graph.const(np.array([-1, dim], np.int64), "rows_shape")])
-    found = nearest_codewords(graph, rows, search)
+    found = codewords(graph, rows, search)  # (n, stages)
     shape = graph.op("Shape", [input_name], end=2)
+    stages = _stages(search)
+    if stages > 1:
+        shape = graph.op("Concat", [shape, graph.const(np.array([stages], np.int64), "stages")], axis=0)
     graph.op("Reshape", [found, shape], [output_name])
-    return _model(graph, input_name, ["batch", "tokens", dim], output_name, ["batch", "tokens"], opset)
+    out = ["batch", "tokens"] + ([stages] if stages > 1 else [])
+    return _model(graph, input_name, ["batch", "tokens", dim], output_name, out, opset)
+
+
+def _stages(search) -> int:
+    return 1 + len(getattr(search, "stages", ()))
+
+
+def codewords(graph: _Graph, rows: str, search, *, weight=None, bias=None) -> str:
+    """`nearest_codewords` for a `CodewordSearch`, or every stage of a `ResidualCodewordSearch`: ``(n, stages)``."""
+    if not hasattr(search, "stages"):
+        return nearest_codewords(graph, rows, search, weight=weight, bias=bias)
+    found = [nearest_codewords(graph, rows, search.first, weight=weight, bias=bias)]  # (n, 1) each
+    prev = _gathered(graph, search.first_codebook, found[0], "words_0")
+    for number, stage in enumerate(search.stages, start=1):
+        found.append(_residual_stage(graph, rows, stage, prev, number, weight, bias))
+        prev = graph.op("Add", [prev, _gathered(graph, stage.words, found[-1], f"words_{number}")])
+    return graph.op("Concat", found, axis=1)
+
+
+def _gathered(graph: _Graph, table, index: str, name: str) -> str:
+    """Rows ``table[index[:, 0]]``, ``(n, d)``, of a torch ``table`` ``(K, d)``."""
+    flat = graph.op("Squeeze", [index, graph.const(np.array([1], np.int64), name + "_axis")])
+    return graph.op("Gather", [graph.const(table.float().numpy(), name), flat], axis=0)
+
+
+def _composed(table: np.ndarray, weight, bias) -> tuple[np.ndarray, np.ndarray]:
+    """``z -> table @ z`` as ``x -> table_x @ x + shift`` where ``z = x @ weight.T + bias``: ``(table_x, shift)``."""
+    table = table.astype(np.float64)
+    if weight is None:
+        return table, np.zeros(table.shape[0])
+    return table @ weight.astype(np.float64), (0.0 if bias is None else table @ bias.astype(np.float64))
+
+
+def _residual_stage(graph: _Graph, rows: str, stage, prev: str, number: int, weight, bias) -> str:
+    """One `search.ResidualStage` on ``rows`` ``(n, dim)`` with ``prev`` ``(n, d)`` -> ``(n, 1)`` int64; the
+    rows' features are ``rows @ weight.T + bias`` (``None``: the rows themselves)."""
+    def const(array, name):
+        return graph.const(np.ascontiguousarray(array, dtype=np.float32), f"stage{number}_{name}")
+
+    folded, shift = _composed(stage.folded.double().numpy(), weight, bias)
+    offsets = stage.offsets.double().numpy() - 2.0 * shift
+    codebook = stage.codebook.double().numpy()
+    last = graph.const(np.array([-1], np.int64), f"stage{number}_last")
+    if stage.config.method == "exact":
+        scores = graph.op("Gemm", [rows, const(-2.0 * folded.T, "table_t"), const(offsets, "offsets")])
+        scores = graph.op("Add", [scores, graph.op("MatMul", [prev, const(2.0 * codebook.T, "cross_t")])])
+        return graph.op("TopK", [scores, graph.const(np.array([1], np.int64), f"stage{number}_one")], 2, axis=-1,
+                        largest=0, sorted=0)[1]
+    # The shortlist: B r = (B M) z + B c - B prev, with a last coordinate 1 that carries the codeword norms.
+    projection, projection_shift = _composed(stage.projection.double().numpy(), weight, bias)
+    lift = np.concatenate([projection.T, np.zeros((projection.shape[1], 1))], axis=1)
+    unit = np.append(stage.projection_bias.double().numpy() + projection_shift, 1.0)
+    basis = np.concatenate([stage.basis.double().numpy().T, np.zeros((codebook.shape[1], 1))], axis=1)
+    low = graph.op("Sub", [graph.op("Gemm", [rows, const(lift, "basis_t"), const(unit, "unit")]),
+                           graph.op("MatMul", [prev, const(basis, "prev_basis_t")])])  # (n, rank + 1)
+    low_table = np.concatenate([-2.0 * stage.low.double().numpy().T, stage.norms.double().numpy()[None]], axis=0)
+    count = min(stage.config.candidates, codebook.shape[0])
+    candidates = _shortlist_in_chunks(graph, low, low_table.astype(np.float32), count)  # (n, c)
+    # Exact distances of the candidates: their rows of -2 E M and 2 E, one small product each.
+    def dot(table, name, vector):
+        picked = graph.op("Gather", [const(table, name), candidates], axis=0)  # (n, c, width)
+        return graph.op("Squeeze", [graph.op("MatMul", [picked, graph.op("Unsqueeze", [vector, last])]), last])
+
+    exact = graph.op("Add", [dot(-2.0 * folded, "table", rows), dot(2.0 * codebook, "words2", prev)])
+    exact = graph.op("Add", [exact, graph.op("Gather", [const(offsets, "table_offsets"), candidates], axis=0)])
+    return graph.op("GatherElements", [candidates, graph.op("ArgMin", [exact], axis=-1, keepdims=1)], axis=-1)
 
 
 def foldable_patch_embedding(edge) -> bool:
     """Whether ``edge``'s ``patch`` site is a plain linear map of non-overlapping patches (CLIP's and SigLIP's
-    patch convolutions are) with a folded single-codebook search, so `patch_edge_model` applies."""
+    patch convolutions are) with a folded search (one codebook, or residual stages), so `patch_edge_model`
+    applies."""
     if edge.settings["split_site"] != "patch" or edge.search is None:
         return False
     conv = edge.embeddings.patch_embedding
@@ -163,15 +239,16 @@ def foldable_patch_embedding(edge) -> bool:
 
 
 def patch_edge_model(edge, *, input_name: str = "pixel_values", output_name: str = "indices"):
-    """The whole ``patch``-site edge, ``pixel_values (batch, 3, size, size)`` -> ``indices (batch, tokens)``,
-    with the patch convolution folded into the search (module docstring). Needs `foldable_patch_embedding`."""
+    """The whole ``patch``-site edge, ``pixel_values (batch, 3, size, size)`` -> ``indices (batch, tokens)``
+    (``(batch, tokens, stages)`` for residual VQ), with the patch convolution folded into the search (module
+    docstring). Needs `foldable_patch_embedding`."""
     import torch
 
     if not foldable_patch_embedding(edge):
-        raise ValueError("the patch convolution folds only at the patch site, with a single-codebook search")
+        raise ValueError("the patch convolution folds only at the patch site, with a folded search")
     vision, conv = edge.vision_config, edge.embeddings.patch_embedding
     channels, size, patch = vision.num_channels, vision.image_size, vision.patch_size
-    side = size // patch
+    side, stages = size // patch, _stages(edge.search)
     weight = conv.weight.detach().double().reshape(conv.out_channels, -1).numpy()  # (features, c*kh*kw)
     bias = None if conv.bias is None else conv.bias.detach().double().numpy()
     graph = _Graph("edge/")
@@ -179,19 +256,21 @@ def patch_edge_model(edge, *, input_name: str = "pixel_values", output_name: str
                                                        "cut_shape")])
     patches = graph.op("Transpose", [cut], perm=[0, 2, 4, 1, 3, 5])  # (batch, row, col, c, kh, kw): conv order
     rows = graph.op("Reshape", [patches, graph.const(np.array([-1, weight.shape[1]], np.int64), "rows_shape")])
-    found = nearest_codewords(graph, rows, edge.search, weight=weight, bias=bias)
-    per_image = graph.op("Reshape", [found, graph.const(np.array([-1, side * side], np.int64), "grid_shape")])
+    found = codewords(graph, rows, edge.search, weight=weight, bias=bias)  # (n, stages)
+    per_image = graph.op("Reshape", [found, graph.const(np.array([-1, side * side, stages], np.int64), "grid_shape")])
     cls = getattr(edge.embeddings, "class_embedding", None)
-    if cls is None:
-        graph.op("Identity", [per_image], [output_name])
-        return _model(graph, input_name, ["batch", channels, size, size], output_name, ["batch", side * side])
-    with torch.no_grad():  # a constant feature: its index is found once, here, by the PyTorch search itself
-        cls_index = int(edge.search(cls.detach().float()[None, None])[0, 0])
-    column = graph.op("Concat", [graph.op("Shape", [per_image], end=1), graph.const(np.array([1], np.int64), "col")],
-                      axis=0)
-    cls_column = graph.op("Expand", [graph.const(np.array([[cls_index]], np.int64), "cls_index"), column])
-    graph.op("Concat", [cls_column, per_image], [output_name], axis=1)
-    return _model(graph, input_name, ["batch", channels, size, size], output_name, ["batch", side * side + 1])
+    tokens = side * side + (cls is not None)
+    if cls is not None:
+        with torch.no_grad():  # a constant feature: its indices are found once, here, by the PyTorch search itself
+            cls_index = edge.search(cls.detach().float()[None, None]).reshape(1, 1, stages).numpy().astype(np.int64)
+        shape = graph.op("Concat", [graph.op("Shape", [per_image], end=1),
+                                    graph.const(np.array([1, stages], np.int64), "cls_shape")], axis=0)
+        cls_column = graph.op("Expand", [graph.const(cls_index, "cls_index"), shape])
+        per_image = graph.op("Concat", [cls_column, per_image], axis=1)
+    out_shape = np.array([-1, tokens] + ([stages] if stages > 1 else []), np.int64)
+    graph.op("Reshape", [per_image, graph.const(out_shape, "out_shape")], [output_name])
+    dims = ["batch", tokens] + ([stages] if stages > 1 else [])
+    return _model(graph, input_name, ["batch", channels, size, size], output_name, dims)
 
 
-__all__ = ["foldable_patch_embedding", "nearest_codewords", "patch_edge_model", "search_model"]
+__all__ = ["codewords", "foldable_patch_embedding", "nearest_codewords", "patch_edge_model", "search_model"]

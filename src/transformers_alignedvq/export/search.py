@@ -13,6 +13,13 @@ with `torch.export` as it is.
   benchmark (`benchmarks/edge_encode.py`) reports how often that holds on real features. Ties between
   candidates resolve to the lowest score, as in ``exact``; a different winner only when the exact one missed
   the shortlist.
+
+Residual VQ (`ResidualCodewordSearch`) folds the same way. Stage ``s`` searches ``r = y - prev`` (``y = M z + c``
+the projected feature, ``prev`` the sum of the codewords the stages before it chose) against its codebook
+``E``: ``argmin_k ||e_k||^2 - 2 e_k.c - 2 (e_k M).z + 2 e_k.prev``. The first three terms are stage 1's folded
+tables; the last needs only ``prev``, a sum of gathered codewords. Its shortlist projects ``r`` onto the top right
+singular vectors ``B`` of ``E``: ``B r = (B M) z + B c - B prev``. So no stage ever forms ``y`` (a ``dim x dim``
+product per token): each costs what stage 1 costs.
 """
 
 from __future__ import annotations
@@ -91,4 +98,83 @@ class CodewordSearch(nn.Module):
         return candidates.gather(-1, best).reshape(z.shape[:-1])
 
 
-__all__ = ["SEARCH_METHODS", "CodewordSearch", "SearchConfig", "fold_codebook"]
+def _centred(codebook: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``codebook - mean`` and ``bias - mean`` in float64: ranking by ``||r - e_k||`` does not change when the
+    codewords and the feature move together, and centred tables keep fp32's digits for the differences."""
+    center = codebook.double().mean(0)
+    return codebook.double() - center, bias.double() - center
+
+
+class ResidualStage(nn.Module):
+    """One later stage of a residual search: ``(z, prev) -> indices`` (module docstring). Tables in fp32 buffers,
+    built from the stage's codebook ``(K, d)`` and the pre-quantization affine ``y = z @ weight.T + bias``."""
+
+    def __init__(self, codebook: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, config: SearchConfig):
+        super().__init__()
+        self.config = config
+        book, shift = _centred(codebook, bias)
+        weight = weight.double()
+        # ``words``: the codewords as they are, summed into ``prev``; ``codebook``: centred, for the cross term.
+        buffers = {"words": codebook.double(), "codebook": book, "folded": book @ weight,
+                   "norms": book.pow(2).sum(-1), "offsets": book.pow(2).sum(-1) - 2.0 * book @ shift}
+        if config.method == "shortlist":
+            rank = min(config.rank, *book.shape)
+            basis = torch.linalg.svd(book, full_matrices=False)[2][:rank]  # (rank, d)
+            buffers.update(basis=basis, projection=basis @ weight, projection_bias=basis @ shift,
+                           low=book @ basis.T)
+        for name, value in buffers.items():
+            self.register_buffer(name, value.float().contiguous(), persistent=False)
+
+    def forward(self, flat: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """``flat`` ``(N, dim)`` raw features, ``prev`` ``(N, d)`` the codewords chosen so far -> ``(N,)``."""
+        if self.config.method == "exact":
+            scores = torch.addmm(self.offsets, flat, self.folded.T, alpha=-2.0) + 2.0 * prev @ self.codebook.T
+            return scores.argmin(-1)
+        low = torch.addmm(self.projection_bias, flat, self.projection.T) - prev @ self.basis.T  # (N, rank)
+        approx = torch.addmm(self.norms, low, self.low.T, alpha=-2.0)  # ||B r - B e_k||^2 + ||e_k off B||^2 + const
+        count = min(self.config.candidates, self.folded.shape[0])
+        candidates = approx.topk(count, dim=-1, largest=False, sorted=False).indices  # (N, c)
+        picked = candidates.reshape(-1)
+        rows = self.folded.index_select(0, picked).reshape(*candidates.shape, -1)  # (N, c, dim)
+        words = self.codebook.index_select(0, picked).reshape(*candidates.shape, -1)  # (N, c, d)
+        exact = self.offsets.index_select(0, picked).reshape(candidates.shape)
+        exact = exact - 2.0 * (rows @ flat.unsqueeze(-1)).squeeze(-1) + 2.0 * (words @ prev.unsqueeze(-1)).squeeze(-1)
+        return candidates.gather(-1, exact.argmin(-1, keepdim=True)).squeeze(-1)
+
+
+class ResidualCodewordSearch(nn.Module):
+    """Residual VQ on folded tables: stage 1 a `CodewordSearch`, each later stage a `ResidualStage`.
+    ``forward`` maps features ``(..., dim)`` to int64 indices ``(..., stages)``.
+
+    Args:
+        codebooks: ``(stages, K, d)``, one codebook per stage (one group).
+        weight, bias: the pre-quantization affine, ``y = z @ weight.T + bias``.
+    """
+
+    def __init__(self, codebooks: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 config: SearchConfig = SearchConfig()):
+        super().__init__()
+        self.config = config
+        self.first = CodewordSearch(*fold_codebook(codebooks[0], weight, bias), config)
+        self.register_buffer("first_codebook", codebooks[0].float().contiguous(), persistent=False)
+        self.stages = nn.ModuleList(ResidualStage(book, weight, bias, config) for book in codebooks[1:])
+
+    @property
+    def folded(self) -> torch.Tensor:  # the first stage's table: its codebook size and input dimension
+        return self.first.folded
+
+    def extra_repr(self) -> str:
+        return f"stages={1 + len(self.stages)}"
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        flat = z.float().reshape(-1, z.shape[-1])
+        found = [self.first(flat)]
+        prev = self.first_codebook.index_select(0, found[0])
+        for stage in self.stages:
+            found.append(stage(flat, prev))
+            prev = prev + stage.words.index_select(0, found[-1])
+        return torch.stack(found, -1).reshape(*z.shape[:-1], len(found))
+
+
+__all__ = ["SEARCH_METHODS", "CodewordSearch", "ResidualCodewordSearch", "ResidualStage", "SearchConfig",
+           "fold_codebook"]
