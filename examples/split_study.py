@@ -49,6 +49,14 @@ CANDIDATES = {
     # codebook spends its entries on content only.
     "patch_0": (0, "patch", []),
     "patch_0_cloud_lora": (0, "patch", ["--lora-cloud-vision"]),
+    # More bits per token where the edge is cheap: residual VQ (2-3 codebooks, each coding what the previous
+    # left), grouped VQ (the feature split in two, one code each), a 4x larger codebook.
+    "patch_0_rvq2": (0, "patch", ["--num-codebooks", "2"]),
+    "patch_0_rvq3": (0, "patch", ["--num-codebooks", "3"]),
+    "patch_0_g2": (0, "patch", ["--num-groups", "2"]),
+    "patch_0_k16k": (0, "patch", ["--codebook-size", "16384"]),
+    "patch_0_rvq2_cloud_lora": (0, "patch", ["--num-codebooks", "2", "--lora-cloud-vision"]),
+    "input_0_rvq2": (0, "input", ["--num-codebooks", "2"]),
 }
 SHORTLIST = SearchConfig("shortlist", rank=32, candidates=8)
 # variant -> export_edge options (the calibration images are added where int8)
@@ -58,10 +66,11 @@ EDGE_VARIANTS = {"onnx_shortlist": dict(format="onnx", search=SHORTLIST),
 
 def finetune(args, name: str, layer: int, site: str, extra: list[str]) -> Path:
     output = Path(args.runs) / name
-    if (output / "config.json").is_file():
+    if (output / "training_log.json").is_file():  # the finetune's last file: a run that stopped early is redone
         return output
     argv = ["--base", args.base, "--output", str(output), "--epochs", str(args.epochs), "--lr", "5e-4",
             "--batch-size", "32", "--codebook-size", "4096", "--calibration-images", str(args.calibration_images),
+            "--kmeans-iters", str(args.kmeans_iters), "--seed", str(args.seed),
             "--split-layer", str(layer), "--split-site", site, "--no-progress", "--logging-steps", "50", *extra]
     if args.limit:
         argv += ["--limit", str(args.limit), "--kmeans-iters", "2"]
@@ -69,47 +78,83 @@ def finetune(args, name: str, layer: int, site: str, extra: list[str]) -> Path:
     return output
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True)
     p.add_argument("--runs", default="runs/split_study")
     p.add_argument("--only", nargs="*", choices=sorted(CANDIDATES), help="run only these candidates")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="finetune seeds (k-means, LoRA init, data order)")
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--calibration-images", type=int, default=2000)
+    p.add_argument("--kmeans-iters", type=int, default=20)
+    p.add_argument("--screen", action="store_true",
+                   help="choose candidates: the ablation budget (0.25 epoch, k-means on 256 images, 10 iterations), "
+                        "validation only, no exported edges")
     p.add_argument("--limit", type=int, default=None, help="smoke runs: first N train/validation/test questions")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
+    if args.screen:
+        args.epochs, args.calibration_images, args.kmeans_iters = 0.25, 256, 10
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     results = Path(args.runs) / "results"
     results.mkdir(parents=True, exist_ok=True)
     processor = AutoProcessor.from_pretrained(args.base)
-    data = {"validation": load_easy_vqa("validation", limit=args.limit), "test": load_easy_vqa("test", limit=args.limit)}
+    data = {"validation": load_easy_vqa("validation", limit=args.limit)}
+    if not args.screen:
+        data["test"] = load_easy_vqa("test", limit=args.limit)
     calibration = [row["image"] for row in load_easy_vqa("train").select(range(0, 2560, 10))]
     refuse_stale(results)
     if not (results / "base.json").is_file():  # the base LLaVA on the PNG images, the reference
         base = LlavaForConditionalGeneration.from_pretrained(args.base).eval()
         (results / "base.json").write_text(json.dumps({**score(base, processor, data), "name": "base"}))
-    for name in args.only or CANDIDATES:
-        path = results / f"{name}.json"
-        layer, site, extra = CANDIDATES[name]
-        if not path.is_file():
-            started = time.time()
-            folder = finetune(args, name, layer, site, extra)
-            train_seconds = time.time() - started
-            model = LlavaAlignedVQForConditionalGeneration.from_pretrained(folder).eval()
-            result = score(model, processor, data)
-            result.update(name=name, split_layer=layer, split_site=site, train_seconds=train_seconds, epochs=args.epochs)
-            path.write_text(json.dumps(result, indent=1))
-            print(f"{name}: accuracy {result['validation']['accuracy']:.4f} on validation, "
-                  f"{result['accuracy']:.4f} on test", flush=True)
-        for variant, options in EDGE_VARIANTS.items():
-            evaluate_edge(args, name, variant, options, calibration, processor, data)
+    for candidate in args.only or CANDIDATES:
+        for seed in args.seeds:
+            args.seed = seed
+            name = f"{candidate}__s{seed}"
+            run_candidate(args, name, CANDIDATES[candidate], processor, data)
+            for variant, options in ({} if args.screen else EDGE_VARIANTS).items():
+                evaluate_edge(args, name, variant, options, calibration, processor, data)
+
+
+def run_candidate(args, name: str, candidate: tuple, processor, data: dict) -> None:
+    """Finetune and score one candidate with ``args.seed``, unless its result exists."""
+    path = Path(args.runs) / "results" / f"{name}.json"
+    if path.is_file():
+        return
+    layer, site, extra = candidate
+    started = time.time()
+    folder = finetune(args, name, layer, site, extra)
+    train_seconds = time.time() - started
+    model = LlavaAlignedVQForConditionalGeneration.from_pretrained(folder).eval()
+    result = score(model, processor, data, entropy_model=read_entropy_model(folder))
+    result.update(name=name, split_layer=layer, split_site=site, train_seconds=train_seconds, epochs=args.epochs,
+                  seed=args.seed, codes_per_token=model.config.codes_per_token,
+                  codebook_size=model.config.codebook_size)
+    path.write_text(json.dumps(result, indent=1))
+    test = f", {result['accuracy']:.4f} on test" if "test" in data else ""
+    print(f"{name}: accuracy {result['validation']['accuracy']:.4f} on validation{test}", flush=True)
+
+
+def read_entropy_model(folder: Path):
+    """The entropy model the finetune fitted for the new codebook (coded frame sizes), or ``None``."""
+    from transformers_alignedvq.entropy import EntropyModel
+
+    path = folder / "entropy_model.safetensors"
+    return EntropyModel.load(path) if path.is_file() else None
 
 
 def score(model, processor, data: dict, **options) -> dict:
-    """Test scores, with the validation scores (what choices are made on) under ``validation``."""
+    """Test scores, with the validation scores (what choices are made on) under ``validation``; validation
+    scores only when ``data`` has no test split (screening)."""
     validation = evaluate_vqa(model, processor, data["validation"], batch_size=256, **options)
     validation.update(eval_questions=len(data["validation"]), eval_split="validation")
+    if "test" not in data:
+        return {**validation, "validation": dict(validation)}
     result = evaluate_vqa(model, processor, data["test"], batch_size=256, **options)
     result.update(eval_questions=len(data["test"]), eval_split="test", validation=validation)
     return result
