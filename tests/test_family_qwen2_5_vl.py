@@ -78,8 +78,10 @@ def test_geometry_is_each_images_patch_grid():
     # The tiled families' geometry keeps its meaning.
     tiled = FrameGeometry((5, 2), ((2, 2), (1, 1)), (4, 4), 16)
     assert tiled.num_tokens == 7 * 16 and tiled.tokens_per_image == (80, 32)
+    assert model.frame_geometry(np.array([[1, 6, 8]])).image_patch_grids == ((1, 6, 8),)  # numpy ints too
     for bad, match in [(None, "image_grid_thw"), (torch.tensor([[2, 6, 8]]), "t=2"), (torch.tensor([[1, 5, 8]]),
-                       "multiples"), (torch.tensor([[1.0, 6, 8]]), "integer"), (torch.tensor([[1, 0, 8]]), "positive")]:
+                       "multiples"), (torch.tensor([[1.0, 6, 8]]), "integer"), (torch.tensor([[1, 0, 8]]), "positive"),
+                       ([[1, 6.0, 8]], "integers"), ([], "no image")]:
         with pytest.raises(ValueError, match=match):
             model.frame_geometry(bad)
 
@@ -163,6 +165,9 @@ def test_generation_uses_3d_positions_at_every_step():
     options = dict(input_ids=ids, attention_mask=mask, image_grid_thw=GRID, max_new_tokens=4, do_sample=False,
                    num_beams=2)
     assert torch.equal(model.generate(pixel_values=pixels(), **options),
+                       model.generate(image_indices=indices, **options))
+    positional = {name: value for name, value in options.items() if name != "input_ids"}
+    assert torch.equal(model.generate(ids, image_indices=indices, **positional),  # the prompt given by position
                        model.generate(image_indices=indices, **options))
     explicit = (ids == IMAGE).int()
     assert torch.equal(model.generate(image_indices=indices, mm_token_type_ids=explicit, **options),

@@ -22,6 +22,7 @@ its patch grid, not by its size.
 from __future__ import annotations
 
 import inspect
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -66,7 +67,10 @@ def _grid_rows(image_grid_thw) -> list[list[int]]:
             raise ValueError(f"image_grid_thw must be an integer tensor (num_images, 3), got {image_grid_thw.dtype} "
                              f"{tuple(image_grid_thw.shape)}.")
         return image_grid_thw.tolist()
-    return [list(row) for row in image_grid_thw]
+    rows = [list(row) for row in image_grid_thw]
+    if any(not isinstance(v, numbers.Integral) or isinstance(v, bool) for row in rows for v in row):
+        raise ValueError(f"image_grid_thw must hold integers, got {rows}.")
+    return [[int(v) for v in row] for row in rows]
 
 
 class Qwen2_5_VLAdapter(FamilyAdapter):
@@ -103,7 +107,7 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         if not rows:
             raise ValueError("image_grid_thw holds no image.")
         for row in rows:
-            if len(row) != 3 or any(not isinstance(v, int) or v < 1 for v in row):
+            if len(row) != 3 or min(row) < 1:
                 raise ValueError(f"image_grid_thw rows must be (t, h, w) positive ints, got {rows}.")
             if row[0] != 1:
                 raise ValueError(f"image_grid_thw has t={row[0]}; a still image has t=1 (videos are not supported).")
@@ -393,7 +397,9 @@ class Qwen2_5_VLAlignedVQForConditionalGeneration(TiledAlignedVQGenerationMixin,
                 raise ValueError("Pass images either as pixel_values or as image_indices, not both.")
             image_indices = self.encode_edge(pixel_values, kwargs.get("image_grid_thw"))
         if image_indices is not None:
-            if args and "input_ids" not in kwargs:  # generate's first positional argument is the prompt
+            if "inputs" in kwargs:  # generate's first argument is the prompt, by either name or by position
+                kwargs["input_ids"] = kwargs.pop("inputs")
+            elif args and "input_ids" not in kwargs:
                 kwargs["input_ids"], args = args[0], args[1:]
             self._add_token_types(kwargs, has_image=True)
             with torch.no_grad():
