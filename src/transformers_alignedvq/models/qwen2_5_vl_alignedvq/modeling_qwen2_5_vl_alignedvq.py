@@ -13,10 +13,10 @@ and hands one token per 2x2 patches to the language model.
 How it extends Qwen2.5-VL: ``model.get_image_features`` is overridden to run the split tower, from pixels or from
 indices; the stock forward calls it for pixels, and images given as indices enter through the parent's own
 pre-encoded channel ``mm_encoder_outputs`` (which generation also uses). Placeholders, the 3-D (mrope) positions
-(`get_rope_index`, then the cached ``rope_deltas`` while decoding) and the language model are Qwen's own. The
-forward plumbing (indices decoded into ``mm_encoder_outputs``, the parent's forward, the AlignedVQ output fields)
-is the any-resolution families' `TiledAlignedVQGenerationMixin`; what differs is that an image is described by
-its patch grid, not by its size.
+(`get_rope_index` over the prompt, each new token one past the last, keeping the prompt's ``rope_deltas``) and the
+language model are Qwen's own. The forward plumbing (indices decoded into ``mm_encoder_outputs``, the parent's
+forward, the AlignedVQ output fields) is the any-resolution families' `TiledAlignedVQGenerationMixin`; what differs
+is that an image is described by its patch grid, not by its size.
 """
 
 from __future__ import annotations
@@ -388,7 +388,8 @@ class Qwen2_5_VLAlignedVQForConditionalGeneration(TiledAlignedVQGenerationMixin,
         Pixels are turned into indices first, as a device would send them, so the result is the same from either
         and generation never moves the EMA codebook. The decoded image enters through `mm_encoder_outputs`, the
         channel generation itself uses for pre-encoded images; the 3-D positions come from the parent's
-        `_prepare_position_ids_for_generation` (`get_rope_index` over the prompt, then the cached `rope_deltas`).
+        `_prepare_position_ids_for_generation` (`get_rope_index` over the prompt; each new token then one past the
+        last, which keeps the prompt's `rope_deltas`, as the parent decodes).
         """
         self._refuse_unsplit_inputs(kwargs)
         pixel_values = kwargs.pop("pixel_values", None)
