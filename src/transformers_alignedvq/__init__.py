@@ -6,7 +6,7 @@ Transformers, even where both are installed. The model names (``AlignedVQConfig`
 ``LlavaAlignedVQForConditionalGeneration``, ``from_vlm``, ...) are imported on first use (PEP 562 ``__getattr__``).
 
 Transformers' Auto classes learn our model types (``llava_alignedvq``, ``llava_next_alignedvq``,
-``llava_onevision_alignedvq``) as soon as both this package and Transformers are imported, in either order, so
+``llava_onevision_alignedvq``, ``qwen2_5_vl_alignedvq``) as soon as both this package and Transformers are imported, in either order, so
 ``import transformers_alignedvq`` followed by ``AutoModel.from_pretrained(path)`` keeps working:
 
 * imported after Transformers: registered right here;
@@ -43,6 +43,7 @@ if (_Path(__file__).parent / "assets" / "tiny-easyvqa" / "config.json").is_file(
 _MODEL = "models.llava_alignedvq."
 _NEXT = "models.llava_next_alignedvq."
 _ONEVISION = "models.llava_onevision_alignedvq."
+_QWEN2_5_VL = "models.qwen2_5_vl_alignedvq."
 _CLOUD_NAMES = {
     "SPLIT_SITES": _MODEL + "configuration_alignedvq",
     "AlignedVQConfig": _MODEL + "configuration_alignedvq",
@@ -63,6 +64,8 @@ _CLOUD_NAMES = {
     "LlavaNextAlignedVQForConditionalGeneration": _NEXT + "modeling_llava_next_alignedvq",
     "LlavaOnevisionAlignedVQConfig": _ONEVISION + "configuration_llava_onevision_alignedvq",
     "LlavaOnevisionAlignedVQForConditionalGeneration": _ONEVISION + "modeling_llava_onevision_alignedvq",
+    "Qwen2_5_VLAlignedVQConfig": _QWEN2_5_VL + "configuration_qwen2_5_vl_alignedvq",
+    "Qwen2_5_VLAlignedVQForConditionalGeneration": _QWEN2_5_VL + "modeling_qwen2_5_vl_alignedvq",
 }
 
 __all__ = ["VQA_ACCURACY_METRIC", "CheckpointMismatchError", "register", *_CLOUD_NAMES]
@@ -108,12 +111,14 @@ def register() -> None:
 
 
 def _register_tiled_families() -> None:
-    """The LLaVA-NeXT and LLaVA-OneVision variants (their classes refuse to build before Transformers 5.19)."""
+    """The LLaVA-NeXT, LLaVA-OneVision and Qwen2.5-VL variants (their classes refuse to build on Transformers
+    releases whose parent forward lacks ``mm_encoder_outputs``)."""
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
     for family, config_name, model_name in (
         ("llava_next", "LlavaNextAlignedVQConfig", "LlavaNextAlignedVQForConditionalGeneration"),
         ("llava_onevision", "LlavaOnevisionAlignedVQConfig", "LlavaOnevisionAlignedVQForConditionalGeneration"),
+        ("qwen2_5_vl", "Qwen2_5_VLAlignedVQConfig", "Qwen2_5_VLAlignedVQForConditionalGeneration"),
     ):
         folder = f"{__name__}.models.{family}_alignedvq"
         config = getattr(importlib.import_module(f"{folder}.configuration_{family}_alignedvq"), config_name)

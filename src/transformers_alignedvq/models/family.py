@@ -36,23 +36,34 @@ class FrameGeometry:
         tiles_per_image: tiles of each image, base view included, in the tower's batch order.
         tile_grids: ``(rows, cols)`` of each image's any-resolution tiles (base view excluded); ``(0, 0)`` for an
             image sent as its base view only (LLaVA-1.5; OneVision's multi-image prompts).
-        patch_grid: ``(rows, cols)`` of patches in one tile.
-        tokens_per_tile: tokens the tower makes per tile (the patches, plus one for a CLS token).
+        patch_grid: ``(rows, cols)`` of patches in one tile; ``(0, 0)`` where each image has its own grid.
+        tokens_per_tile: tokens the tower makes per tile (the patches, plus one for a CLS token); 0 where each
+            image has its own grid.
+        image_patch_grids: ``(t, h, w)`` patches of each image, for a family whose tower takes every image at its
+            own resolution as one grid (Qwen2.5-VL: one tile per image); ``None`` for square tiles.
     """
 
     tiles_per_image: tuple[int, ...]
     tile_grids: tuple[tuple[int, int], ...]
     patch_grid: tuple[int, int]
     tokens_per_tile: int
+    image_patch_grids: tuple[tuple[int, int, int], ...] | None = None
 
     @property
     def num_tiles(self) -> int:
         return sum(self.tiles_per_image)
 
     @property
+    def tokens_per_image(self) -> tuple[int, ...]:
+        """Token rows of indices of each image."""
+        if self.image_patch_grids is not None:
+            return tuple(t * h * w for t, h, w in self.image_patch_grids)
+        return tuple(count * self.tokens_per_tile for count in self.tiles_per_image)
+
+    @property
     def num_tokens(self) -> int:
         """Token rows of indices for the whole batch."""
-        return self.num_tiles * self.tokens_per_tile
+        return sum(self.tokens_per_image)
 
 
 class FamilyAdapter(ABC):
@@ -117,6 +128,7 @@ FAMILY_ADAPTERS: dict[str, str] = {
     "llava_onevision": (
         f"{__package__}.llava_onevision_alignedvq.modeling_llava_onevision_alignedvq:LlavaOnevisionAdapter"
     ),
+    "qwen2_5_vl": f"{__package__}.qwen2_5_vl_alignedvq.modeling_qwen2_5_vl_alignedvq:Qwen2_5_VLAdapter",
 }
 
 
@@ -160,8 +172,8 @@ def from_vlm(model_or_id, *, load_kwargs: dict | None = None, **vq_options) -> n
 
     Args:
         model_or_id: a loaded model (`LlavaForConditionalGeneration`, `LlavaNextForConditionalGeneration`,
-            `LlavaOnevisionForConditionalGeneration`; its modules are reused, not copied) or a Hub id / local
-            folder holding one.
+            `LlavaOnevisionForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration`; its modules are
+            reused, not copied) or a Hub id / local folder holding one.
         load_kwargs: passed to the family's `from_pretrained` when ``model_or_id`` is a name.
         **vq_options: AlignedVQ config fields (``split_layer``, ``split_site``, ``codebook_size``, ...).
 
