@@ -173,6 +173,9 @@ class TiledAlignedVQGenerationMixin:
     parent_class: ClassVar[type]
     output_class: ClassVar[type]
     _keys_to_ignore_on_load_missing = [r"model\.alignedvq\.quantizer\.(cluster_size|embed_sum)"]
+    # A full checkpoint keeps an unmerged LoRA in its weights too (for the Trainer); the package applies it from
+    # lora/ after the load, strictly, so the parent's loader must not report those tensors as unexpected.
+    _keys_to_ignore_on_load_unexpected = [r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\."]
 
     def _init_weights(self, module):
         if not _init_alignedvq_weights(self, module):

@@ -467,6 +467,9 @@ class LlavaAlignedVQForConditionalGeneration(_CheckpointMixin, LlavaForCondition
     config: AlignedVQConfig
     # EMA statistics are saved only on request (to resume training); without them they restart from the codebook.
     _keys_to_ignore_on_load_missing = [r"model\.alignedvq\.quantizer\.(cluster_size|embed_sum)"]
+    # A full checkpoint keeps an unmerged LoRA in its weights too (for the Trainer); the package applies it from
+    # lora/ after the load, strictly, so the parent's loader must not report those tensors as unexpected.
+    _keys_to_ignore_on_load_unexpected = [r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\."]
 
     def __init__(self, config: AlignedVQConfig):
         LlavaPreTrainedModel.__init__(self, config)
