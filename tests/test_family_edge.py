@@ -4,14 +4,23 @@ their Transformers image processors, and the ONNX edge run per tile without PyTo
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, image_size_to_num_patches
 from transformers.models.llava_onevision.image_processing_pil_llava_onevision import LlavaOnevisionImageProcessorPil
 
+from transformers_alignedvq.edge_runtime import load_edge_runtime
+from transformers_alignedvq.edge_tiles import load_tiled_edge
+from transformers_alignedvq.errors import EdgeCheckpointError
+from transformers_alignedvq.export.tiled_edge import export_tiled_edge, model_tiling, tiles_of
+from transformers_alignedvq.models.family import from_vlm
 from transformers_alignedvq.preprocess_tiles import (
     TiledPreprocessing,
     cap_pinpoints,
@@ -120,3 +129,111 @@ def test_tile_selection_and_bad_settings():
     assert restored == tiling
     with pytest.raises(ValueError, match="invalid tiling"):
         TiledPreprocessing.from_config(tiling.tile.to_dict(), {"tile_size": 384})
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the edge: tiny random models (16-px tiles, 4-px patches), the ONNX graph run by ONNX Runtime without PyTorch
+# ------------------------------------------------------------------------------------------------------------
+TILE = 16
+TINY_PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32]]
+# (height, width) of the photos the device encodes: 2x2 + base, 1x1 + base, 2x1 + base, 1x2 + base
+TINY_SHAPES = [(20, 30), (16, 16), (40, 12), (9, 31)]
+
+
+def _processor(family: str, pinpoints):
+    if family == "llava_onevision":  # a checkpoint's own mean and std, not the class defaults
+        return LlavaOnevisionImageProcessorPil(size={"height": TILE, "width": TILE}, image_grid_pinpoints=pinpoints,
+                                               image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return LlavaNextImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+                                      image_grid_pinpoints=pinpoints)
+
+
+def _tiny_split(family: str, site: str, layer: int, pinpoints):
+    if family == "llava_onevision":
+        from test_family_onevision import tiny_onevision as base
+    else:
+        from test_family_next import tiny_next as base
+    model = from_vlm(base(), split_layer=layer, split_site=site, codebook_size=16, image_grid_pinpoints=pinpoints)
+    tiles, _ = tiles_of(model, [_photo(*shape, seed=10 + i) for i, shape in enumerate(TINY_SHAPES)],
+                        _processor(family, pinpoints))
+    torch.manual_seed(0)
+    model.init_codebook([torch.from_numpy(tiles)], iters=3)
+    return model.eval()
+
+
+_DEVICE = """
+import json, sys
+for name in ("torch", "transformers"):
+    sys.modules[name] = None  # any import of them fails: the device has neither
+from transformers_alignedvq.edge_tiles import load_tiled_edge
+edge = load_tiled_edge(sys.argv[1], backend="onnx", threads=1)
+out = []
+for path in sys.argv[2:]:
+    sent = edge.encode_image(path)
+    out.append({"indices": sent.indices.tolist(), "image_size": list(sent.image_size), "grid": list(sent.grid)})
+loaded = sorted({m.split(".")[0] for m, module in sys.modules.items() if module} & {"torch", "transformers"})
+print(json.dumps({"images": out, "backend": edge.runtime.backend, "loaded": loaded}))
+"""
+
+
+@pytest.mark.parametrize("family,site,layer,capped", [
+    ("llava_onevision", "ln1", 0, False), ("llava_onevision", "mlp", 1, True), ("llava_next", "mlp", 1, False),
+    ("llava_next", "patch", 0, True),
+])
+def test_onnx_edge_without_torch_gives_encode_edges_indices(tmp_path, family, site, layer, capped):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    pinpoints = cap_pinpoints(TINY_PINPOINTS, TILE, max_grid_tiles=2) if capped else TINY_PINPOINTS
+    model = _tiny_split(family, site, layer, pinpoints)
+    processor = _processor(family, pinpoints)
+    export_tiled_edge(model, tmp_path / "edge", image_processor=processor if family == "llava_onevision" else None)
+    paths = []
+    for index, shape in enumerate(TINY_SHAPES):
+        paths.append(str(tmp_path / f"photo{index}.png"))
+        _photo(*shape, seed=20 + index).save(paths[-1])
+    # the cloud's reference: Transformers' processor and the model's own edge, all images in one batch
+    batch = processor([Image.open(path) for path in paths], return_tensors="pt")
+    expected = model.encode_edge(batch["pixel_values"], batch["image_sizes"])
+    geometry = model.frame_geometry(batch["image_sizes"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", _DEVICE, str(tmp_path / "edge"), *paths], capture_output=True,
+                         text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-2000:]
+    device = json.loads(run.stdout.strip().splitlines()[-1])
+    assert device["backend"] == "onnx" and device["loaded"] == []
+    sent = [np.asarray(image["indices"]) for image in device["images"]]
+    assert [len(s) for s in sent] == list(geometry.tiles_per_image)
+    assert len(set(geometry.tiles_per_image)) > 1  # the graph ran several tile counts
+    assert [tuple(image["grid"]) for image in device["images"]] == list(geometry.tile_grids)
+    assert [tuple(image["image_size"]) for image in device["images"]] == [tuple(s) for s in batch["image_sizes"].tolist()]
+    assert np.array_equal(np.concatenate(sent), expected.numpy())
+
+
+def test_pytorch_tiled_edge_and_what_is_refused(tmp_path):
+    from conftest import tiny_alignedvq
+
+    model = _tiny_split("llava_next", "ln1", 0, TINY_PINPOINTS)
+    export_tiled_edge(model, tmp_path / "edge", format="safetensors")
+    edge = load_tiled_edge(tmp_path / "edge", backend="torch")
+    image = _photo(20, 30, seed=7)
+    sent = edge.encode_image(image)
+    tiles = torch.from_numpy(model_tiling(model)(image).pixels)
+    assert sent.num_tiles == 5 and sent.indices.shape == (5, model.config.tokens_per_tile)
+    assert np.array_equal(sent.indices, model.encode_edge(tiles, [image.size[::-1]]).numpy())
+    with pytest.raises(ValueError, match="tiled edge"):  # not squashed into one tile
+        load_edge_runtime(tmp_path / "edge", backend="torch").encode_image(image)
+    tiny_alignedvq().edge_encoder().save_pretrained(tmp_path / "llava")
+    with pytest.raises(EdgeCheckpointError, match="no tiling"):
+        load_tiled_edge(tmp_path / "llava")
+    with pytest.raises(ValueError, match="pinpoints"):
+        model_tiling(model, _processor("llava_next", [[16, 16]]))
+    with pytest.raises(TypeError, match="tiled edge"):
+        export_tiled_edge(tiny_alignedvq(), tmp_path / "x")
+
+
+def test_the_tiled_device_modules_import_no_cloud_package():
+    code = ("import sys\nimport transformers_alignedvq.edge_tiles, transformers_alignedvq.preprocess_tiles\n"
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'onnx'}))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"

@@ -22,6 +22,9 @@ from PIL import Image
 from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImagePreprocessing, load_image
 
 _BICUBIC = 3
+# Grid tiles a pinpoint may make (OneVision's largest default is 6 x 6): a bound on what an edge folder can ask a
+# device to allocate per image.
+MAX_GRID_TILES = 400
 # The families' Transformers image processors' class defaults (the reference when a model folder has no saved
 # image processor): OneVision squashes every tile to a square, NeXT resizes its shortest edge and centre-crops.
 FAMILY_TILE_STEPS = {
@@ -114,6 +117,9 @@ class TiledPreprocessing:
         if uneven:
             # Transformers' processor and model count the tiles of such a canvas differently (ceil vs floor).
             raise ValueError(f"pinpoints {uneven} are not multiples of the {size}-px tile")
+        huge = [list(p) for p in pinpoints if (p[0] // size) * (p[1] // size) > MAX_GRID_TILES]
+        if huge:
+            raise ValueError(f"pinpoints {huge} make more than {MAX_GRID_TILES} tiles of {size} px")
         object.__setattr__(self, "pinpoints", pinpoints)
 
     # ----------------------------------------------------------------------------------------------------
@@ -222,6 +228,7 @@ class TiledPreprocessing:
 
 __all__ = [
     "FAMILY_TILE_STEPS",
+    "MAX_GRID_TILES",
     "TiledImage",
     "TiledPreprocessing",
     "cap_pinpoints",
