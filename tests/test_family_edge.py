@@ -237,3 +237,24 @@ def test_the_tiled_device_modules_import_no_cloud_package():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "[]"
+
+
+def test_int8_tiled_edge_is_calibrated_on_every_tile(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = _tiny_split("llava_onevision", "mlp", 1, TINY_PINPOINTS)
+    photos = [_photo(*shape, seed=30 + i) for i, shape in enumerate(TINY_SHAPES)]
+    export_tiled_edge(model, tmp_path / "edge", int8=True, calibration_images=photos)
+    config = json.loads((tmp_path / "edge" / "edge_config.json").read_text())
+    assert config["onnx"]["int8"] and config["onnx"]["calibration_images"] == len(photos)
+    edge = load_tiled_edge(tmp_path / "edge", backend="onnx")
+    image = _photo(40, 12, seed=40)
+    sent = edge.encode_image(image)
+    tiles = torch.from_numpy(model_tiling(model)(image).pixels)
+    expected = model.encode_edge(tiles, [image.size[::-1]]).numpy()
+    assert sent.indices.shape == expected.shape == (3, model.config.tokens_per_tile)
+    assert (sent.indices == expected).mean() > 0.7  # int8 moves a few features across codeword borders
+    with pytest.raises(ValueError, match="calibration"):
+        export_tiled_edge(model, tmp_path / "x", int8=True)
+    with pytest.raises(ValueError, match="ONNX"):
+        export_tiled_edge(model, tmp_path / "x", format="safetensors", int8=True)
