@@ -220,6 +220,8 @@ def test_pytorch_tiled_edge_and_what_is_refused(tmp_path):
     tiles = torch.from_numpy(model_tiling(model)(image).pixels)
     assert sent.num_tiles == 5 and sent.indices.shape == (5, model.config.tokens_per_tile)
     assert np.array_equal(sent.indices, model.encode_edge(tiles, [image.size[::-1]]).numpy())
+    with pytest.raises(ValueError, match="tiles every image"):
+        edge.encode_image(image, tiled=False)
     with pytest.raises(ValueError, match="tiled edge"):  # not squashed into one tile
         load_edge_runtime(tmp_path / "edge", backend="torch").encode_image(image)
     tiny_alignedvq().edge_encoder().save_pretrained(tmp_path / "llava")

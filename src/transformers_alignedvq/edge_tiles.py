@@ -58,6 +58,8 @@ class TiledEdge:
 
     def tiles(self, image, *, tiled: bool = True) -> TiledImage:
         """An image -> its tiles (``tiled=False``: OneVision's base view only, for multi-image prompts)."""
+        if not tiled and self.family != "llava_onevision":
+            raise ValueError(f"{self.family} tiles every image; only LLaVA-OneVision sends base views alone")
         return self.tiling(image, tiled=tiled)
 
     def encode_tiles(self, tiles: TiledImage) -> TiledIndices:
