@@ -61,6 +61,8 @@ class EdgeRuntime:
         codebook_size, codes_per_token, image_size, patch_size: the edge/cloud contract.
         fingerprint: the 16-byte codebook fingerprint frames carry.
         num_bytes: bytes of the weights the backend loaded.
+        tiled: the folder is an any-resolution family's per-tile edge (`edge_tiles.load_tiled_edge` cuts its
+            images into tiles); `encode_image` refuses it rather than squash an image into one tile.
     """
 
     directory: Path
@@ -73,6 +75,7 @@ class EdgeRuntime:
     fingerprint: bytes
     num_bytes: int
     _encode: Callable[[np.ndarray], np.ndarray]
+    tiled: bool = False
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """Pixels ``(batch, 3, size, size)`` float32 -> indices ``(batch, tokens, codes_per_token)`` int64."""
@@ -85,6 +88,9 @@ class EdgeRuntime:
 
     def encode_image(self, image) -> np.ndarray:
         """One image (anything `preprocess.load_image` takes) -> indices ``(tokens, codes_per_token)``."""
+        if self.tiled:
+            raise ValueError(f"{self.directory} is a tiled edge: load it with edge_tiles.load_tiled_edge, which "
+                             "cuts images into tiles")
         return self.encode(self.preprocessing(image))[0]
 
 
@@ -134,7 +140,7 @@ def _contract(directory: Path, config: dict, preprocessing: ImagePreprocessing) 
     return dict(
         directory=directory, preprocessing=preprocessing, codebook_size=int(config["codebook_size"]),
         codes_per_token=int(config["num_codebooks"]) * int(config["num_groups"]),
-        image_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]),
+        image_size=int(vision["image_size"]), patch_size=int(vision["patch_size"]), tiled="tiling" in config,
     )
 
 

@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..preprocess_tiles import cap_pinpoints  # torch-free: the edge caps its tiling alike
 from .family import FamilyAdapter, FrameGeometry
 from .llava_alignedvq.alignedvq_layer import AlignedVQLayerOutput
 from .llava_alignedvq.modeling_alignedvq import (
@@ -296,22 +297,6 @@ class TiledAlignedVQGenerationMixin:
                 image = self._image_from_indices(image_indices, kwargs)
             kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": image}
         return super().generate(*args, **kwargs)
-
-
-def cap_pinpoints(pinpoints: list, tile_size: int, max_grid_tiles: int) -> list[list[int]]:
-    """The any-resolution pinpoints whose tile grid has at most ``max_grid_tiles`` tiles (base view not counted).
-
-    The bandwidth lever of these families: the edge sends every tile, so capping the grid caps the indices per
-    image (OneVision at 2048x2048: 37 tiles with its 36 default pinpoints, 10 with ``max_grid_tiles=9``). Both
-    ends must tile alike: give the result to the model (``from_vlm(..., image_grid_pinpoints=capped)``, which
-    the checkpoint's config then carries) and to the image processor (``image_grid_pinpoints=capped``).
-    """
-    if not isinstance(max_grid_tiles, int) or max_grid_tiles < 1:
-        raise ValueError(f"max_grid_tiles must be a positive int, got {max_grid_tiles!r}.")
-    kept = [list(p) for p in pinpoints if (p[0] // tile_size) * (p[1] // tile_size) <= max_grid_tiles]
-    if not kept:
-        raise ValueError(f"No pinpoint of {pinpoints} has at most {max_grid_tiles} tiles of {tile_size} px.")
-    return kept
 
 
 def tile_modules(model: nn.Module, config) -> None:
