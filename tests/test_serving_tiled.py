@@ -5,6 +5,7 @@ does from the same indices; bad geometry is a 4xx JSON error, never a 500."""
 from __future__ import annotations
 
 import base64
+import io
 import struct
 import zlib
 
@@ -12,7 +13,14 @@ import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+from transformers import (
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaProcessor,
+)
 
 from tests.serving_helpers import OCTET, assert_error
 from transformers_alignedvq import wire
@@ -23,7 +31,7 @@ from transformers_alignedvq.models.llava_onevision_alignedvq.modeling_llava_onev
 from transformers_alignedvq.serving import create_app
 from transformers_alignedvq.serving.errors import classify_wire_error
 from transformers_alignedvq.serving.tiled import refuse_geometry
-from transformers_alignedvq.testing import IMAGE_TOKEN_ID, INIT_RANGE, VOCAB_SIZE, tiny_tokenizer
+from transformers_alignedvq.testing import CHAT_TEMPLATE, IMAGE_TOKEN_ID, INIT_RANGE, VOCAB_SIZE, tiny_tokenizer
 from transformers_alignedvq.wire_followup import encode_followup
 from transformers_alignedvq.wire_geometry import WireGeometry
 
@@ -210,3 +218,73 @@ def test_meta_count_of_placeholders_matches_the_packing(engine):
         packed = model.model.get_image_features(image_indices=indices, image_sizes=torch.tensor([size]),
                                                 return_dict=True).pooler_output[0]
         assert engine.image_tokens(size) == len(packed), size
+
+
+def tiny_next_alignedvq():
+    """LLaVA-NeXT: CLIP tiles with a CLS token (4x4 + 1 per tile), which the cloud drops after the tower."""
+    config = LlavaNextConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, image_size=TILE, patch_size=PATCH),
+        text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB_SIZE, pad_token_id=0,
+                         initializer_range=INIT_RANGE),
+        image_token_index=IMAGE_TOKEN_ID, image_grid_pinpoints=PINPOINTS, image_seq_length=16,
+    )
+    torch.manual_seed(0)
+    model = from_vlm(LlavaNextForConditionalGeneration(config).eval(), split_layer=0, split_site="ln1",
+                     codebook_size=16).eval()
+    model.init_codebook([{"pixel_values": torch.randn(1, 5, 3, TILE, TILE), "image_sizes": torch.tensor([[20, 30]])}],
+                        iters=3)
+    model.generation_config.pad_token_id, model.generation_config.eos_token_id = 0, 2
+    return model
+
+
+def test_llava_next_is_served_with_its_cls_tiles():
+    app = create_app(tiny_next_alignedvq(), processor=tiny_tokenizer(), max_new_tokens=6, max_wait_ms=1)
+    engine = app.state.engine
+    assert engine.tiles.tokens_per_tile == 17 and engine.tiles.has_cls_token
+    with TestClient(app) as client:
+        for size in [(20, 30), (16, 16), (40, 9)]:
+            indices, geometry = edge(engine.model, size)
+            body = wire.encode_frame(indices.reshape(-1).numpy(), codebook_size=16,
+                                     codebook_fingerprint=engine.fingerprint, geometry=geometry, grid=(4, 4),
+                                     has_cls_token=True, prompt=QUESTION)
+            response = post(client, body)
+            assert response.status_code == 200, response.text
+            assert response.json()["answer"] == direct_answer(engine, indices, size)[0]
+        no_cls = wire.encode_frame(np.zeros(5 * 17, int), codebook_size=16, codebook_fingerprint=engine.fingerprint,
+                                   geometry=WireGeometry.tiled([(20, 30)], (5,), ((2, 2),)), prompt=QUESTION)
+        assert post(client, no_cls).status_code == 200  # the grid is optional on the wire; its absence is fine
+        wrong = wire.encode_frame(np.zeros(5 * 17, int), codebook_size=16, codebook_fingerprint=engine.fingerprint,
+                                  geometry=WireGeometry.tiled([(20, 30)], (5,), ((2, 2),)), grid=(2, 8), prompt=QUESTION,
+                                  has_cls_token=True)
+        assert_error(post(client, wrong), 422, "incompatible_frame", "patch grid 2x8 (CLS True) per tile")
+
+
+def test_openai_image_url_runs_the_tiled_edge_here():
+    """A client without an edge sends pixels; the server tiles them with the model's processor and answers as
+    the model does from the indices of the same tiles."""
+    from PIL import Image
+
+    model = tiny_onevision_alignedvq()
+    image_processor = LlavaOnevisionImageProcessor(size={"height": TILE, "width": TILE}, image_grid_pinpoints=PINPOINTS,
+                                                   do_convert_rgb=True)
+    # The server reads a processor's image processor, tokenizer and chat template only; OneVision's own processor
+    # also wants a video processor (torchvision), so LLaVA's carries them here.
+    processor = LlavaProcessor(image_processor=image_processor, tokenizer=tiny_tokenizer(), patch_size=PATCH,
+                               vision_feature_select_strategy="full", chat_template=CHAT_TEMPLATE)
+    app = create_app(model, processor=processor, max_new_tokens=6, max_wait_ms=1)
+    engine = app.state.engine
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    inputs = image_processor(images=image, return_tensors="pt")
+    indices = model.encode_edge(inputs["pixel_values"], inputs["image_sizes"])
+    expected, _ = direct_answer(engine, indices, (20, 30))
+    with TestClient(app) as client:
+        chat = {"model": client.get("/v1/models").json()["data"][0]["id"], "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": QUESTION}]}]}
+        answer = client.post("/v1/chat/completions", json=chat)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"] == expected
