@@ -288,3 +288,23 @@ def test_openai_image_url_runs_the_tiled_edge_here():
         answer = client.post("/v1/chat/completions", json=chat)
         assert answer.status_code == 200, answer.text
         assert answer.json()["choices"][0]["message"]["content"] == expected
+
+
+def test_a_saved_folder_serves_and_a_lying_config_is_refused(tmp_path, engine):
+    """`alignedvq serve FOLDER`'s path: the size checks read the tiled families' weight names (Transformers' own)."""
+    import json
+
+    from transformers_alignedvq.errors import ServerConfigError
+
+    engine.model.save_pretrained(tmp_path)
+    engine.tokenizer.save_pretrained(tmp_path)
+    app = create_app(tmp_path, max_new_tokens=6, max_wait_ms=1)
+    indices, geometry = edge(engine.model, (20, 30))
+    with TestClient(app) as client:
+        assert post(client, frame_of(engine, indices, geometry)).json()["answer"] == direct_answer(
+            engine, indices, (20, 30))[0]
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["vision_config"]["num_hidden_layers"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ServerConfigError, match="vision num_hidden_layers=7 but the weights hold 2"):
+        create_app(tmp_path)
