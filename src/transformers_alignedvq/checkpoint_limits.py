@@ -92,7 +92,8 @@ def _vision(shapes: dict[str, list[int]], vision: dict, prefix: str, where: str,
     _bounded(vision, f"{where} vision_config")
     position = shapes.get(f"{prefix}embeddings.position_embedding.weight")
     if position is not None and vision.get("image_size") and vision.get("patch_size"):
-        tokens = (vision["image_size"] // max(1, vision["patch_size"])) ** 2 + 1
+        cls = vision.get("model_type") != "siglip_vision_model"  # SigLIP has no CLS token
+        tokens = (vision["image_size"] // max(1, vision["patch_size"])) ** 2 + cls
         _expect(where, "(image tokens, vision hidden_size)", [tokens, vision.get("hidden_size")], position)
     if all_layers:
         _expect(where, "vision num_hidden_layers", vision.get("num_hidden_layers"), _layers(shapes, prefix))
@@ -114,16 +115,20 @@ def check_model_folder(folder: str | os.PathLike) -> None:
     if not files or config.get("checkpoint_kind", "full") != "full":
         return  # nothing to compare with here (an adapter, or weights from elsewhere): the limits still hold
     shapes = safetensors_shapes(files)
+    # LLaVA-1.5 checkpoints keep LLaVA's names; the any-resolution families save Transformers' own.
+    modern = any(name.startswith("model.vision_tower.") for name in shapes)
+    vision_prefix, text_prefix = ("model.vision_tower.", "model.language_model.") if modern else (
+        "vision_tower.", "language_model.model.")
     if "codebook_size" in config:
         _codebook(shapes, config, where, "model.alignedvq.quantizer.codebook")
     if isinstance(config.get("vision_config"), dict):
-        _vision(shapes, config["vision_config"], "vision_tower.", where, all_layers=True)
+        _vision(shapes, config["vision_config"], vision_prefix, where, all_layers=True)
     text = config.get("text_config")
     if isinstance(text, dict):
         _bounded(text, f"{where} text_config")
         _expect(where, "text num_hidden_layers", text.get("num_hidden_layers"),
-                _layers(shapes, "language_model.model."))
-        embed = shapes.get("language_model.model.embed_tokens.weight")
+                _layers(shapes, text_prefix))
+        embed = shapes.get(f"{text_prefix}embed_tokens.weight")
         if embed is not None:
             _expect(where, "(text vocab_size, text hidden_size)", [text.get("vocab_size"), text.get("hidden_size")],
                     embed)

@@ -6,7 +6,9 @@ One `EntropyModel` belongs to one codebook and one token grid. It codes
   candidates (its left, upper, upper-right and upper-left neighbours, then the most recent other values of
   the image) or an escape followed by the index under a static table. The rank's probabilities depend on a
   context of 128 classes (which neighbours exist, which of them are equal, how many values the image has
-  shown so far). The CLS token has its own static table.
+  shown so far). The CLS token has its own static table. A frame of several tiles (the any-resolution
+  families, `wire_geometry`) codes its tiles one after the other, each on its own: a token's neighbours and
+  recent values are those of its tile, so the model fitted on single tiles codes any tile count.
 * the **question** as pieces (``" shape"``, ``"?"``; a word with its leading space, a punctuation mark, a
   run of spaces) under a bigram model over the training questions' pieces; a piece outside the vocabulary
   is escaped and spelled in UTF-8 bytes under a static byte table. No tokenizer is needed on the device.
@@ -103,8 +105,18 @@ def _walk_patches(height: int, width: int, take) -> list[int]:
     return grid
 
 
-def _index_symbols(tokens: list[int], height: int, width: int, has_cls_token: bool) -> list[tuple[Any, int]]:
-    """The symbols coding ``tokens``, in decoding order, each with the key of its table (name, row)."""
+def _index_symbols(tokens: list[int], height: int, width: int, has_cls_token: bool,
+                   tiles: int = 1) -> list[tuple[Any, int]]:
+    """The symbols coding ``tokens`` (``tiles`` tiles one after the other), in decoding order, each with the
+    key of its table (name, row)."""
+    per_tile = height * width + int(has_cls_token)
+    symbols: list[tuple[Any, int]] = []
+    for tile in range(tiles):
+        symbols += _tile_symbols(tokens[tile * per_tile:(tile + 1) * per_tile], height, width, has_cls_token)
+    return symbols
+
+
+def _tile_symbols(tokens: list[int], height: int, width: int, has_cls_token: bool) -> list[tuple[Any, int]]:
     symbols: list[tuple[Any, int]] = []
     if has_cls_token:
         symbols.append((("cls_probabilities", None), tokens[0]))
@@ -196,7 +208,8 @@ class EntropyModel:
     @classmethod
     def fit(cls, indices: Any, *, codebook_size: int, grid: tuple[int, int], has_cls_token: bool,
             questions: Iterable[str] = (), smoothing: float = 0.5, max_pieces: int = 256) -> EntropyModel:
-        """Fit on training images' indices, shape ``(images, tokens)``, and training questions.
+        """Fit on training images' indices, shape ``(images, tokens)`` (for tiled frames: one row per tile,
+        ``grid`` being one tile's), and training questions.
 
         ``smoothing`` is added to every count, so every index, rank and byte stays codable.
         ``max_pieces`` caps the question vocabulary (the most frequent pieces seen at least twice); its
@@ -304,11 +317,13 @@ class EntropyModel:
         for key, symbol in reversed(symbols):
             coder.encode_reverse(symbol, self._model(key))
 
-    def encode_payload(self, tokens: np.ndarray, question: str | None) -> tuple[bytes, bytes | None]:
-        """Payloads for ``tokens`` (shape ``(num_tokens,)``): without the question, and with it coded first
-        (None when there is no question or it is longer than ``MAX_CODED_PROMPT_BYTES``)."""
+    def encode_payload(self, tokens: np.ndarray, question: str | None, *, tiles: int = 1) -> tuple[bytes, bytes | None]:
+        """Payloads for ``tokens`` (shape ``(tiles * num_tokens,)``, tile after tile): without the question, and
+        with it coded first (None when there is no question or it is longer than ``MAX_CODED_PROMPT_BYTES``)."""
+        if len(tokens) != tiles * self.num_tokens:
+            raise WireFormatError(f"{len(tokens)} tokens are not {tiles} tiles of {self.num_tokens}")
         coder = _constriction().stream.stack.AnsCoder()
-        self._push(coder, _index_symbols(tokens.tolist(), *self.grid, self.has_cls_token))
+        self._push(coder, _index_symbols(tokens.tolist(), *self.grid, self.has_cls_token, tiles))
         with_question = None
         if question is not None and len(question.encode("utf-8")) <= MAX_CODED_PROMPT_BYTES:
             both = coder.clone()
@@ -332,11 +347,11 @@ class EntropyModel:
             raise WireFormatError("coded question has unread data after its end")
         return question
 
-    def decode_payload(self, payload: bytes, *, with_question: bool,
+    def decode_payload(self, payload: bytes, *, with_question: bool, tiles: int = 1,
                        max_question_bytes: int = MAX_CODED_PROMPT_BYTES) -> tuple[np.ndarray, str | None]:
-        """Inverse of `encode_payload`: ``(tokens int64 (num_tokens,), question or None)``.
+        """Inverse of `encode_payload`: ``(tokens int64 (tiles * num_tokens,), question or None)``.
 
-        The work is bounded by the model (its token count) and by ``max_question_bytes`` (at most
+        The work is bounded by the model (its token count), ``tiles`` and ``max_question_bytes`` (at most
         ``MAX_CODED_PROMPT_BYTES``), never by what the payload claims; decoding stops with `WireFormatError` as
         soon as the coder runs out of data (a valid payload is consumed only by its last index).
         """
@@ -344,7 +359,7 @@ class EntropyModel:
 
         def read(coder):
             question = self._decode_question(coder, limit) if with_question else None
-            return question, self._decode_indices(coder)
+            return question, [token for _ in range(tiles) for token in self._decode_indices(coder)]
 
         (question, tokens), leftover = _decoded(payload, read, "entropy-coded payload")
         if leftover:

@@ -12,11 +12,12 @@ Frame layout, version 2 (the layout, byte by byte, with examples: ``docs/wire-fo
     2    1     version, 2
     3    1     flags: bit 0 token 0 is a CLS token (coder 0), bit 1 grid recorded (coder 0),
                       bits 2-3 prompt: 0 none, 1 UTF-8 section, 2 coded in the payload (coder 1);
-                      bits 4-7 reserved, 0
+                      bit 4 geometry section (`wire_geometry`); bits 5-7 reserved, 0
     4    1     coder: 0 raw bit-packed indices, 1 context-model ANS (`entropy.EntropyModel`)
     5    8     codebook fingerprint: the first 8 bytes of `codebook_fingerprint`
     13   ...   coder 0: varints K, T, C, then grid height and width if flag bit 1
                coder 1: 4-byte id of the entropy model; K, T, C and the grid are the model's
+    ...        geometry section if flag bit 4: images, tiles and grids (`wire_geometry`)
     ...        prompt section if prompt mode 1: varint L, then L bytes of UTF-8
     ...        payload: coder 0: ceil(T * C * b / 8) bytes, b = ceil(log2 K), MSB-first bit stream;
                         coder 1: every byte up to the CRC
@@ -41,12 +42,13 @@ import operator
 import struct
 import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from .entropy import MODEL_ID_SIZE, EntropyModel
 from .errors import WireFormatError
+from .wire_geometry import KIND_TILES, WireGeometry, frame_fields, read_section, tokens_per_tile
 
 __all__ = [
     "CODER_CONTEXT_MODEL",
@@ -60,6 +62,7 @@ __all__ = [
     "EntropyModel",
     "Frame",
     "WireFormatError",
+    "WireGeometry",
     "bits_per_index",
     "codebook_fingerprint",
     "decode_frame",
@@ -79,7 +82,8 @@ FLAG_CLS_TOKEN = 0x01
 FLAG_GRID = 0x02
 PROMPT_SHIFT = 2
 PROMPT_NONE, PROMPT_UTF8, PROMPT_CODED = 0, 1, 2
-_KNOWN_FLAGS = FLAG_CLS_TOKEN | FLAG_GRID | 0x3 << PROMPT_SHIFT
+FLAG_GEOMETRY = 0x10
+_KNOWN_FLAGS = FLAG_CLS_TOKEN | FLAG_GRID | 0x3 << PROMPT_SHIFT | FLAG_GEOMETRY
 
 _PREFIX = struct.Struct("<2sBBB8s")  # magic, version, flags, coder, fingerprint
 _U32 = struct.Struct("<I")
@@ -276,7 +280,9 @@ class Frame:
     """A decoded frame. ``indices`` is read-only, shape ``(num_tokens, codes_per_token)``, int64.
 
     ``fingerprint`` is what the frame carries (8 bytes in version 2, 16 in version 1); ``model_id`` names
-    the entropy model of a coded frame (None for raw ones).
+    the entropy model of a coded frame (None for raw ones). ``geometry`` is the frame's images and tiles
+    (`wire_geometry.WireGeometry`), None for a one-image frame without that section; with it, ``grid`` and
+    ``has_cls_token`` describe one tile.
     """
 
     indices: np.ndarray
@@ -294,6 +300,7 @@ class Frame:
     flags: int
     payload_bytes: int
     frame_bytes: int
+    geometry: WireGeometry | None = None
 
     @property
     def overhead_bytes(self) -> int:
@@ -394,6 +401,7 @@ def encode_frame(
     entropy_model: EntropyModel | None = None,
     grid: tuple[int, int] | None = None,
     has_cls_token: bool = False,
+    geometry: WireGeometry | None = None,
 ) -> bytes:
     """Serialise codebook indices (and a prompt) into one version-2 frame.
 
@@ -401,14 +409,17 @@ def encode_frame(
     in ``[0, codebook_size)``. ``grid``/``has_cls_token`` optionally record the patch layout, e.g.
     ``grid=(24, 24), has_cls_token=True`` for LLaVA-1.5's 577 tokens. With an ``entropy_model`` the
     indices are coded (lossless) under it, and so is the prompt when that is shorter than its UTF-8;
-    otherwise the indices are bit-packed.
+    otherwise the indices are bit-packed. ``geometry`` (`wire_geometry.WireGeometry`) records the images and
+    tiles of an any-resolution frame (indices of all tiles in order; ``grid``/``has_cls_token`` are then one
+    tile's) or the patch grids of a variable-grid one; a coded frame codes each tile on its own.
     """
     k = _as_int(codebook_size, "codebook_size")
     bits = bits_per_index(k)
     fingerprint = _as_fingerprint(codebook_fingerprint, "codebook_fingerprint")[:WIRE_FINGERPRINT_SIZE]
     table = _validate_indices(indices, k)
     num_tokens, codes = table.shape
-    grid_h, grid_w = _grid_fields(grid, has_cls_token, num_tokens)
+    section, tiles, unit_tokens = frame_fields(geometry, num_tokens, grid, has_cls_token)
+    grid_h, grid_w = _grid_fields(grid, has_cls_token, unit_tokens)
     prompt_bytes = None if prompt is None else _encode_prompt(prompt)
     utf8_section = b"" if prompt_bytes is None else _varint(len(prompt_bytes)) + prompt_bytes
     prompt_mode = PROMPT_NONE if prompt is None else PROMPT_UTF8
@@ -417,16 +428,19 @@ def encode_frame(
         fields = _varint(k) + _varint(num_tokens) + _varint(codes)
         if grid_h:
             fields += _varint(grid_h) + _varint(grid_w)
-        body = fields + utf8_section + _pack_indices(table.reshape(-1), bits)
+        body = fields + section + utf8_section + _pack_indices(table.reshape(-1), bits)
         coder = CODER_RAW
     else:
-        _check_model(entropy_model, k, num_tokens, codes, grid, has_cls_token)
-        alone, with_prompt = entropy_model.encode_payload(table[:, 0], prompt)
+        if geometry is not None and geometry.kind != KIND_TILES:
+            raise WireFormatError("coded frames of patch grids are not supported; send raw frames (entropy_model=None)")
+        _check_model(entropy_model, k, unit_tokens, codes, grid, has_cls_token)
+        alone, with_prompt = entropy_model.encode_payload(table[:, 0], prompt, tiles=tiles)
         if with_prompt is not None and len(with_prompt) < len(alone) + len(utf8_section):
-            body, prompt_mode = entropy_model.model_id + with_prompt, PROMPT_CODED
+            body, prompt_mode = entropy_model.model_id + section + with_prompt, PROMPT_CODED
         else:
-            body = entropy_model.model_id + utf8_section + alone
+            body = entropy_model.model_id + section + utf8_section + alone
         flags, coder = 0, CODER_CONTEXT_MODEL
+    flags |= FLAG_GEOMETRY if section else 0
     head = _PREFIX.pack(MAGIC, FORMAT_VERSION, flags | prompt_mode << PROMPT_SHIFT, coder, fingerprint)
     frame = head + body
     return frame + _U32.pack(zlib.crc32(frame))
@@ -454,6 +468,7 @@ class _Header:
     prompt_mode: int = PROMPT_NONE
     prompt: bytes | None = None
     payload: bytes = b""
+    geometry: WireGeometry | None = None
 
 
 class _Reader:
@@ -513,6 +528,10 @@ def _raw_geometry(header: _Header) -> None:
         raise WireFormatError(f"invalid header: codes_per_token is {codes}, must be 1..{MAX_CODES_PER_TOKEN}")
     if tokens == 0:
         raise WireFormatError("invalid header: num_tokens is 0")
+    if header.geometry is not None:  # a recorded grid is then one tile's
+        tokens = tokens_per_tile(header.geometry, tokens)
+        if tokens is None and (header.grid is not None or header.has_cls_token):
+            raise WireFormatError("invalid geometry: a frame of patch grids records no grid or CLS token")
     if header.grid is None:
         if header.has_cls_token:
             raise WireFormatError("invalid header: CLS flag set without a grid")
@@ -543,7 +562,7 @@ def _parse_v2(buf: bytes) -> _Header:
         raise WireFormatError(f"unsupported coder {coder}: this decoder knows 0 (raw) and 1 (context model); "
                               "update transformers-alignedvq on the older side")
     header = _Header(version=version, flags=flags, fingerprint=fingerprint, coder=coder,
-                     has_cls_token=bool(flags & FLAG_CLS_TOKEN), prompt_mode=flags >> PROMPT_SHIFT)
+                     has_cls_token=bool(flags & FLAG_CLS_TOKEN), prompt_mode=flags >> PROMPT_SHIFT & 0x3)
     if header.prompt_mode == 3 or (header.prompt_mode == PROMPT_CODED and coder != CODER_CONTEXT_MODEL):
         raise WireFormatError(f"invalid header: prompt mode {header.prompt_mode} with coder {coder}")
     reader = _Reader(buf, _PREFIX.size)
@@ -553,11 +572,15 @@ def _parse_v2(buf: bytes) -> _Header:
         header.codes_per_token = reader.varint("codes per token")
         if flags & FLAG_GRID:
             header.grid = (reader.varint("grid height"), reader.varint("grid width"))
+        header.geometry = read_section(reader) if flags & FLAG_GEOMETRY else None
         _raw_geometry(header)
     else:
         if flags & (FLAG_CLS_TOKEN | FLAG_GRID):
             raise WireFormatError("invalid header: grid/CLS flags set in a coded frame (the model implies them)")
         header.model_id = reader.take(MODEL_ID_SIZE, "the entropy model id")
+        header.geometry = read_section(reader) if flags & FLAG_GEOMETRY else None
+        if header.geometry is not None and header.geometry.kind != KIND_TILES:
+            raise WireFormatError("invalid geometry: coded frames carry tiles, not patch grids")
     if header.prompt_mode == PROMPT_UTF8:
         header.prompt = reader.take(reader.varint("prompt length"), "the prompt")
     if coder == CODER_RAW:
@@ -638,7 +661,8 @@ def _model_for(header: _Header, entropy_model: Any) -> EntropyModel:
             f"entropy model mismatch: the frame is coded with entropy model {header.model_id.hex()}, this side "
             f"has {entropy_model.model_id.hex()}; edge and cloud must load the same entropy model"
         )
-    header.codebook_size, header.num_tokens = entropy_model.codebook_size, entropy_model.num_tokens
+    tiles = 1 if header.geometry is None else header.geometry.num_tiles
+    header.codebook_size, header.num_tokens = entropy_model.codebook_size, entropy_model.num_tokens * tiles
     header.grid, header.has_cls_token = entropy_model.grid, entropy_model.has_cls_token
     return entropy_model
 
@@ -652,13 +676,15 @@ def decode_frame(
     codes_per_token: int | None = None,
     entropy_model: EntropyModel | None = None,
     max_prompt_bytes: int | None = None,
+    check_geometry: Callable[..., None] | None = None,
 ) -> Frame:
     """Parse and verify one frame (version 2, or a raw version-1 frame).
 
     Each keyword that is not ``None`` is an expectation of the receiving model and is checked against the
     header. ``entropy_model`` is required for coded frames and must be the one the edge used.
     ``max_prompt_bytes`` refuses a longer prompt (UTF-8 bytes) before decoding it, and stops a coded one as
-    soon as it exceeds that. The work done is bounded by the frame's length (raw) or by the entropy model and
+    soon as it exceeds that. ``check_geometry(geometry=, num_tokens=, grid=, has_cls_token=)`` is called with
+    the header's layout before the payload is decoded (a server refuses images its model cannot take there). The work done is bounded by the frame's length (raw) or by the entropy model and
     ``max_prompt_bytes`` (coded), whatever the header claims.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
@@ -677,6 +703,9 @@ def decode_frame(
     model = _model_for(header, entropy_model) if header.coder == CODER_CONTEXT_MODEL else None
     _check_geometry(header, {"codebook_size": codebook_size, "num_tokens": num_tokens,
                              "codes_per_token": codes_per_token})
+    if check_geometry is not None:
+        check_geometry(geometry=header.geometry, num_tokens=header.num_tokens, grid=header.grid,
+                       has_cls_token=header.has_cls_token)
     bits = (header.codebook_size - 1).bit_length()
     prompt_bytes = header.prompt
     if max_prompt_bytes is not None and prompt_bytes is not None and len(prompt_bytes) > max_prompt_bytes:
@@ -687,8 +716,9 @@ def decode_frame(
         table = table.reshape(header.num_tokens, header.codes_per_token)
     else:
         limit = {} if max_prompt_bytes is None else {"max_question_bytes": max_prompt_bytes}
+        tiles = 1 if header.geometry is None else header.geometry.num_tiles
         tokens, coded_prompt = model.decode_payload(header.payload, with_question=header.prompt_mode == PROMPT_CODED,
-                                                    **limit)
+                                                    tiles=tiles, **limit)
         table = tokens[:, None]
         if coded_prompt is not None:
             prompt_bytes = coded_prompt.encode("utf-8")
@@ -707,5 +737,5 @@ def decode_frame(
         codes_per_token=header.codes_per_token, num_tokens=header.num_tokens, grid=header.grid,
         has_cls_token=header.has_cls_token, prompt=prompt, fingerprint=header.fingerprint,
         entropy_coded=model is not None, model_id=header.model_id, version=header.version, flags=header.flags,
-        payload_bytes=len(header.payload), frame_bytes=len(buf),
+        payload_bytes=len(header.payload), frame_bytes=len(buf), geometry=header.geometry,
     )

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from .. import wire
-from ..wire_followup import decode_followup, image_digest, is_followup
+from ..wire_followup import decode_followup, is_followup
 from .batcher import DynamicBatcher, Job, QueueFull
 from .engines.base import AnswerEngine, GenerationRequest, GenerationResult
 from .errors import CLOSE, ApiError, InvalidQuestionError, classify_wire_error, overloaded
@@ -25,6 +25,7 @@ from .image_cache import ImageCache, scope_of
 from .protocol import FRAME_MEDIA_TYPE, answer_responses, answer_route_openapi
 from .sampling import SamplingError, SamplingOptions, parse_query
 from .streaming import answer_events, unless_client_leaves
+from .tiled import kept_image_digest
 
 
 async def read_body(request: Request, max_body_bytes: int) -> bytes:
@@ -80,11 +81,8 @@ def request_decoder(engine: AnswerEngine, entropy_model: wire.EntropyModel | Non
         if cache is not None and is_followup(body):
             return _followup_request(body, options, scope)
         try:
-            frame = wire.decode_frame(
-                body, codebook_size=summary["codebook_size"], codebook_fingerprint=engine.fingerprint,
-                num_tokens=summary["num_tokens"], codes_per_token=summary["codes_per_token"],
-                entropy_model=entropy_model, max_prompt_bytes=max_prompt_bytes,
-            )
+            frame = wire.decode_frame(body, entropy_model=entropy_model, max_prompt_bytes=max_prompt_bytes,
+                                      **engine.frame_checks())
         except wire.WireFormatError as exc:
             raise classify_wire_error(exc) from None
         question = frame.prompt
@@ -92,10 +90,11 @@ def request_decoder(engine: AnswerEngine, entropy_model: wire.EntropyModel | Non
             raise InvalidQuestionError("the frame carries no question; put it in the frame's prompt")
         if len(question.encode("utf-8")) > max_prompt_bytes:
             raise ApiError(413, "payload_too_large", f"the question exceeds {max_prompt_bytes} bytes")
-        generation = GenerationRequest(torch.from_numpy(frame.indices.copy()), engine.input_ids(question), options)
+        indices, size = engine.image_of(frame)
+        generation = GenerationRequest(indices, engine.input_ids(question, size), options, image_size=size)
         if cache is not None:
-            generation.image_digest = image_digest(frame.indices, engine.fingerprint)
-            cache.put(scope, generation.image_digest, frame.indices, summary["codebook_size"])
+            generation.image_digest = kept_image_digest(frame.indices, engine.fingerprint, size)
+            cache.put(scope, generation.image_digest, frame.indices, summary["codebook_size"], size)
         return generation
 
     def _followup_request(body: bytes, options: SamplingOptions, scope: bytes) -> GenerationRequest:
@@ -105,12 +104,13 @@ def request_decoder(engine: AnswerEngine, entropy_model: wire.EntropyModel | Non
             raise classify_wire_error(exc) from None
         if not followup.question.strip():
             raise InvalidQuestionError("the follow-up carries a blank question")
-        indices = cache.get(scope, followup.digest)
-        if indices is None:
+        kept = cache.lookup(scope, followup.digest)
+        if kept is None:
             raise ApiError(409, "image_not_cached", f"image {followup.digest.hex()} is not (or no longer) held here; "
                            "send its frame again")
-        generation = GenerationRequest(torch.from_numpy(indices.astype(np.int64)), engine.input_ids(followup.question),
-                                       options)
+        indices, size = kept
+        generation = GenerationRequest(torch.from_numpy(indices.astype(np.int64)),
+                                       engine.input_ids(followup.question, size), options, image_size=size)
         generation.image_digest = followup.digest
         return generation
 

@@ -111,7 +111,10 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
               public_metrics: bool = False, chat: dict | None = None,
               image_cache: ImageCache | None = None) -> FastAPI:
     summary = engine.summary
-    if max_body_bytes is None:
+    if max_body_bytes is None and engine.tiles is not None:
+        max_body_bytes = engine.tiles.max_frame_bytes(prompt_bytes=max_prompt_bytes,
+                                                      entropy_coded=entropy_model is not None)
+    elif max_body_bytes is None:
         max_body_bytes = wire.max_frame_bytes(
             codebook_size=summary["codebook_size"], num_tokens=summary["num_tokens"],
             codes_per_token=summary["codes_per_token"], grid=tuple(summary["grid"]), prompt_bytes=max_prompt_bytes,
@@ -162,9 +165,11 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
 
 def _warm_up(engine: AnswerEngine, health: EngineHealth) -> None:
     summary = engine.summary
-    zeros = torch.zeros(summary["num_tokens"], summary["codes_per_token"], dtype=torch.long)
+    zeros, size = torch.zeros(summary["num_tokens"], summary["codes_per_token"], dtype=torch.long), None
+    if engine.tiles is not None:
+        zeros, size = engine.tiles.warmup_image()
     try:
-        engine.generate([engine.request(zeros, "warm up")])
+        engine.generate([engine.request(zeros, "warm up", size)])
     except Exception as exc:
         raise ServerConfigError(f"the warm-up generate failed, so the model cannot answer: "
                                 f"{type(exc).__name__}: {exc}") from exc

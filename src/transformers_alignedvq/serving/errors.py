@@ -51,6 +51,7 @@ _WIRE_ERRORS = (
     ("codebook size mismatch", 422, "incompatible_frame"),
     ("token count mismatch", 422, "incompatible_frame"),
     ("codes per token mismatch", 422, "incompatible_frame"),
+    ("geometry mismatch", 422, "incompatible_frame"),
     ("decoded index out of range", 422, "incompatible_frame"),
     ("entropy model mismatch", 409, "entropy_model_mismatch"),
     ("version-1 entropy-coded frames", 422, "incompatible_frame"),

@@ -28,13 +28,14 @@ def scope_of(authorization: str | None) -> bytes:
 
 
 class ImageCache:
-    """Thread-safe LRU of ``(scope, digest) -> indices (tokens, codes_per_token)``."""
+    """Thread-safe LRU of ``(scope, digest) -> indices (tokens, codes_per_token)`` and, for the tiled families,
+    the image's size."""
 
     def __init__(self, *, max_entries: int = DEFAULT_ENTRIES, max_bytes: int = DEFAULT_BYTES):
         if max_entries < 1 or max_bytes < 1:
             raise ValueError(f"need max_entries >= 1 and max_bytes >= 1; got {max_entries}, {max_bytes}")
         self.max_entries, self.max_bytes = max_entries, max_bytes
-        self._entries: OrderedDict[tuple[bytes, bytes], np.ndarray] = OrderedDict()
+        self._entries: OrderedDict[tuple[bytes, bytes], tuple[np.ndarray, tuple | None]] = OrderedDict()
         self._lock = threading.Lock()
         self.bytes = self.hits = self.misses = 0
 
@@ -42,33 +43,39 @@ class ImageCache:
         return len(self._entries)
 
     @staticmethod
-    def _size(array: np.ndarray) -> int:
-        return array.nbytes + ENTRY_OVERHEAD
+    def _size(entry: tuple[np.ndarray, tuple | None]) -> int:
+        return entry[0].nbytes + ENTRY_OVERHEAD
 
-    def put(self, scope: bytes, digest: bytes, indices: np.ndarray, codebook_size: int) -> None:
+    def put(self, scope: bytes, digest: bytes, indices: np.ndarray, codebook_size: int,
+            image_size: tuple[int, int] | None = None) -> None:
         dtype = np.int16 if codebook_size <= 2**15 else np.int32
         array = np.ascontiguousarray(indices, dtype=dtype)
         array.setflags(write=False)
-        key = (scope, digest)
+        entry, key = (array, image_size), (scope, digest)
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
                 self.bytes -= self._size(old)
-            self._entries[key] = array
-            self.bytes += self._size(array)
+            self._entries[key] = entry
+            self.bytes += self._size(entry)
             while self._entries and (len(self._entries) > self.max_entries or self.bytes > self.max_bytes):
                 _, evicted = self._entries.popitem(last=False)
                 self.bytes -= self._size(evicted)
 
     def get(self, scope: bytes, digest: bytes) -> np.ndarray | None:
+        entry = self.lookup(scope, digest)
+        return None if entry is None else entry[0]
+
+    def lookup(self, scope: bytes, digest: bytes) -> tuple[np.ndarray, tuple[int, int] | None] | None:
+        """``(indices, image size or None)`` of a kept image, or None."""
         with self._lock:
-            array = self._entries.get((scope, digest))
-            if array is None:
+            entry = self._entries.get((scope, digest))
+            if entry is None:
                 self.misses += 1
                 return None
             self._entries.move_to_end((scope, digest))
             self.hits += 1
-            return array
+            return entry
 
 
 __all__ = ["ImageCache", "scope_of"]

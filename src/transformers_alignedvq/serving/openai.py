@@ -252,39 +252,45 @@ class ChatDecoder:
             raise _invalid(f"the messages' text exceeds {self.max_prompt_bytes} bytes", "messages", 413,
                            "payload_too_large")
         if chat.image.get("type") == FRAME_PART:
-            indices, prompt, size = self._frame(chat.image)
+            (indices, image_size), prompt, size = self._frame(chat.image)
             if not any(text.strip() for text in texts) and prompt:
                 _user_turn(chat.messages)["content"].append({"type": "text", "text": prompt})
         else:
             data = image_bytes(chat.image, self.limits)
-            indices, size = self._edge(open_image(data, self.limits)), len(data)
+            (indices, image_size), size = self._edge(open_image(data, self.limits)), len(data)
         if not any(part["type"] == "text" and part["text"].strip() for part in _user_turn(chat.messages)["content"]):
             raise _invalid("the last user message carries no question", "messages", 422, "invalid_question")
-        return GenerationRequest(indices, self.engine.chat_input_ids(chat.messages), chat.options), size
+        return GenerationRequest(indices, self.engine.chat_input_ids(chat.messages, image_size), chat.options,
+                                 image_size=image_size), size
 
-    def _frame(self, part: dict) -> tuple[torch.Tensor, str | None, int]:
+    def _frame(self, part: dict) -> tuple[tuple[torch.Tensor, tuple | None], str | None, int]:
+        """``((indices, image size or None), the frame's prompt, its bytes)``: checked as the binary route does."""
         payload = part.get(FRAME_PART)
         data = _base64(payload.get("data") if isinstance(payload, dict) else None, self.max_body_bytes,
                        "the frame", FRAME_PART)
-        summary = self.engine.summary
         try:
-            frame = wire.decode_frame(data, codebook_size=summary["codebook_size"],
-                                      codebook_fingerprint=self.engine.fingerprint, num_tokens=summary["num_tokens"],
-                                      codes_per_token=summary["codes_per_token"], entropy_model=self.entropy_model,
-                                      max_prompt_bytes=self.max_prompt_bytes)
+            frame = wire.decode_frame(data, entropy_model=self.entropy_model, max_prompt_bytes=self.max_prompt_bytes,
+                                      **self.engine.frame_checks())
         except wire.WireFormatError as exc:
             raise classify_wire_error(exc) from None
-        return torch.from_numpy(frame.indices.copy()), frame.prompt, len(data)
+        return self.engine.image_of(frame), frame.prompt, len(data)
 
-    def _edge(self, image) -> torch.Tensor:
+    def _edge(self, image) -> tuple[torch.Tensor, tuple | None]:
+        """The edge run here: ``(indices (tokens, codes), image size (tiled families) or None)``."""
         processor = getattr(self.engine.processor, "image_processor", None)
         if processor is None:
             raise _invalid(f"this server has no image processor; send the image as an {FRAME_PART} part",
                            "image_url", 422, "invalid_question")
-        pixels = processor(images=image, return_tensors="pt")["pixel_values"]
+        inputs = processor(images=image, return_tensors="pt")
+        pixels, device, size = inputs["pixel_values"].to(self.engine.device), self.engine.device, None
         with torch.inference_mode():
-            indices = self.engine.model.encode_edge(pixels.to(self.engine.device))[0].cpu()
-        return indices if indices.dim() == 2 else indices[:, None]
+            if self.engine.tiles is None:
+                indices = self.engine.model.encode_edge(pixels)[0].cpu()
+            else:  # every tile of the one image, in the model's order; the size travels with it as in a frame
+                size = tuple(int(side) for side in inputs["image_sizes"][0])
+                indices = self.engine.model.encode_edge(pixels, inputs["image_sizes"].to(device)).cpu()
+                indices = indices.reshape(-1, *indices.shape[2:])
+        return (indices if indices.dim() == 2 else indices[:, None]), size
 
 
 def _user_turn(messages: list[dict]) -> dict:

@@ -20,11 +20,13 @@ from typing import Any, Awaitable, Callable, Sequence
 
 import torch
 
+from ... import wire
 from ...errors import ServerConfigError
 from ...export.edge_export import describe
 from ...settings import FRAME_SETTINGS
 from ..errors import InvalidQuestionError
 from ..sampling import SamplingOptions
+from ..tiled import TiledImages, refuse_geometry
 
 DEFAULT_MAX_NEW_TOKENS = 32
 DEFAULT_MAX_PROMPT_BYTES = 2048
@@ -45,6 +47,7 @@ class GenerationRequest:
     on_tokens: Callable[[list[int]], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     image_digest: bytes | None = None  # set where the server keeps the image for follow-ups
+    image_size: tuple[int, int] | None = None  # (height, width): the tiled families' tiling and un-padding
 
 
 @dataclass
@@ -69,16 +72,23 @@ class AnswerEngine(ABC):
         if max_new_tokens < 1:
             raise ServerConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
         config = model.config
-        for attribute in ("codebook_size", "num_image_tokens", "codes_per_token", "split_layer"):
+        # The any-resolution families: tiles per image vary, so token counts come from `tiled.TiledImages`.
+        self.tiles = TiledImages(model) if TiledImages.serves(model) else None
+        for attribute in ("codebook_size", "codes_per_token", "split_layer") + (() if self.tiles else
+                                                                                ("num_image_tokens",)):
             if not hasattr(config, attribute):
                 raise ServerConfigError(f"{type(model).__name__} is not an AlignedVQ model (config lacks {attribute})")
         self.model, self.tokenizer, self.processor = model.eval(), tokenizer, processor
         self.config = config
-        self.fingerprint = model.codebook_fingerprint()
+        own = getattr(model, "codebook_fingerprint", None)  # LLaVA's; the tiled families' is the same digest
+        self.fingerprint = own() if own else wire.codebook_fingerprint(model.model.alignedvq.quantizer.codebook)
         self.max_new_tokens = max_new_tokens
         self._init_tokens(model, tokenizer, processor)
         template_owner = processor if getattr(processor, "chat_template", None) else tokenizer
         self._template_owner = template_owner if getattr(template_owner, "chat_template", None) else None
+        if self.tiles is not None:
+            self.summary = self.tiles.summary(self.fingerprint)
+            return
         geometry = describe(
             settings={key: getattr(config, key) for key in FRAME_SETTINGS},
             image_size=config.vision_config.image_size,
@@ -102,9 +112,9 @@ class AnswerEngine(ABC):
                 f"the tokenizer maps {self.image_token!r} to id {self.image_token_id}, the model expects image "
                 f"token id {config.image_token_id}; the processor and the model do not belong together"
             )
-        # LLaVA's "default" strategy drops the CLS feature before the language model.
+        # LLaVA's "default" strategy drops the CLS feature before the language model. Tiled images: per image.
         drops_cls = config.vision_feature_select_strategy == "default"
-        self.lm_image_tokens = config.num_image_tokens - (1 if drops_cls else 0)
+        self.lm_image_tokens = None if self.tiles else config.num_image_tokens - (1 if drops_cls else 0)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
             raise ServerConfigError("the tokenizer has neither a pad nor an eos token; batched generation needs one")
@@ -133,41 +143,76 @@ class AnswerEngine(ABC):
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         return self._template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def input_ids(self, question: str) -> list[int]:
-        """Token ids of the chat prompt with the image placeholder expanded, as `LlavaProcessor` makes them."""
-        return self._expanded_ids(self.prompt_text(question))
+    def input_ids(self, question: str, image_size: tuple[int, int] | None = None) -> list[int]:
+        """Token ids of the chat prompt with the image placeholder expanded, as `LlavaProcessor` makes them
+        (tiled families: as many placeholders as an image of ``image_size`` packs into)."""
+        return self._expanded_ids(self.prompt_text(question), image_size)
 
-    def chat_input_ids(self, messages: list[dict]) -> list[int]:
+    def chat_input_ids(self, messages: list[dict], image_size: tuple[int, int] | None = None) -> list[int]:
         """`input_ids` of a conversation in Transformers' chat format (``{"role", "content": [parts]}``, one
         ``{"type": "image"}`` part in all); without a chat template, only one user turn of text and the image."""
         if self._template_owner is None:
             texts = [part["text"] for message in messages for part in message["content"] if part["type"] == "text"]
             if len(messages) != 1 or messages[0]["role"] != "user":
                 raise InvalidQuestionError("this model has no chat template: send one user message")
-            return self.input_ids("\n".join(texts))
+            return self.input_ids("\n".join(texts), image_size)
         text = self._template_owner.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self._expanded_ids(text)
+        return self._expanded_ids(text, image_size)
 
-    def _expanded_ids(self, text: str) -> list[int]:
+    def image_tokens(self, image_size: tuple[int, int] | None) -> int:
+        """Placeholders the language model reads for one image (of ``image_size``, for the tiled families)."""
+        if self.tiles is None:
+            return self.lm_image_tokens
+        if image_size is None:
+            raise InvalidQuestionError("this model tiles its images: the image's size is needed")
+        return self.tiles.image_tokens(tuple(image_size))
+
+    def _expanded_ids(self, text: str, image_size: tuple[int, int] | None = None) -> list[int]:
         if text.count(self.image_token) != 1:
             raise InvalidQuestionError(f"the question must not contain the image placeholder {self.image_token!r}")
-        text = text.replace(self.image_token, self.image_token * self.lm_image_tokens)
+        count = self.image_tokens(image_size)
+        text = text.replace(self.image_token, self.image_token * count)
         ids = self.tokenizer(text)["input_ids"]
-        if sum(1 for i in ids if i == self.image_token_id) != self.lm_image_tokens:
+        if sum(1 for i in ids if i == self.image_token_id) != count:
             raise InvalidQuestionError(
                 f"the question tokenizes to extra image placeholder tokens (id {self.image_token_id})")
         return list(ids)
 
-    def request(self, indices: torch.Tensor, question: str, **options) -> GenerationRequest:
-        """A `GenerationRequest` for ``question`` about the image ``indices``; ``options`` override the
-        defaults (greedy, this engine's ``max_new_tokens``)."""
+    def request(self, indices: torch.Tensor, question: str, image_size: tuple[int, int] | None = None,
+                **options) -> GenerationRequest:
+        """A `GenerationRequest` for ``question`` about the image ``indices`` (of ``image_size``, for the tiled
+        families); ``options`` override the defaults (greedy, this engine's ``max_new_tokens``)."""
         fields = {"max_new_tokens": self.max_new_tokens, **options}
-        return GenerationRequest(indices, self.input_ids(question), SamplingOptions(**fields))
+        return GenerationRequest(indices, self.input_ids(question, image_size), SamplingOptions(**fields),
+                                 image_size=image_size)
+
+    def frame_checks(self) -> dict[str, Any]:
+        """`wire.decode_frame`'s expectations of a frame for this model (the geometry checked before the payload
+        is decoded)."""
+        summary = self.summary
+        checks = {"codebook_size": summary["codebook_size"], "codebook_fingerprint": self.fingerprint,
+                  "codes_per_token": summary["codes_per_token"]}
+        if self.tiles is not None:
+            return {**checks, "check_geometry": self.tiles.check}
+        return {**checks, "num_tokens": summary["num_tokens"], "check_geometry": refuse_geometry(summary["num_tokens"])}
+
+    def image_of(self, frame: wire.Frame) -> tuple[torch.Tensor, tuple[int, int] | None]:
+        """A checked frame's indices ``(tokens, codes_per_token)`` and its image's size (None: LLaVA-1.5)."""
+        if self.tiles is not None:
+            return self.tiles.image_of(frame)
+        return torch.from_numpy(frame.indices.copy()), None
 
     def stack_indices(self, batch: list[GenerationRequest]) -> torch.Tensor:
         """The batch's indices as the model takes them: ``(batch, tokens[, codes_per_token])``."""
         indices = torch.stack([request.indices for request in batch])
         return indices.squeeze(-1) if self.config.codes_per_token == 1 else indices
+
+    def image_inputs(self, batch: list[GenerationRequest]) -> dict[str, torch.Tensor]:
+        """The batch's images as ``generate`` takes them: ``image_indices`` (and, for tiled families, every
+        request's tiles in order plus ``image_sizes``)."""
+        if self.tiles is None:
+            return {"image_indices": self.stack_indices(batch)}
+        return self.tiles.generate_inputs([r.indices for r in batch], [r.image_size for r in batch])
 
     # -- answers ------------------------------------------------------------------------------------------
     def answer_tokens(self, tokens: Sequence[int], options: SamplingOptions) -> list[int]:

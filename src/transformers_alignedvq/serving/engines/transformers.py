@@ -76,7 +76,8 @@ class TransformersAnswerEngine(AnswerEngine):
         with torch.inference_mode():
             out = self.model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                image_indices=self.stack_indices(batch).to(device), **self._generate_options(batch, length),
+                **{name: value.to(device) for name, value in self.image_inputs(batch).items()},
+                **self._generate_options(batch, length),
             )
         elapsed = time.perf_counter() - start
         return [self.result(row, request.options, elapsed) for row, request in zip(out[:, length:].tolist(), batch)]

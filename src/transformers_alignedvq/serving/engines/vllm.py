@@ -128,6 +128,9 @@ class VllmAnswerEngine(AnswerEngine):
         except ImportError as exc:
             raise ServerConfigError(f"the vLLM engine needs vLLM ({INSTALL_HINT}): {exc}") from exc
         super().__init__(model, tokenizer, processor=processor, max_new_tokens=max_new_tokens)
+        if self.tiles is not None:
+            raise ServerConfigError(f"the vLLM engine does not serve {self.tiles.adapter.name} models yet; use "
+                                    "engine='transformers'")
         if _on_cpu():
             # The longest prompt: the template and the image's tokens, and a question of max_prompt_bytes (at most
             # a token per byte, and one more where the tokenizer opens a word).
@@ -193,11 +196,11 @@ class VllmAnswerEngine(AnswerEngine):
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result()
 
     # ------------------------------------------------------------------------------------------------
-    def input_ids(self, question: str) -> list[int]:
-        return self._within_context(super().input_ids(question))
+    def input_ids(self, question: str, image_size: tuple[int, int] | None = None) -> list[int]:
+        return self._within_context(super().input_ids(question, image_size))
 
-    def chat_input_ids(self, messages: list[dict]) -> list[int]:
-        return self._within_context(super().chat_input_ids(messages))
+    def chat_input_ids(self, messages: list[dict], image_size: tuple[int, int] | None = None) -> list[int]:
+        return self._within_context(super().chat_input_ids(messages, image_size))
 
     def _within_context(self, ids: list[int]) -> list[int]:
         """``ids``, checked while the request is decoded: vLLM refuses a prompt that leaves no room for an
