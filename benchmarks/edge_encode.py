@@ -15,6 +15,11 @@ interleaved so machine noise hits every method alike):
   compared with (the last column);
 * ``search alone: shortlist``: the shipped shortlist search on the site features, without the front.
 
+With ``--stages 2`` (or 3) every edge and search has that many residual VQ stages (`search.ResidualCodewordSearch`;
+each stage's codebook fitted by k-means on what the stages before it left), and the dense baseline searches every
+stage densely as well; ``dense search: PyTorch, projected then searched`` is the model's own unfolded search
+(input DLP applied, then one dense search per stage).
+
 Agreement is the share of tokens of held-out photos (crops of photos the codebook never saw) whose index equals
 an fp64 exact search's. The random weights make these timings real (the arithmetic is LLaVA's) but the
 agreement only indicative: real CLIP features have another spectrum.
@@ -50,7 +55,8 @@ from transformers_alignedvq.preprocess import ImagePreprocessing
 DENSE_TORCH = "dense search: PyTorch addmm + argmin"
 DENSE_ARGMIN = "dense search: ORT MatMul + ArgMin"
 DENSE_SHIPPED = "dense search: ORT Gemm + TopK (shipped exact)"
-DENSE = (DENSE_TORCH, DENSE_ARGMIN, DENSE_SHIPPED)
+DENSE_PROJECTED = "dense search: PyTorch, projected then searched"
+DENSE = (DENSE_TORCH, DENSE_ARGMIN, DENSE_SHIPPED, DENSE_PROJECTED)
 SITES = {"patch_0": (0, "patch"), "input_0": (0, "input"), "ln1_0": (0, "ln1"), "mlp_0": (0, "mlp"), "mlp_1": (1, "mlp")}
 FIT_PHOTOS = ("coffee", "colorwheel", "hubble_deep_field", "immunohistochemistry", "retina", "rocket", "camera",
               "coins", "page")
@@ -83,8 +89,9 @@ def photo_crops(names, per_photo: int, seed: int) -> list[Image.Image]:
     return crops
 
 
-def build_edge(vision, tower, layer: int, site: str, fit_pixels: torch.Tensor, kmeans_iters: int) -> AlignedVQEdgeEncoder:
-    settings = dict(split_layer=layer, split_site=site, codebook_size=4096, codebook_dim=1024, num_codebooks=1,
+def build_edge(vision, tower, layer: int, site: str, fit_pixels: torch.Tensor, kmeans_iters: int,
+               stages: int = 1) -> AlignedVQEdgeEncoder:
+    settings = dict(split_layer=layer, split_site=site, codebook_size=4096, codebook_dim=1024, num_codebooks=stages,
                     num_groups=1, use_dlp=True)
     edge = AlignedVQEdgeEncoder(vision, settings)
     tower_state = {k.removeprefix("vision_model."): v for k, v in tower.state_dict().items()}
@@ -95,13 +102,27 @@ def build_edge(vision, tower, layer: int, site: str, fit_pixels: torch.Tensor, k
     layer_state["dlp_in.proj.weight"] = 0.02 * torch.randn(1024, 1024, generator=generator)
     layer_state["dlp_in.proj.bias"] = torch.zeros(1024)
     edge.load_state_dict({**state, **{f"alignedvq.{k}": v for k, v in layer_state.items() if "quantizer" not in k},
-                          "alignedvq.quantizer.codebook": torch.zeros(1, 1, 4096, 1024)})
+                          "alignedvq.quantizer.codebook": torch.zeros(stages, 1, 4096, 1024)})
     with torch.no_grad():
         features = torch.cat([edge_features(edge, batch) for batch in fit_pixels.split(8)]).reshape(-1, 1024)
         weight, bias = edge.alignedvq._pre_quantization_affine()
-        codebook, _ = kmeans(features @ weight.T + bias, 4096, iters=kmeans_iters, generator=generator)
-        edge.alignedvq.quantizer.codebook.copy_(codebook[None, None])
+        residual = features @ weight.T + bias
+        for stage in range(stages):  # residual VQ: each stage's k-means on what the stages before it left
+            codebook, _ = kmeans(residual, 4096, iters=kmeans_iters, generator=generator)
+            edge.alignedvq.quantizer.codebook[stage, 0].copy_(codebook)
+            residual = residual - codebook[torch.cdist(residual, codebook).argmin(-1)]
     return edge.refresh_search().eval()
+
+
+def exact_reference(edge, features: torch.Tensor) -> torch.Tensor:
+    """fp64 exact residual search of the projected features: indices ``(tokens * stages,)``, stage-minor."""
+    weight, bias = edge.alignedvq._pre_quantization_affine()
+    residual = (features.reshape(-1, 1024) @ weight.T + bias).double()
+    found = []
+    for codebook in edge.alignedvq.quantizer.codebook[:, 0].double():
+        found.append(torch.cdist(residual, codebook).argmin(-1))
+        residual = residual - codebook[found[-1]]
+    return torch.stack(found, -1).reshape(-1)
 
 
 def on_features(label: str) -> bool:
@@ -110,7 +131,7 @@ def on_features(label: str) -> bool:
 
 
 def edge_features(edge, pixels: torch.Tensor) -> torch.Tensor:
-    from transformers_alignedvq import split
+    from transformers_alignedvq.models.llava_alignedvq import split
 
     return split.edge_forward(edge, pixels, edge.settings["split_layer"], edge.settings["split_site"])
 
@@ -176,12 +197,10 @@ def interleaved_medians(methods: dict, repeats: int) -> dict[str, float]:
 
 def measure_site(name: str, args, vision, tower, fit_pixels, held_pixels, calibration, scratch: Path) -> list[dict]:
     layer, site = SITES[name]
-    edge = build_edge(vision, tower, layer, site, fit_pixels, args.kmeans_iters)
+    edge = build_edge(vision, tower, layer, site, fit_pixels, args.kmeans_iters, args.stages)
     with torch.no_grad():
         held_features = torch.cat([edge_features(edge, batch) for batch in held_pixels.split(8)])
-    weight, bias = edge.alignedvq._pre_quantization_affine()
-    codebook = edge.alignedvq.quantizer.codebook[0, 0].double()
-    reference = torch.cdist((held_features.reshape(-1, 1024) @ weight.T + bias).double(), codebook).argmin(-1)
+        reference = exact_reference(edge, held_features)
     shortlist = SearchConfig("shortlist", rank=args.rank, candidates=args.candidates)
     paths = {"onnx, exact": export_onnx(edge, scratch / f"{name}_exact.onnx")}
     dense_search = edge.search
@@ -192,21 +211,26 @@ def measure_site(name: str, args, vision, tower, fit_pixels, held_pixels, calibr
         paths["onnx int8, shortlist"] = export_onnx(edge, scratch / f"{name}_int8.onnx", int8=True,
                                                     calibration=calibration)
     features = held_features[:1]
-    paths[DENSE_ARGMIN] = dense_matmul_argmin(dense_search, scratch / f"{name}_dense_argmin.onnx")
+    if args.stages == 1:  # the textbook graph has one stage; the shipped exact graph below has them all
+        paths[DENSE_ARGMIN] = dense_matmul_argmin(dense_search, scratch / f"{name}_dense_argmin.onnx")
     for label, search in ((DENSE_SHIPPED, dense_search), ("search alone: shortlist", fast_search)):
         edge.search = search
         paths[label] = export_search(edge, scratch / f"{name}_search_{label[-5:]}.onnx", held_features[:2])
     sessions = {label: onnx_session(path) for label, path in paths.items()}
     one = held_pixels[:1]
     edge.refresh_search(SearchConfig())
-    methods = {"torch, exact": lambda: edge(one), DENSE_TORCH: lambda: dense_search(features)}
+    layer_encode = edge.alignedvq.encode if args.stages == 1 else (  # the model's own search (unfolded stages)
+        lambda f: edge.alignedvq.quantizer.encode(edge.alignedvq.pre_quantization(f)))
+    methods = {"torch, exact": lambda: edge(one), DENSE_TORCH: lambda: dense_search(features),
+               DENSE_PROJECTED: lambda: layer_encode(features)}
     for label, session in sessions.items():
         feed = {"features": features.numpy()} if on_features(label) else {"pixel_values": one.numpy()}
         methods[label] = lambda s=session, f=feed: s.run(None, f)
     with torch.inference_mode():
         times = interleaved_medians(methods, args.repeats)
         agreement = {"torch, exact": float((edge(held_pixels).reshape(-1) == reference).float().mean()),
-                     DENSE_TORCH: float((dense_search(held_features).reshape(-1) == reference).float().mean())}
+                     DENSE_TORCH: float((dense_search(held_features).reshape(-1) == reference).float().mean()),
+                     DENSE_PROJECTED: float((layer_encode(held_features).reshape(-1) == reference).float().mean())}
     for label, session in sessions.items():
         inputs = held_features if on_features(label) else held_pixels
         key = "features" if on_features(label) else "pixel_values"
@@ -226,7 +250,8 @@ def dense_baseline(rows: list[dict], site: str) -> dict:
 
 def table(rows: list[dict], args, tokens: int) -> str:
     affinity = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else "?"
-    lines = [f"LLaVA-1.5 edge (CLIP ViT-L/14-336, random weights), K=4096, one ONNX Runtime / PyTorch thread "
+    lines = [f"LLaVA-1.5 edge (CLIP ViT-L/14-336, random weights), K=4096 x {args.stages} residual stage(s), one "
+             f"ONNX Runtime / PyTorch thread "
              f"(OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}, CPUs {affinity}), medians of "
              f"{args.repeats} interleaved repeats; shortlist rank {args.rank}, {args.candidates} candidates; "
              f"agreement on {tokens} held-out photo tokens",
@@ -252,6 +277,7 @@ def main(argv=None) -> None:
     p.add_argument("--candidates", type=int, default=8, help="shortlist: codewords re-ranked exactly")
     p.add_argument("--fit-crops", type=int, default=12, help="crops per fit photo (577 features each)")
     p.add_argument("--kmeans-iters", type=int, default=10)
+    p.add_argument("--stages", type=int, default=1, help="residual VQ stages (codebooks of K = 4096 each)")
     p.add_argument("--json", default=None, help="write the rows to this file")
     p.add_argument("--profile", action="store_true", help="also print ONNX Runtime's per-op profile of each shipped edge")
     args = p.parse_args(argv)

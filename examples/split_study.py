@@ -117,8 +117,14 @@ def main(argv=None) -> None:
             args.seed = seed
             name = f"{candidate}__s{seed}"
             run_candidate(args, name, CANDIDATES[candidate], processor, data)
-            for variant, options in ({} if args.screen else EDGE_VARIANTS).items():
+            for variant, options in ({} if args.screen else edge_variants(CANDIDATES[candidate])).items():
                 evaluate_edge(args, name, variant, options, calibration, processor, data)
+
+
+def edge_variants(candidate: tuple) -> dict:
+    """The exported edges to score: at ``patch`` the convolution is folded into the codebook, so there is no
+    front to quantize and the int8 export would be the fp32 graph again."""
+    return {k: v for k, v in EDGE_VARIANTS.items() if not (candidate[1] == "patch" and v.get("int8"))}
 
 
 def run_candidate(args, name: str, candidate: tuple, processor, data: dict) -> None:
@@ -142,10 +148,9 @@ def run_candidate(args, name: str, candidate: tuple, processor, data: dict) -> N
 
 def read_entropy_model(folder: Path):
     """The entropy model the finetune fitted for the new codebook (coded frame sizes), or ``None``."""
-    from transformers_alignedvq.entropy import EntropyModel
+    from transformers_alignedvq.entropy import load_entropy_model
 
-    path = folder / "entropy_model.safetensors"
-    return EntropyModel.load(path) if path.is_file() else None
+    return load_entropy_model(folder)
 
 
 def score(model, processor, data: dict, **options) -> dict:
