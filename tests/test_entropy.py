@@ -149,3 +149,30 @@ def test_questions_round_trip_on_the_smallest_states():
             tokens, decoded = model.decode_payload(coded, with_question=True)
             assert decoded == question and np.array_equal(tokens, flat[0])
             assert model.decode_question(model.encode_question(question)) == question
+
+
+def test_several_codes_per_token_are_coded_stage_by_stage(tmp_path):
+    """Residual VQ's codes: one coded stage per code position, each with its own tables; frames round-trip,
+    cost less than raw ones, and a one-stage model refuses two codes (and the other way round)."""
+    from transformers_alignedvq.entropy import load_entropy_model
+    from transformers_alignedvq.wire import decode_frame, encode_frame
+
+    fp = bytes(range(16))
+    first = blocky_images(40)  # (images, 37) indices < 64
+    second = (first * 5 + np.random.default_rng(0).integers(0, 2, first.shape)) % 64
+    staged = np.stack([first, second], -1)
+    model = EntropyModel.fit(staged, codebook_size=64, grid=(6, 6), has_cls_token=True, questions=QUESTIONS)
+    assert model.codes_per_token == 2 and model.to_arrays()["rank_probabilities"].shape[0] == 2
+    assert load_entropy_model(model.save(tmp_path).parent).model_id == model.model_id
+    options = dict(codebook_size=64, codebook_fingerprint=fp, grid=(6, 6), has_cls_token=True)
+    for row in staged[:5]:
+        frame = encode_frame(row, entropy_model=model, prompt=QUESTIONS[0], **options)
+        assert len(frame) < len(encode_frame(row, prompt=QUESTIONS[0], **options))
+        decoded = decode_frame(frame, codebook_size=64, codebook_fingerprint=fp, entropy_model=model)
+        assert np.array_equal(decoded.indices, row) and decoded.codes_per_token == 2
+        assert decoded.prompt == QUESTIONS[0]
+    one_stage = EntropyModel.fit(first, codebook_size=64, grid=(6, 6), has_cls_token=True)
+    with pytest.raises(WireFormatError, match="37 tokens x 1 codes"):
+        encode_frame(staged[0], entropy_model=one_stage, **options)
+    with pytest.raises(WireFormatError, match="37 tokens x 2 codes"):
+        encode_frame(first[0], entropy_model=model, **options)

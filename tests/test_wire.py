@@ -338,7 +338,7 @@ def test_coded_frame_needs_the_same_model():
     assert MODEL.model_id.hex() in str(info.value) and other.model_id.hex() in str(info.value)
     with pytest.raises(WireFormatError, match="codebook size mismatch"):
         encode_frame(blocky_images(1)[0], codebook_size=65, codebook_fingerprint=FP, entropy_model=MODEL)
-    with pytest.raises(WireFormatError, match="37 tokens of one code each"):
+    with pytest.raises(WireFormatError, match="37 tokens x 1 codes"):
         coded_frame(MODEL, np.zeros((37, 2), int))
     with pytest.raises(WireFormatError, match="differs from the entropy model"):
         coded_frame(MODEL, np.zeros(37, int), grid=(4, 9), has_cls_token=True)

@@ -6,7 +6,9 @@ One `EntropyModel` belongs to one codebook and one token grid. It codes
   candidates (its left, upper, upper-right and upper-left neighbours, then the most recent other values of
   the image) or an escape followed by the index under a static table. The rank's probabilities depend on a
   context of 128 classes (which neighbours exist, which of them are equal, how many values the image has
-  shown so far). The CLS token has its own static table. A frame of several tiles (the any-resolution
+  shown so far). The CLS token has its own static table. Several codes per token (residual VQ's stages, or
+  groups) are coded one code position ("stage") after the other, each over the same grid with tables of its
+  own (the arrays then have a leading stage dimension). A frame of several tiles (the any-resolution
   families, `wire_geometry`) codes its tiles one after the other, each on its own: a token's neighbours and
   recent values are those of its tile, so the model fitted on single tiles codes any tile count.
 * the **question** as pieces (``" shape"``, ``"?"``; a word with its leading space, a punctuation mark, a
@@ -54,6 +56,8 @@ _END_OF_PIECE = 256
 # word stays with the word).
 _PIECE = re.compile(r"\s?\w+|\s?[^\w\s]|\s+(?!\S)|\s+")
 _ID_DOMAIN = b"AVQ entropy model v2\x00"
+_STAGED = ("cls_probabilities", "rank_probabilities", "escape_probabilities")  # a leading stage axis if staged
+MAX_STAGES = 8
 _ARRAYS = ("geometry", "cls_probabilities", "rank_probabilities", "escape_probabilities", "question_pieces",
            "question_piece_ends", "question_probabilities", "question_byte_probabilities")
 
@@ -134,6 +138,19 @@ def _tile_symbols(tokens: list[int], height: int, width: int, has_cls_token: boo
     return symbols
 
 
+def _stage_counts(table: np.ndarray, k: int, height: int, width: int, has_cls_token: bool) -> dict[str, np.ndarray]:
+    """Symbol counts of one stage's indices ``(images, tokens)``, by table."""
+    ranks, escapes = np.zeros((NUM_CONTEXTS, NUM_RANKS + 1)), np.zeros(k)
+    for image in table.tolist():
+        for (name, row), symbol in _index_symbols(image, height, width, has_cls_token):
+            if name == "rank_probabilities":
+                ranks[row, symbol] += 1
+            elif name == "escape_probabilities":
+                escapes[symbol] += 1
+    cls = np.bincount(table[:, 0], minlength=k) if has_cls_token else np.zeros(k)
+    return {"cls_probabilities": cls, "rank_probabilities": ranks, "escape_probabilities": escapes}
+
+
 def _normalised(counts: np.ndarray, smoothing: float) -> np.ndarray:
     smoothed = np.asarray(counts, dtype=np.float64) + smoothing
     return smoothed / smoothed.sum(axis=-1, keepdims=True)
@@ -175,8 +192,12 @@ class EntropyModel:
             raise WireFormatError(
                 f"entropy model: grid {height}x{width} (CLS {cls}) must have 1..{MAX_TOKENS} tokens")
         pieces = self._read_pieces()
-        shapes = {"cls_probabilities": (k,), "rank_probabilities": (NUM_CONTEXTS, NUM_RANKS + 1),
-                  "escape_probabilities": (k,), "question_probabilities": (len(pieces) + 2,) * 2,
+        staged = a["cls_probabilities"].ndim == 2
+        stages = (a["cls_probabilities"].shape[0],) if staged else ()
+        if staged and not 2 <= stages[0] <= MAX_STAGES:
+            raise WireFormatError(f"entropy model: a staged model has 2..{MAX_STAGES} stages, got {stages[0]}")
+        shapes = {"cls_probabilities": (*stages, k), "rank_probabilities": (*stages, NUM_CONTEXTS, NUM_RANKS + 1),
+                  "escape_probabilities": (*stages, k), "question_probabilities": (len(pieces) + 2,) * 2,
                   "question_byte_probabilities": (_END_OF_PIECE + 1,)}
         for key, shape in shapes.items():
             table = a[key]
@@ -187,6 +208,7 @@ class EntropyModel:
                 raise WireFormatError(f"entropy model: {key} must be finite and strictly positive")
         self._pieces = pieces
         self._piece_ids = {piece: i for i, piece in enumerate(pieces)}
+        self._stages = stages[0] if staged else 1
 
     def _read_pieces(self) -> list[str]:
         data, ends = self._arrays["question_pieces"], self._arrays["question_piece_ends"]
@@ -208,8 +230,8 @@ class EntropyModel:
     @classmethod
     def fit(cls, indices: Any, *, codebook_size: int, grid: tuple[int, int], has_cls_token: bool,
             questions: Iterable[str] = (), smoothing: float = 0.5, max_pieces: int = 256) -> EntropyModel:
-        """Fit on training images' indices, shape ``(images, tokens)`` (for tiled frames: one row per tile,
-        ``grid`` being one tile's), and training questions.
+        """Fit on training images' indices, shape ``(images, tokens)`` or ``(images, tokens, stages)`` for residual
+        VQ (for tiled frames: one row per tile, ``grid`` being one tile's), and training questions.
 
         ``smoothing`` is added to every count, so every index, rank and byte stays codable.
         ``max_pieces`` caps the question vocabulary (the most frequent pieces seen at least twice); its
@@ -220,29 +242,19 @@ class EntropyModel:
         k, (height, width) = int(codebook_size), (int(grid[0]), int(grid[1]))
         table = np.asarray(indices)
         tokens = height * width + bool(has_cls_token)
-        if table.ndim == 3 and table.shape[2] == 1:
-            table = table[:, :, 0]
-        if table.ndim != 2 or table.shape[1] != tokens or table.dtype.kind not in "iu":
-            raise WireFormatError(f"indices must be integers of shape (images, {tokens}), got "
-                                  f"{table.dtype} {table.shape}")
+        if table.ndim == 2:
+            table = table[:, :, None]
+        if table.ndim != 3 or table.shape[1] != tokens or table.dtype.kind not in "iu" or table.shape[2] > MAX_STAGES:
+            raise WireFormatError(f"indices must be integers of shape (images, {tokens}[, stages <= {MAX_STAGES}]), "
+                                  f"got {table.dtype} {table.shape}")
         if table.size and (table.min() < 0 or table.max() >= k):
             raise WireFormatError(f"indices must be in [0, {k})")
-        ranks, escapes = np.zeros((NUM_CONTEXTS, NUM_RANKS + 1)), np.zeros(k)
-        for image in table.tolist():
-            for (name, row), symbol in _index_symbols(image, height, width, bool(has_cls_token)):
-                if name == "rank_probabilities":
-                    ranks[row, symbol] += 1
-                elif name == "escape_probabilities":
-                    escapes[symbol] += 1
-        arrays = {
-            "geometry": np.array([k, height, width, int(bool(has_cls_token))], dtype=np.int64),
-            "cls_probabilities": _normalised(np.bincount(table[:, 0], minlength=k) if has_cls_token
-                                             else np.zeros(k), smoothing),
-            "rank_probabilities": _normalised(ranks, smoothing),
-            "escape_probabilities": _normalised(escapes, smoothing),
-            **_fit_questions(list(questions), smoothing, max_pieces),
-        }
-        return cls(arrays)
+        counts = [_stage_counts(table[:, :, stage], k, height, width, bool(has_cls_token))
+                  for stage in range(table.shape[2])]
+        arrays = {name: _normalised(np.stack([c[name] for c in counts]) if len(counts) > 1 else counts[0][name],
+                                    smoothing) for name in _STAGED}
+        arrays["geometry"] = np.array([k, height, width, int(bool(has_cls_token))], dtype=np.int64)
+        return cls({**arrays, **_fit_questions(list(questions), smoothing, max_pieces)})
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The model's arrays (numpy), as `save` stores them."""
@@ -276,12 +288,17 @@ class EntropyModel:
         return bool(self._arrays["geometry"][3])
 
     @property
+    def codes_per_token(self) -> int:
+        """Residual VQ stages the model codes per token (1 for a single codebook)."""
+        return self._stages
+
+    @property
     def num_tokens(self) -> int:
         height, width = self.grid
         return height * width + int(self.has_cls_token)
 
     def __repr__(self) -> str:
-        return (f"EntropyModel(codebook_size={self.codebook_size}, grid={self.grid}, "
+        return (f"EntropyModel(codebook_size={self.codebook_size}, grid={self.grid}, stages={self._stages}, "
                 f"has_cls_token={self.has_cls_token}, pieces={len(self._pieces)}, id={self.model_id.hex()})")
 
     # ------------------------------------------------------------------------------------------------
@@ -289,8 +306,9 @@ class EntropyModel:
         # Built on first use and kept: building a 4096-entry table takes ~20 us, coding a symbol ~0.1 us.
         model = self._models.get(key)
         if model is None:
-            name, row = key
-            table = self._arrays[name] if row is None else self._arrays[name][row]
+            name, row, *stage = key  # a staged model's keys name the stage last
+            table = self._arrays[name][stage[0]] if stage else self._arrays[name]
+            table = table if row is None else table[row]
             # perfect=False is pinned: encoder and decoder must quantize tables alike, and constriction's
             # default changed in 0.5.
             model = self._models[key] = _constriction().stream.model.Categorical(table, perfect=False)
@@ -318,12 +336,17 @@ class EntropyModel:
             coder.encode_reverse(symbol, self._model(key))
 
     def encode_payload(self, tokens: np.ndarray, question: str | None, *, tiles: int = 1) -> tuple[bytes, bytes | None]:
-        """Payloads for ``tokens`` (shape ``(tiles * num_tokens,)``, tile after tile): without the question, and
-        with it coded first (None when there is no question or it is longer than ``MAX_CODED_PROMPT_BYTES``)."""
-        if len(tokens) != tiles * self.num_tokens:
-            raise WireFormatError(f"{len(tokens)} tokens are not {tiles} tiles of {self.num_tokens}")
+        """Payloads for ``tokens`` (shape ``(tiles * num_tokens,)``, tile after tile; ``(tiles * num_tokens,
+        stages)`` for a staged model): without the question, and with it coded first (None when there is no
+        question or it is longer than ``MAX_CODED_PROMPT_BYTES``)."""
+        tokens = np.asarray(tokens).reshape(len(tokens), -1)
+        if tokens.shape != (tiles * self.num_tokens, self._stages):
+            raise WireFormatError(f"tokens of shape {tokens.shape} are not {tiles} tiles of {self.num_tokens} "
+                                  f"tokens x {self._stages} codes")
         coder = _constriction().stream.stack.AnsCoder()
-        self._push(coder, _index_symbols(tokens.tolist(), *self.grid, self.has_cls_token, tiles))
+        for stage in reversed(range(self._stages)):  # a stack: the last stage pushed first is popped last
+            symbols = _index_symbols(tokens[:, stage].tolist(), *self.grid, self.has_cls_token, tiles)
+            self._push(coder, symbols if self._stages == 1 else [((*key, stage), s) for key, s in symbols])
         with_question = None
         if question is not None and len(question.encode("utf-8")) <= MAX_CODED_PROMPT_BYTES:
             both = coder.clone()
@@ -349,7 +372,7 @@ class EntropyModel:
 
     def decode_payload(self, payload: bytes, *, with_question: bool, tiles: int = 1,
                        max_question_bytes: int = MAX_CODED_PROMPT_BYTES) -> tuple[np.ndarray, str | None]:
-        """Inverse of `encode_payload`: ``(tokens int64 (tiles * num_tokens,), question or None)``.
+        """Inverse of `encode_payload`: ``(tokens int64 (tiles * num_tokens[, stages]), question or None)``.
 
         The work is bounded by the model (its token count), ``tiles`` and ``max_question_bytes`` (at most
         ``MAX_CODED_PROMPT_BYTES``), never by what the payload claims; decoding stops with `WireFormatError` as
@@ -359,7 +382,9 @@ class EntropyModel:
 
         def read(coder):
             question = self._decode_question(coder, limit) if with_question else None
-            return question, [token for _ in range(tiles) for token in self._decode_indices(coder)]
+            stages = [[token for _ in range(tiles) for token in self._decode_indices(coder, stage)]
+                      for stage in range(self._stages)]
+            return question, stages[0] if self._stages == 1 else list(zip(*stages))
 
         (question, tokens), leftover = _decoded(payload, read, "entropy-coded payload")
         if leftover:
@@ -367,13 +392,16 @@ class EntropyModel:
                                   "corrupt or was coded with another constriction release")
         return np.array(tokens, dtype=np.int64), question
 
-    def _decode_indices(self, coder: Any) -> list[int]:
-        head = [int(coder.decode(self._model(("cls_probabilities", None))))] if self.has_cls_token else []
+    def _decode_indices(self, coder: Any, stage: int) -> list[int]:
+        def pop(name: str, row: int | None) -> int:
+            return int(coder.decode(self._model((name, row) if self._stages == 1 else (name, row, stage))))
+
+        head = [pop("cls_probabilities", None)] if self.has_cls_token else []
 
         def take(context: int, candidates: list[int]) -> int:
-            rank = int(coder.decode(self._model(("rank_probabilities", context))))
+            rank = pop("rank_probabilities", context)
             if rank == _ESCAPE:
-                return int(coder.decode(self._model(("escape_probabilities", None))))
+                return pop("escape_probabilities", None)
             if rank >= len(candidates):
                 raise WireFormatError(f"entropy-coded payload is corrupt: rank {rank} of {len(candidates)} "
                                       "candidates")

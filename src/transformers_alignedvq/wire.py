@@ -384,9 +384,10 @@ def _check_model(entropy_model: Any, k: int, num_tokens: int, codes: int, grid: 
     if entropy_model.codebook_size != k:
         raise WireFormatError(f"codebook size mismatch: entropy model is for K={entropy_model.codebook_size}, "
                               f"frame uses K={k}")
-    if codes != 1 or num_tokens != entropy_model.num_tokens:
-        raise WireFormatError(f"the entropy model codes {entropy_model.num_tokens} tokens of one code each, the "
-                              f"indices have {num_tokens} x {codes}; send raw frames (entropy_model=None)")
+    if (num_tokens, codes) != (entropy_model.num_tokens, entropy_model.codes_per_token):
+        raise WireFormatError(f"the entropy model codes {entropy_model.num_tokens} tokens x "
+                              f"{entropy_model.codes_per_token} codes, the indices have {num_tokens} x {codes}; "
+                              "send raw frames (entropy_model=None)")
     if grid is not None and (tuple(grid), has_cls_token) != (entropy_model.grid, entropy_model.has_cls_token):
         raise WireFormatError(f"grid {tuple(grid)} (CLS {has_cls_token}) differs from the entropy model's "
                               f"{entropy_model.grid} (CLS {entropy_model.has_cls_token})")
@@ -434,7 +435,7 @@ def encode_frame(
         if geometry is not None and geometry.kind != KIND_TILES:
             raise WireFormatError("coded frames of patch grids are not supported; send raw frames (entropy_model=None)")
         _check_model(entropy_model, k, unit_tokens, codes, grid, has_cls_token)
-        alone, with_prompt = entropy_model.encode_payload(table[:, 0], prompt, tiles=tiles)
+        alone, with_prompt = entropy_model.encode_payload(table, prompt, tiles=tiles)
         if with_prompt is not None and len(with_prompt) < len(alone) + len(utf8_section):
             body, prompt_mode = entropy_model.model_id + section + with_prompt, PROMPT_CODED
         else:
@@ -664,6 +665,7 @@ def _model_for(header: _Header, entropy_model: Any) -> EntropyModel:
     tiles = 1 if header.geometry is None else header.geometry.num_tiles
     header.codebook_size, header.num_tokens = entropy_model.codebook_size, entropy_model.num_tokens * tiles
     header.grid, header.has_cls_token = entropy_model.grid, entropy_model.has_cls_token
+    header.codes_per_token = entropy_model.codes_per_token
     return entropy_model
 
 
@@ -719,7 +721,7 @@ def decode_frame(
         tiles = 1 if header.geometry is None else header.geometry.num_tiles
         tokens, coded_prompt = model.decode_payload(header.payload, with_question=header.prompt_mode == PROMPT_CODED,
                                                     tiles=tiles, **limit)
-        table = tokens[:, None]
+        table = tokens.reshape(len(tokens), -1)
         if coded_prompt is not None:
             prompt_bytes = coded_prompt.encode("utf-8")
     too_big = np.flatnonzero(table >= header.codebook_size)

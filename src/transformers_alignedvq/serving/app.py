@@ -203,8 +203,8 @@ def _add_openai_routes(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatch
 
 def _check_entropy_model(entropy_model: wire.EntropyModel | None, summary: dict) -> None:
     num_tokens, codes = summary["num_tokens"], summary["codes_per_token"]
-    if entropy_model is not None and (entropy_model.codebook_size, entropy_model.num_tokens, codes) != (
-            summary["codebook_size"], num_tokens, 1):
+    if entropy_model is not None and (entropy_model.codebook_size, entropy_model.num_tokens,
+                                      entropy_model.codes_per_token) != (summary["codebook_size"], num_tokens, codes):
         raise ServerConfigError(f"the entropy model ({entropy_model!r}) does not fit this model's frames "
                                 f"(K={summary['codebook_size']}, {num_tokens} tokens x {codes} codes)")
 

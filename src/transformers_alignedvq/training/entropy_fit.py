@@ -20,7 +20,7 @@ from ..entropy import EntropyModel
 
 
 def easy_vqa_indices(model_dir: Path, split: str, *, batch_size: int = 200) -> tuple[np.ndarray, list[str], object]:
-    """Indices ``(images, tokens)`` of every distinct ``split`` image (by image id), the split's questions,
+    """Indices ``(images, tokens, codes)`` of every distinct ``split`` image (by image id), the split's questions,
     and the edge runtime that made them."""
     import easy_vqa
     from PIL import Image
@@ -38,7 +38,7 @@ def easy_vqa_indices(model_dir: Path, split: str, *, batch_size: int = 200) -> t
     for start in range(0, len(ids), batch_size):
         pixels = np.concatenate([edge.preprocessing(Image.open(paths[i]).convert("RGB"))
                                  for i in ids[start : start + batch_size]])
-        batches.append(edge.encode(pixels)[..., 0])
+        batches.append(edge.encode(pixels))  # (images, tokens, codes): one coded stage per code
     questions = list(getattr(easy_vqa, f"get_{split}_questions")()[0])
     return np.concatenate(batches), questions, edge
 

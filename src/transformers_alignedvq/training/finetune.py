@@ -251,12 +251,12 @@ def resume_point(args: argparse.Namespace) -> str | None:
 def fit_entropy_model(model, processor, data, *, batch_size: int = 64, max_images: int = 5000):
     """The entropy model of coded frames for ``model``'s codebook, fitted on the edge's indices of (up to
     ``max_images``) distinct training images and on every training question; ``None`` where frames cannot
-    be coded (several codes per token)."""
+    be coded (more codes per token than `entropy.MAX_STAGES`)."""
     from ..edge_runtime import frame_geometry
-    from ..entropy import EntropyModel
+    from ..entropy import MAX_STAGES, EntropyModel
 
     config = model.config
-    if config.codes_per_token != 1:
+    if config.codes_per_token > MAX_STAGES:
         return None
     indices = [model.encode_edge(pixels.to(model.device)).cpu().numpy()
                for pixels in calibration_batches(data, processor, max_images, batch_size)]
