@@ -1,14 +1,16 @@
-"""Write docs/edge.md from the split study, the edge benchmarks and the network benchmark.
+"""Write the split study's tables into docs/edge.md: the choice on validation, the report on test with seeds.
 
-    python examples/split_study.py --base artifacts/base-easyvqa --runs runs/split_study
-    python benchmarks/edge_encode.py --json runs/edge_encode.json
-    python benchmarks/edge_footprint.py --markdown runs/edge_footprint.md
-    sudo python benchmarks/network.py --markdown runs/network.md --plot docs/figures/network.png
-    python examples/split_report.py --runs runs/split_study --edge runs/edge_encode.json \\
-        --footprint runs/edge_footprint.md --network runs/network.md --doc docs/edge.md
+    python examples/split_study.py --base artifacts/base-easyvqa --runs runs/split_screen --screen
+    python examples/split_study.py --base artifacts/base-easyvqa --runs runs/split_full --seeds 0 1 2 \\
+        --only patch_0_rvq2
+    python benchmarks/edge_encode.py --sites patch_0 --json runs/edge_encode.json
+    python benchmarks/edge_encode.py --sites patch_0 --stages 2 --json runs/edge_encode_2.json
+    python examples/split_report.py --screen runs/split_screen --runs runs/split_full \\
+        --edge runs/edge_encode.json runs/edge_encode_2.json --doc docs/edge.md
 
-Every number in the document is read from those files; the LLaVA 1+ row is read from docs/results.md, which
-`examples/paper_in_miniature.py` wrote from its own run on the same test split.
+Every number in the tables is read from those files. The tables replace what stands between the
+``<!-- split-report:NAME -->`` and ``<!-- /split-report:NAME -->`` lines of the document (``screen``, ``report``),
+so the hand-written text around them stays.
 """
 
 from __future__ import annotations
@@ -16,178 +18,142 @@ from __future__ import annotations
 import argparse
 import json
 import re
+from collections import defaultdict
 from pathlib import Path
 
-from transformers_alignedvq.evaluation.significance import compare_results, verdict_no_worse
+from transformers_alignedvq.evaluation.significance import (
+    combine_verdicts,
+    compare_results,
+    format_mean_sd,
+    mean_sd,
+    verdict,
+    verdict_no_worse,
+)
 
-GOAL = {"agrees": "yes", "disagrees": "no", "inconclusive": "inconclusive"}
-
-SITE_LABEL = {
-    "input_0": "input of block 0 (pre-LayerNorm output)",
+LABEL = {
+    "input_0": "input of block 0",
     "ln1_0": "ln1 of block 0 (the paper's site)",
     "mlp_0": "output of block 0",
-    "mlp_1": "output of block 1 (the bundled model)",
-    "input_0_cloud_lora": "input of block 0, LoRA also in the cloud's vision blocks",
-    "patch_0": "patch embeddings, before positions (the cloud adds them)",
-    "patch_0_cloud_lora": "patch embeddings, LoRA also in the cloud's vision blocks",
+    "mlp_1": "output of block 1 (the bundled model until now)",
+    "input_0_cloud_lora": "input of block 0, LoRA in the cloud's vision blocks",
+    "patch_0": "patch embeddings (before positions)",
+    "patch_0_cloud_lora": "patch embeddings, LoRA in the cloud's vision blocks",
+    "patch_0_rvq2": "patch embeddings, residual VQ, 2 stages",
+    "patch_0_rvq3": "patch embeddings, residual VQ, 3 stages",
+    "patch_0_g2": "patch embeddings, grouped VQ, 2 groups",
+    "patch_0_k16k": "patch embeddings, K = 16,384",
+    "patch_0_rvq2_cloud_lora": "patch embeddings, residual VQ, 2 stages, LoRA in the cloud's vision blocks",
+    "input_0_rvq2": "input of block 0, residual VQ, 2 stages",
 }
-BENCH_SITE = {"input_0_cloud_lora": "input_0", "patch_0_cloud_lora": "patch_0"}  # same edge, same cost
+SITE = {name: "_".join(name.split("_")[:2]) for name in LABEL}  # the edge benchmark's site of a candidate
+STAGES = {"patch_0_rvq2": 2, "patch_0_rvq3": 3, "patch_0_rvq2_cloud_lora": 2, "input_0_rvq2": 2}
 
 
-def load_results(runs: Path) -> dict[str, dict]:
-    return {path.stem: json.loads(path.read_text()) for path in sorted((runs / "results").glob("*.json"))}
+def load(runs: Path) -> tuple[dict, dict[str, dict[int, dict]]]:
+    """``(base result, {candidate: {seed: result}})`` of a split-study folder (edge variants left out)."""
+    base, found = None, defaultdict(dict)
+    for path in sorted((runs / "results").glob("*.json")):
+        result = json.loads(path.read_text())
+        match = re.fullmatch(r"(.+)__s(\d+)", path.stem)
+        if path.stem == "base":
+            base = result
+        elif match:
+            found[match.group(1)][int(match.group(2))] = result
+    return base, dict(found)
 
 
-def edge_rows(path: Path) -> dict[tuple[str, str], dict]:
-    return {(row["site"], row["method"]): row for row in json.loads(path.read_text())["rows"]}
-
-
-def shipped_edge(bench: dict, site: str) -> dict | None:
-    """The fastest deployable edge of ``site``: int8 front + shortlist, or (``patch``, whose patch embedding is
-    folded into the codebook, so there is no front to quantize) the shortlist alone."""
-    return bench.get((site, "onnx int8, shortlist")) or bench.get((site, "onnx, shortlist"))
-
-
-def llava_one_plus(results_doc: Path) -> str:
-    match = re.search(r"\| LLaVA 1\+[^|]*\| ([\d.]+) \|", results_doc.read_text())
-    return match.group(1) if match else "n/a"
+def variants(runs: Path, name: str, seed: int) -> dict[str, dict]:
+    return {path.stem.split("__")[-1]: json.loads(path.read_text())
+            for path in sorted((runs / "results").glob(f"{name}__s{seed}__*.json"))}
 
 
 def pct(value: float) -> str:
     return f"{100 * value:.2f}"
 
 
-def validation(result: dict) -> str:
-    """Validation accuracy (what the site is chosen on), or why there is none."""
-    return pct(result["validation"]["accuracy"]) if "validation" in result else "n/a (chosen on test)"
+def coded(result: dict) -> str:
+    size = result.get("entropy_coded_bytes_per_image")
+    return "n/a" if size is None else f"{size:.1f}"
 
 
-def within_half_a_point(result: dict, base: dict) -> str:
-    """Whether the test accuracy is within 0.5 point of the base's, by the paired test (`significance`)."""
-    test = compare_results(result, base)
-    return "n/a (unpaired)" if test is None else GOAL[verdict_no_worse(test, 0.005)]
-
-
-def split_table(results: dict, bench: dict, base: float, one_plus: str) -> list[str]:
-    lines = [
-        "| split | validation accuracy (%) | test accuracy (%) | vs base (points) | within 0.5 point of base (paired, 95%) | ONNX int8 + shortlist edge: accuracy (%) | edge ms (shipped ONNX edge) | edge ms (PyTorch, exact) |",
-        "|---|---:|---:|---:|---|---:|---:|---:|",
-        f"| base LLaVA on the PNG image | {validation(results['base'])} | {pct(base)} | – | – | – | – | – |",
-        f"| LLaVA 1+ (docs/results.md) | – | {one_plus} | – | – | – | – | – |",
-    ]
-    for name, label in SITE_LABEL.items():
-        if name not in results:
+def screen_table(base: dict, screened: dict) -> list[str]:
+    """One row per candidate at the ablation budget, on validation (what the choice is made on)."""
+    reference = screened.get("patch_0", {}).get(0)
+    lines = ["| candidate | validation accuracy (%) | vs base (points) | vs patch embeddings, 1 stage (paired) | "
+             "frame bytes (raw) | frame bytes (coded) |", "|---|---:|---:|---|---:|---:|"]
+    for name in sorted(screened, key=lambda n: -screened[n].get(0, {}).get("accuracy", 0)):
+        result = screened[name].get(0)
+        if result is None:
             continue
-        site = BENCH_SITE.get(name, name)
-        fast, slow = shipped_edge(bench, site), bench.get((site, "torch, exact"))
-        int8 = results.get(f"{name}__onnx_int8_shortlist")
+        test = compare_results(result, reference) if reference is not result else None
+        versus = "–" if test is None else f"{test.describe()}: {verdict(test)}"
+        lines.append(f"| {LABEL.get(name, name)} | {pct(result['accuracy'])} | "
+                     f"{100 * (result['accuracy'] - base['accuracy']):+.2f} | {versus} | "
+                     f"{result['bytes_per_image']:.0f} | {coded(result)} |")
+    return lines
+
+
+def edge_ms(benches: list[dict], name: str) -> str:
+    """The shipped ONNX edge's ms at LLaVA-1.5 scale and its ratio to the fastest dense search, same run."""
+    for bench in benches:
+        if bench["args"].get("stages", 1) != STAGES.get(name, 1):
+            continue
+        rows = [r for r in bench["rows"] if r["site"] == SITE[name]]
+        shipped = [r for r in rows if r["method"] in ("onnx int8, shortlist", "onnx, shortlist")]
+        dense = [r["ms"] for r in rows if r["method"].startswith("dense search")]
+        if shipped and dense:
+            fast = min(shipped, key=lambda r: r["ms"])
+            return f"{fast['ms']:.1f} ({fast['ms'] / min(dense):.2f}x)"
+    return "n/a"
+
+
+def report_table(base: dict, full: dict, runs: Path, benches: list[dict]) -> list[str]:
+    """Full-budget candidates over their seeds, on test: mean ± sd, and each seed's paired verdict on
+    "within 0.5 point of the base"."""
+    lines = ["| candidate | test accuracy (%) | validation accuracy (%) | vs base (points) | within 0.5 point of "
+             "the base (per seed, paired 95%) | ONNX shortlist edge: test accuracy (%) | frame bytes (raw / coded) | "
+             "edge ms at LLaVA-1.5 scale (x dense) |", "|---|---:|---:|---:|---|---:|---:|---:|",
+             f"| base LLaVA on the PNG image | {pct(base['accuracy'])} | {pct(base['validation']['accuracy'])} | – | – "
+             f"| – | {base['bytes_per_image']:.0f} (PNG) | – |"]
+    for name, seeds in full.items():
+        results = [seeds[s] for s in sorted(seeds)]
+        verdicts = [verdict_no_worse(compare_results(r, base), 0.005) for r in results]
+        onnx = [variants(runs, name, s).get("onnx_shortlist") for s in sorted(seeds)]
+        onnx_cell = format_mean_sd([v["accuracy"] for v in onnx]) if all(onnx) else "n/a"
+        gap = mean_sd([r["accuracy"] - base["accuracy"] for r in results])[0]
+        sizes = [coded(r) for r in results]
+        size = "n/a" if "n/a" in sizes else f"{mean_sd([float(v) for v in sizes])[0]:.1f}"
         lines.append(
-            f"| {label} | {validation(results[name])} | {pct(results[name]['accuracy'])} | {100 * (results[name]['accuracy'] - base):+.2f} | "
-            f"{within_half_a_point(results[name], results['base'])} | "
-            f"{pct(int8['accuracy']) if int8 else 'n/a'} | {fast['ms']:.1f} | {slow['ms']:.1f} |"
-            if fast and slow else
-            f"| {label} | {validation(results[name])} | {pct(results[name]['accuracy'])} | {100 * (results[name]['accuracy'] - base):+.2f} | "
-            f"{within_half_a_point(results[name], results['base'])} | "
-            f"{pct(int8['accuracy']) if int8 else 'n/a'} | n/a | n/a |"
-        )
+            f"| {LABEL.get(name, name)} | {format_mean_sd([r['accuracy'] for r in results])} | "
+            f"{format_mean_sd([r['validation']['accuracy'] for r in results])} | {100 * gap:+.2f} | "
+            f"{', '.join(verdicts)}: **{combine_verdicts(verdicts)}** | {onnx_cell} | "
+            f"{results[0]['bytes_per_image']:.0f} / {size} | {edge_ms(benches, name)} |")
     return lines
 
 
-def variant_table(results: dict) -> list[str]:
-    lines = ["| split | PyTorch edge, exact search (%) | ONNX fp32, shortlist (%) | same answers | ONNX int8, shortlist (%) | same answers |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for name, label in SITE_LABEL.items():
-        if name not in results:
-            continue
-        cells = [pct(results[name]["accuracy"])]
-        for variant in ("onnx_shortlist", "onnx_int8_shortlist"):
-            result = results.get(f"{name}__{variant}")
-            cells += [pct(result["accuracy"]), pct(result["same_answers"])] if result else ["n/a", "n/a"]
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def bench_table(path: Path) -> list[str]:
-    data = json.loads(path.read_text())
-    rows, args = data["rows"], data["args"]
-    pinned = (f" pinned to CPU {', '.join(map(str, data['cpus']))} of {data['cpu_count']} (`taskset`, "
-              f"OMP_NUM_THREADS={data['omp_num_threads']}; the machine's other jobs share the cores, so the ratios, "
-              "measured interleaved, are what to read)" if data.get("cpus") else "")
-    lines = [f"CLIP ViT-L/14-336 (random weights), K = 4096, one thread{pinned}, {args['repeats']} interleaved repeats, "
-             f"shortlist rank {args['rank']} with {args['candidates']} candidates. The dense baseline is the "
-             "fastest dense exact search measured at that site (PyTorch, or ONNX Runtime's MatMul + ArgMin or "
-             "Gemm + TopK).", "",
-             "| site | edge | ms/image | vs PyTorch exact | vs dense baseline | agreement with an exact fp64 search |",
-             "|---|---|---:|---:|---:|---:|"]
-    for row in rows:
-        base = next(r["ms"] for r in rows if r["site"] == row["site"] and r["method"] == "torch, exact")
-        # benchmark files written before the dense baseline was measured have no such rows
-        dense = min((r["ms"] for r in rows if r["site"] == row["site"] and r["method"].startswith("dense search")),
-                    default=None)
-        versus_dense = "n/a" if dense is None else f"{row['ms'] / dense:.2f}x"
-        lines.append(f"| {row['site']} | {row['method']} | {row['ms']:.1f} | {row['ms'] / base:.2f}x | "
-                     f"{versus_dense} | {100 * row['agreement']:.2f}% |")
-    profiled = [row for row in rows if row.get("profile")]
-    if profiled:
-        lines += ["", "ONNX Runtime's profile of the shipped edges (`--profile`; ms per image by op type, the costliest "
-                  "first; a Scan's time is that of its body's MatMul and TopK, which are counted again under their "
-                  "own names in profiles written before the benchmark left Scan out):", ""]
-        lines += [f"* {row['site']}, {row['method']}: " + ", ".join(f"{op} {ms:.2f}" for op, ms in row["profile"])
-                  for row in profiled]
-    return lines
-
-
-def plot(results: dict, bench: dict, base: float, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    markers = iter("osD^v<>p")
-    for name, label in SITE_LABEL.items():
-        site = BENCH_SITE.get(name, name)
-        if name not in results or shipped_edge(bench, site) is None:
-            continue
-        x = shipped_edge(bench, site)["ms"]
-        ax.scatter([x], [100 * results[name]["accuracy"]], s=45, marker=next(markers), label=label)
-    ax.axhline(100 * base, color="gray", linestyle="--", linewidth=1, label="base LLaVA")
-    ax.axhline(100 * base - 0.5, color="gray", linestyle=":", linewidth=1, label="base - 0.5 point; 15 ms")
-    ax.axvline(15, color="gray", linestyle=":", linewidth=1)
-    ax.set_xscale("log")
-    ax.set_xlabel("edge ms per image at LLaVA-1.5 scale, one core (ONNX, int8 front, shortlist search)")
-    ax.set_ylabel("easy-VQA accuracy (%)")
-    ax.set_title("Split sites: accuracy against edge cost")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=140)
-    plt.close(fig)
+def replace_section(text: str, name: str, body: list[str]) -> str:
+    begin, end = f"<!-- split-report:{name} -->", f"<!-- /split-report:{name} -->"
+    if begin not in text or end not in text:
+        raise SystemExit(f"the document has no {begin} ... {end} section")
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + "\n".join(body) + "\n" + end + rest.split(end, 1)[1]
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--runs", default="runs/split_study")
-    p.add_argument("--edge", default="runs/edge_encode.json")
-    p.add_argument("--footprint", default="runs/edge_footprint.md", help="table written by edge_footprint.py --markdown")
-    p.add_argument("--network", default="runs/network.md", help="table written by network.py --markdown")
+    p.add_argument("--screen", default="runs/split_screen", help="split_study.py --screen folder")
+    p.add_argument("--runs", default="runs/split_full", help="split_study.py folder of the full-budget seeds")
+    p.add_argument("--edge", nargs="*", default=[], help="benchmarks/edge_encode.py --json files")
     p.add_argument("--doc", default="docs/edge.md")
     args = p.parse_args(argv)
-    results = load_results(Path(args.runs))
-    bench = edge_rows(Path(args.edge))
-    base = results["base"]["accuracy"]
+    screen_base, screened = load(Path(args.screen))
+    base, full = load(Path(args.runs))
+    benches = [json.loads(Path(path).read_text()) for path in args.edge]
     doc = Path(args.doc)
-    figure = doc.parent / "figures" / "split_pareto.png"
-    plot(results, bench, base, figure)
-    sections = {
-        "split": "\n".join(split_table(results, bench, base, llava_one_plus(doc.parent / "results.md"))),
-        "variants": "\n".join(variant_table(results)),
-        "bench": "\n".join(bench_table(Path(args.edge))),
-        "footprint": Path(args.footprint).read_text().strip() if Path(args.footprint).is_file() else "n/a",
-        "network": Path(args.network).read_text().strip() if Path(args.network).is_file() else "n/a",
-    }
-    template = (Path(__file__).parent / "edge_doc_template.md").read_text()
-    doc.write_text(template.format(**sections, figure=figure.relative_to(doc.parent).as_posix()))
-    print(f"wrote {doc} and {figure}")
+    text = replace_section(doc.read_text(), "screen", screen_table(screen_base, screened))
+    text = replace_section(text, "report", report_table(base, full, Path(args.runs), benches))
+    doc.write_text(text)
+    print(f"wrote the split tables into {doc}")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,7 @@ def main(argv=None) -> None:
             args.seed = seed
             name = f"{candidate}__s{seed}"
             run_candidate(args, name, CANDIDATES[candidate], processor, data)
+            recode(args, name, processor, data)
             for variant, options in ({} if args.screen else edge_variants(CANDIDATES[candidate])).items():
                 evaluate_edge(args, name, variant, options, calibration, processor, data)
 
@@ -144,6 +145,44 @@ def run_candidate(args, name: str, candidate: tuple, processor, data: dict) -> N
     path.write_text(json.dumps(result, indent=1))
     test = f", {result['accuracy']:.4f} on test" if "test" in data else ""
     print(f"{name}: accuracy {result['validation']['accuracy']:.4f} on validation{test}", flush=True)
+
+
+def recode(args, name: str, processor, data: dict) -> None:
+    """Coded frame sizes for a result that has none (its finetune fitted no entropy model, e.g. one from before
+    the coder took several codes per token): fit one on the training split (validation images excluded), save it
+    with the model, and measure the coded frames of every scored question's image, without generating again."""
+    from transformers_alignedvq.training.finetune import fit_entropy_model
+
+    path = Path(args.runs) / "results" / f"{name}.json"
+    result = json.loads(path.read_text())
+    if "entropy_coded_bytes_per_image" in result:
+        return
+    folder = Path(args.runs) / name
+    model = LlavaAlignedVQForConditionalGeneration.from_pretrained(folder).eval()
+    entropy = read_entropy_model(folder)
+    if entropy is None:
+        entropy = fit_entropy_model(model, processor, load_easy_vqa("train", limit=args.limit))
+        entropy.save(folder)
+    for split, scores in (("validation", result["validation"]), ("test", result)):
+        if scores.get("eval_split") == split and split in data:
+            scores["entropy_coded_bytes_per_image"] = coded_sizes(model, processor, data[split], entropy)
+    if "test" not in data:
+        result["entropy_coded_bytes_per_image"] = result["validation"]["entropy_coded_bytes_per_image"]
+    path.write_text(json.dumps(result, indent=1))
+    print(f"{name}: coded frames {result['entropy_coded_bytes_per_image']:.1f} B", flush=True)
+
+
+def coded_sizes(model, processor, rows, entropy) -> float:
+    """Mean coded frame bytes over ``rows`` (one frame per question's image, as `evaluate_vqa` counts)."""
+    from transformers_alignedvq.evaluation.vqa import indices_over_the_wire
+
+    sizes = []
+    for start in range(0, len(rows), 256):
+        images = [image.convert("RGB") for image in rows[start : start + 256]["image"]]
+        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        with torch.no_grad():
+            sizes += indices_over_the_wire(model, pixels, entropy_model=entropy)[2]
+    return sum(sizes) / len(sizes)
 
 
 def read_entropy_model(folder: Path):
