@@ -187,8 +187,7 @@ def test_bad_geometry_is_a_4xx_json_error(client, engine):
                            prompt=QUESTION, geometry=WireGeometry.patch_grids([(1, 4, 4)])), 422,
          "incompatible_frame", "carries patch grids"),
         (frame_of(engine, flat, geometry)[:40], 400, "malformed_frame", "frame truncated"),
-        (frame_of(engine, flat, geometry, codebook_fingerprint=bytes(16)) if False else
-         wire.encode_frame(flat, codebook_size=16, codebook_fingerprint=bytes(16), geometry=geometry, prompt=QUESTION),
+        (wire.encode_frame(flat, codebook_size=16, codebook_fingerprint=bytes(16), geometry=geometry, prompt=QUESTION),
          409, "codebook_mismatch", "fingerprint"),
     ]
     # Counts that do not add up (4 tiles for a 2x2 grid), with a valid CRC: the decoder refuses the frame itself.
