@@ -187,8 +187,7 @@ def test_bad_geometry_is_a_4xx_json_error(client, engine):
                            prompt=QUESTION, geometry=WireGeometry.patch_grids([(1, 4, 4)])), 422,
          "incompatible_frame", "carries patch grids"),
         (frame_of(engine, flat, geometry)[:40], 400, "malformed_frame", "frame truncated"),
-        (frame_of(engine, flat, geometry, codebook_fingerprint=bytes(16)) if False else
-         wire.encode_frame(flat, codebook_size=16, codebook_fingerprint=bytes(16), geometry=geometry, prompt=QUESTION),
+        (wire.encode_frame(flat, codebook_size=16, codebook_fingerprint=bytes(16), geometry=geometry, prompt=QUESTION),
          409, "codebook_mismatch", "fingerprint"),
     ]
     # Counts that do not add up (4 tiles for a 2x2 grid), with a valid CRC: the decoder refuses the frame itself.
@@ -308,3 +307,24 @@ def test_a_saved_folder_serves_and_a_lying_config_is_refused(tmp_path, engine):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ServerConfigError, match="vision num_hidden_layers=7 but the weights hold 2"):
         create_app(tmp_path)
+
+
+def test_a_capped_tile_grid_is_enforced(engine):
+    """A server whose model carries capped pinpoints (`cap_pinpoints`, at most 2 grid tiles) takes frames tiled
+    under the cap and refuses those of an uncapped edge, which sends more tiles than the cap allows."""
+    from transformers_alignedvq.models.tiled_alignedvq import cap_pinpoints
+
+    capped = cap_pinpoints(PINPOINTS, TILE, max_grid_tiles=2)
+    model = tiny_onevision_alignedvq()
+    model.config.image_grid_pinpoints = capped
+    app = create_app(model, processor=tiny_tokenizer(), max_new_tokens=6, max_wait_ms=1)
+    assert app.state.engine.tiles.max_tiles == 3
+    indices, geometry = edge(model, (20, 30))
+    assert geometry.images[0].grid == (1, 2)
+    uncapped_indices, uncapped = edge(engine.model, (20, 30))
+    with TestClient(app) as client:
+        response = post(client, frame_of(app.state.engine, indices, geometry))
+        assert response.status_code == 200, response.text
+        assert response.json()["answer"] == direct_answer(app.state.engine, indices, (20, 30))[0]
+        assert_error(post(client, frame_of(app.state.engine, uncapped_indices, uncapped)), 422, "incompatible_frame",
+                     "is 3 tiles (1x2 grid + base view) under this model's pinpoints, the frame has 5 (2x2)")
