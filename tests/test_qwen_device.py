@@ -117,7 +117,7 @@ def test_patch_layouts_agree():
 @pytest.mark.parametrize(("height", "width"), [(6, 8), (4, 6), (2, 2), (16, 16), (54, 74), (32, 32), (10, 34)])
 def test_windows_are_the_towers(height, width):
     """The runtime's windows hold the same patches as Transformers' `get_vision_window_index` windows (at the
-    published window of 8x8 patches and the tiny one of 4x4), and each patch carries its own (row, column)."""
+    published window of 8x8 patches and the tiny one of 4x4), and its rotary positions are the tower's."""
     from transformers_alignedvq.models.qwen2_5_vl_alignedvq.split_qwen2_5_vl import token_layout
 
     for patch, window in [(14, 112), (2, 8)]:
@@ -131,9 +131,7 @@ def test_windows_are_the_towers(height, width):
         assert found == theirs
         flat = ours.padded_from_raster.reshape(-1)
         np.testing.assert_array_equal(flat[ours.raster_from_padded], np.arange(height * width))
-        raster = np.arange(height * width)
-        np.testing.assert_array_equal(ours.positions.reshape(-1, 2)[ours.raster_from_padded],
-                                      np.stack([raster // width, raster % width], axis=1))
+        np.testing.assert_array_equal(ours.positions[layout.window_from_raster.numpy()], layout.positions.numpy())
         assert np.isneginf(ours.key_bias).sum() == flat.size - height * width
 
 

@@ -8,11 +8,13 @@ cloud needs to rebuild windows and positions.
 
 **Why the windows are inputs.** Qwen's windowed attention and 2-D rotary positions depend on the grid, which
 changes with every image. Computing them inside the graph would take variable-length loops over windows; here
-they are a few lines of integer arithmetic in numpy, and the graph receives the patches already grouped into
-fixed-size windows (``side x side`` patches, padded where a window is cut short by the image's edge), each
-patch's ``(row, column)`` and a key mask that keeps padding out of every softmax. Attention then is one batched
-product over ``(windows, heads, side², side²)``, which ONNX Runtime runs as plain matrix products. At the
-``patch`` site there is no attention: the graph takes the raster-order patches alone.
+they are a few lines of integer arithmetic in numpy (`window_layout`), fed to the graph with the raster-order
+patches: each patch's ``(row, column)``, where each slot of the fixed-size windows (``side x side`` patches,
+padded where the image's edge cuts a window short) takes its patch from, and a key mask that keeps padding out
+of every softmax. The per-patch work (patch embedding, norms, projections, MLP) runs on the patches alone; only
+attention gathers them into padded windows, one batched product over ``(windows, heads, side², side²)`` that
+ONNX Runtime runs as plain matrix products, and scatters the result back. At the ``patch`` site there is no
+attention: the graph takes the patches alone.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from .preprocess_qwen import QwenImagePreprocessing
 QWEN_EDGE_MODEL, QWEN_EDGE_CONFIG = "qwen_edge.onnx", "qwen_edge.json"
 QWEN_EDGE_FORMAT = "qwen2_5_vl_edge"
 PATCH_INPUTS = ("patches",)
-WINDOW_INPUTS = ("patches", "positions", "key_bias", "raster_from_padded")
+WINDOW_INPUTS = ("patches", "positions", "padded_from_raster", "key_bias", "raster_from_padded")
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,7 @@ class WindowLayout:
     Attributes:
         padded_from_raster: ``(windows, side * side)`` int64, the raster index of each window slot's patch, or
             ``h * w`` (one past the last patch) for padding.
-        positions: ``(windows, side * side, 2)`` int64 ``(row, column)`` of each slot (0 for padding).
+        positions: ``(h * w, 2)`` int64 ``(row, column)`` of each patch, raster order.
         key_bias: ``(windows, side * side)`` float32, 0 for a patch and ``-inf`` for padding.
         raster_from_padded: ``(h * w,)`` int64, each raster patch's slot in the flattened windows.
     """
@@ -62,7 +64,8 @@ def window_layout(height: int, width: int, side: int) -> WindowLayout:
     y, x = y.reshape(-1, side * side), x.reshape(-1, side * side)
     inside = (y < height) & (x < width)
     padded_from_raster = np.where(inside, y * width + x, height * width).astype(np.int64)
-    positions = np.stack([np.where(inside, y, 0), np.where(inside, x, 0)], axis=-1).astype(np.int64)
+    raster = np.arange(height * width)
+    positions = np.stack([raster // width, raster % width], axis=-1).astype(np.int64)
     key_bias = np.where(inside, 0.0, -np.inf).astype(np.float32)
     flat = padded_from_raster.reshape(-1)
     raster_from_padded = np.empty(height * width, np.int64)
@@ -100,9 +103,8 @@ class QwenEdgeRuntime:
             feeds = {"patches": patches}
         else:
             layout = window_layout(height, width, self.config["window_patches"])
-            padded = np.concatenate([patches, np.zeros((1, patch_dim), np.float32)])[layout.padded_from_raster]
-            feeds = {"patches": padded, "positions": layout.positions, "key_bias": layout.key_bias,
-                     "raster_from_padded": layout.raster_from_padded}
+            feeds = {"patches": patches, "positions": layout.positions, "padded_from_raster": layout.padded_from_raster,
+                     "key_bias": layout.key_bias, "raster_from_padded": layout.raster_from_padded}
         (indices,) = self.session.run(None, feeds)
         return indices
 

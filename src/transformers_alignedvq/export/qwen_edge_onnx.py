@@ -7,8 +7,9 @@ Two graphs, by site:
   and no bias, i.e. one linear map per patch; a still image fills both temporal slots, so the map is the sum of
   the two temporal kernels, and it is folded into the search tables (`onnx_search.codewords` with ``weight``):
   the graph is the codeword search on raw pixels.
-* ``input`` / ``ln1`` / ``mlp`` of a windowed block: ``patches (windows, side², C*P*P)``, ``positions (windows,
-  side², 2)``, ``key_bias (windows, side²)``, ``raster_from_padded (num_patches,)`` -> ``indices``. The windows
+* ``input`` / ``ln1`` / ``mlp`` of a windowed block: ``patches (num_patches, C*P*P)``, ``positions (num_patches,
+  2)``, ``padded_from_raster (windows, side²)``, ``key_bias (windows, side²)``, ``raster_from_padded
+  (num_patches,)`` -> ``indices``. The windows
   and positions are computed on the device in numpy (`qwen_edge_runtime.window_layout`; its docstring says why);
   the front (patch embedding, rotary embedding, blocks, site) is exported by ``torch.onnx`` with the windows as a
   dynamic batch, using the tower's own modules, and joined to the hand-written search
@@ -86,9 +87,9 @@ def patch_model(tower, search):
 
 
 class WindowedFront(nn.Module):
-    """The tower up to the site on window-padded patches (see the module docstring for the inputs); returns
-    ``(1, num_patches, hidden)`` site features in raster order. The blocks' own submodules do the work; only
-    the attention is rewritten, as one product over padded windows instead of a loop over variable ones."""
+    """The tower up to the site on raster-order patches, the windows given as index maps (module docstring);
+    returns ``(1, num_patches, hidden)`` site features in raster order. The blocks' own submodules do the work;
+    only the attention is rewritten, as one product over padded windows instead of a loop over variable ones."""
 
     def __init__(self, tower, split_layer: int, site: str):
         super().__init__()
@@ -96,44 +97,43 @@ class WindowedFront(nn.Module):
         self.split_layer, self.site = split_layer, site
         self.register_buffer("patch_map", torch.from_numpy(still_image_patch_map(tower)).float(), persistent=False)
 
-    def forward(self, patches, positions, key_bias, raster_from_padded):
-        windows, slots = key_bias.shape
-        hidden = patches @ self.patch_map.T  # (windows, slots, hidden)
-        cos, sin = self.tower.rotary_pos_emb(hidden, positions.reshape(-1, 2))
-        cos, sin = cos.reshape(windows, slots, -1), sin.reshape(windows, slots, -1)
-        bias = key_bias[:, None, None, :]
+    def forward(self, patches, positions, padded_from_raster, key_bias, raster_from_padded):
+        hidden = patches @ self.patch_map.T  # (num_patches, hidden)
+        rotary = self.tower.rotary_pos_emb(hidden, positions)
+        windows = (padded_from_raster, key_bias[:, None, None, :], raster_from_padded)
         for block in self.tower.blocks[: self.split_layer]:
-            hidden = self._block(block, hidden, cos, sin, bias)
+            hidden = self._block(block, hidden, rotary, windows)
         block = self.tower.blocks[self.split_layer]
         if self.site == "ln1":
             hidden = block.norm1(hidden)
         elif self.site == "mlp":
-            hidden = self._block(block, hidden, cos, sin, bias)
-        flat = hidden.reshape(windows * slots, -1)
-        return flat.index_select(0, raster_from_padded)[None]
+            hidden = self._block(block, hidden, rotary, windows)
+        return hidden[None]
 
-    def _block(self, block, hidden, cos, sin, bias):
-        hidden = hidden + self._attention(block.attn, block.norm1(hidden), cos, sin, bias)
+    def _block(self, block, hidden, rotary, windows):
+        hidden = hidden + self._attention(block.attn, block.norm1(hidden), rotary, windows)
         return hidden + block.mlp(block.norm2(hidden))
 
     @staticmethod
-    def _attention(attn, hidden, cos, sin, bias):
-        windows, slots, dim = hidden.shape
-        qkv = attn.qkv(hidden).reshape(windows, slots, 3, attn.num_heads, attn.head_dim)
-        query, key, value = qkv.unbind(2)  # (windows, slots, heads, head_dim)
-        query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
-        query, key, value = (t.transpose(1, 2) for t in (query, key, value))  # (windows, heads, slots, head_dim)
-        scores = (query @ key.transpose(-1, -2)) * attn.scaling + bias
-        out = torch.softmax(scores, dim=-1) @ value
-        return attn.proj(out.transpose(1, 2).reshape(windows, slots, dim))
+    def _attention(attn, hidden, rotary, windows):
+        gather, bias, scatter = windows
+        count, dim = hidden.shape
+        query, key, value = attn.qkv(hidden).reshape(count, 3, attn.num_heads, attn.head_dim).unbind(1)
+        query, key = apply_rotary_pos_emb_vision(query, key, *rotary)
+        # One zero row for the padding slots, then the patches gathered window by window.
+        stacked = torch.cat([torch.cat([query, key, value], dim=-1), query.new_zeros(1, attn.num_heads, 3 * attn.head_dim)])
+        slots = stacked.index_select(0, gather.reshape(-1)).reshape(*gather.shape, attn.num_heads, -1).transpose(1, 2)
+        query, key, value = slots.split(attn.head_dim, dim=-1)  # (windows, heads, slots, head_dim) each
+        out = torch.softmax((query @ key.transpose(-1, -2)) * attn.scaling + bias, dim=-1) @ value
+        out = out.transpose(1, 2).reshape(-1, dim).index_select(0, scatter)
+        return attn.proj(out)
 
 
 def example_inputs(height: int, width: int, side: int, patch_dim: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
-    """Window-padded inputs of a random ``height x width``-patch image, as the runtime makes them."""
+    """The window-model inputs of a random ``height x width``-patch image, as the runtime makes them."""
     layout = window_layout(height, width, side)
-    patches = np.random.default_rng(seed).standard_normal((height * width + 1, patch_dim)).astype(np.float32)
-    patches[-1] = 0.0
-    arrays = (patches[layout.padded_from_raster], layout.positions, layout.key_bias, layout.raster_from_padded)
+    patches = np.random.default_rng(seed).standard_normal((height * width, patch_dim)).astype(np.float32)
+    arrays = (patches, layout.positions, layout.padded_from_raster, layout.key_bias, layout.raster_from_padded)
     return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in arrays)
 
 
@@ -148,7 +148,7 @@ def window_model(tower, split_layer: int, site: str, search, side: int):
     # torch.export keeps every one dynamic.
     example = example_inputs(2 * side - 2, 3 * side - 2, side, patch_dim)
     windows, patches = torch.export.Dim("windows", min=1), torch.export.Dim("num_patches", min=1)
-    shapes = ({0: windows}, {0: windows}, {0: windows}, {0: patches})
+    shapes = ({0: patches}, {0: patches}, {0: windows}, {0: windows}, {0: patches})
     with tempfile.TemporaryDirectory() as scratch, torch.no_grad():
         path = Path(scratch) / "front.onnx"
         program = torch.onnx.export(front, example, input_names=list(WINDOW_INPUTS), output_names=["features"],
