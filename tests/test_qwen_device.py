@@ -197,6 +197,9 @@ def test_edge_folder_and_inputs_are_checked(exported, tmp_path):
     runtime = load_qwen_edge(folder)
     with pytest.raises(ValueError, match="shape"):
         runtime.encode_patches(np.zeros((10, 12), np.float32), (1, 6, 8))
+    for grid in [(2, 6, 8), (1, 5, 8), (1, 0, 8), "668"]:
+        with pytest.raises(ValueError, match="grid"):
+            runtime.encode_patches(np.zeros((48, 12), np.float32), grid)
     with pytest.raises(ValueError, match="missing"):
         load_qwen_edge(tmp_path)
     (tmp_path / "qwen_edge.json").write_text(json.dumps({"format": "something else"}))

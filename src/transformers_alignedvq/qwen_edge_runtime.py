@@ -93,7 +93,7 @@ class QwenEdgeRuntime:
 
     def encode_patches(self, patches: np.ndarray, grid) -> np.ndarray:
         """Raster-order patches ``(h * w, C * P * P)`` (`QwenImagePreprocessing.edge_patches`) -> indices."""
-        _, height, width = (int(v) for v in grid)
+        _, height, width = _grid(grid, self.preprocessing.merge_size)
         patch_dim = self.config["patch_dim"]
         patches = np.asarray(patches, dtype=np.float32)
         if patches.shape != (height * width, patch_dim):
@@ -107,6 +107,18 @@ class QwenEdgeRuntime:
                      "key_bias": layout.key_bias, "raster_from_padded": layout.raster_from_padded}
         (indices,) = self.session.run(None, feeds)
         return indices
+
+
+def _grid(grid, merge: int) -> tuple[int, int, int]:
+    """``(1, h, w)`` as ints; `ValueError` for anything Qwen's processor cannot make for a still image."""
+    try:
+        frames, height, width = (int(v) for v in grid)
+    except (TypeError, ValueError):
+        raise ValueError(f"grid must be three ints (t, h, w), got {grid!r}") from None
+    if frames != 1 or height < merge or width < merge or height % merge or width % merge:
+        raise ValueError(f"grid {tuple(grid)} is not a still image's: t must be 1 and h, w positive multiples of "
+                         f"the merge size {merge}")
+    return frames, height, width
 
 
 def load_qwen_edge(directory: str | os.PathLike, *, threads: int | None = None) -> QwenEdgeRuntime:
