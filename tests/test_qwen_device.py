@@ -158,7 +158,7 @@ def exported(tmp_path_factory):
     from transformers_alignedvq.export.qwen_edge_onnx import export_qwen_edge
 
     folders, photos = {}, _tiny_processor()([_photo(h, w, seed=h) for h, w in PHOTOS], return_tensors="pt")
-    for site, layer, vq in [("patch", 0, {}), ("mlp", 1, {}), ("patch", 0, {"num_codebooks": 2})]:
+    for site, layer, vq in [("patch", 0, {}), ("mlp", 1, {}), ("ln1", 0, {}), ("patch", 0, {"num_codebooks": 2})]:
         model = tiny_split(site, layer, **vq)
         torch.manual_seed(0)  # codewords where these photos' features are, so that many of them are used
         model.init_codebook([dict(photos)], iters=5)
@@ -169,8 +169,8 @@ def exported(tmp_path_factory):
 
 
 @needs_model
-@pytest.mark.parametrize("key", [("patch", 0, 0), ("mlp", 1, 0), ("patch", 0, 1)],
-                         ids=["patch", "mlp-of-block-1", "patch-residual"])
+@pytest.mark.parametrize("key", [("patch", 0, 0), ("mlp", 1, 0), ("ln1", 0, 0), ("patch", 0, 1)],
+                         ids=["patch", "mlp-of-block-1", "ln1-of-block-0", "patch-residual"])
 def test_onnx_edge_gives_encode_edges_indices(exported, key):
     """Image -> indices on the device equals Qwen's image processor + PyTorch `encode_edge`, token for token."""
     model, folder = exported[key]
