@@ -39,8 +39,8 @@ class WindowLayout:
     """Where each patch of a ``(h, w)`` grid sits when the grid is cut into ``side x side``-patch windows.
 
     Attributes:
-        padded_from_raster: ``(windows, side * side)`` int64, the raster index of each window slot's patch, or
-            ``h * w`` (one past the last patch) for padding.
+        padded_from_raster: ``(windows, side * side)`` int64, the raster index of each window slot's patch; a
+            padding slot takes patch 0, which its key mask hides and whose output is never read back.
         positions: ``(h * w, 2)`` int64 ``(row, column)`` of each patch, raster order.
         key_bias: ``(windows, side * side)`` float32, 0 for a patch and ``-inf`` for padding.
         raster_from_padded: ``(h * w,)`` int64, each raster patch's slot in the flattened windows.
@@ -63,13 +63,13 @@ def window_layout(height: int, width: int, side: int) -> WindowLayout:
     y, x = np.broadcast_arrays(y, x)  # (wy, wx, side, side) each: window row, window column, slot row, slot column
     y, x = y.reshape(-1, side * side), x.reshape(-1, side * side)
     inside = (y < height) & (x < width)
-    padded_from_raster = np.where(inside, y * width + x, height * width).astype(np.int64)
+    padded_from_raster = np.where(inside, y * width + x, 0).astype(np.int64)
     raster = np.arange(height * width)
     positions = np.stack([raster // width, raster % width], axis=-1).astype(np.int64)
     key_bias = np.where(inside, 0.0, -np.inf).astype(np.float32)
-    flat = padded_from_raster.reshape(-1)
+    slots = np.nonzero(inside.reshape(-1))[0]
     raster_from_padded = np.empty(height * width, np.int64)
-    raster_from_padded[flat[flat < height * width]] = np.nonzero(flat < height * width)[0]
+    raster_from_padded[padded_from_raster.reshape(-1)[slots]] = slots
     return WindowLayout(padded_from_raster, positions, key_bias, raster_from_padded)
 
 

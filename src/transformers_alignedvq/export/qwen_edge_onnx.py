@@ -120,10 +120,9 @@ class WindowedFront(nn.Module):
         count, dim = hidden.shape
         query, key, value = attn.qkv(hidden).reshape(count, 3, attn.num_heads, attn.head_dim).unbind(1)
         query, key = apply_rotary_pos_emb_vision(query, key, *rotary)
-        # One zero row for the padding slots, then the patches gathered window by window.
-        stacked = torch.cat([torch.cat([query, key, value], dim=-1), query.new_zeros(1, attn.num_heads, 3 * attn.head_dim)])
-        slots = stacked.index_select(0, gather.reshape(-1)).reshape(*gather.shape, attn.num_heads, -1).transpose(1, 2)
-        query, key, value = slots.split(attn.head_dim, dim=-1)  # (windows, heads, slots, head_dim) each
+        # The patches gathered window by window; padding slots repeat a patch, masked out as keys.
+        query, key, value = (t.index_select(0, gather.reshape(-1)).reshape(*gather.shape, attn.num_heads, -1)
+                             .transpose(1, 2) for t in (query, key, value))  # (windows, heads, slots, head_dim)
         out = torch.softmax((query @ key.transpose(-1, -2)) * attn.scaling + bias, dim=-1) @ value
         out = out.transpose(1, 2).reshape(-1, dim).index_select(0, scatter)
         return attn.proj(out)
