@@ -122,3 +122,20 @@ def test_save_load_through_the_auto_class_and_dispatch(tmp_path):
     assert tav.LlavaNextAlignedVQForConditionalGeneration is LlavaNextAlignedVQForConditionalGeneration
     with pytest.raises(TypeError, match="LlavaNextForConditionalGeneration"):
         from_vlm(torch.nn.Linear(2, 2), codebook_size=16)
+
+
+def test_vision_layer_outputs_are_the_towers():
+    """As for OneVision (Transformers' own tests ask for them): every hidden state and attention of the CLIP tower
+    over all tiles, CLS included; the edge's (before the split) are the stock tower's."""
+    model = tiny_split(site="mlp", layer=1)  # states 0-1 on the edge, 2-3 in the cloud
+    model.set_attn_implementation("eager")
+    tiles = model.model.pixel_tiles(pixels(), model.frame_geometry(SIZES))
+    stock = model.model.vision_tower(tiles, output_hidden_states=True, output_attentions=True)
+    image = model.model.get_image_features(pixels(), SIZES, output_hidden_states=True, output_attentions=True)
+    assert len(image.hidden_states) == 4 and len(image.attentions) == 3
+    assert image.hidden_states[0].shape == (7, 17, 32)  # 7 tiles of 16 patches + CLS
+    edge, stock_edge = image.hidden_states[:2] + image.attentions[:2], stock.hidden_states[:2] + stock.attentions[:2]
+    for ours, theirs in zip(edge, stock_edge):
+        torch.testing.assert_close(ours, theirs)
+    (feature_layer,) = model.config.feature_layer_indices()  # NeXT reads layer -2, CLS dropped ("default")
+    torch.testing.assert_close(image.hidden_states[feature_layer][:, 1:], image.last_hidden_state)

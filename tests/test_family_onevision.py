@@ -173,7 +173,7 @@ def test_a_two_image_prompt_sends_base_views_only():
     assert torch.equal(from_pixels.logits, model.forward_from_indices(indices, **options).logits)
 
 
-def test_videos_and_vision_layer_outputs_are_refused():
+def test_videos_are_refused():
     model = tiny_split()
     ids = prompt(model)
     video = torch.zeros(1, 2, 3, TILE, TILE)
@@ -181,8 +181,34 @@ def test_videos_and_vision_layer_outputs_are_refused():
         model(input_ids=ids, pixel_values_videos=video)
     with pytest.raises(ValueError, match="pixel_values_videos"):
         model.generate(input_ids=ids, pixel_values_videos=video, max_new_tokens=1)
-    with pytest.raises(ValueError, match="per-layer"):
-        model.model.get_image_features(pixels(), SIZES, output_hidden_states=True)
+
+
+def test_vision_layer_outputs_are_the_towers():
+    """Transformers' own OneVision tests ask get_image_features for every hidden state and attention of the tower:
+    before the split they are the edge's (the stock tower's, before quantization), after it the cloud's; from
+    indices the edge's are None; indices select states as in Transformers."""
+    model = tiny_split()  # mlp site of block 1 in a 3-block tower: states 0-1 on the edge, 2-3 in the cloud
+    model.set_attn_implementation("eager")
+    tiles = model.model.pixel_tiles(pixels(), model.frame_geometry(SIZES))
+    stock = model.model.vision_tower(tiles, output_hidden_states=True, output_attentions=True)
+    image = model.model.get_image_features(pixels(), SIZES, output_hidden_states=True, output_attentions=True)
+    assert len(image.hidden_states) == 4 and len(image.attentions) == 3
+    edge, stock_edge = image.hidden_states[:2] + image.attentions[:2], stock.hidden_states[:2] + stock.attentions[:2]
+    for ours, theirs in zip(edge, stock_edge):
+        torch.testing.assert_close(ours, theirs)
+    torch.testing.assert_close(image.hidden_states[-1], image.last_hidden_state)  # feature layer -1, "full"
+    indices = model.encode_edge(pixels(), SIZES)
+    cloud = model.model.get_image_features(image_indices=indices, image_sizes=SIZES, output_hidden_states=True,
+                                           output_attentions=True)
+    assert cloud.hidden_states[:2] == (None, None) and len(cloud.attentions) == 1
+    for ours, theirs in zip(cloud.hidden_states[2:], image.hidden_states[2:]):
+        torch.testing.assert_close(ours, theirs)
+    picked = model.model.get_image_features(pixels(), SIZES, output_hidden_states=[0, -1]).hidden_states
+    assert picked[1] is None and picked[2] is None
+    torch.testing.assert_close(picked[0], image.hidden_states[0])
+    torch.testing.assert_close(picked[3], image.hidden_states[3])
+    model.config.vision_config.output_hidden_states = True  # the config's flag, as Transformers reads it
+    assert len(model.model.get_image_features(pixels(), SIZES).hidden_states) == 4
 
 
 def test_grouped_codes_travel_per_tile():

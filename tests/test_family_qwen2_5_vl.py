@@ -208,8 +208,32 @@ def test_inputs_are_checked():
         model.forward_from_indices(indices, inputs_embeds=model.get_input_embeddings()(ids), image_grid_thw=GRID)
     with pytest.raises(ValueError, match="pixel_values_videos"):
         model(input_ids=ids, pixel_values_videos=pixels(), video_grid_thw=GRID)
-    with pytest.raises(ValueError, match="per-layer"):
-        model.model.get_image_features(pixels(), GRID, output_hidden_states=True)
+
+
+def test_vision_layer_outputs_are_the_towers_in_raster_order():
+    """The stock forward passes output_hidden_states / output_attentions on to get_image_features, so a forward
+    asking for them must work with an image (Transformers' own Qwen2.5-VL tests do). The tower's per-layer outputs
+    come in raster order: the edge's (before the split) are the stock tower's, reordered; None from indices."""
+    from transformers_alignedvq.models.qwen2_5_vl_alignedvq.split_qwen2_5_vl import token_layout
+
+    model = tiny_split()  # mlp site of block 1 in a 3-block tower: states 0-1 on the edge, 2-3 in the cloud
+    ids, mask = prompt()
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels(), image_grid_thw=GRID,
+                output_hidden_states=True, output_attentions=True)
+    assert len(out.hidden_states) == 3 and len(out.image_outputs.hidden_states) == 4
+    assert len(out.image_outputs.attentions) == 3
+    stock = model.model.visual(pixels(), grid_thw=GRID, output_hidden_states=True, output_attentions=True)
+    raster = token_layout(model.model.visual, GRID).raster_from_window
+    image = model.model.get_image_features(pixels(), GRID, output_hidden_states=True, output_attentions=True)
+    edge, stock_edge = image.hidden_states[:2] + image.attentions[:2], stock.hidden_states[:2] + stock.attentions[:2]
+    for ours, theirs in zip(edge, stock_edge):
+        torch.testing.assert_close(ours, theirs[raster])
+    torch.testing.assert_close(image.hidden_states[-1], image.last_hidden_state)
+    cloud = model.model.get_image_features(image_indices=model.encode_edge(pixels(), GRID), image_grid_thw=GRID,
+                                           output_hidden_states=[0, 2, -1], output_attentions=True)
+    assert cloud.hidden_states[:2] == (None, None) and len(cloud.attentions) == 1
+    torch.testing.assert_close(cloud.hidden_states[2], image.hidden_states[2])
+    torch.testing.assert_close(cloud.hidden_states[3], image.hidden_states[3])
 
 
 def test_grouped_codes_travel_per_patch():

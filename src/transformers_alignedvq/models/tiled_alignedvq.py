@@ -32,7 +32,7 @@ from .llava_alignedvq.modeling_alignedvq import (
     bind_arguments,
     build_alignedvq_layer,
 )
-from .llava_alignedvq.split import check_pixel_values
+from .llava_alignedvq.split import check_pixel_values, edge_hidden_states, recorded_attentions
 
 # The forward arguments that shape an image's features, passed on when it is decoded from indices.
 IMAGE_ARGUMENTS = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
@@ -125,16 +125,25 @@ class TiledAlignedVQModelMixin:
         size, size)` or flat tiles) or from `image_indices` (`(num_tiles, tokens_per_tile[, codes])`), with the
         `image_sizes` `(images, 2)` both ends share. `pooler_output` holds one packed
         `(image_tokens, text_hidden_size)` tensor per image, as the stock model's does.
+
+        `output_hidden_states` / `output_attentions` (or the vision config's flags) return the tower's per-layer
+        outputs over all tiles, as the LLaVA model does: hidden states up to the split block's input are the edge's
+        (before quantization) and are `None` when the image came as indices; attentions (eager attention only) are
+        those of the blocks that ran here. `output_hidden_states` may also be indices, selecting those states.
         """
         if (pixel_values is None) == (image_indices is None):
             raise ValueError("Pass exactly one of pixel_values and image_indices, not both or neither.")
-        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
-            raise ValueError("The split any-resolution tower does not return per-layer vision outputs yet.")
         config = self.config
+        want_hidden = vision_output_request(kwargs, config.vision_config, "output_hidden_states")
+        want_attentions = bool(vision_output_request(kwargs, config.vision_config, "output_attentions"))
         geometry = self.frame_geometry(image_sizes, batch_num_images)
-        vq = self._site_features(pixel_values, image_indices, geometry)
+        tiles = None if pixel_values is None else self.pixel_tiles(pixel_values, geometry)
         layers = self._selected_layers(vision_feature_layer)
-        hidden = self.adapter.cloud(self.vision_tower, vq.features, config.split_layer, config.split_site, layers)
+        last = config.vision_config.num_hidden_layers
+        run = list(range(config.split_layer + 1, last + 1)) if want_hidden is not None or want_attentions else layers
+        with recorded_attentions(self.vision_tower, enabled=want_attentions) as attentions:
+            vq = self._site_features(tiles, image_indices, geometry)
+            hidden = self.adapter.cloud(self.vision_tower, vq.features, config.split_layer, config.split_site, run)
         selected = torch.cat([hidden[index] for index in layers], dim=-1)
         strategy = vision_feature_select_strategy or config.vision_feature_select_strategy
         if strategy == "default":
@@ -143,12 +152,20 @@ class TiledAlignedVQModelMixin:
         output = AlignedVQImageOutput(
             last_hidden_state=selected,
             pooler_output=list(self.pack(projected, image_sizes, strategy, vision_aspect_ratio)),
+            hidden_states=None if want_hidden is None else self._tower_hidden_states(tiles, hidden, want_hidden),
+            attentions=tuple(attentions) if want_attentions else None,
             image_indices=self._public_indices(vq.indices),
             commitment_loss=vq.commitment_loss,
             codebook_perplexity=vq.perplexity,
             codebook_usage=vq.usage,
         )
         return output if (return_dict if return_dict is not None else config.return_dict) else output.to_tuple()
+
+    def _tower_hidden_states(self, tiles, cloud: dict, request) -> tuple:
+        """Hidden states ``0 .. num_hidden_layers``: the edge's (``None`` from indices), then the cloud's."""
+        split = self.config.split_layer
+        edge = edge_hidden_states(self.vision_tower, tiles, split) if tiles is not None else [None] * (split + 1)
+        return select_hidden_states(edge + [cloud[index] for index in sorted(cloud)], request)
 
     def _selected_layers(self, vision_feature_layer) -> list[int]:
         if vision_feature_layer is None or vision_feature_layer == self.config.vision_feature_layer:
@@ -158,11 +175,11 @@ class TiledAlignedVQModelMixin:
             values.pop(key, None)
         return type(self.config)(**values).feature_layer_indices()  # validated as the config validates it
 
-    def _site_features(self, pixel_values, image_indices, geometry: FrameGeometry) -> AlignedVQLayerOutput:
-        """From pixels: the AlignedVQ layer's forward (training: straight-through, EMA, commitment loss;
+    def _site_features(self, tiles, image_indices, geometry: FrameGeometry) -> AlignedVQLayerOutput:
+        """From flat pixel tiles: the AlignedVQ layer's forward (training: straight-through, EMA, commitment loss;
         evaluation: exactly encode + decode). From indices: decoded."""
-        if pixel_values is not None:
-            return self.alignedvq(self.edge_features(self.pixel_tiles(pixel_values, geometry)))
+        if tiles is not None:
+            return self.alignedvq(self.edge_features(tiles))
         indices = self.check_indices(image_indices, geometry)
         return AlignedVQLayerOutput(self.alignedvq.decode(indices, dtype=self.vision_tower.dtype), indices)
 
@@ -299,6 +316,25 @@ class TiledAlignedVQGenerationMixin:
         return super().generate(*args, **kwargs)
 
 
+def vision_output_request(kwargs: dict, vision_config, name: str):
+    """``output_hidden_states`` / ``output_attentions`` as asked (the argument, else the vision config's flag):
+    ``None`` when not asked, else ``True`` or the hidden-state indices asked for."""
+    value = kwargs.get(name)
+    value = getattr(vision_config, name, False) if value is None else value
+    return None if value is False or value is None else value
+
+
+def select_hidden_states(states: list, request) -> tuple:
+    """``states`` as Transformers returns them for ``output_hidden_states=request``: all of them for ``True``;
+    for indices (negative ones counting from the end), those, and ``None`` in place of the others."""
+    if request is True:
+        return tuple(states)
+    count = len(states)
+    picks = [request] if isinstance(request, int) else list(request)
+    kept = {index % count for index in picks if -count <= index < count}
+    return tuple(state if index in kept else None for index, state in enumerate(states))
+
+
 def tile_modules(model: nn.Module, config) -> None:
     """The any-resolution families' inner-model submodules, in their own order and names, plus `alignedvq`."""
     from transformers.models.auto import AutoModel
@@ -312,4 +348,11 @@ def tile_modules(model: nn.Module, config) -> None:
     model.alignedvq = build_alignedvq_layer(config)
 
 
-__all__ = ["TiledAlignedVQGenerationMixin", "TiledAlignedVQModelMixin", "cap_pinpoints", "tile_modules"]
+__all__ = [
+    "TiledAlignedVQGenerationMixin",
+    "TiledAlignedVQModelMixin",
+    "cap_pinpoints",
+    "select_hidden_states",
+    "tile_modules",
+    "vision_output_request",
+]

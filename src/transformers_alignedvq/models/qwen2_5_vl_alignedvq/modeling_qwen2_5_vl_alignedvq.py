@@ -46,7 +46,7 @@ from ..llava_alignedvq.modeling_alignedvq import (
     build_alignedvq_layer,
     with_parent_signature,
 )
-from ..tiled_alignedvq import TiledAlignedVQGenerationMixin
+from ..tiled_alignedvq import TiledAlignedVQGenerationMixin, select_hidden_states, vision_output_request
 from . import split_qwen2_5_vl
 from .configuration_qwen2_5_vl_alignedvq import Qwen2_5_VLAlignedVQConfig, check_local_site
 
@@ -229,29 +229,52 @@ class Qwen2_5_VLAlignedVQModel(Qwen2_5_VLModel):
         from `image_indices` `(num_patches[, codes])` (raster order), with the `image_grid_thw` `(images, 3)` both
         ends share. `pooler_output` holds one `(t * h * w / 4, text_hidden_size)` tensor per image, as the stock
         model's does; `last_hidden_state` is the last block's output `(num_patches, vision_hidden)` in raster order.
+
+        `output_hidden_states` / `output_attentions` (arguments, as the stock forward passes them on, or the vision
+        config's flags) return the tower's per-layer outputs in raster order (the stock tower's are in its window
+        order): hidden states `0 .. depth`, those before the cloud's first the edge's (before quantization; `None`
+        when the image came as indices), and what each attention module that ran here output, as the stock tower
+        records it. `output_hidden_states` may also be indices, selecting those states.
         """
         if (pixel_values is None) == (image_indices is None):
             raise ValueError("Pass exactly one of pixel_values and image_indices, not both or neither.")
-        if kwargs.get("output_hidden_states") or kwargs.get("output_attentions"):
-            raise ValueError("The split Qwen2.5-VL tower does not return per-layer vision outputs yet.")
         config = self.config
+        want_hidden = vision_output_request(kwargs, config.vision_config, "output_hidden_states")
+        want_attentions = bool(vision_output_request(kwargs, config.vision_config, "output_attentions"))
         geometry = self.frame_geometry(image_grid_thw)
         grid = self._grid(geometry)
-        vq = self._site_features(pixel_values, image_indices, geometry)
         depth = config.vision_config.depth
-        hidden = self.adapter.cloud(self.visual, vq.features, config.split_layer, config.split_site, [depth],
-                                    grid_thw=grid)[depth]
+        first = split_qwen2_5_vl.cloud_start(config.split_layer, config.split_site)
+        wanted = list(range(first, depth + 1)) if want_hidden is not None else [depth]
+        with split_qwen2_5_vl.recorded_attentions(self.visual, grid, enabled=want_attentions) as attentions:
+            vq = self._site_features(pixel_values, image_indices, geometry)
+            cloud = self.adapter.cloud(self.visual, vq.features, config.split_layer, config.split_site, wanted,
+                                       grid_thw=grid)
+        hidden = cloud[depth]
         merged = split_qwen2_5_vl.merge(self.visual, hidden, grid)
         sizes = [t * h * w // config.vision_config.spatial_merge_size**2 for t, h, w in geometry.image_patch_grids]
         output = AlignedVQImageOutput(
             last_hidden_state=hidden,
             pooler_output=list(torch.split(merged, sizes)),
+            hidden_states=None if want_hidden is None else self._tower_hidden_states(pixel_values, grid, cloud,
+                                                                                     want_hidden),
+            attentions=tuple(attentions) if want_attentions else None,
             image_indices=self._public_indices(vq.indices),
             commitment_loss=vq.commitment_loss,
             codebook_perplexity=vq.perplexity,
             codebook_usage=vq.usage,
         )
         return output if (return_dict if return_dict is not None else config.return_dict) else output.to_tuple()
+
+    def _tower_hidden_states(self, pixel_values, grid, cloud: dict, request) -> tuple:
+        """Hidden states ``0 .. depth`` in raster order: the edge's (``None`` from indices), then the cloud's."""
+        first = split_qwen2_5_vl.cloud_start(self.config.split_layer, self.config.split_site)
+        if pixel_values is None:
+            edge = [None] * first
+        else:
+            pixels = pixel_values.to(self.visual.device, self.visual.dtype)
+            edge = split_qwen2_5_vl.edge_hidden_states(self.visual, pixels, grid, first)
+        return select_hidden_states(edge + [cloud[index] for index in sorted(cloud)], request)
 
     def _site_features(self, pixel_values, image_indices, geometry: FrameGeometry) -> AlignedVQLayerOutput:
         """From pixels: the AlignedVQ layer's forward (training: straight-through, EMA, commitment loss;

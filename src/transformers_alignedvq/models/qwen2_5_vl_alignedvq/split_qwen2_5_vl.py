@@ -24,6 +24,7 @@ order the language model reads them (merge units row by row), as the stock tower
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -144,6 +145,43 @@ def edge_forward(tower: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.T
     return _gather(hidden, layout.raster_from_window)
 
 
+def cloud_start(split_layer: int, site: str) -> int:
+    """The first hidden state the cloud computes: the recovered features themselves for ``patch`` (state 0) and
+    ``input`` (state ``split_layer``), else the split block's output. The edge's states are those before it."""
+    return 0 if site == "patch" else split_layer + int(site != "input")
+
+
+def edge_hidden_states(tower: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+                       count: int) -> list[torch.Tensor]:
+    """Hidden states ``0 .. count - 1`` (the patch embedding, then blocks' outputs) as the edge computes them,
+    before quantization, in raster order: for the tower's per-layer outputs, which the cloud alone cannot give."""
+    if count == 0:
+        return []
+    layout = token_layout(tower, grid_thw)
+    hidden = _gather(tower.patch_embed(pixel_values), layout.window_from_processor)
+    out = {0: _gather(hidden, layout.raster_from_window)}
+    _run_blocks(tower, hidden, layout, _position_embeddings(tower, hidden, layout), 0, count - 1, range(count), out)
+    return [out[index] for index in range(count)]
+
+
+@contextmanager
+def recorded_attentions(tower: nn.Module, grid_thw: torch.Tensor, enabled: bool = True):
+    """Collect, in raster order, what each attention module that runs inside the ``with`` body outputs, in layer
+    order: what the stock tower records as its ``attentions`` (the module's output, there in window order)."""
+    outputs: list = []
+    if not enabled:
+        yield outputs
+        return
+    order = token_layout(tower, grid_thw).raster_from_window
+    hooks = [block.attn.register_forward_hook(lambda module, args, out: outputs.append(_gather(out, order)))
+             for block in tower.blocks]
+    try:
+        yield outputs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def cloud_forward(tower: nn.Module, z: torch.Tensor, grid_thw: torch.Tensor, split_layer: int, site: str,
                   wanted: list[int]) -> dict[int, torch.Tensor]:
     """Recovered raster-order site features ``z`` -> ``{hidden_state_index: (num_patches, hidden)}`` in raster
@@ -152,7 +190,7 @@ def cloud_forward(tower: nn.Module, z: torch.Tensor, grid_thw: torch.Tensor, spl
     layout = token_layout(tower, grid_thw)
     hidden = _gather(z, layout.window_from_raster)
     position_embeddings = _position_embeddings(tower, hidden, layout)
-    start = 0 if site == "patch" else split_layer + int(site != "input")
+    start = cloud_start(split_layer, site)
     if site == "ln1":
         block = tower.blocks[split_layer]
         hidden = hidden + block.attn(hidden, **_attention_kwargs(tower, layout, split_layer, position_embeddings))
@@ -172,4 +210,13 @@ def merge(tower: nn.Module, hidden: torch.Tensor, grid_thw: torch.Tensor) -> tor
     return _gather(merged, layout.unit_order)
 
 
-__all__ = ["TokenLayout", "cloud_forward", "edge_forward", "merge", "token_layout"]
+__all__ = [
+    "TokenLayout",
+    "cloud_forward",
+    "cloud_start",
+    "edge_forward",
+    "edge_hidden_states",
+    "merge",
+    "recorded_attentions",
+    "token_layout",
+]
