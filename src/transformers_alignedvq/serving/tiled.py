@@ -106,6 +106,14 @@ class TiledImages:
         """A checked frame's indices ``(tokens, codes)`` and its image's ``(height, width)``."""
         return torch.from_numpy(frame.indices.copy()), frame.geometry.images[0].image_size
 
+    def encode_processed(self, inputs) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The edge run in the server on the image processor's output for one image: every tile in the model's
+        order ``(tokens, codes)`` and the image's ``(height, width)``."""
+        device = self.model.model.alignedvq.quantizer.codebook.device
+        sizes = inputs["image_sizes"]
+        indices = self.model.encode_edge(inputs["pixel_values"].to(device), sizes.to(device)).cpu()
+        return indices.reshape(-1, *indices.shape[2:]), tuple(int(side) for side in sizes[0])
+
     def _image_tokens(self, image_size: tuple[int, int]) -> int:
         """Placeholders the model's packing makes for an image of ``image_size``, counted on meta tensors."""
         geometry = self.adapter.geometry(self.config, [image_size])
@@ -134,11 +142,12 @@ class TiledImages:
 
 def kept_image_digest(indices, fingerprint: bytes, image_size: tuple[int, int] | None) -> bytes:
     """What a follow-up names a kept image by: `wire_followup.image_digest` of its indices, and for a tiled image
-    also of its size (two sizes can share a tiling and indices, but not their un-padding)."""
+    also of its size (two sizes can share a tiling and indices, but not their un-padding), and for a Qwen2.5-VL
+    image of its patch grid (one patch count has several grids)."""
     digest = image_digest(indices, fingerprint)
     if image_size is None:
         return digest
-    return hashlib.sha256(b"alignedvq-tiled-image\0" + digest + struct.pack("<II", *image_size)).digest()[:len(digest)]
+    return hashlib.sha256(b"alignedvq-tiled-image\0" + digest + struct.pack(f"<{len(image_size)}I", *image_size)).digest()[:len(digest)]
 
 
 def refuse_geometry(num_tokens: int):
