@@ -25,8 +25,8 @@ from ...errors import ServerConfigError
 from ...export.edge_export import describe
 from ...settings import FRAME_SETTINGS
 from ..errors import InvalidQuestionError
-from ..sampling import SamplingOptions
 from ..qwen import QwenImages
+from ..sampling import SamplingOptions
 from ..tiled import TiledImages, refuse_geometry
 
 DEFAULT_MAX_NEW_TOKENS = 32
