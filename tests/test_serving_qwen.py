@@ -221,3 +221,25 @@ def test_processor_of_another_tower_is_refused(engine):
     with pytest.raises(ServerConfigError, match="not the vision tower's"):
         create_app(engine.model, processor=other, warmup=False)
 
+
+
+def test_a_saved_folder_serves_and_a_lying_config_is_refused(tmp_path, engine):
+    """`alignedvq serve FOLDER`'s path: the model, its processor (pixel limits included) and the start-up size
+    checks, which read Qwen's own tower names (``model.visual.blocks.N``, ``depth``)."""
+    import json
+
+    engine.model.save_pretrained(tmp_path)
+    processor().save_pretrained(tmp_path)
+    app = create_app(tmp_path, max_new_tokens=6, max_wait_ms=1)
+    served = app.state.engine
+    assert (served.tiles.preprocessing.min_pixels, served.tiles.preprocessing.max_pixels) == (MIN_PIXELS, MAX_PIXELS)
+    indices = edge(engine.model, (1, 6, 8))
+    with TestClient(app) as client:
+        response = post(client, frame_of(served, indices, (1, 6, 8)))
+        assert response.status_code == 200, response.text
+        assert response.json()["answer"] == direct_answer(engine, indices, (1, 6, 8))
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["vision_config"]["depth"] = 7
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ServerConfigError, match="vision depth=7 but the weights hold 3"):
+        create_app(tmp_path)
