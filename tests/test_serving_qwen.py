@@ -243,3 +243,15 @@ def test_a_saved_folder_serves_and_a_lying_config_is_refused(tmp_path, engine):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ServerConfigError, match="vision depth=7 but the weights hold 3"):
         create_app(tmp_path)
+
+
+def test_pixel_limits_saved_beside_the_model_hold_without_a_processor(tmp_path, engine):
+    """A folder whose processor cannot be built (Qwen's own wants a video processor) still serves under the
+    pixel limits saved with it, not the class defaults (which would refuse every grid of this tiny model)."""
+    engine.model.save_pretrained(tmp_path)
+    tiny_tokenizer().save_pretrained(tmp_path)
+    image_processor().save_pretrained(tmp_path)
+    app = create_app(tmp_path, max_new_tokens=6, max_wait_ms=1, warmup=False)
+    assert app.state.engine.processor is None
+    settings = app.state.engine.tiles.preprocessing
+    assert (settings.min_pixels, settings.max_pixels) == (MIN_PIXELS, MAX_PIXELS)

@@ -11,13 +11,15 @@ instead of a fixed token count, as it asks `tiled.TiledImages` for the any-resol
   its ``<|image_pad|>``; the model's ``generate`` computes the 3-D positions from them and ``image_grid_thw``.
 * A batch's images are the patches of all its requests, in order, with one ``image_grid_thw`` row each.
 
-The pixel limits are the served processor's (its image processor's ``size``); without one, Qwen2-VL's image
-processor defaults, which is also what `export.qwen_edge_onnx.export_qwen_edge` writes for the edge by default.
+The pixel limits are the served processor's (its image processor's ``size``), or those saved beside the model
+when no processor could be built; without either, Qwen2-VL's image processor defaults, which is also what `export.qwen_edge_onnx.export_qwen_edge` writes for the edge by default.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 from typing import Any, Sequence
 
 import torch
@@ -32,15 +34,34 @@ def _mismatch(message: str) -> wire.WireFormatError:
     return wire.WireFormatError(f"geometry mismatch: {message}")
 
 
+def _saved_image_processor(model) -> dict | None:
+    """The image processor settings saved beside the model (``preprocessor_config.json``, or the
+    ``image_processor`` entry of ``processor_config.json``), for a server whose processor could not be built
+    (Qwen's own processor also wants a video processor): the pixel limits must still be the model's."""
+    folder = getattr(model, "name_or_path", None) or ""
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = os.path.join(folder, name)
+        if folder and os.path.isfile(path):
+            try:
+                settings = json.loads(open(path, encoding="utf-8").read())
+            except (OSError, ValueError) as exc:
+                raise ServerConfigError(f"cannot read {path}: {exc}") from None
+            settings = settings.get(key) if key and isinstance(settings, dict) else settings
+            if isinstance(settings, dict):
+                return settings
+    return None
+
+
 def served_preprocessing(model, processor) -> QwenImagePreprocessing:
     """The image processor's settings the server holds frames to: the served processor's when it has a Qwen2-VL
-    image processor, else the processor class defaults with the tower's sizes. `ServerConfigError` when the
-    processor's patch or merge size is not the tower's."""
+    image processor, else those saved beside the model, else the processor class defaults with the tower's sizes.
+    `ServerConfigError` when the processor's patch or merge size is not the tower's."""
     vision = model.config.vision_config
     image_processor = getattr(processor, "image_processor", None)
-    if image_processor is not None and hasattr(image_processor, "to_dict"):
+    saved = image_processor.to_dict() if hasattr(image_processor, "to_dict") else _saved_image_processor(model)
+    if saved is not None:
         try:
-            settings = QwenImagePreprocessing.from_image_processor(image_processor.to_dict())
+            settings = QwenImagePreprocessing.from_image_processor(saved)
         except ValueError as exc:
             raise ServerConfigError(str(exc)) from None
     else:
