@@ -168,3 +168,43 @@ def engine_fingerprint(model) -> bytes:
     from transformers_alignedvq.wire import codebook_fingerprint
 
     return codebook_fingerprint(model.model.alignedvq.quantizer.codebook)
+
+
+def test_stream_gives_the_asked_answer(deployed):
+    family, engine, folder, url, photos = deployed
+    with EdgeClient(folder, url, reuse_images=False) as client:
+        with client.stream(photos[1], QUESTION) as stream:
+            pieces = list(stream)
+        assert "".join(pieces).strip() == stream.answer.text == client.ask(photos[1], QUESTION).text
+
+
+def test_tiled_frames_are_entropy_coded_with_the_folders_model(tmp_path):
+    """A tiled edge folder carrying an entropy model fitted on tiles sends coded frames, tile by tile; a server
+    holding the same model answers them as the model does from the edge's indices."""
+    from transformers_alignedvq import wire
+
+    model = tiled_serving.tiny_onevision_alignedvq()
+    _export(model, "llava_onevision", tmp_path / "edge")
+    edge = open_edge(tmp_path / "edge")
+    rng = np.random.default_rng(0)
+    tiles = np.concatenate([edge.encode(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).indices.reshape(-1, 16)
+                            for _ in range(10)])
+    entropy = wire.EntropyModel.fit(tiles, codebook_size=16, grid=(4, 4), has_cls_token=False)
+    entropy.save(tmp_path / "edge")
+    app = create_app(model, processor=tiny_tokenizer(), max_new_tokens=6, max_wait_ms=1, entropy_model=entropy)
+    photo = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    with BackgroundServer(app, host="127.0.0.1", port=0) as running:
+        with EdgeClient(tmp_path / "edge", running.url, entropy_coding=True) as client:
+            frame = client.encode(photo, QUESTION)
+            assert wire.decode_frame(frame, entropy_model=entropy).entropy_coded
+            answer = client.ask(photo, QUESTION)
+    sent = edge.encode(photo)
+    assert answer.bytes_sent == len(frame)
+    assert answer.text == _direct("llava_onevision", app.state.engine, sent)
+
+
+def test_qwen_edges_send_raw_frames_only(tmp_path):
+    model = qwen_serving.tiny_served_qwen()
+    _export(model, "qwen2_5_vl", tmp_path)
+    with pytest.raises(EdgeClientError, match="always raw"):
+        EdgeClient(tmp_path, "http://127.0.0.1:9", entropy_coding=True)
