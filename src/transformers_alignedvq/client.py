@@ -265,13 +265,13 @@ class EdgeClient:
         network once, each further question as a follow-up of a few bytes."""
         questions = [_checked_question(question) for question in questions]
         start = time.perf_counter()
-        indices = self.device_edge.encode(image)
+        encoded = self.device_edge.encode(image)
         edge_ms = 1000 * (time.perf_counter() - start)
         params = _sampling(**sampling)
         answers = []
         for question in questions:
             started = time.perf_counter()
-            response, attempts, sent = self._post_answer(indices, question, params, stream=False)
+            response, attempts, sent = self._post_answer(encoded, question, params, stream=False)
             round_trip_ms = response.elapsed.total_seconds() * 1000
             answers.append(_answer(response.json(), sent, edge_ms, round_trip_ms, started - edge_ms / 1000, attempts))
             edge_ms = 0.0  # the edge ran once, for the first question
@@ -287,18 +287,18 @@ class EdgeClient:
         `ServerError`.
         """
         start = time.perf_counter()
-        indices = self.device_edge.encode(image)
+        encoded = self.device_edge.encode(image)
         edge_ms = 1000 * (time.perf_counter() - start)
         params = {**_sampling(max_new_tokens, temperature, top_p, seed), "stream": "true"}
-        response, attempts, sent = self._post_answer(indices, _checked_question(question), params, stream=True)
+        response, attempts, sent = self._post_answer(encoded, _checked_question(question), params, stream=True)
         return AnswerStream(response, bytes_sent=sent, edge_ms=edge_ms, start=start, attempts=attempts,
                             on_done=self._remember)
 
-    def _post_answer(self, indices: EncodedImage, question: str, params: dict, *,
+    def _post_answer(self, image: EncodedImage, question: str, params: dict, *,
                      stream: bool) -> tuple[httpx.Response, int, int]:
         """``(response, attempts, bytes sent)``: a follow-up where the server should hold the image, else (or
         when it does not) the frame."""
-        digest = indices.digest(self.fingerprint)
+        digest = image.digest(self.fingerprint)
         headers = {"Content-Type": wire.FRAME_MEDIA_TYPE}
         if self.reuse_images and digest in self._sent_images:
             body = encode_followup(digest, question, entropy_model=self.entropy_model)
@@ -311,7 +311,7 @@ class EdgeClient:
                 if error.type != "image_not_cached":
                     raise
                 self._sent_images.pop(digest, None)
-        frame = self._frame(indices, question)
+        frame = self._frame(image, question)
         response, attempts = self._send("POST", "/v1/answer", stream=stream, content=frame, headers=headers,
                                         params=params)
         if not stream:
