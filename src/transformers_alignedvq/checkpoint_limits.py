@@ -27,6 +27,7 @@ LIMITS = {
     "num_groups": 256,
     "codebook_dim": 2**16,
     "num_hidden_layers": 512,
+    "depth": 512,  # Qwen2.5-VL's vision blocks
     "hidden_size": 2**16,
     "intermediate_size": 2**18,
     "num_attention_heads": 1024,
@@ -35,6 +36,7 @@ LIMITS = {
 }
 MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own bound on its JSON header
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_BLOCK = re.compile(r"^blocks\.(\d+)\.")  # Qwen2.5-VL's tower: model.visual.blocks.N
 
 
 def safetensors_shapes(paths: Iterable[str | os.PathLike]) -> dict[str, list[int]]:
@@ -66,9 +68,9 @@ def _bounded(config: dict, where: str) -> None:
             raise CheckpointSizeError(f"{where}: {name}={value!r} is not an integer in [0, {limit}]")
 
 
-def _layers(shapes: dict[str, list[int]], prefix: str) -> int:
+def _layers(shapes: dict[str, list[int]], prefix: str, pattern: re.Pattern = _LAYER) -> int:
     found = {int(match.group(1)) for name in shapes if name.startswith(prefix)
-             for match in [_LAYER.search(name[len(prefix):])] if match}
+             for match in [pattern.search(name[len(prefix):])] if match}
     return max(found) + 1 if found else 0
 
 
@@ -116,12 +118,16 @@ def check_model_folder(folder: str | os.PathLike) -> None:
         return  # nothing to compare with here (an adapter, or weights from elsewhere): the limits still hold
     shapes = safetensors_shapes(files)
     # LLaVA-1.5 checkpoints keep LLaVA's names; the any-resolution families save Transformers' own.
-    modern = any(name.startswith("model.vision_tower.") for name in shapes)
+    modern = any(name.startswith(("model.vision_tower.", "model.visual.")) for name in shapes)
     vision_prefix, text_prefix = ("model.vision_tower.", "model.language_model.") if modern else (
         "vision_tower.", "language_model.model.")
     if "codebook_size" in config:
         _codebook(shapes, config, where, "model.alignedvq.quantizer.codebook")
-    if isinstance(config.get("vision_config"), dict):
+    if any(name.startswith("model.visual.") for name in shapes) and isinstance(config.get("vision_config"), dict):
+        vision = config["vision_config"]  # Qwen2.5-VL: its own tower, `depth` blocks
+        _bounded(vision, f"{where} vision_config")
+        _expect(where, "vision depth", vision.get("depth"), _layers(shapes, "model.visual.", _BLOCK))
+    elif isinstance(config.get("vision_config"), dict):
         _vision(shapes, config["vision_config"], vision_prefix, where, all_layers=True)
     text = config.get("text_config")
     if isinstance(text, dict):

@@ -371,7 +371,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_serve_parser(sub)
 
     ask = sub.add_parser("ask", help="ask a question about an image via a server",
-                         description="Run the edge part locally, send the indices, print the answer.")
+                         description="Run the edge part locally, send the indices, print the answer. The edge "
+                         "folder says the family: LLaVA-1.5, LLaVA-OneVision / LLaVA-NeXT (tiles) or Qwen2.5-VL.")
     ask.add_argument("--server", help="server URL, e.g. http://127.0.0.1:8000 (may be left out with --save-frame)")
     ask.add_argument("--edge", help="edge folder, Hub id, or a full model folder (default: the bundled model's edge)")
     ask.add_argument("--image", required=True, help="image file")

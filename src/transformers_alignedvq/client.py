@@ -35,16 +35,10 @@ from urllib.parse import urlsplit
 import httpx
 
 from . import wire
-from .edge_runtime import (
-    EDGE_CONFIG_NAME,
-    EdgeCheckpointError,
-    EdgeRuntime,
-    download_edge,
-    frame_geometry,
-    load_edge_runtime,
-)
+from .client_edges import DeviceEdge, EncodedImage, is_edge_folder, open_edge
+from .edge_runtime import EDGE_CONFIG_NAME, EdgeCheckpointError, download_edge
 from .entropy import load_entropy_model
-from .wire_followup import encode_followup, image_digest
+from .wire_followup import encode_followup
 
 DEFAULT_RETRY_WINDOW = 30.0
 # Seconds an idle keep-alive connection is kept: below `alignedvq serve`'s --keep-alive-timeout (5 s).
@@ -106,19 +100,20 @@ def check_server_url(url: str) -> str:
 
 
 def edge_folder(path: str | os.PathLike) -> Path:
-    """The local edge folder for ``path``: an edge folder, a full checkpoint folder with the edge files, or a
-    Hub repo id (only the edge files are fetched)."""
+    """The local edge folder for ``path``: an edge folder (of any family, `client_edges`), a full checkpoint
+    folder with the edge files, or a Hub repo id (only the edge files are fetched)."""
     directory = Path(path)
     if directory.is_file():
         raise EdgeClientError(f"{path} is a file; give the edge folder (the one holding {EDGE_CONFIG_NAME})")
     if directory.is_dir():
-        if not (directory / EDGE_CONFIG_NAME).is_file() and (directory / "config.json").is_file():
+        if not is_edge_folder(directory) and (directory / "config.json").is_file():
             raise EdgeClientError(
                 f"{directory} is a model folder without the edge files; export its edge part first "
                 f"(`alignedvq export-edge --model {directory} --output EDGE_DIR`)"
             )
-        if not (directory / EDGE_CONFIG_NAME).is_file():
-            raise EdgeClientError(f"{directory} is not an edge folder: missing {EDGE_CONFIG_NAME}")
+        if not is_edge_folder(directory):
+            raise EdgeClientError(f"{directory} is not an edge folder: missing {EDGE_CONFIG_NAME} (or, for "
+                                  "Qwen2.5-VL, qwen_edge.json)")
         return directory
     if os.path.exists(path) or not _looks_like_repo_id(str(path)):
         raise EdgeClientError(f"edge folder {path} not found")
@@ -145,9 +140,11 @@ class EdgeClient:
     """Runs the edge part of an AlignedVQ model and asks a cloud server (`transformers_alignedvq.serving`).
 
     Args:
-        model_dir: an edge folder (`alignedvq export-edge`, or `model.edge_encoder().save_pretrained(dir)`), a
-            full checkpoint folder that carries the edge files (only those are read), or a Hub repo id (only
-            those are fetched).
+        model_dir: an edge folder (`alignedvq export-edge`, or `model.edge_encoder().save_pretrained(dir)`; for
+            LLaVA-OneVision and LLaVA-NeXT `export.tiled_edge.export_tiled_edge`, for Qwen2.5-VL
+            `export.qwen_edge_onnx.export_qwen_edge`), a full checkpoint folder that carries the edge files (only
+            those are read), or a Hub repo id (only those are fetched). The family comes from the folder
+            (`client_edges.open_edge`): tiled and patch-grid frames carry their geometry section.
         server_url: the server's base URL, e.g. ``http://127.0.0.1:8000``.
         timeout: seconds per HTTP attempt (connect, write, read each).
         retry_window: seconds during which failed attempts are retried (0: never retry). Each wait is capped
@@ -177,17 +174,19 @@ class EdgeClient:
         self.server_url = check_server_url(server_url)
         directory = edge_folder(model_dir)
         try:
-            self.edge: EdgeRuntime = load_edge_runtime(directory, backend=backend, threads=threads, device=device)
+            self.device_edge: DeviceEdge = open_edge(directory, backend=backend, threads=threads, device=device)
         except EdgeCheckpointError as exc:
             raise EdgeClientError(str(exc)) from exc
+        self.edge = self.device_edge.runtime  # the family's own runtime (LLaVA: `EdgeRuntime`)
         self.retry_window, self.backoff, self.max_backoff = retry_window, backoff, max_backoff
         self._random = random.Random(seed)
-        self.geometry = frame_geometry(self.edge.image_size, self.edge.patch_size)
-        self.codebook_size = self.edge.codebook_size
-        self.fingerprint = self.edge.fingerprint
-        entropy_model = load_entropy_model(directory) if entropy_coding is not False else None
+        self.codebook_size = self.device_edge.codebook_size
+        self.fingerprint = self.device_edge.fingerprint
+        coding = entropy_coding is not False and self.device_edge.entropy_coding
+        entropy_model = load_entropy_model(directory) if coding else None
         if entropy_coding and entropy_model is None:
-            raise EdgeClientError(f"{directory} has no entropy model; coded frames are not available")
+            reason = "has no entropy model" if self.device_edge.entropy_coding else "sends patch grids, always raw"
+            raise EdgeClientError(f"{directory} {reason}; coded frames are not available")
         self.entropy_model = entropy_model
         self.always_entropy_code = bool(entropy_coding)
         self.reuse_images = reuse_images
@@ -215,15 +214,15 @@ class EdgeClient:
     # -------------------------------------------------------------------------------------------------
     def encode(self, image, question: str) -> bytes:
         """The frame the edge sends for ``image`` and ``question`` (no network)."""
-        return self._frame(self.edge.encode_image(image), question)
+        return self._frame(self.device_edge.encode(image), question)
 
-    def _frame(self, indices, question: str) -> bytes:
+    def _frame(self, image: EncodedImage, question: str) -> bytes:
         options = dict(codebook_size=self.codebook_size, codebook_fingerprint=self.fingerprint, prompt=question,
-                       grid=self.geometry["grid"], has_cls_token=self.geometry["has_cls_token"])
-        plain = None if self.always_entropy_code else wire.encode_frame(indices, **options)
+                       grid=image.grid, has_cls_token=image.has_cls_token, geometry=image.geometry)
+        plain = None if self.always_entropy_code else wire.encode_frame(image.indices, **options)
         if self.entropy_model is None:
             return plain
-        coded = wire.encode_frame(indices, entropy_model=self.entropy_model, **options)
+        coded = wire.encode_frame(image.indices, entropy_model=self.entropy_model, **options)
         return coded if plain is None or len(coded) < len(plain) else plain
 
     def server_info(self) -> dict:
@@ -232,10 +231,10 @@ class EdgeClient:
         return response.json()
 
     def check_server(self) -> dict:
-        """Raise `EdgeClientError` unless the server decodes this edge's frames (same codebook and tokens)."""
+        """Raise `EdgeClientError` unless the server decodes this edge's frames (same codebook and tokens; for
+        the tiled families the same tiling, for Qwen2.5-VL the same patch sizes and pixel limits)."""
         info = self.server_info()
-        ours = {"codebook_fingerprint": self.fingerprint.hex(), "codebook_size": self.codebook_size,
-                "num_tokens": self.geometry["num_tokens"], "codes_per_token": self.edge.codes_per_token}
+        ours = self.device_edge.contract()
         wrong = {k: (v, info.get(k)) for k, v in ours.items() if info.get(k) != v}
         if wrong:
             details = ", ".join(f"{k}: edge {a!r}, server {b!r}" for k, (a, b) in wrong.items())
@@ -266,13 +265,13 @@ class EdgeClient:
         network once, each further question as a follow-up of a few bytes."""
         questions = [_checked_question(question) for question in questions]
         start = time.perf_counter()
-        indices = self.edge.encode_image(image)
+        encoded = self.device_edge.encode(image)
         edge_ms = 1000 * (time.perf_counter() - start)
         params = _sampling(**sampling)
         answers = []
         for question in questions:
             started = time.perf_counter()
-            response, attempts, sent = self._post_answer(indices, question, params, stream=False)
+            response, attempts, sent = self._post_answer(encoded, question, params, stream=False)
             round_trip_ms = response.elapsed.total_seconds() * 1000
             answers.append(_answer(response.json(), sent, edge_ms, round_trip_ms, started - edge_ms / 1000, attempts))
             edge_ms = 0.0  # the edge ran once, for the first question
@@ -288,17 +287,18 @@ class EdgeClient:
         `ServerError`.
         """
         start = time.perf_counter()
-        indices = self.edge.encode_image(image)
+        encoded = self.device_edge.encode(image)
         edge_ms = 1000 * (time.perf_counter() - start)
         params = {**_sampling(max_new_tokens, temperature, top_p, seed), "stream": "true"}
-        response, attempts, sent = self._post_answer(indices, _checked_question(question), params, stream=True)
+        response, attempts, sent = self._post_answer(encoded, _checked_question(question), params, stream=True)
         return AnswerStream(response, bytes_sent=sent, edge_ms=edge_ms, start=start, attempts=attempts,
                             on_done=self._remember)
 
-    def _post_answer(self, indices, question: str, params: dict, *, stream: bool) -> tuple[httpx.Response, int, int]:
+    def _post_answer(self, image: EncodedImage, question: str, params: dict, *,
+                     stream: bool) -> tuple[httpx.Response, int, int]:
         """``(response, attempts, bytes sent)``: a follow-up where the server should hold the image, else (or
         when it does not) the frame."""
-        digest = image_digest(indices, self.fingerprint)
+        digest = image.digest(self.fingerprint)
         headers = {"Content-Type": wire.FRAME_MEDIA_TYPE}
         if self.reuse_images and digest in self._sent_images:
             body = encode_followup(digest, question, entropy_model=self.entropy_model)
@@ -311,7 +311,7 @@ class EdgeClient:
                 if error.type != "image_not_cached":
                     raise
                 self._sent_images.pop(digest, None)
-        frame = self._frame(indices, question)
+        frame = self._frame(image, question)
         response, attempts = self._send("POST", "/v1/answer", stream=stream, content=frame, headers=headers,
                                         params=params)
         if not stream:

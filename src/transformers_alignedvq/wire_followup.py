@@ -47,6 +47,16 @@ def image_digest(indices, fingerprint: bytes) -> bytes:
                           ).digest()[:DIGEST_SIZE]
 
 
+def layout_image_digest(indices, fingerprint: bytes, layout) -> bytes:
+    """The digest of an image whose indices alone do not say how to read them: `image_digest` bound to its
+    ``layout``, the ints the cloud derives its features' arrangement from (a tiled image's ``(height, width)``:
+    two sizes can share a tiling and indices, but not their un-padding; a patch grid ``(t, h, w)``: one patch
+    count has several grids)."""
+    layout = tuple(int(v) for v in layout)
+    return hashlib.sha256(b"alignedvq-tiled-image\0" + image_digest(indices, fingerprint)
+                          + struct.pack(f"<{len(layout)}I", *layout)).digest()[:DIGEST_SIZE]
+
+
 def is_followup(data: bytes) -> bool:
     return bytes(data[:1]) in (CODED, UTF8)
 
@@ -106,4 +116,5 @@ def decode_followup(data: bytes, *, entropy_model: EntropyModel | None = None,
     return Followup(digest=digest, question=question, coded=coded)
 
 
-__all__ = ["DIGEST_SIZE", "Followup", "decode_followup", "encode_followup", "image_digest", "is_followup"]
+__all__ = ["DIGEST_SIZE", "Followup", "decode_followup", "encode_followup", "image_digest", "is_followup",
+           "layout_image_digest"]

@@ -43,6 +43,7 @@ from ..qwen_edge_runtime import (
     WINDOW_INPUTS,
     window_layout,
 )
+from ..wire import codebook_fingerprint
 from .onnx_search import _Graph, _model, _stages, codewords, search_model
 from .search import CodewordSearch, ResidualCodewordSearch, SearchConfig
 
@@ -209,6 +210,8 @@ def export_qwen_edge(model, directory: str | os.PathLike, *, search: SearchConfi
         "format": QWEN_EDGE_FORMAT, "split_site": config.split_site, "split_layer": config.split_layer,
         "window_patches": side, "patch_dim": vision.in_channels * vision.patch_size**2,
         "codebook_size": config.codebook_size, "codes_per_token": config.codes_per_token,
+        # The graph holds no codebook tensor to hash on the device; frames must carry the cloud's fingerprint.
+        "codebook_fingerprint": codebook_fingerprint(inner.alignedvq.quantizer.codebook).hex(),
         "search": finder.config.to_dict(), "preprocessing": preprocessing.to_dict(),
     }
     (directory / QWEN_EDGE_CONFIG).write_text(json.dumps(settings, indent=2) + "\n")

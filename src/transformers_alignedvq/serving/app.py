@@ -136,7 +136,7 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
         "engine": engine.name,
         **summary,
         "lm_image_tokens": engine.lm_image_tokens,
-        "vision_feature_select_strategy": engine.config.vision_feature_select_strategy,
+        "vision_feature_select_strategy": getattr(engine.config, "vision_feature_select_strategy", None),
         "entropy_model_id": entropy_model.model_id.hex() if entropy_model is not None else None,
         "max_new_tokens": engine.max_new_tokens,
         "max_batch_size": max_batch_size,
@@ -203,6 +203,9 @@ def _add_openai_routes(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatch
 
 def _check_entropy_model(entropy_model: wire.EntropyModel | None, summary: dict) -> None:
     num_tokens, codes = summary["num_tokens"], summary["codes_per_token"]
+    if entropy_model is not None and summary.get("family") == "qwen2_5_vl":
+        raise ServerConfigError("frames of patch grids (Qwen2.5-VL) are sent raw; serve this model without an "
+                                "entropy model")
     if entropy_model is not None and (entropy_model.codebook_size, entropy_model.num_tokens,
                                       entropy_model.codes_per_token) != (summary["codebook_size"], num_tokens, codes):
         raise ServerConfigError(f"the entropy model ({entropy_model!r}) does not fit this model's frames "

@@ -276,20 +276,22 @@ class ChatDecoder:
         return self.engine.image_of(frame), frame.prompt, len(data)
 
     def _edge(self, image) -> tuple[torch.Tensor, tuple | None]:
-        """The edge run here: ``(indices (tokens, codes), image size (tiled families) or None)``."""
+        """The edge run here: ``(indices (tokens, codes), the image's layout (tiled families: its size; Qwen2.5-VL:
+        its patch grid) or None)``."""
         processor = getattr(self.engine.processor, "image_processor", None)
         if processor is None:
             raise _invalid(f"this server has no image processor; send the image as an {FRAME_PART} part",
                            "image_url", 422, "invalid_question")
         inputs = processor(images=image, return_tensors="pt")
-        pixels, device, size = inputs["pixel_values"].to(self.engine.device), self.engine.device, None
         with torch.inference_mode():
             if self.engine.tiles is None:
+                pixels, size = inputs["pixel_values"].to(self.engine.device), None
                 indices = self.engine.model.encode_edge(pixels)[0].cpu()
-            else:  # every tile of the one image, in the model's order; the size travels with it as in a frame
-                size = tuple(int(side) for side in inputs["image_sizes"][0])
-                indices = self.engine.model.encode_edge(pixels, inputs["image_sizes"].to(device)).cpu()
-                indices = indices.reshape(-1, *indices.shape[2:])
+            else:  # the family's edge on the processor's output; the layout travels with it as in a frame
+                try:
+                    indices, size = self.engine.tiles.encode_processed(inputs)
+                except wire.WireFormatError as exc:  # an image this model's limits refuse
+                    raise classify_wire_error(exc) from None
         return (indices if indices.dim() == 2 else indices[:, None]), size
 
 

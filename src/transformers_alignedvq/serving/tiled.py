@@ -16,14 +16,12 @@ fixed size is held here, in `TiledImages`, which the engine asks instead of a fi
 from __future__ import annotations
 
 import functools
-import hashlib
-import struct
 from typing import Any, Sequence
 
 import torch
 
 from .. import wire
-from ..wire_followup import image_digest
+from ..wire_followup import image_digest, layout_image_digest
 from ..wire_geometry import KIND_TILES, WireGeometry, max_section_bytes, tokens_per_tile
 
 
@@ -106,6 +104,14 @@ class TiledImages:
         """A checked frame's indices ``(tokens, codes)`` and its image's ``(height, width)``."""
         return torch.from_numpy(frame.indices.copy()), frame.geometry.images[0].image_size
 
+    def encode_processed(self, inputs) -> tuple[torch.Tensor, tuple[int, int]]:
+        """The edge run in the server on the image processor's output for one image: every tile in the model's
+        order ``(tokens, codes)`` and the image's ``(height, width)``."""
+        device = self.model.model.alignedvq.quantizer.codebook.device
+        sizes = inputs["image_sizes"]
+        indices = self.model.encode_edge(inputs["pixel_values"].to(device), sizes.to(device)).cpu()
+        return indices.reshape(-1, *indices.shape[2:]), tuple(int(side) for side in sizes[0])
+
     def _image_tokens(self, image_size: tuple[int, int]) -> int:
         """Placeholders the model's packing makes for an image of ``image_size``, counted on meta tensors."""
         geometry = self.adapter.geometry(self.config, [image_size])
@@ -132,13 +138,12 @@ class TiledImages:
         return torch.zeros(tiles * self.tokens_per_tile, codes, dtype=torch.long), size
 
 
-def kept_image_digest(indices, fingerprint: bytes, image_size: tuple[int, int] | None) -> bytes:
-    """What a follow-up names a kept image by: `wire_followup.image_digest` of its indices, and for a tiled image
-    also of its size (two sizes can share a tiling and indices, but not their un-padding)."""
-    digest = image_digest(indices, fingerprint)
-    if image_size is None:
-        return digest
-    return hashlib.sha256(b"alignedvq-tiled-image\0" + digest + struct.pack("<II", *image_size)).digest()[:len(digest)]
+def kept_image_digest(indices, fingerprint: bytes, layout: tuple[int, ...] | None) -> bytes:
+    """What a follow-up names a kept image by: `wire_followup.image_digest` of its indices, bound to its layout
+    (a tiled image's size, a Qwen2.5-VL patch grid) by `wire_followup.layout_image_digest` where it has one."""
+    if layout is None:
+        return image_digest(indices, fingerprint)
+    return layout_image_digest(indices, fingerprint, layout)
 
 
 def refuse_geometry(num_tokens: int):

@@ -25,6 +25,7 @@ from ...errors import ServerConfigError
 from ...export.edge_export import describe
 from ...settings import FRAME_SETTINGS
 from ..errors import InvalidQuestionError
+from ..qwen import QwenImages
 from ..sampling import SamplingOptions
 from ..tiled import TiledImages, refuse_geometry
 
@@ -47,7 +48,9 @@ class GenerationRequest:
     on_tokens: Callable[[list[int]], None] | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
     image_digest: bytes | None = None  # set where the server keeps the image for follow-ups
-    image_size: tuple[int, int] | None = None  # (height, width): the tiled families' tiling and un-padding
+    # The image's layout where it varies: (height, width) for the tiled families' tiling and un-padding, the
+    # patch grid (t, h, w) for Qwen2.5-VL; None for LLaVA-1.5.
+    image_size: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -72,8 +75,10 @@ class AnswerEngine(ABC):
         if max_new_tokens < 1:
             raise ServerConfigError(f"max_new_tokens={max_new_tokens} must be >= 1")
         config = model.config
-        # The any-resolution families: tiles per image vary, so token counts come from `tiled.TiledImages`.
-        self.tiles = TiledImages(model) if TiledImages.serves(model) else None
+        # Images whose token count varies, so the counts come from their contract: the any-resolution families'
+        # tiles (`tiled.TiledImages`) or Qwen2.5-VL's patch grids (`qwen.QwenImages`); None for LLaVA-1.5.
+        self.tiles = (QwenImages(model, processor) if QwenImages.serves(model)
+                      else TiledImages(model) if TiledImages.serves(model) else None)
         for attribute in ("codebook_size", "codes_per_token", "split_layer") + (() if self.tiles else
                                                                                 ("num_image_tokens",)):
             if not hasattr(config, attribute):
@@ -113,7 +118,7 @@ class AnswerEngine(ABC):
                 f"token id {config.image_token_id}; the processor and the model do not belong together"
             )
         # LLaVA's "default" strategy drops the CLS feature before the language model. Tiled images: per image.
-        drops_cls = config.vision_feature_select_strategy == "default"
+        drops_cls = getattr(config, "vision_feature_select_strategy", None) == "default"
         self.lm_image_tokens = None if self.tiles else config.num_image_tokens - (1 if drops_cls else 0)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:

@@ -1,0 +1,168 @@
+"""The edge of each model family, as the client sends it: an image -> the indices a frame carries and the frame's
+layout fields. Torch-free: numpy, Pillow and ONNX Runtime (or the PyTorch edge, for a LLaVA folder that has one).
+
+* LLaVA-1.5 (``edge_config.json``): one image of a fixed token count; the frame records the patch grid and CLS.
+* LLaVA-OneVision, LLaVA-NeXT (``edge_config.json`` with a ``tiling``, `edge_tiles`): every tile's indices, base
+  view first, and a geometry section with the image's size, tile count and grid; the recorded grid is one tile's.
+* Qwen2.5-VL (``qwen_edge.json``, `qwen_edge_runtime`): one index per patch in raster order and a geometry
+  section with the patch grid ``(1, h, w)``; such frames are always raw (the entropy model codes fixed grids).
+
+`open_edge` picks the family from the folder. Each edge also says which fields of the server's ``/v1/model`` must
+equal its own (`DeviceEdge.contract`), so `EdgeClient.check_server` can name a mismatch before any frame is sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .edge_config import EDGE_CONFIG_NAME, frame_geometry, read_edge_config
+from .errors import EdgeCheckpointError
+from .wire_followup import image_digest, layout_image_digest
+from .wire_geometry import WireGeometry
+
+QWEN_EDGE_CONFIG = "qwen_edge.json"  # `qwen_edge_runtime.QWEN_EDGE_CONFIG`, without importing onnxruntime here
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """What a frame carries for one image: ``indices`` ``(tokens[, codes])`` int64 in wire order, the frame's
+    ``geometry`` section (None: LLaVA-1.5), the recorded patch ``grid`` (one tile's; None for patch grids) and
+    whether each tile starts with a CLS token; ``layout`` is what the server keys a kept image by besides its
+    indices (the tiled image's size, the patch grid), None for LLaVA-1.5."""
+
+    indices: np.ndarray
+    geometry: WireGeometry | None
+    grid: tuple[int, int] | None
+    has_cls_token: bool
+    layout: tuple[int, ...] | None = None
+
+    def digest(self, fingerprint: bytes) -> bytes:
+        """The digest the server names this image by in its answers (`wire_followup`)."""
+        if self.layout is None:
+            return image_digest(self.indices, fingerprint)
+        return layout_image_digest(self.indices, fingerprint, self.layout)
+
+
+class DeviceEdge:
+    """A loaded edge of one family: ``runtime`` (the family's own object), the codebook contract and `encode`."""
+
+    family = "llava"
+    entropy_coding = True  # whether its frames may be coded with the folder's entropy model
+
+    def __init__(self, runtime, *, codebook_size: int, codes_per_token: int, fingerprint: bytes):
+        self.runtime, self.codebook_size, self.codes_per_token = runtime, codebook_size, codes_per_token
+        self.fingerprint = fingerprint
+
+    def encode(self, image) -> EncodedImage:
+        raise NotImplementedError
+
+    def contract(self) -> dict[str, Any]:
+        """``/v1/model`` fields the server must match for this edge's frames to decode."""
+        return {"codebook_fingerprint": self.fingerprint.hex(), "codebook_size": self.codebook_size,
+                "codes_per_token": self.codes_per_token}
+
+
+class LlavaEdge(DeviceEdge):
+    def __init__(self, runtime):
+        super().__init__(runtime, codebook_size=runtime.codebook_size, codes_per_token=runtime.codes_per_token,
+                         fingerprint=runtime.fingerprint)
+        self.frame = frame_geometry(runtime.image_size, runtime.patch_size)
+
+    def encode(self, image) -> EncodedImage:
+        return EncodedImage(self.runtime.encode_image(image), None, self.frame["grid"], self.frame["has_cls_token"])
+
+    def contract(self) -> dict[str, Any]:
+        return {**super().contract(), "num_tokens": self.frame["num_tokens"]}
+
+
+class TiledDeviceEdge(DeviceEdge):
+    def __init__(self, tiled):
+        runtime = tiled.runtime
+        super().__init__(tiled, codebook_size=runtime.codebook_size, codes_per_token=runtime.codes_per_token,
+                         fingerprint=runtime.fingerprint)
+        self.family = tiled.family
+        side = runtime.image_size // runtime.patch_size
+        self.grid, self.has_cls_token = (side, side), tiled.tokens_per_tile == side * side + 1
+
+    def encode(self, image) -> EncodedImage:
+        sent = self.runtime.encode_image(image)
+        geometry = WireGeometry.tiled([sent.image_size], [sent.num_tiles], [sent.grid])
+        indices = sent.indices.reshape(-1, *sent.indices.shape[2:])
+        return EncodedImage(indices, geometry, self.grid, self.has_cls_token, tuple(sent.image_size))
+
+    def contract(self) -> dict[str, Any]:
+        pinpoints = [list(p) for p in self.runtime.tiling.pinpoints]
+        return {**super().contract(), "family": self.family, "tokens_per_tile": self.runtime.tokens_per_tile,
+                "image_grid_pinpoints": pinpoints}
+
+
+class QwenDeviceEdge(DeviceEdge):
+    family = "qwen2_5_vl"
+    entropy_coding = False
+
+    def __init__(self, runtime, fingerprint: bytes):
+        config = runtime.config
+        super().__init__(runtime, codebook_size=int(config["codebook_size"]),
+                         codes_per_token=int(config["codes_per_token"]), fingerprint=fingerprint)
+
+    def encode(self, image) -> EncodedImage:
+        indices, grid = self.runtime(image)
+        return EncodedImage(np.asarray(indices, dtype=np.int64), WireGeometry.patch_grids([grid]), None, False,
+                            tuple(grid))
+
+    def contract(self) -> dict[str, Any]:
+        settings = self.runtime.preprocessing
+        return {**super().contract(), "family": self.family, "patch_size": settings.patch_size,
+                "spatial_merge_size": settings.merge_size, "min_pixels": settings.min_pixels,
+                "max_pixels": settings.max_pixels}
+
+
+def is_edge_folder(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds an edge of any family."""
+    return any((Path(directory) / name).is_file() for name in (EDGE_CONFIG_NAME, QWEN_EDGE_CONFIG))
+
+
+def open_edge(directory: str | os.PathLike, *, backend: str = "auto", threads: int | None = None,
+              device: str = "cpu") -> DeviceEdge:
+    """The family's edge in ``directory``; `EdgeCheckpointError` naming what is wrong with the folder."""
+    directory = Path(directory)
+    if (directory / QWEN_EDGE_CONFIG).is_file():
+        return _open_qwen(directory, backend, threads)
+    if "tiling" in read_edge_config(directory):
+        from .edge_tiles import load_tiled_edge
+
+        return TiledDeviceEdge(load_tiled_edge(directory, backend=backend, threads=threads, device=device))
+    from .edge_runtime import load_edge_runtime
+
+    return LlavaEdge(load_edge_runtime(directory, backend=backend, threads=threads, device=device))
+
+
+def _open_qwen(directory: Path, backend: str, threads: int | None) -> QwenDeviceEdge:
+    if backend not in ("auto", "onnx"):
+        raise EdgeCheckpointError(f"{directory} is a Qwen2.5-VL edge, which runs with ONNX Runtime only (backend "
+                                  f"{backend!r} asked)")
+    try:
+        fingerprint = json.loads((directory / QWEN_EDGE_CONFIG).read_text()).get("codebook_fingerprint")
+        fingerprint = bytes.fromhex(fingerprint) if isinstance(fingerprint, str) else None
+    except (ValueError, UnicodeDecodeError, AttributeError):
+        fingerprint = None
+    if fingerprint is None or len(fingerprint) != 16:
+        raise EdgeCheckpointError(f"{QWEN_EDGE_CONFIG} in {directory} records no valid codebook_fingerprint, which "
+                                  "frames must carry; export the edge again with export_qwen_edge")
+    from .qwen_edge_runtime import load_qwen_edge
+
+    try:
+        runtime = load_qwen_edge(directory, threads=threads)
+    except ValueError as exc:
+        raise EdgeCheckpointError(str(exc)) from None
+    return QwenDeviceEdge(runtime, fingerprint)
+
+
+__all__ = ["DeviceEdge", "EncodedImage", "LlavaEdge", "QwenDeviceEdge", "TiledDeviceEdge", "is_edge_folder",
+           "open_edge"]
