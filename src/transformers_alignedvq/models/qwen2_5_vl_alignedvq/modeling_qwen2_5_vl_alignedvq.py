@@ -47,10 +47,10 @@ from ..llava_alignedvq.modeling_alignedvq import (
     with_parent_signature,
 )
 from ..tiled_alignedvq import TiledAlignedVQGenerationMixin
+from .configuration_qwen2_5_vl_alignedvq import Qwen2_5_VLAlignedVQConfig, check_local_site
 from .split_qwen2_5_vl import cloud_forward as split_cloud_forward
 from .split_qwen2_5_vl import edge_forward as split_edge_forward
 from .split_qwen2_5_vl import merge as split_merge
-from .configuration_qwen2_5_vl_alignedvq import Qwen2_5_VLAlignedVQConfig, check_local_site
 
 try:  # the output class of the parent's forward: a shared multimodal one from Transformers 5.2x on
     from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast as _ParentOutput
