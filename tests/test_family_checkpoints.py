@@ -155,6 +155,33 @@ def test_ema_state_travels_in_full_checkpoints(setup):
                            getattr(setup.model.model.alignedvq.quantizer, name))
 
 
+def test_the_trainers_way_back_in_restores_every_tensor_and_refuses_a_partial_file(setup):
+    """The `Trainer` resumes by `load_state_dict(file, strict=False)` into the model it trains (LoRA included)."""
+    model = copy.deepcopy(setup.model)
+    with torch.no_grad():
+        model.model.alignedvq.quantizer.codebook.normal_()
+        model.model.alignedvq.dlp_in.gate.zero_()
+        next(p for n, p in model.named_parameters() if ".lora_B." in n).zero_()
+    state = load_file(str(setup.dirs["full"] / "model.safetensors"))
+    model.load_state_dict(state, strict=False)
+    assert_same_outputs(model, setup, atol=0.0)
+    state.pop("model.alignedvq.quantizer.codebook")
+    with pytest.raises(CheckpointMismatchError, match="quantizer.codebook"):
+        model.load_state_dict(state, strict=False)
+
+
+def test_weights_in_memory_load_as_strictly_as_a_folder(setup):
+    state = load_file(str(setup.dirs["full"] / "model.safetensors"))
+    state = {key: value for key, value in state.items() if ".lora_" not in key}  # a model without LoRA layers
+    cls = type(setup.model)
+    config = cls.config_class.from_pretrained(setup.dirs["full"])
+    loaded = cls.from_pretrained(None, config=config, state_dict=state)
+    assert loaded.model.alignedvq.quantizer.codebook.equal(setup.model.model.alignedvq.quantizer.codebook)
+    state.pop("model.alignedvq.dlp_out.proj.weight")
+    with pytest.raises(CheckpointMismatchError, match="dlp_out.proj.weight"):
+        cls.from_pretrained(None, config=config, state_dict=state)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # strict loading
 # ------------------------------------------------------------------------------------------------------------
