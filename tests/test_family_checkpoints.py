@@ -23,7 +23,8 @@ import test_family_next as nx
 import test_family_onevision as ov
 import test_family_qwen2_5_vl as qw
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import HfApi, ModelCard, constants
+from huggingface_hub.hf_api import CommitInfo, RepoUrl
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForImageTextToText
@@ -304,6 +305,33 @@ def test_model_card_names_the_family(setup, kind):
     assert f"checkpoint kind | {kind}" in card.text
     for name in setup.family.edge_files:
         assert f"- `{name}`" in card.text
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_push_to_hub_uploads_the_checkpoint_with_the_familys_card(setup, tmp_path, kind):
+    """`push_to_hub` with only its two network calls replaced (offline otherwise): the files of a save, our card
+    titled with the repo's name, and a checkpoint that loads."""
+    endpoint, uploads = constants.ENDPOINT, {}
+
+    def create_commit(self, repo_id, operations, **kwargs):
+        uploads.update({op.path_in_repo: Path(op.path_or_fileobj).read_bytes() for op in operations})
+        return CommitInfo(commit_url=f"{endpoint}/{repo_id}/commit/{'0' * 40}", commit_message="",
+                          commit_description="", oid="0" * 40, _endpoint=endpoint)
+
+    model = copy.deepcopy(setup.model)
+    model.config.checkpoint_kind = kind  # push_to_hub saves with the configured kind
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_OFFLINE", True)
+        patch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"{endpoint}/{repo_id}", endpoint=endpoint))
+        patch.setattr(HfApi, "create_commit", create_commit)
+        model.push_to_hub(f"org/{setup.name}-alignedvq-{kind}")
+    assert set(uploads) == set(checkpoint_files(setup.dirs[kind]))
+    card = ModelCard(uploads["README.md"].decode())
+    assert f"\n# {setup.name}-alignedvq-{kind}\n" in card.text and setup.family.tag in card.data.tags
+    for name, data in uploads.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    assert_same_outputs(AutoModel.from_pretrained(tmp_path), setup)
 
 
 # ------------------------------------------------------------------------------------------------------------
