@@ -294,6 +294,30 @@ def test_the_checkpoint_edge_gives_encode_edges_indices(setup):
     np.testing.assert_array_equal(indices, expected)
 
 
+@pytest.mark.parametrize("mode", ["int8", "safetensors"])
+def test_other_edge_modes(setup, tmp_path, mode):
+    """The tiled families write the PyTorch edge alone or an int8 front calibrated on real images; Qwen's edge has
+    neither form and says so."""
+    from PIL import Image
+
+    images = [Image.fromarray(np.random.default_rng(seed).integers(0, 256, (20, 30, 3), dtype=np.uint8))
+              for seed in range(2)]
+    model = copy.deepcopy(setup.model)
+    if setup.name == "qwen2_5_vl":
+        with pytest.raises(ValueError, match="fp32 ONNX only"):
+            model.save_pretrained(tmp_path, save_edge=mode, edge_calibration_images=images)
+        assert not list(tmp_path.iterdir())  # refused before anything is written
+        return
+    if mode == "int8":
+        pytest.importorskip("onnxruntime")
+    model.save_pretrained(tmp_path, save_edge=mode, edge_calibration_images=images)
+    config = json.loads((tmp_path / "edge_config.json").read_text())
+    assert (tmp_path / "edge_model.safetensors").is_file()
+    assert (tmp_path / "edge_model.onnx").is_file() == (mode == "int8")
+    if mode == "int8":
+        assert config["onnx"]["calibration_images"] == 2
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_model_card_names_the_family(setup, kind):
     card = ModelCard.load(setup.dirs[kind] / "README.md")

@@ -65,23 +65,34 @@ def write_remote_code(directory: Path, config) -> None:
     config.auto_map = code.auto_map()
 
 
+def _family(model) -> str:
+    return getattr(getattr(model.model, "adapter", None), "name", "llava")
+
+
+def check_edge_mode(model, mode: bool | str, calibration_images=None) -> str:
+    """``mode`` as the name `write_edge` uses for a family other than LLaVA (whose edge export checks its own);
+    `ValueError` before anything is written for a mode the family's edge has not."""
+    mode = "onnx" if mode is True else mode
+    if mode not in CHECKPOINT_EDGE_MODES:
+        raise ValueError(f"save_edge={mode!r} must be True, False or one of {CHECKPOINT_EDGE_MODES}")
+    if mode == "int8" and calibration_images is None:
+        raise ValueError("save_edge='int8' needs edge_calibration_images (real images the edge will see)")
+    if _family(model) == "qwen2_5_vl" and mode != "onnx":
+        raise ValueError(f"save_edge={mode!r}: the Qwen2.5-VL edge is written as fp32 ONNX only (save_edge=True)")
+    return mode
+
+
 def write_edge(model, directory: Path, mode: bool | str = True, *, calibration_images=None) -> None:
     """The edge files of ``model``'s family beside its weights (``mode`` as for
     `edge_export.write_checkpoint_edge`): LLaVA's edge; the tiled families' per-tile edge (`export_tiled_edge`:
     ``edge_config.json`` with the tiling, ``edge_model.safetensors`` and, but for ``"safetensors"``,
     ``edge_model.onnx``); Qwen2.5-VL's windowed ONNX edge (`export_qwen_edge`: ``qwen_edge.onnx`` and
     ``qwen_edge.json``), which has no PyTorch form and no int8 front."""
-    family = getattr(getattr(model.model, "adapter", None), "name", "llava")
+    family = _family(model)
     if family == "llava":
         write_checkpoint_edge(model, directory, mode, calibration_images=calibration_images)
         return
-    mode = "onnx" if mode is True else mode
-    if mode not in CHECKPOINT_EDGE_MODES:
-        raise ValueError(f"save_edge={mode!r} must be True, False or one of {CHECKPOINT_EDGE_MODES}")
-    if mode == "int8" and calibration_images is None:
-        raise ValueError("save_edge='int8' needs edge_calibration_images (real images the edge will see)")
-    if family == "qwen2_5_vl" and mode != "onnx":
-        raise ValueError(f"save_edge={mode!r}: the Qwen2.5-VL edge is written as fp32 ONNX only (save_edge=True)")
+    mode = check_edge_mode(model, mode, calibration_images)
     if family != "qwen2_5_vl":
         from ..export.tiled_edge import export_tiled_edge
 
@@ -138,6 +149,8 @@ def save_checkpoint(
     if quantized and kind != "full":
         raise ValueError("A quantized model (transformers_alignedvq.ptq) saves as a full checkpoint only.")
 
+    if save_edge and _family(model) != "llava":
+        check_edge_mode(model, save_edge, edge_calibration_images)
     if include_ema_state is None:
         include_ema_state = kind == "full"
     original_kind = config.checkpoint_kind
@@ -186,6 +199,7 @@ def save_checkpoint(
 
 __all__ = [
     "alignedvq_state_dict",
+    "check_edge_mode",
     "save_checkpoint",
     "write_edge",
     "write_remote_code",
