@@ -43,7 +43,8 @@ class CheckpointMixin:
 
     @classmethod
     def _convert_base(cls, base, *, load_kwargs: dict, **options):
-        raise NotImplementedError
+        """The model an adapter-only checkpoint's base becomes with ``options`` (the subclasses' conversion)."""
+        raise NotImplementedError(f"{cls.__name__} does not say how to convert an adapter-only checkpoint's base")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
