@@ -24,7 +24,7 @@ from transformers_alignedvq.models.llava_onevision_alignedvq.modeling_llava_onev
     _HAS_MM_ENCODER_OUTPUTS,
     LlavaOnevisionAlignedVQForConditionalGeneration,
 )
-from transformers_alignedvq.models.tiled_alignedvq import cap_pinpoints
+from transformers_alignedvq.preprocess_tiles import cap_pinpoints
 
 pytestmark = pytest.mark.skipif(not _HAS_MM_ENCODER_OUTPUTS, reason="OneVision with AlignedVQ needs transformers>=5.19")
 

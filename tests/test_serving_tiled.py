@@ -312,7 +312,7 @@ def test_a_saved_folder_serves_and_a_lying_config_is_refused(tmp_path, engine):
 def test_a_capped_tile_grid_is_enforced(engine):
     """A server whose model carries capped pinpoints (`cap_pinpoints`, at most 2 grid tiles) takes frames tiled
     under the cap and refuses those of an uncapped edge, which sends more tiles than the cap allows."""
-    from transformers_alignedvq.models.tiled_alignedvq import cap_pinpoints
+    from transformers_alignedvq.preprocess_tiles import cap_pinpoints
 
     capped = cap_pinpoints(PINPOINTS, TILE, max_grid_tiles=2)
     model = tiny_onevision_alignedvq()

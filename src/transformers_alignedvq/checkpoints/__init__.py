@@ -15,12 +15,14 @@ from .files import (
     FP32_TENSORS,
     LORA_SUBFOLDER,
     MODEL_FOLDER,
+    REMOTE_CODE,
     REMOTE_CODE_FILES,
     WEIGHTS_INDEX_NAME,
     WEIGHTS_NAME,
     check_tensor_dtypes,
     check_weight_files,
     checkpoint_files,
+    flat_source,
     hub_kwargs_from,
     read_json,
     read_safetensors_header,
@@ -32,6 +34,7 @@ from .loading import (
     check_complete_load,
     check_loading_info,
     load_adapter_checkpoint,
+    load_base,
     load_from_state_dict,
     load_full_checkpoint,
     load_llava,
@@ -40,14 +43,14 @@ from .loading import (
     module_state_dict,
     read_alignedvq_config,
 )
-from .saving import alignedvq_state_dict, save_checkpoint, write_remote_code
+from .saving import alignedvq_state_dict, save_checkpoint, write_edge, write_remote_code
 
 __all__ = [
-    "ALIGNEDVQ_WEIGHTS_NAME", "AUTO_MAP", "FP32_TENSORS", "LORA_SUBFOLDER", "MODEL_FOLDER", "REMOTE_CODE_FILES",
+    "ALIGNEDVQ_WEIGHTS_NAME", "AUTO_MAP", "FP32_TENSORS", "LORA_SUBFOLDER", "MODEL_FOLDER", "REMOTE_CODE", "REMOTE_CODE_FILES",
     "WEIGHTS_INDEX_NAME", "WEIGHTS_NAME", "alignedvq_state_dict", "apply_alignedvq_state", "card_eval_results",
     "card_title", "check_base_compatible", "check_complete_load", "check_loading_info", "check_tensor_dtypes",
-    "check_weight_files", "checkpoint_files", "hub_kwargs_from", "hub_reference", "load_adapter_checkpoint",
+    "check_weight_files", "checkpoint_files", "flat_source", "hub_kwargs_from", "hub_reference", "load_adapter_checkpoint", "load_base",
     "load_from_state_dict", "load_full_checkpoint", "load_llava", "maybe_load_lora", "maybe_load_ptq",
     "module_state_dict", "read_alignedvq_config", "read_json", "read_safetensors_header", "save_checkpoint",
-    "weight_files", "write_model_card", "write_remote_code",
+    "weight_files", "write_edge", "write_model_card", "write_remote_code",
 ]

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,6 +30,53 @@ AUTO_MAP = {
     "AutoModel": "modeling_alignedvq.LlavaAlignedVQForConditionalGeneration",
     "AutoModelForImageTextToText": "modeling_alignedvq.LlavaAlignedVQForConditionalGeneration",
 }
+
+
+@dataclass(frozen=True)
+class RemoteCode:
+    """What a checkpoint of one model type carries for ``trust_remote_code=True``: the family's model folder plus
+    the modules it imports from elsewhere in the package, flattened into the checkpoint folder (Transformers loads
+    remote code from one folder, following ``from .module import`` lines only), and the ``auto_map``."""
+
+    folder: Path
+    shared: tuple[Path, ...]
+    config_class: str
+    model_class: str
+
+    def sources(self) -> dict[str, Path]:
+        """File name in the checkpoint -> source file in the package."""
+        paths = [p for p in sorted(self.folder.glob("*.py")) if p.name != "__init__.py"] + list(self.shared)
+        return {path.name: path for path in paths}
+
+    def auto_map(self) -> dict[str, str]:
+        return {"AutoConfig": self.config_class, "AutoModel": self.model_class,
+                "AutoModelForImageTextToText": self.model_class}
+
+
+_MODELS = MODEL_FOLDER.parent
+_LLAVA_FILES = tuple(MODEL_FOLDER / name for name in REMOTE_CODE_FILES)
+_FAMILY_SHARED = (*_LLAVA_FILES, _MODELS / "family.py", _MODELS / "tiled_alignedvq.py")
+REMOTE_CODE = {
+    "llava_alignedvq": RemoteCode(MODEL_FOLDER, (), AUTO_MAP["AutoConfig"], AUTO_MAP["AutoModel"]),
+    "llava_next_alignedvq": RemoteCode(
+        _MODELS / "llava_next_alignedvq", _FAMILY_SHARED, "configuration_llava_next_alignedvq.LlavaNextAlignedVQConfig",
+        "modeling_llava_next_alignedvq.LlavaNextAlignedVQForConditionalGeneration"),
+    "llava_onevision_alignedvq": RemoteCode(
+        _MODELS / "llava_onevision_alignedvq", _FAMILY_SHARED,
+        "configuration_llava_onevision_alignedvq.LlavaOnevisionAlignedVQConfig",
+        "modeling_llava_onevision_alignedvq.LlavaOnevisionAlignedVQForConditionalGeneration"),
+    "qwen2_5_vl_alignedvq": RemoteCode(
+        _MODELS / "qwen2_5_vl_alignedvq", _FAMILY_SHARED, "configuration_qwen2_5_vl_alignedvq.Qwen2_5_VLAlignedVQConfig",
+        "modeling_qwen2_5_vl_alignedvq.Qwen2_5_VLAlignedVQForConditionalGeneration"),
+}
+# `from ..llava_alignedvq.split import x`, `from .llava_alignedvq.split import x`, `from ..family import x`: in the
+# flat folder every module is a sibling, `from .split import x`.
+_PACKAGE_IMPORT = re.compile(r"^(\s*)from \.+(?:\w+\.)*(\w+) import", flags=re.MULTILINE)
+
+
+def flat_source(path: Path) -> str:
+    """``path``'s text with its package-relative imports made sibling imports, as the flat folder needs."""
+    return _PACKAGE_IMPORT.sub(r"\1from .\2 import", path.read_text())
 
 
 def _resolve(path_or_id, filename: str, hub_kwargs: dict, *, required: bool = True) -> str | None:
@@ -131,12 +180,15 @@ __all__ = [
     "FP32_TENSORS",
     "LORA_SUBFOLDER",
     "MODEL_FOLDER",
+    "REMOTE_CODE",
     "REMOTE_CODE_FILES",
+    "RemoteCode",
     "WEIGHTS_INDEX_NAME",
     "WEIGHTS_NAME",
     "check_tensor_dtypes",
     "check_weight_files",
     "checkpoint_files",
+    "flat_source",
     "hub_kwargs_from",
     "read_json",
     "read_safetensors_header",

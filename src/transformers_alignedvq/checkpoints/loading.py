@@ -72,6 +72,7 @@ _ARCHITECTURE_FIELDS = (
     ("vision_config", "num_hidden_layers"),
     ("vision_config", "image_size"),
     ("vision_config", "patch_size"),
+    ("vision_config", "depth"),  # Qwen2.5-VL's tower counts its blocks here
     ("text_config", "hidden_size"),
     ("text_config", "num_hidden_layers"),
     ("text_config", "vocab_size"),
@@ -95,7 +96,8 @@ def check_base_compatible(config, base_config) -> None:
 
 
 def load_adapter_checkpoint(cls, path_or_id, config, **kwargs):
-    """Build the model an adapter-only checkpoint describes: base LLaVA + codebook/DLP + LoRA."""
+    """Build the model an adapter-only checkpoint describes: its base (converted by ``cls._convert_base``, LLaVA's
+    `from_llava` or another family's `from_base`) + codebook/DLP + LoRA."""
     from transformers import AutoConfig
 
     hub_kwargs = hub_kwargs_from(kwargs)
@@ -119,7 +121,7 @@ def load_adapter_checkpoint(cls, path_or_id, config, **kwargs):
     load_kwargs = {k: v for k, v in kwargs.items() if k not in _HUB_KWARGS and k not in ("config", "adapter_kwargs")}
     load_kwargs.update(base_kwargs)
     options = {key: getattr(config, key) for key in SPLIT_SETTINGS + TRAINING_SETTINGS}
-    model = cls.from_llava(base, load_kwargs=load_kwargs, **options)
+    model = cls._convert_base(base, load_kwargs=load_kwargs, **options)
     apply_alignedvq_state(model, state)
     model.config.checkpoint_kind = "adapter"
     model.config.base_model_name_or_path = base
@@ -173,14 +175,16 @@ def maybe_load_lora(model, path_or_id, kwargs: dict) -> None:
     load_lora(model, Path(weights_path).parent)
 
 
-def load_from_state_dict(load, config, *model_args, **kwargs):
+def load_from_state_dict(load, config, *model_args, config_class=None, **kwargs):
     """``from_pretrained(None, config=..., state_dict=...)``, Transformers' own path for weights in memory,
     with the loading report checked as strictly as a folder's."""
-    from ..models.llava_alignedvq.configuration_alignedvq import AlignedVQConfig
+    if config_class is None:
+        from ..models.llava_alignedvq.configuration_alignedvq import AlignedVQConfig as config_class
 
-    if not isinstance(config, AlignedVQConfig) or kwargs.get("state_dict") is None:
+    if not isinstance(config, config_class) or kwargs.get("state_dict") is None:
         raise CheckpointMismatchError(
-            "from_pretrained(None, ...) needs config=AlignedVQConfig(...) and state_dict=... (or a folder or Hub id)"
+            f"from_pretrained(None, ...) needs config={config_class.__name__}(...) and state_dict=... (or a folder or "
+            "Hub id)"
         )
     want_info = kwargs.pop("output_loading_info", False)
     model, info = load(None, *model_args, config=config, output_loading_info=True, **kwargs)
@@ -208,19 +212,23 @@ def check_loading_info(info: dict, *, source: str, allowed_missing=()) -> None:
         raise CheckpointMismatchError(f"{source} does not fit the model: tensors " + "; ".join(problems))
 
 
-def read_alignedvq_config(path_or_id, kwargs: dict):
-    """The `AlignedVQConfig` of a saved AlignedVQ checkpoint; a plain LLaVA checkpoint is refused."""
-    from ..models.llava_alignedvq.configuration_alignedvq import AlignedVQConfig
+def read_alignedvq_config(path_or_id, kwargs: dict, config_class=None):
+    """The config (``config_class``, default `AlignedVQConfig`) of a saved AlignedVQ checkpoint of that family; a
+    plain checkpoint, or one of another family, is refused with the way to convert it."""
+    if config_class is None:
+        from ..models.llava_alignedvq.configuration_alignedvq import AlignedVQConfig as config_class
 
-    values, _ = AlignedVQConfig.get_config_dict(path_or_id, **hub_kwargs_from(kwargs))
+    values, _ = config_class.get_config_dict(path_or_id, **hub_kwargs_from(kwargs))
     model_type = values.get("model_type")
-    if model_type != AlignedVQConfig.model_type:
+    if model_type != config_class.model_type:
+        convert = (f"LlavaAlignedVQForConditionalGeneration.from_llava({str(path_or_id)!r}, split_layer=..., "
+                   "codebook_size=...)" if config_class.model_type == "llava_alignedvq" else
+                   f"transformers_alignedvq.from_vlm({str(path_or_id)!r}, split_layer=..., codebook_size=...)")
         raise CheckpointMismatchError(
-            f"{path_or_id} is a {model_type!r} checkpoint, not an AlignedVQ one. Convert it with "
-            f"LlavaAlignedVQForConditionalGeneration.from_llava({str(path_or_id)!r}, split_layer=..., "
-            "codebook_size=...), then init_codebook and finetune."
+            f"{path_or_id} is a {model_type!r} checkpoint, not an AlignedVQ one of type {config_class.model_type!r}. "
+            f"Convert it with {convert}, then init_codebook and finetune."
         )
-    return AlignedVQConfig.from_dict(values)
+    return config_class.from_dict(values)
 
 
 def load_full_checkpoint(load, path_or_id, config, *model_args, **kwargs):
@@ -259,12 +267,17 @@ def maybe_load_ptq(model, path_or_id, kwargs: dict) -> None:
 
 
 def load_llava(path_or_id, **load_kwargs):
-    """A plain `LlavaForConditionalGeneration` to convert. Its safetensors files are checked as ours are, and
-    a checkpoint that leaves weights uninitialised is refused."""
+    """A plain `LlavaForConditionalGeneration` to convert (`load_base`)."""
     from transformers import LlavaForConditionalGeneration
 
+    return load_base(LlavaForConditionalGeneration, path_or_id, **load_kwargs)
+
+
+def load_base(model_class, path_or_id, **load_kwargs):
+    """A plain ``model_class`` (the family's Transformers class) to convert. Its safetensors files are checked as
+    ours are, and a checkpoint that leaves weights uninitialised is refused."""
     check_weight_files(path_or_id, hub_kwargs_from(load_kwargs))
-    model, info = LlavaForConditionalGeneration.from_pretrained(path_or_id, output_loading_info=True, **load_kwargs)
+    model, info = model_class.from_pretrained(path_or_id, output_loading_info=True, **load_kwargs)
     check_loading_info({"missing_keys": info.get("missing_keys", ())}, source=str(path_or_id))
     return model
 
@@ -275,6 +288,7 @@ __all__ = [
     "check_complete_load",
     "check_loading_info",
     "load_adapter_checkpoint",
+    "load_base",
     "load_from_state_dict",
     "load_full_checkpoint",
     "load_llava",

@@ -1,9 +1,11 @@
-"""Checkpoint reading and writing for the AlignedVQ model classes, kept beside the model folder.
+"""Checkpoint reading and writing for the AlignedVQ model classes, kept beside the model folders.
 
-`AlignedVQCheckpointMixin` is a base of `LlavaAlignedVQForConditionalGeneration` when this package is installed:
-strict loading of our own checkpoints (`loading.py`), the adapter-only kind, the edge files and model card written
-with every save, the Trainer's resume, and the two deployment helpers (`codebook_fingerprint`, `edge_encoder`).
-The model folder (`models/llava_alignedvq/`) ships as remote code without it; there the stock methods run.
+`CheckpointMixin` is what every family gets when this package is installed: strict loading of our own
+checkpoints (`loading.py`), the adapter-only kind, the edge files and model card written with every save, the
+Trainer's resume, and `codebook_fingerprint`. `AlignedVQCheckpointMixin` adds LLaVA's conversion and its
+`edge_encoder` and is a base of `LlavaAlignedVQForConditionalGeneration`; `FamilyCheckpointMixin` is the base of the
+other families' classes (through `models/tiled_alignedvq.py`). The model folders ship as remote code without this
+package; there the stock methods run.
 """
 
 from __future__ import annotations
@@ -11,15 +13,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from transformers import LlavaForConditionalGeneration
+from transformers import PreTrainedModel
 
-from ..models.llava_alignedvq.configuration_alignedvq import AlignedVQConfig
 from ..preprocess import ImagePreprocessing
 from ..wire import codebook_fingerprint
 from .cards import hub_reference, write_model_card
 from .loading import (
     check_complete_load,
     load_adapter_checkpoint,
+    load_base,
     load_from_state_dict,
     load_full_checkpoint,
     load_llava,
@@ -29,30 +31,32 @@ from .loading import (
 from .saving import save_checkpoint
 
 
-class AlignedVQCheckpointMixin:
-    """Loading and saving of our checkpoints, and the deployment helpers, for the model class (first base)."""
-
-    @classmethod
-    def _load_llava(cls, path: str | os.PathLike, **load_kwargs) -> LlavaForConditionalGeneration:
-        """`from_llava`'s loader for a path or Hub id: checked as strictly as our own checkpoints."""
-        return load_llava(path, **load_kwargs)
+class CheckpointMixin:
+    """Loading and saving of our checkpoints for a model class (first base); the class's ``config_class`` says
+    which family's checkpoints it reads, and ``_convert_base`` how an adapter-only checkpoint's base is converted."""
 
     @staticmethod
     def _base_reference(path: str | os.PathLike, revision: str | None) -> tuple[str, str | None]:
-        """What `from_llava` records as the base: the Hub id and commit of a Hub id or Hub-cache folder."""
+        """What the conversion records as the base: the Hub id and commit of a Hub id or Hub-cache folder."""
         repo_id, commit = hub_reference(path)
         return repo_id or str(path), commit or revision
+
+    @classmethod
+    def _convert_base(cls, base, *, load_kwargs: dict, **options):
+        """The model an adapter-only checkpoint's base becomes with ``options`` (the subclasses' conversion)."""
+        raise NotImplementedError(f"{cls.__name__} does not say how to convert an adapter-only checkpoint's base")
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
         """Load a full or an adapter-only AlignedVQ checkpoint (see `loading.py`), strictly: a missing, unexpected,
         mis-shaped or mis-typed tensor, or a truncated weights file, raises `hub.CheckpointMismatchError`.
-        A plain LLaVA checkpoint is refused with a pointer to `from_llava`."""
+        A plain checkpoint is refused with a pointer to the conversion (`from_llava`, `from_vlm`)."""
         config = kwargs.pop("config", None)
         if pretrained_model_name_or_path is None:  # weights given as `state_dict`, as Transformers allows
-            return load_from_state_dict(super().from_pretrained, config, *model_args, **kwargs)
-        if not isinstance(config, AlignedVQConfig):
-            config = read_alignedvq_config(pretrained_model_name_or_path, kwargs)
+            return load_from_state_dict(super().from_pretrained, config, *model_args, config_class=cls.config_class,
+                                        **kwargs)
+        if not isinstance(config, cls.config_class):
+            config = read_alignedvq_config(pretrained_model_name_or_path, kwargs, cls.config_class)
         if config.checkpoint_kind == "adapter":
             return load_adapter_checkpoint(cls, pretrained_model_name_or_path, config, **kwargs)
         parent = super().from_pretrained
@@ -87,7 +91,7 @@ class AlignedVQCheckpointMixin:
             merge_lora=merge_lora,
             include_ema_state=include_ema_state,
             eval_results=eval_results,
-            save_function=LlavaForConditionalGeneration.save_pretrained,
+            save_function=PreTrainedModel.save_pretrained,
             **kwargs,
         )
 
@@ -111,6 +115,19 @@ class AlignedVQCheckpointMixin:
         codebook refuses the frame instead of decoding garbage."""
         return codebook_fingerprint(self.model.alignedvq.quantizer.codebook)
 
+
+class AlignedVQCheckpointMixin(CheckpointMixin):
+    """`CheckpointMixin` for LLaVA-1.5: conversion with `from_llava`, and the LLaVA edge (`edge_encoder`)."""
+
+    @classmethod
+    def _load_llava(cls, path: str | os.PathLike, **load_kwargs):
+        """`from_llava`'s loader for a path or Hub id: checked as strictly as our own checkpoints."""
+        return load_llava(path, **load_kwargs)
+
+    @classmethod
+    def _convert_base(cls, base, *, load_kwargs: dict, **options):
+        return cls.from_llava(base, load_kwargs=load_kwargs, **options)
+
     def edge_encoder(self, image_processor=None):
         """A standalone module with only what the edge needs; see `AlignedVQEdgeEncoder`. Pass the model's
         image processor to record its exact preprocessing (default: the vision tower family's standard one)."""
@@ -124,4 +141,18 @@ class AlignedVQCheckpointMixin:
         return AlignedVQEdgeEncoder.from_model(self, preprocessing)
 
 
-__all__ = ["AlignedVQCheckpointMixin"]
+class FamilyCheckpointMixin(CheckpointMixin):
+    """`CheckpointMixin` for the families converted by ``from_base`` (LLaVA-NeXT, LLaVA-OneVision, Qwen2.5-VL)."""
+
+    @classmethod
+    def _load_base(cls, path: str | os.PathLike, **load_kwargs):
+        """``from_base``'s loader for a path or Hub id of the family's Transformers class, checked as strictly as
+        our own checkpoints."""
+        return load_base(cls.parent_class, path, **load_kwargs)
+
+    @classmethod
+    def _convert_base(cls, base, *, load_kwargs: dict, **options):
+        return cls.from_base(base, load_kwargs=load_kwargs, **options)
+
+
+__all__ = ["AlignedVQCheckpointMixin", "CheckpointMixin", "FamilyCheckpointMixin"]

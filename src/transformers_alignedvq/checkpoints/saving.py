@@ -7,14 +7,16 @@ format) and in the weights file (where the `Trainer` resumes from), and the EMA 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from ..export.edge_export import write_checkpoint_edge
+from ..export.edge_export import CHECKPOINT_EDGE_MODES, write_checkpoint_edge
 from ..lora import has_lora, merge_lora_, save_lora
 from ..ptq import is_quantized, save_ptq
 from .cards import write_model_card
@@ -25,7 +27,9 @@ from .files import (
     AUTO_MAP,
     LORA_SUBFOLDER,
     MODEL_FOLDER,
+    REMOTE_CODE,
     REMOTE_CODE_FILES,
+    flat_source,
     weight_files,
 )
 
@@ -48,10 +52,67 @@ def _base_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def write_remote_code(directory: Path, config) -> None:
-    """Copy the modeling sources next to the weights and point `auto_map` at them."""
-    for name in REMOTE_CODE_FILES:
-        shutil.copyfile(MODEL_FOLDER / name, directory / name)
-    config.auto_map = dict(AUTO_MAP)
+    """Copy the modeling sources next to the weights and point `auto_map` at them. LLaVA's folder is copied as
+    it is; another family's is flattened with the modules it shares (`files.RemoteCode`)."""
+    if config.model_type == "llava_alignedvq":
+        for name in REMOTE_CODE_FILES:
+            shutil.copyfile(MODEL_FOLDER / name, directory / name)
+        config.auto_map = dict(AUTO_MAP)
+        return
+    code = REMOTE_CODE[config.model_type]
+    for name, source in code.sources().items():
+        (directory / name).write_text(flat_source(source))
+    config.auto_map = code.auto_map()
+
+
+def _family(model) -> str:
+    return getattr(getattr(model.model, "adapter", None), "name", "llava")
+
+
+def check_edge_mode(model, mode: bool | str, calibration_images=None) -> str:
+    """``mode`` as the name `write_edge` uses for a family other than LLaVA (whose edge export checks its own);
+    `ValueError` before anything is written for a mode the family's edge has not."""
+    mode = "onnx" if mode is True else mode
+    if mode not in CHECKPOINT_EDGE_MODES:
+        raise ValueError(f"save_edge={mode!r} must be True, False or one of {CHECKPOINT_EDGE_MODES}")
+    if mode == "int8" and calibration_images is None:
+        raise ValueError("save_edge='int8' needs edge_calibration_images (real images the edge will see)")
+    if _family(model) == "qwen2_5_vl" and mode != "onnx":
+        raise ValueError(f"save_edge={mode!r}: the Qwen2.5-VL edge is written as fp32 ONNX only (save_edge=True)")
+    return mode
+
+
+def write_edge(model, directory: Path, mode: bool | str = True, *, calibration_images=None) -> None:
+    """The edge files of ``model``'s family beside its weights (``mode`` as for
+    `edge_export.write_checkpoint_edge`): LLaVA's edge; the tiled families' per-tile edge (`export_tiled_edge`:
+    ``edge_config.json`` with the tiling, ``edge_model.safetensors`` and, but for ``"safetensors"``,
+    ``edge_model.onnx``); Qwen2.5-VL's windowed ONNX edge (`export_qwen_edge`: ``qwen_edge.onnx`` and
+    ``qwen_edge.json``), which has no PyTorch form and no int8 front."""
+    family = _family(model)
+    if family == "llava":
+        write_checkpoint_edge(model, directory, mode, calibration_images=calibration_images)
+        return
+    mode = check_edge_mode(model, mode, calibration_images)
+    if family != "qwen2_5_vl":
+        from ..export.tiled_edge import export_tiled_edge
+
+        export_tiled_edge(model, directory, format="safetensors")
+        if mode == "safetensors":
+            return
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if missing:
+        message = (f"{' and '.join(missing)} not installed (pip install \"transformers-alignedvq[export]\"): "
+                   f"{directory} gets no ONNX edge, so a device without PyTorch cannot run it")
+        if mode == "int8":
+            raise ImportError(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+        return
+    if family == "qwen2_5_vl":
+        from ..export.qwen_edge_onnx import export_qwen_edge
+
+        export_qwen_edge(model, directory)
+    else:
+        export_tiled_edge(model, directory, format="onnx", int8=mode == "int8", calibration_images=calibration_images)
 
 
 def save_checkpoint(
@@ -88,6 +149,8 @@ def save_checkpoint(
     if quantized and kind != "full":
         raise ValueError("A quantized model (transformers_alignedvq.ptq) saves as a full checkpoint only.")
 
+    if save_edge and _family(model) != "llava":
+        check_edge_mode(model, save_edge, edge_calibration_images)
     if include_ema_state is None:
         include_ema_state = kind == "full"
     original_kind = config.checkpoint_kind
@@ -114,7 +177,7 @@ def save_checkpoint(
             if not config.base_model_name_or_path:
                 raise ValueError(
                     "An adapter-only checkpoint must name its base: set model.config.base_model_name_or_path "
-                    "(and base_model_revision) to the LLaVA checkpoint it applies to."
+                    "(and base_model_revision) to the base checkpoint it applies to."
                 )
             save_file(
                 alignedvq_state_dict(model, include_ema_state=include_ema_state),
@@ -127,7 +190,7 @@ def save_checkpoint(
         if lora:
             save_lora(model, directory / LORA_SUBFOLDER)
         if save_edge:
-            write_checkpoint_edge(model, directory, save_edge, calibration_images=edge_calibration_images)
+            write_edge(model, directory, save_edge, calibration_images=edge_calibration_images)
         write_model_card(model, directory, kind=kind, eval_results=eval_results)
     finally:
         config.checkpoint_kind = original_kind
@@ -136,6 +199,8 @@ def save_checkpoint(
 
 __all__ = [
     "alignedvq_state_dict",
+    "check_edge_mode",
     "save_checkpoint",
+    "write_edge",
     "write_remote_code",
 ]

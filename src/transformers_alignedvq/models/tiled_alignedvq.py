@@ -22,7 +22,6 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..preprocess_tiles import cap_pinpoints  # torch-free: the edge caps its tiling alike
 from .family import FamilyAdapter, FrameGeometry
 from .llava_alignedvq.alignedvq_layer import AlignedVQLayerOutput
 from .llava_alignedvq.modeling_alignedvq import (
@@ -33,6 +32,20 @@ from .llava_alignedvq.modeling_alignedvq import (
     build_alignedvq_layer,
 )
 from .llava_alignedvq.split import check_pixel_values, edge_hidden_states, recorded_attentions
+
+try:  # the package's strict checkpoints (both kinds, edge files, cards); `checkpoints/mixin.py`
+    from transformers_alignedvq.checkpoints.mixin import FamilyCheckpointMixin as _CheckpointMixin
+except ModuleNotFoundError as missing:  # remote code without the package: Transformers' own loading and saving
+    if missing.name != "transformers_alignedvq":
+        raise
+    from .llava_alignedvq.modeling_alignedvq import _CheckpointMixin as _StockCheckpoints
+
+    class _CheckpointMixin(_StockCheckpoints):
+        """The LLaVA folder's refusals (adapter-only kind, unmerged LoRA) and ``from_base``'s plain loader."""
+
+        @classmethod
+        def _load_base(cls, path, **load_kwargs):
+            return cls.parent_class.from_pretrained(path, **load_kwargs)
 
 # The forward arguments that shape an image's features, passed on when it is decoded from indices.
 IMAGE_ARGUMENTS = ("image_sizes", "vision_feature_layer", "vision_feature_select_strategy", "vision_aspect_ratio",
@@ -184,9 +197,10 @@ class TiledAlignedVQModelMixin:
         return AlignedVQLayerOutput(self.alignedvq.decode(indices, dtype=self.vision_tower.dtype), indices)
 
 
-class TiledAlignedVQGenerationMixin:
+class TiledAlignedVQGenerationMixin(_CheckpointMixin):
     """Conversion, codebook initialisation and the edge/cloud entry points for the family's conditional
-    generation class; the family's ``forward`` (with its parent's signature) calls `_split_forward`."""
+    generation class; the family's ``forward`` (with its parent's signature) calls `_split_forward`. Checkpoints
+    (strict loading, the adapter-only kind, edge files, card) come from the package's `FamilyCheckpointMixin`."""
 
     parent_class: ClassVar[type]
     output_class: ClassVar[type]
@@ -209,8 +223,8 @@ class TiledAlignedVQGenerationMixin:
         loaded with `load_kwargs`). Returns the model in the mode the base was in; the codebook is random."""
         reference = None
         if isinstance(base, (str, os.PathLike)):
-            reference = str(base), (load_kwargs or {}).get("revision")
-            base = cls.parent_class.from_pretrained(base, **(load_kwargs or {}))
+            reference = cls._base_reference(base, (load_kwargs or {}).get("revision"))
+            base = cls._load_base(base, **(load_kwargs or {}))
         if not isinstance(base, cls.parent_class) or hasattr(base.model, "alignedvq"):
             raise TypeError(f"{cls.__name__} converts a {cls.parent_class.__name__} or a path, got "
                             f"{type(base).__name__}.")
@@ -351,7 +365,6 @@ def tile_modules(model: nn.Module, config) -> None:
 __all__ = [
     "TiledAlignedVQGenerationMixin",
     "TiledAlignedVQModelMixin",
-    "cap_pinpoints",
     "select_hidden_states",
     "tile_modules",
     "vision_output_request",

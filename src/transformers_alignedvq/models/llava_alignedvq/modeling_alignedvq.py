@@ -421,17 +421,18 @@ except ModuleNotFoundError as missing:  # remote code without the package: Trans
 
     class _CheckpointMixin:
         """What `from_llava` needs when the package (strict checkpoints, the edge files, cards) is absent, and a
-        clear refusal of the adapter-only kind, which only the package can compose with its base."""
+        clear refusal of the adapter-only kind, which only the package can compose with its base. The other
+        families' classes, shipped with this file, use it too."""
 
         @classmethod
         def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
             config = kwargs.get("config")
             if config is None and pretrained_model_name_or_path is not None:
-                config = AlignedVQConfig.from_pretrained(pretrained_model_name_or_path)
+                config = cls.config_class.from_pretrained(pretrained_model_name_or_path)
             if getattr(config, "checkpoint_kind", "full") == "adapter":
                 raise OSError(
                     f"{pretrained_model_name_or_path} is an adapter-only AlignedVQ checkpoint (AlignedVQ weights and "
-                    "LoRA for a base LLaVA named in its config): `pip install transformers-alignedvq` to load it"
+                    "LoRA for a base model named in its config): `pip install transformers-alignedvq` to load it"
                 )
             if cached_file(pretrained_model_name_or_path, "lora/adapter_config.json",
                            _raise_exceptions_for_missing_entries=False) is not None:

@@ -49,10 +49,6 @@ class LlavaNextAlignedVQConfig(LlavaNextConfig):
         super().__post_init__(**kwargs)
         if self.codebook_dim is None:
             self.codebook_dim = self.vision_config.hidden_size
-        if self.checkpoint_kind != "full":
-            raise ValueError(
-                "LLaVA-NeXT AlignedVQ checkpoints are written in full only; checkpoint_kind must be 'full'."
-            )
         self.validate_alignedvq()
 
     @property

@@ -80,10 +80,6 @@ class Qwen2_5_VLAlignedVQConfig(Qwen2_5_VLConfig):
         super().__post_init__(**kwargs)
         if self.codebook_dim is None:
             self.codebook_dim = self.vision_config.hidden_size
-        if self.checkpoint_kind != "full":
-            raise ValueError(
-                "Qwen2.5-VL AlignedVQ checkpoints are written in full only; checkpoint_kind must be 'full'."
-            )
         self.validate_alignedvq()
 
     def validate_alignedvq(self) -> None:

@@ -46,9 +46,16 @@ from ..llava_alignedvq.modeling_alignedvq import (
     build_alignedvq_layer,
     with_parent_signature,
 )
+<<<<<<< HEAD
 from ..tiled_alignedvq import TiledAlignedVQGenerationMixin, select_hidden_states, vision_output_request
 from . import split_qwen2_5_vl
+=======
+from ..tiled_alignedvq import TiledAlignedVQGenerationMixin
+>>>>>>> issue24k
 from .configuration_qwen2_5_vl_alignedvq import Qwen2_5_VLAlignedVQConfig, check_local_site
+from .split_qwen2_5_vl import cloud_forward as split_cloud_forward
+from .split_qwen2_5_vl import edge_forward as split_edge_forward
+from .split_qwen2_5_vl import merge as split_merge
 
 try:  # the output class of the parent's forward: a shared multimodal one from Transformers 5.2x on
     from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast as _ParentOutput
@@ -86,14 +93,14 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
         """Processor-order patches ``(num_patches, patch_dim)`` -> raster-order site features
         ``(num_patches, hidden)``; `ValueError` for a site that is not window-local."""
         check_local_site(tower.config, split_layer, site)
-        return split_qwen2_5_vl.edge_forward(tower, pixel_values, grid_thw, split_layer, site)
+        return split_edge_forward(tower, pixel_values, grid_thw, split_layer, site)
 
     @staticmethod
     def cloud(tower: nn.Module, site_features: torch.Tensor, split_layer: int, site: str, wanted: list[int], *,
               grid_thw: torch.Tensor) -> dict[int, torch.Tensor]:
         """Raster-order recovered features -> ``{hidden_state_index: (num_patches, hidden)}`` (raster order)."""
         check_local_site(tower.config, split_layer, site)
-        return split_qwen2_5_vl.cloud_forward(tower, site_features, grid_thw, split_layer, site, wanted)
+        return split_cloud_forward(tower, site_features, grid_thw, split_layer, site, wanted)
 
     @classmethod
     def geometry(cls, config, image_grid_thw, batch_num_images: Sequence[int] | None = None) -> FrameGeometry:
@@ -244,6 +251,7 @@ class Qwen2_5_VLAlignedVQModel(Qwen2_5_VLModel):
         geometry = self.frame_geometry(image_grid_thw)
         grid = self._grid(geometry)
         depth = config.vision_config.depth
+<<<<<<< HEAD
         first = split_qwen2_5_vl.cloud_start(config.split_layer, config.split_site)
         wanted = list(range(first, depth + 1)) if want_hidden is not None else [depth]
         with split_qwen2_5_vl.recorded_attentions(self.visual, grid, enabled=want_attentions) as attentions:
@@ -252,6 +260,11 @@ class Qwen2_5_VLAlignedVQModel(Qwen2_5_VLModel):
                                        grid_thw=grid)
         hidden = cloud[depth]
         merged = split_qwen2_5_vl.merge(self.visual, hidden, grid)
+=======
+        hidden = self.adapter.cloud(self.visual, vq.features, config.split_layer, config.split_site, [depth],
+                                    grid_thw=grid)[depth]
+        merged = split_merge(self.visual, hidden, grid)
+>>>>>>> issue24k
         sizes = [t * h * w // config.vision_config.spatial_merge_size**2 for t, h, w in geometry.image_patch_grids]
         output = AlignedVQImageOutput(
             last_hidden_state=hidden,
@@ -325,8 +338,8 @@ class Qwen2_5_VLAlignedVQForConditionalGeneration(TiledAlignedVQGenerationMixin,
     def from_base(cls, base, *, load_kwargs: dict | None = None, **vq_options):
         reference = None
         if isinstance(base, (str, os.PathLike)):
-            reference = str(base), (load_kwargs or {}).get("revision")
-            base = cls.parent_class.from_pretrained(base, **(load_kwargs or {}))
+            reference = cls._base_reference(base, (load_kwargs or {}).get("revision"))
+            base = cls._load_base(base, **(load_kwargs or {}))
         if not isinstance(base, cls.parent_class) or hasattr(base.model, "alignedvq"):
             raise TypeError(f"{cls.__name__} converts a {cls.parent_class.__name__} or a path, got "
                             f"{type(base).__name__}.")
