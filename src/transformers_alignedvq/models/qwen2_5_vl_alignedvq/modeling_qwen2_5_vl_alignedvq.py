@@ -46,14 +46,10 @@ from ..llava_alignedvq.modeling_alignedvq import (
     build_alignedvq_layer,
     with_parent_signature,
 )
-<<<<<<< HEAD
 from ..tiled_alignedvq import TiledAlignedVQGenerationMixin, select_hidden_states, vision_output_request
-from . import split_qwen2_5_vl
-=======
-from ..tiled_alignedvq import TiledAlignedVQGenerationMixin
->>>>>>> issue24k
 from .configuration_qwen2_5_vl_alignedvq import Qwen2_5_VLAlignedVQConfig, check_local_site
 from .split_qwen2_5_vl import cloud_forward as split_cloud_forward
+from .split_qwen2_5_vl import cloud_start, edge_hidden_states, recorded_attentions
 from .split_qwen2_5_vl import edge_forward as split_edge_forward
 from .split_qwen2_5_vl import merge as split_merge
 
@@ -251,20 +247,14 @@ class Qwen2_5_VLAlignedVQModel(Qwen2_5_VLModel):
         geometry = self.frame_geometry(image_grid_thw)
         grid = self._grid(geometry)
         depth = config.vision_config.depth
-<<<<<<< HEAD
-        first = split_qwen2_5_vl.cloud_start(config.split_layer, config.split_site)
+        first = cloud_start(config.split_layer, config.split_site)
         wanted = list(range(first, depth + 1)) if want_hidden is not None else [depth]
-        with split_qwen2_5_vl.recorded_attentions(self.visual, grid, enabled=want_attentions) as attentions:
+        with recorded_attentions(self.visual, grid, enabled=want_attentions) as attentions:
             vq = self._site_features(pixel_values, image_indices, geometry)
             cloud = self.adapter.cloud(self.visual, vq.features, config.split_layer, config.split_site, wanted,
                                        grid_thw=grid)
         hidden = cloud[depth]
-        merged = split_qwen2_5_vl.merge(self.visual, hidden, grid)
-=======
-        hidden = self.adapter.cloud(self.visual, vq.features, config.split_layer, config.split_site, [depth],
-                                    grid_thw=grid)[depth]
         merged = split_merge(self.visual, hidden, grid)
->>>>>>> issue24k
         sizes = [t * h * w // config.vision_config.spatial_merge_size**2 for t, h, w in geometry.image_patch_grids]
         output = AlignedVQImageOutput(
             last_hidden_state=hidden,
@@ -281,12 +271,12 @@ class Qwen2_5_VLAlignedVQModel(Qwen2_5_VLModel):
 
     def _tower_hidden_states(self, pixel_values, grid, cloud: dict, request) -> tuple:
         """Hidden states ``0 .. depth`` in raster order: the edge's (``None`` from indices), then the cloud's."""
-        first = split_qwen2_5_vl.cloud_start(self.config.split_layer, self.config.split_site)
+        first = cloud_start(self.config.split_layer, self.config.split_site)
         if pixel_values is None:
             edge = [None] * first
         else:
             pixels = pixel_values.to(self.visual.device, self.visual.dtype)
-            edge = split_qwen2_5_vl.edge_hidden_states(self.visual, pixels, grid, first)
+            edge = edge_hidden_states(self.visual, pixels, grid, first)
         return select_hidden_states(edge + [cloud[index] for index in sorted(cloud)], request)
 
     def _site_features(self, pixel_values, image_indices, geometry: FrameGeometry) -> AlignedVQLayerOutput:
