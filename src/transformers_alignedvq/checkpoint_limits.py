@@ -90,7 +90,8 @@ def _codebook(shapes: dict[str, list[int]], config: dict, where: str, name: str)
              config.get("codebook_dim", 0) // max(1, groups)], shape)
 
 
-def _vision(shapes: dict[str, list[int]], vision: dict, prefix: str, where: str, *, all_layers: bool) -> None:
+def _vision(shapes: dict[str, list[int]], vision: dict, prefix: str, where: str, *, all_layers: bool,
+            feature_layer: Any = None) -> None:
     _bounded(vision, f"{where} vision_config")
     position = shapes.get(f"{prefix}embeddings.position_embedding.weight")
     if position is not None and vision.get("image_size") and vision.get("patch_size"):
@@ -98,7 +99,18 @@ def _vision(shapes: dict[str, list[int]], vision: dict, prefix: str, where: str,
         tokens = (vision["image_size"] // max(1, vision["patch_size"])) ** 2 + cls
         _expect(where, "(image tokens, vision hidden_size)", [tokens, vision.get("hidden_size")], position)
     if all_layers:
-        _expect(where, "vision num_hidden_layers", vision.get("num_hidden_layers"), _layers(shapes, prefix))
+        held, count = _layers(shapes, prefix), vision.get("num_hidden_layers")
+        if held not in (count, _feature_layers(count, feature_layer)):
+            _expect(where, "vision num_hidden_layers", count, held)
+
+
+def _feature_layers(count: Any, feature_layer: Any) -> Any:
+    """Blocks up to the deepest one the projector reads (``vision_feature_layer``): what a LLaVA saved by
+    Transformers releases that drop the unused last blocks holds. ``None`` where that cannot be told."""
+    layers = feature_layer if isinstance(feature_layer, list) else [feature_layer]
+    if not isinstance(count, int) or not layers or not all(isinstance(v, int) for v in layers):
+        return None
+    return max(v + 1 if v >= 0 else count + v + 1 for v in layers)
 
 
 def check_model_folder(folder: str | os.PathLike) -> None:
@@ -128,7 +140,8 @@ def check_model_folder(folder: str | os.PathLike) -> None:
         _bounded(vision, f"{where} vision_config")
         _expect(where, "vision depth", vision.get("depth"), _layers(shapes, "model.visual.", _BLOCK))
     elif isinstance(config.get("vision_config"), dict):
-        _vision(shapes, config["vision_config"], vision_prefix, where, all_layers=True)
+        _vision(shapes, config["vision_config"], vision_prefix, where, all_layers=True,
+                feature_layer=config.get("vision_feature_layer", -2))
     text = config.get("text_config")
     if isinstance(text, dict):
         _bounded(text, f"{where} text_config")
