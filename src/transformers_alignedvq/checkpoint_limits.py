@@ -140,8 +140,10 @@ def check_model_folder(folder: str | os.PathLike) -> None:
         _bounded(vision, f"{where} vision_config")
         _expect(where, "vision depth", vision.get("depth"), _layers(shapes, "model.visual.", _BLOCK))
     elif isinstance(config.get("vision_config"), dict):
+        # a stock LLaVA (no codebook) is saved without the blocks after its feature layer; ours keep every block
+        stock = "codebook_size" not in config
         _vision(shapes, config["vision_config"], vision_prefix, where, all_layers=True,
-                feature_layer=config.get("vision_feature_layer", -2))
+                feature_layer=config.get("vision_feature_layer", -2) if stock else None)
     text = config.get("text_config")
     if isinstance(text, dict):
         _bounded(text, f"{where} text_config")
