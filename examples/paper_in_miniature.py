@@ -56,7 +56,11 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainingA
 import transformers_alignedvq  # noqa: E402,F401
 from transformers_alignedvq import LlavaAlignedVQForConditionalGeneration  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
-from transformers_alignedvq.models.llava_alignedvq.split import SPLIT_SITES, edge_forward  # noqa: E402
+from transformers_alignedvq.models.llava_alignedvq.split import (  # noqa: E402
+    SPLIT_SITES,
+    edge_forward,
+    edge_hidden_states,
+)
 from transformers_alignedvq.training import AlignedVQTrainer  # noqa: E402
 from transformers_alignedvq.training.data import VQACollator, load_easy_vqa  # noqa: E402
 from transformers_alignedvq.training.finetune import main as finetune  # noqa: E402
@@ -288,14 +292,35 @@ class Runner:
                 argv += [flag, str(value)]
         return argv
 
+    def _test_pixels(self, images: int) -> torch.Tensor:
+        """Pixels of ``images`` distinct test images (every tenth question's) for the feature statistics."""
+        rows = self.test.select(range(min(images * 10, len(self.test))))
+        return self.processor.image_processor(
+            images=[r["image"].convert("RGB") for r in rows.select(range(0, len(rows), 10))], return_tensors="pt"
+        )["pixel_values"]
+
+    def block_input_statistics(self, name: str = "block_input_stats", images: int = 64):
+        """How much each token's mean and scale vary over the tokens at each block's input (base model): what the
+        mean-and-scale diagnostic can give back is at most what the LayerNorm took away."""
+        if not self.claim(name):
+            return
+        model = LlavaForConditionalGeneration.from_pretrained(self.args.base).eval()
+        tower = model.model.vision_tower
+        with torch.no_grad():
+            states = edge_hidden_states(tower, self._test_pixels(images), len(tower.encoder.layers) - 1)
+        result = {}
+        for block, x in enumerate(states):
+            mean, scale = x.mean(-1), x.std(-1, unbiased=False)
+            result[str(block)] = {"scale_cv": float(scale.std() / scale.mean()),
+                                  "mean_sd_over_scale": float(mean.std() / scale.mean())}
+        result["eval_split"] = "test"  # a statistic of the base's features; nothing is chosen on it
+        self.record(name, result)
+
     def feature_magnitudes(self, name: str = "figure4_magnitudes", images: int = 64):
         if not self.claim(name):
             return
         model = LlavaForConditionalGeneration.from_pretrained(self.args.base).eval()
-        rows = self.test.select(range(min(images * 10, len(self.test))))
-        pixel_values = self.processor.image_processor(
-            images=[r["image"].convert("RGB") for r in rows.select(range(0, len(rows), 10))], return_tensors="pt"
-        )["pixel_values"]
+        pixel_values = self._test_pixels(images)
         result = {}
         with torch.no_grad():
             for site in SPLIT_SITES:
@@ -349,6 +374,7 @@ def _experiments_at_seed(runner: Runner, args):
                      split_layer=args.headline_split_layer, split_site="mlp")
     # Where does the LN1 site lose? Figure 7's AlignedVQ again with the cloud given more than the indices: the
     # unquantized block input for the residual (not deployable), or each token's mean and scale (deployable).
+    runner.block_input_statistics()
     for layer in DIAGNOSTIC_BLOCKS:
         if layer < num_layers:
             for diagnostic in DIAGNOSTICS:

@@ -28,8 +28,9 @@ EARLIER_HEADING = "## Earlier results, not regenerated"
 class Results:
     """The runs of one `paper_in_miniature.py` folder, by experiment name and seed (``None``: no seed)."""
 
-    def __init__(self, results: dict[str, dict]):
+    def __init__(self, results: dict[str, dict], expected_seeds: int = 1):
         self.raw = results
+        self.expected_seeds = expected_seeds  # cells with fewer say how many they have
         self.by_name: dict[str, dict[int | None, dict]] = {}
         for stem, result in results.items():
             match = re.fullmatch(r"(.+)_s(\d+)", stem)
@@ -59,7 +60,10 @@ class Results:
         if None in self.seeds(name):  # no seed: a baseline, which involves no training
             return f"{values[0]:.2f}"
         mean, sd = mean_sd(values)
-        return f"{mean:.2f} (1 seed)" if sd is None else f"{mean:.2f} ± {sd:.2f}"
+        if sd is None:
+            return f"{mean:.2f} (1 seed)"
+        short = f" ({len(values)} seeds)" if len(values) < self.expected_seeds else ""
+        return f"{mean:.2f} ± {sd:.2f}{short}"
 
     def paired(self, name_a: str, name_b: str, split: str = "validation") -> list[tuple[int | None, object]]:
         """McNemar's test of A against B per seed on the same ``split`` questions (``None`` where a seed's pair
@@ -166,17 +170,22 @@ def _diagnostic(results: Results, base: float | None) -> list[str]:
     blocks = sorted({int(n.split("_")[1][1:]) for n in results.by_name if n.startswith("diag_L")})
     if not blocks or base is None:
         return []
+    stats = results.get("block_input_stats", {})
     lines = ["## Where the LayerNorm site loses: the block-input diagnostic", "", *DIAGNOSTIC_TEXT, "",
-             "| split block | " + " | ".join(label for _, label in DIAGNOSTIC_VARIANTS) + " | LLaVA |",
-             "|---|---|---|---|---|"]
+             "| split block | " + " | ".join(label for _, label in DIAGNOSTIC_VARIANTS) + " | LLaVA | spread of the "
+             "tokens' scale at the block input (CV, base model) |", "|---|---|---|---|---|---|"]
     for block in blocks:
+        spread = stats.get(str(block), {}).get("scale_cv")
         lines.append(f"| {block} | " + " | ".join(results.cell(n.format(block)) for n, _ in DIAGNOSTIC_VARIANTS)
-                     + f" | {base:.2f} |")
-    sizes = [results.get(n.format(blocks[0])) for n, _ in DIAGNOSTIC_VARIANTS]
-    lines += ["", "Bytes per image: " + ", ".join(f"{label.split()[0]} {_bytes(r)}" for (_, label), r
-                                                  in zip(DIAGNOSTIC_VARIANTS, sizes)) + " ((b) would add the whole "
-              "block input, unquantized). Share of the gap between (a) and the base that (b) and (c) close (from "
-              "the means), and each seed's paired difference to (a) (p: McNemar mid-p):", "",
+                     + f" | {base:.2f} | " + ("—" if spread is None else f"{spread:.3f}") + " |")
+    plain, scaled = (results.get(n.format(blocks[0])) for n in (DIAGNOSTIC_VARIANTS[0][0], DIAGNOSTIC_VARIANTS[2][0]))
+    side = (scaled or {}).get("side_bytes_per_image")
+    lines += ["", f"Bytes per image on the wire: (a) {_bytes(plain)}, (c) {_bytes(scaled)}"
+              + (f" ({side} of them the means and scales)" if side else "") + "; (b) would send the whole block "
+              "input as well. The last column is the coefficient of variation over tokens of each token's standard "
+              "deviation at the block's input (64 test images): how much per-token scale there is to restore. "
+              "Below, the share of the gap between (a) and the base that (b) and (c) close (from the means), and "
+              "each seed's paired difference to (a) on the same questions (p: McNemar mid-p):", "",
               "| split block | (b) closes | (b) vs (a) per seed | verdict | (c) closes | (c) vs (a) per seed | verdict |",
               "|---|---|---|---|---|---|---|"]
     shares = {}
@@ -192,7 +201,7 @@ def _diagnostic(results: Results, base: float | None) -> list[str]:
             text, decided = compared(results, name, names[0])
             cells += [f"{100 * share:.0f}%", text.split("per seed ")[1], decided]
         lines.append(f"| {block} | " + " | ".join(cells) + " |")
-    return lines + [""] + _account(shares) + [""]
+    return lines + [""] + _account(shares, stats) + [""]
 
 
 DIAGNOSTIC_TEXT = [
@@ -205,13 +214,14 @@ DIAGNOSTIC_TEXT = [
     "(`examples/residual_diagnostics.py`): (b) the block input `x` itself, `h = x + attn(z)`, which restores "
     "both (not deployable: `x` would have to be sent too); (c) each token's mean and scale of `x`, two fp16 "
     "numbers per token sent beside the indices, from which the cloud undoes the LayerNorm, "
-    "`x_hat = (z - beta) / gamma * scale + mean`, `h = x_hat + attn(z)`: the normalization comes back, the "
-    "codeword error still enters the stream. What (c) closes is the share of the loss due to the lost "
-    "normalization; what (b) closes beyond it is the codeword error in the residual stream.",
+    "`x_hat = (z - beta) / gamma * scale + mean`, `h = x_hat + attn(z)`: the normalization (and `ln1`'s "
+    "per-channel gain and bias) comes back, the codeword error still enters the stream. What (c) closes is the "
+    "share of the loss due to the lost normalization; what (b) closes beyond it is the codeword error in the "
+    "residual stream.",
 ]
 
 
-def _account(shares: dict) -> list[str]:
+def _account(shares: dict, stats: dict) -> list[str]:
     """The reading of the diagnostic table, decided by the shares it closes (half the gap or more: "most")."""
     out = []
     for block in sorted({b for b, _ in shares}):
@@ -219,11 +229,16 @@ def _account(shares: dict) -> list[str]:
         if kept is None or scaled is None:
             continue
         if kept >= 0.5 and scaled < 0.5:
-            cause = "the codeword error entering the residual stream, not the lost normalization"
+            cause = "mostly the codeword error entering the residual stream, not the lost normalization"
         elif scaled >= 0.5:
             cause = "mostly the lost normalization: each token's mean and scale bring most of it back"
         else:
-            cause = "neither: keeping the block input closes less than half of it as well"
+            cause = "not explained by either: keeping the block input closes less than half of it as well"
+        spread = stats.get(str(block), {}).get("scale_cv")
+        if spread is not None and spread < 0.05:  # every token at (nearly) one scale: nothing per token to restore
+            cause += (f"; the tokens of this block's input all have nearly the same scale (CV {spread:.3f}), so "
+                      "what (c) gains here can come only from undoing `ln1`'s per-channel gain and bias, not from the "
+                      "per-token numbers")
         out.append(f"- Block {block}: (b) closes {100 * kept:.0f}% of the gap, (c) {100 * scaled:.0f}%; the loss "
                    f"here is {cause}.")
     return out
@@ -387,15 +402,16 @@ def _command(args) -> str:
     return " ".join(parts)
 
 
-def _header(results: Results, args) -> list[str]:
+def _header(results: Results, args, earlier: bool) -> list[str]:
     ablation = next((r for name, runs in results.by_name.items() for r in runs.values()
                      if name.startswith(("table1_", "fig7_", "diag_"))), {})
     split = ablation.get("eval_split", "validation")
     questions = _scores(results.get("base_raw", {}), "validation").get("eval_questions", args.ablation_eval)
     return [
         "# AlignedVQ in miniature: easy-VQA", "",
-        f"Generated by `{_command(args)}`; every number above the last section is read from that run's "
-        "`results/*.json`. The base model is the small LLaVA trained from scratch by "
+        f"Generated by `{_command(args)}`; every number is read from that run's `results/*.json`"
+        + (" except in the last section (earlier numbers, carried over until they are run again)" if earlier else "")
+        + ". The base model is the small LLaVA trained from scratch by "
         "`examples/train_base_easyvqa.py`. Accuracy is exact match after VQA-v2 normalisation (easy-VQA has one "
         "reference answer per question).", "",
         f"**Seeds.** Every finetune ran with seeds {', '.join(map(str, args.seeds))} (the finetune's `--seed`: "
@@ -426,12 +442,14 @@ def write_report(runs: Path, doc: Path, args) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = Results({p.stem: json.loads(p.read_text()) for p in sorted((runs / "results").glob("*.json"))})
+    results = Results({p.stem: json.loads(p.read_text()) for p in sorted((runs / "results").glob("*.json"))},
+                      expected_seeds=len(getattr(args, "seeds", [0])))
     figures = doc.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     base = results.mean("base_raw", "validation")
     layers = sorted({int(k.split("_")[1][1:]) for k in results.by_name if k.startswith("fig7_L")})
-    lines = _header(results, args) + _table23(results, args)
+    earlier = _earlier(doc)
+    lines = _header(results, args, bool(earlier)) + _table23(results, args)
     lines += _table1(results, results.cell("base_raw", "validation"))
     if layers:
         lines += _figure7(results, layers, base, figures, plt)
@@ -439,7 +457,7 @@ def write_report(runs: Path, doc: Path, args) -> None:
     lines += _diagnostic(results, base)
     lines += _agreement(results, layers)
     lines += _base_curve(Path(args.base), figures, plt)
-    lines += _earlier(doc)
+    lines += earlier
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines) + "\n")
     print(f"wrote {doc}")
