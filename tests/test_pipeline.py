@@ -31,12 +31,12 @@ def test_pipeline_smoke(tmp_path):
               "--calibration-images", "8", "--kmeans-iters", "2", "--ablation-calibration-images", "8",
               "--ablation-kmeans-iters", "2", "--batch-size", "8", "--threads", "1"]
     run(*common, "--only", "base_raw", "base_jpeg10", "alignedvq_headline", "table1_mlp", "table1_ln1",
-        "bits_K4096", "diag_L1", "figure4")
+        "bits_K4096", "diag_L1", "figure4", "block_input")
     results = {p.stem: json.loads(p.read_text()) for p in (runs / "results").glob("*.json")}
     # finetunes are stored per seed (here the default, 0); the baselines and Figure 4 have none
     assert set(results) == {"base_raw", "base_jpeg10", "alignedvq_headline_s0", "alignedvq_headline_mlp_s0",
                             "table1_mlp_s0", "table1_ln1_s0", "bits_K4096_s0", "diag_L1_residual_kept_s0",
-                            "diag_L1_mean_scale_s0", "figure4_magnitudes"}
+                            "diag_L1_mean_scale_s0", "figure4_magnitudes", "block_input_stats"}
     # --only matches name prefixes; the diagnostics are keyed apart from the real split they resemble
     for name in ("residual_kept", "mean_scale"):
         diagnostic = results[f"diag_L1_{name}_s0"]
@@ -59,6 +59,9 @@ def test_pipeline_smoke(tmp_path):
     # ~600 bytes), so only sanity is checked here; the results document reports the real numbers.
     assert results["base_jpeg10"]["bytes_per_image"] > 600 and 0 < results["base_raw"]["bytes_per_image"] < 2000
     assert all(results["figure4_magnitudes"][s]["cv"] >= 0 for s in ("ln1", "attn", "ln2", "mlp"))
+    # the inputs of blocks 0 and 1 of the 3-block tower: block 0's is the pre-LayerNorm's output
+    stats = results["block_input_stats"]
+    assert set(stats) == {"0", "1", "2", "eval_split"} and all(stats[b]["scale_cv"] >= 0 for b in "012")
     assert (runs / "alignedvq_headline_s0" / "model.safetensors").is_file()
     text = doc.read_text()
     assert "Table 2/3" in text and "Figure 4" in text and (doc.parent / "figures" / "figure4_magnitudes.png").is_file()
