@@ -20,8 +20,13 @@ bits sweep) reuse its result instead of training the same model again. Experimen
 * Table 4: 1-3 codebooks x 1-8 groups.
 * Figure 4: histograms and coefficient of variation of feature magnitudes at the four sites (no training).
 * Accuracy against bits: codebook sizes 16 ... 4096.
-* A diagnostic for where we disagree with the paper: Figure 7's VQ-LN1 at blocks 1 and 3 with the block input
-  kept unquantized for the residual connection (`residual_kept_unquantized`; not a deployable split).
+* A diagnostic for where we disagree with the paper: Figure 7's AlignedVQ (``ln1``, DLP, LoRA) at blocks 0, 1
+  and 3 with the cloud given more than the indices: the block input kept unquantized for the residual connection
+  (not deployable), or each token's mean and scale of it (two fp16 per token, counted in the bytes); see
+  `residual_diagnostics.py`.
+
+Finetunes run once per `--seeds` entry (the finetune's seed: k-means, LoRA initialisation, data order), each seed's
+result stored apart; the document reports mean ± sd over seeds and a paired test per seed.
 
 Ablations use `--ablation-epochs` of finetuning, a lighter k-means initialisation (`--ablation-calibration-images`,
 `--ablation-kmeans-iters`) and score `--ablation-eval` validation questions (held-out training images, see
@@ -45,12 +50,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from residual_diagnostics import DIAGNOSTICS, SIDE_BYTES_PER_TOKEN  # noqa: E402
 from transformers import AutoProcessor, LlavaForConditionalGeneration, TrainingArguments  # noqa: E402
 
 import transformers_alignedvq  # noqa: E402,F401
 from transformers_alignedvq import LlavaAlignedVQForConditionalGeneration  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
-from transformers_alignedvq.models.llava_alignedvq.split import SPLIT_SITES, edge_forward  # noqa: E402
+from transformers_alignedvq.models.llava_alignedvq.split import (  # noqa: E402
+    SPLIT_SITES,
+    edge_forward,
+    edge_hidden_states,
+)
 from transformers_alignedvq.training import AlignedVQTrainer  # noqa: E402
 from transformers_alignedvq.training.data import VQACollator, load_easy_vqa  # noqa: E402
 from transformers_alignedvq.training.finetune import main as finetune  # noqa: E402
@@ -70,6 +80,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="finetune seeds (k-means, LoRA initialisation, data order): every finetune runs once per "
+                        "seed, stored as RUNS/results/<name>_s<seed>.json; the document shows mean ± sd and a "
+                        "paired test per seed")
     p.add_argument("--only", nargs="*", default=None, help="run only experiments whose name starts with these")
     p.add_argument("--keep-models", action="store_true", help="keep every finetuned checkpoint, not just the headline")
     p.add_argument("--train-limit", type=int, default=None, help="smoke runs: first N training questions only")
@@ -80,38 +94,6 @@ def parse_args(argv=None):
     p.add_argument("--ablation-calibration-images", type=int, default=256)
     p.add_argument("--ablation-kmeans-iters", type=int, default=10)
     return p.parse_args(argv)
-
-
-@contextlib.contextmanager
-def residual_kept_unquantized():
-    """Diagnostic, not a split anyone can deploy: an ``ln1``-site split whose block input ``x`` reaches the cloud
-    unquantized for the residual connection, ``h = x + attn(q(ln1(x)))``. With only indices crossing, the
-    package must compute ``h = z + attn(z)`` with ``z = q(ln1(x))``; a single-process simulation that quantizes
-    only the LayerNorm output computes this instead. Patches `split` for the duration."""
-    from transformers_alignedvq import modeling_alignedvq, split
-
-    kept = {}
-    original_edge, original_cloud = modeling_alignedvq.edge_forward, split.block_from_site
-
-    def edge(tower, pixel_values, split_layer, site):
-        blocks = split.vision_blocks(tower)
-        hidden = split.embed(tower, pixel_values)
-        for block in blocks[:split_layer]:
-            hidden = block(hidden, None)
-        kept["x"] = hidden  # the cloud half of the same batch reads it back
-        return split.block_to_site(blocks[split_layer], hidden, site)
-
-    def cloud(block, z, site):
-        if site != "ln1" or kept.get("x") is None or kept["x"].shape != z.shape:
-            raise RuntimeError("residual_kept_unquantized: ln1 site only, edge and cloud on the same batch")
-        hidden = kept["x"] + split._attention(block, z)
-        return hidden + block.mlp(block.layer_norm2(hidden))
-
-    modeling_alignedvq.edge_forward, split.block_from_site = edge, cloud
-    try:
-        yield
-    finally:
-        modeling_alignedvq.edge_forward, split.block_from_site = original_edge, original_cloud
 
 
 class Runner:
@@ -126,6 +108,11 @@ class Runner:
         self.validation = validation.shuffle(seed=0).select(range(min(args.ablation_eval, len(validation))))
 
         self.pending: list[str] = []  # wanted experiments left to another worker
+        self.seed = args.seeds[0]  # of the finetunes run now; `experiments` sets each in turn
+
+    def seeded(self, name: str) -> str:
+        """The results name of finetune ``name`` at the current seed."""
+        return f"{name}_s{self.seed}"
 
     def done(self, name: str) -> dict | None:
         """The recorded result of ``name``; ``None`` when absent or scored before the validation split existed."""
@@ -201,8 +188,10 @@ class Runner:
 
     def llava_one_plus(self, name: str = "llava_1plus"):
         """LoRA-finetune the base for one more epoch on clean images (the paper's LLaVA 1+)."""
+        name = self.seeded(name)
         if not self.claim(name):
             return
+        torch.manual_seed(self.seed)  # LoRA's initialisation; the Trainer's seed orders the data
         model = LlavaForConditionalGeneration.from_pretrained(self.args.base)
         for param in model.parameters():
             param.requires_grad_(False)
@@ -218,7 +207,7 @@ class Runner:
         self._train(model, epochs=self.args.headline_epochs, output=self.runs / name)
         train_seconds = time.time() - start
         result = self._evaluate(model.eval(), full_eval=True)
-        result.update(train_seconds=train_seconds, epochs=self.args.headline_epochs)
+        result.update(train_seconds=train_seconds, epochs=self.args.headline_epochs, seed=self.seed)
         self.record(name, result)
 
     def _train(self, model, *, epochs: float, output: Path):
@@ -226,6 +215,7 @@ class Runner:
             output_dir=str(output / "trainer"), num_train_epochs=epochs, per_device_train_batch_size=self.args.batch_size,
             learning_rate=self.args.lr, lr_scheduler_type="cosine", warmup_steps=0.03, logging_steps=50,
             save_strategy="no", report_to="none", remove_unused_columns=False, disable_tqdm=True, use_cpu=True,
+            seed=self.seed, data_seed=self.seed,
         )
         data = load_easy_vqa("train", limit=self.args.train_limit)
         per_image = len(data) / len(set(data["image_id"]))
@@ -236,17 +226,23 @@ class Runner:
         return trainer.state.log_history
 
     @staticmethod
-    def _config_key(epochs: float, full_eval: bool, lora: bool, options: dict) -> str:
+    def _config_key(epochs: float, full_eval: bool, lora: bool, options: dict, seed: int = 0,
+                    diagnostic: str | None = None) -> str:
         settings = dict(split_layer=0, split_site="ln1", codebook_size=4096, num_codebooks=1, num_groups=1, no_dlp=False)
         settings.update(options)
-        return json.dumps({"epochs": epochs, "full_eval": full_eval, "lora": lora, **settings}, sort_keys=True)
+        if diagnostic:  # a diagnostic is keyed apart from the real split it resembles
+            settings["diagnostic"] = diagnostic
+        return json.dumps({"epochs": epochs, "full_eval": full_eval, "lora": lora, "seed": seed, **settings},
+                          sort_keys=True)
 
     def alignedvq(self, name: str, *, epochs: float, full_eval: bool = False, lora: bool = True,
-                  residual_kept: bool = False, **options):
+                  diagnostic: str | None = None, **options):
+        """Finetune and score one AlignedVQ configuration at the current seed; ``diagnostic`` (a name in
+        `residual_diagnostics.DIAGNOSTICS`) runs it with the cloud given more than the indices."""
+        name = self.seeded(name)
         if not self.wanted(name) or self.done(name):
             return
-        keyed = {**options, "residual_kept": True} if residual_kept else options
-        key = self._config_key(epochs, full_eval, lora, keyed)
+        key = self._config_key(epochs, full_eval, lora, options, self.seed, diagnostic)
         for other in sorted((self.runs / "results").glob("*.json")):
             result = json.loads(other.read_text())
             if result.get("config_key") == key and "eval_split" in result:
@@ -255,10 +251,31 @@ class Runner:
         if not self.claim(name):
             return
         output = self.runs / name
+        argv = self._finetune_argv(output, epochs, full_eval, lora, options)
+        start = time.time()
+        with DIAGNOSTICS[diagnostic]() if diagnostic else contextlib.nullcontext():
+            finetune(argv)
+            train_seconds = time.time() - start
+            model = LlavaAlignedVQForConditionalGeneration.from_pretrained(output).eval()
+            result = self._evaluate(model, full_eval=full_eval)
+        if diagnostic == "mean_scale":  # two fp16 numbers per token travel beside the frame
+            side = SIDE_BYTES_PER_TOKEN * model.config.num_image_tokens
+            for scores in (result, result.get("validation")):
+                if scores:
+                    scores.update(bytes_per_image=scores["bytes_per_image"] + side, side_bytes_per_image=side)
+        result.update(train_seconds=train_seconds, epochs=epochs, options=options, lora=lora, seed=self.seed,
+                      config_key=key, diagnostic=diagnostic)
+        self.record(name, result)
+        if not (self.args.keep_models or full_eval):
+            import shutil
+
+            shutil.rmtree(output, ignore_errors=True)
+
+    def _finetune_argv(self, output: Path, epochs: float, full_eval: bool, lora: bool, options: dict) -> list[str]:
         argv = [
             "--base", self.args.base, "--output", str(output), "--epochs", str(epochs),
             "--batch-size", str(self.args.batch_size), "--lr", str(self.args.lr), "--no-progress",
-            "--lora-r", "16" if lora else "0", "--logging-steps", "50",
+            "--lora-r", "16" if lora else "0", "--logging-steps", "50", "--seed", str(self.seed),
         ]
         if full_eval:
             argv += ["--calibration-images", str(self.args.calibration_images), "--kmeans-iters", str(self.args.kmeans_iters)]
@@ -273,28 +290,37 @@ class Runner:
                 argv.append(flag)
             elif value is not False:
                 argv += [flag, str(value)]
-        start = time.time()
-        with residual_kept_unquantized() if residual_kept else contextlib.nullcontext():
-            finetune(argv)
-            train_seconds = time.time() - start
-            model = LlavaAlignedVQForConditionalGeneration.from_pretrained(output).eval()
-            result = self._evaluate(model, full_eval=full_eval)
-        result.update(train_seconds=train_seconds, epochs=epochs, options=options, lora=lora,
-                      config_key=key, residual_kept=residual_kept)
-        self.record(name, result)
-        if not (self.args.keep_models or full_eval):
-            import shutil
+        return argv
 
-            shutil.rmtree(output, ignore_errors=True)
+    def _test_pixels(self, images: int) -> torch.Tensor:
+        """Pixels of ``images`` distinct test images (every tenth question's) for the feature statistics."""
+        rows = self.test.select(range(min(images * 10, len(self.test))))
+        return self.processor.image_processor(
+            images=[r["image"].convert("RGB") for r in rows.select(range(0, len(rows), 10))], return_tensors="pt"
+        )["pixel_values"]
+
+    def block_input_statistics(self, name: str = "block_input_stats", images: int = 64):
+        """How much each token's mean and scale vary over the tokens at each block's input (base model): what the
+        mean-and-scale diagnostic can give back is at most what the LayerNorm took away."""
+        if not self.claim(name):
+            return
+        model = LlavaForConditionalGeneration.from_pretrained(self.args.base).eval()
+        tower = model.model.vision_tower
+        with torch.no_grad():
+            states = edge_hidden_states(tower, self._test_pixels(images), len(tower.encoder.layers) - 1)
+        result = {}
+        for block, x in enumerate(states):
+            mean, scale = x.mean(-1), x.std(-1, unbiased=False)
+            result[str(block)] = {"scale_cv": float(scale.std() / scale.mean()),
+                                  "mean_sd_over_scale": float(mean.std() / scale.mean())}
+        result["eval_split"] = "test"  # a statistic of the base's features; nothing is chosen on it
+        self.record(name, result)
 
     def feature_magnitudes(self, name: str = "figure4_magnitudes", images: int = 64):
         if not self.claim(name):
             return
         model = LlavaForConditionalGeneration.from_pretrained(self.args.base).eval()
-        rows = self.test.select(range(min(images * 10, len(self.test))))
-        pixel_values = self.processor.image_processor(
-            images=[r["image"].convert("RGB") for r in rows.select(range(0, len(rows), 10))], return_tensors="pt"
-        )["pixel_values"]
+        pixel_values = self._test_pixels(images)
         result = {}
         with torch.no_grad():
             for site in SPLIT_SITES:
@@ -311,6 +337,14 @@ class Runner:
 
 
 def experiments(runner: Runner, args):
+    """Every experiment, once per seed (seeds outermost: a stopped run has whole seeds, and results without a
+    seed, the baselines and Figure 4, run with the first)."""
+    for seed in args.seeds:
+        runner.seed = seed
+        _experiments_at_seed(runner, args)
+
+
+def _experiments_at_seed(runner: Runner, args):
     num_layers = transformers_alignedvq.AlignedVQConfig.from_llava_config(
         LlavaForConditionalGeneration.config_class.from_pretrained(args.base)
     ).feature_layer_indices()[0]
@@ -338,10 +372,16 @@ def experiments(runner: Runner, args):
     # headline recipe is also run with VQ at the block output, to compare the two at full budget.
     runner.alignedvq("alignedvq_headline_mlp", epochs=args.headline_epochs, full_eval=True, codebook_size=4096,
                      split_layer=args.headline_split_layer, split_site="mlp")
-    # Diagnostic for the disagreement: Figure 7's VQ-LN1 again, with the residual stream crossing unquantized.
-    for layer in range(1, num_layers, 2):
-        runner.alignedvq(f"diag_L{layer}_ln1_residual_kept", epochs=ab, lora=False, split_layer=layer, no_dlp=True,
-                         residual_kept=True)
+    # Where does the LN1 site lose? Figure 7's AlignedVQ again with the cloud given more than the indices: the
+    # unquantized block input for the residual (not deployable), or each token's mean and scale (deployable).
+    runner.block_input_statistics()
+    for layer in DIAGNOSTIC_BLOCKS:
+        if layer < num_layers:
+            for diagnostic in DIAGNOSTICS:
+                runner.alignedvq(f"diag_L{layer}_{diagnostic}", epochs=ab, split_layer=layer, diagnostic=diagnostic)
+
+
+DIAGNOSTIC_BLOCKS = (0, 1, 3)
 
 
 def main(argv=None):

@@ -1,85 +1,143 @@
-"""Writes the results document of `paper_in_miniature.py` from its `results/*.json` (tables + figures)."""
+"""Writes the results document of `paper_in_miniature.py` from its `results/*.json` (tables + figures).
+
+Finetunes are stored once per seed (`<name>_s<seed>.json`): a cell shows the mean ± sample sd over the seeds run,
+and a comparison is one McNemar test per seed on the same questions (`evaluation.significance`), never pooled
+across seeds. A claim's verdict is the seeds' common verdict, or inconclusive when they differ. Sections with no
+results are left out; a section headed `EARLIER_HEADING` in the existing document (numbers not yet regenerated
+with these scripts) is carried over to the end of the new one.
+"""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from transformers_alignedvq.evaluation.significance import (
     ALPHA,
     combine_verdicts,
     compare_results,
+    mean_sd,
+    verdict,
     verdict_no_worse,
 )
 
-
-def _load(runs: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted((runs / "results").glob("*.json"))}
+EARLIER_HEADING = "## Earlier results, not regenerated"
 
 
-def _pct(result: dict | None) -> str:
-    return f"{100 * result['accuracy']:.2f}" if result else "—"
+class Results:
+    """The runs of one `paper_in_miniature.py` folder, by experiment name and seed (``None``: no seed)."""
+
+    def __init__(self, results: dict[str, dict], expected_seeds: int = 1):
+        self.raw = results
+        self.expected_seeds = expected_seeds  # cells with fewer say how many they have
+        self.by_name: dict[str, dict[int | None, dict]] = {}
+        for stem, result in results.items():
+            match = re.fullmatch(r"(.+)_s(\d+)", stem)
+            name, seed = (match[1], int(match[2])) if match else (stem, None)
+            self.by_name.setdefault(name, {})[seed] = result
+
+    def seeds(self, name: str) -> dict[int | None, dict]:
+        return dict(sorted(self.by_name.get(name, {}).items(), key=lambda item: -1 if item[0] is None else item[0]))
+
+    def get(self, name: str, default=None):
+        """One result of ``name`` (its first seed): for what does not vary with the seed (bytes, statistics)."""
+        runs = self.seeds(name)
+        return next(iter(runs.values())) if runs else default
+
+    def accuracies(self, name: str, split: str | None = None) -> list[float]:
+        return [100 * _scores(r, split)["accuracy"] for r in self.seeds(name).values()]
+
+    def mean(self, name: str, split: str | None = None) -> float | None:
+        values = self.accuracies(name, split)
+        return sum(values) / len(values) if values else None
+
+    def cell(self, name: str, split: str | None = None) -> str:
+        """``"97.05 ± 0.31"`` over seeds; one seed is marked ``(1 seed)``; ``—`` when not run."""
+        values = self.accuracies(name, split)
+        if not values:
+            return "—"
+        if None in self.seeds(name):  # no seed: a baseline, which involves no training
+            return f"{values[0]:.2f}"
+        mean, sd = mean_sd(values)
+        if sd is None:
+            return f"{mean:.2f} (1 seed)"
+        short = f" ({len(values)} seeds)" if len(values) < self.expected_seeds else ""
+        return f"{mean:.2f} ± {sd:.2f}{short}"
+
+    def paired(self, name_a: str, name_b: str, split: str = "validation") -> list[tuple[int | None, object]]:
+        """McNemar's test of A against B per seed on the same ``split`` questions (``None`` where a seed's pair
+        stored no per-question results). A run without seeds (the base) pairs with every seed of the other."""
+        a, b = self.seeds(name_a), self.seeds(name_b)
+        if None in b and len(b) == 1:
+            b = {seed: b[None] for seed in a}
+        return [(seed, compare_results(_scores(a[seed], split), _scores(b[seed], split)))
+                for seed in a if seed in b]
 
 
-def _on_validation(result: dict | None) -> dict | None:
-    """A reported run's scores on the validation questions the ablations use (itself for an ablation, and for
-    runs written before the validation split existed, when everything was scored on test)."""
-    return None if result is None else result.get("validation", result)
+def _scores(result: dict, split: str | None) -> dict:
+    """A result's scores on ``split`` (a reported run keeps its validation scores under ``validation``)."""
+    if split is None or result.get("eval_split", split) == split:
+        return result
+    return result.get("validation", result)
+
+
+def seed_verdict(verdicts: list[str]) -> str:
+    """One verdict from the seeds' own: theirs when every seed gives the same one, else inconclusive."""
+    return verdicts[0] if verdicts and all(v == verdicts[0] for v in verdicts) else "inconclusive"
+
+
+def per_seed(tests) -> str:
+    """``"+0.35 (p 0.09), -0.10 (p 0.6)"``: each seed's paired difference in points and its mid-p-value."""
+    return ", ".join("unpaired" if t is None else f"{100 * t.difference:+.2f} (p {t.p_mid:.2g})" for _, t in tests)
+
+
+def compared(results: Results, name_a: str, name_b: str, *, a_better: bool = True) -> tuple[str, str]:
+    """(text, verdict) of "A is more accurate than B", over seeds."""
+    tests = results.paired(name_a, name_b)
+    verdicts = ["inconclusive" if t is None else verdict(t, a_better=a_better) for _, t in tests]
+    gap = results.mean(name_a, "validation") - results.mean(name_b, "validation")
+    return f"{gap:+.2f} points; per seed {per_seed(tests)}", seed_verdict(verdicts)
+
+
+def within(results: Results, name_a: str, name_b: str, points: float, split: str = "validation") -> tuple[str, str]:
+    """(text, verdict) of "A is at most ``points`` less accurate than B", over seeds."""
+    tests = results.paired(name_a, name_b, split)
+    verdicts = ["inconclusive" if t is None else verdict_no_worse(t, points / 100) for _, t in tests]
+    gap = results.mean(name_a, split) - results.mean(name_b, split)
+    return f"{gap:+.2f} points; per seed {per_seed(tests)}", seed_verdict(verdicts)
 
 
 def _bytes(result: dict | None) -> str:
     return f"{result['bytes_per_image']:,.0f}" if result else "—"
 
 
-def _agreement(get, layers, names) -> list[str]:
-    """Each claim of the paper next to what our numbers say, with a verdict from a paired test."""
+def _agreement(results: Results, layers: list[int]) -> list[str]:
+    """Each claim of the paper that the runs can decide, next to what our numbers say, with its verdict."""
     out = ["## Where we agree with the paper, and where we do not", "",
-           "Verdicts come from McNemar's mid-p test on the questions two runs both answered "
-           f"(`transformers_alignedvq.evaluation.significance`, alpha = {ALPHA}): **agrees** or **disagrees** when the "
-           "difference is significant and goes the claimed way or the other, **inconclusive** when it is not, or "
-           "when a run stored no per-question results (runs from before they were recorded; only the difference is "
-           "shown then). Claims of a bound (\"within x points\") use the 95% interval of the paired difference.", ""]
-
-    def acc(name):
-        r = get(name)
-        return None if r is None else 100 * r["accuracy"]
-
-    def compared(name_a, name_b, *, a_better=True):
-        """(text, verdict) of "a is more accurate than b" (or less, with ``a_better=False``)."""
-        test = compare_results(get(name_a), get(name_b))
-        if test is None:
-            return f"{acc(name_a) - acc(name_b):+.2f} (unpaired)", "inconclusive"
-        return test.describe(), verdict(test, a_better=a_better)
-
-    def within(name_a, name_b, points):
-        test = compare_results(get(name_a), get(name_b))
-        if test is None:
-            return f"{acc(name_a) - acc(name_b):+.2f} points (unpaired)", "inconclusive"
-        return test.describe(), verdict_no_worse(test, points / 100)
+           "Verdicts come from McNemar's mid-p test on the validation questions two runs both answered "
+           f"(`transformers_alignedvq.evaluation.significance`, alpha = {ALPHA}), once per seed: **agrees** or "
+           "**disagrees** when every seed's difference is significant and goes the claimed way or the other, "
+           "**inconclusive** otherwise. Claims of a bound (\"within x points\") use the 95% interval of each "
+           "seed's paired difference. Each line gives the mean difference over seeds and every seed's (p).", ""]
+    get = results.get
 
     def claim(text, ours, decided):
-        out.append(f"- {text}: not measured." if ours is None else f"- {text}: {ours} — **{decided}**.")
+        out.append(f"- {text}: {ours} — **{decided}**.")
 
-    base, head = acc("base_raw"), acc("alignedvq_headline")
-    if base is not None and head is not None:
-        claim("AlignedVQ stays close to the original model (paper: -2.23 to +1.6 points)",
-              *within("alignedvq_headline", "base_raw", 2.23))
-        goal = {"agrees": "met", "disagrees": "not met", "inconclusive": "inconclusive"}
-        for name, label in (("alignedvq_headline", "AlignedVQ at `ln1`"),
-                            ("alignedvq_headline_mlp", "the same recipe with VQ at the block output")):
-            if get(name):
-                text, decided = within(name, "base_raw", 0.5)
-                out.append(f"- Our own goal, within 0.5 points of the base: {label} {text} — **{goal[decided]}**.")
+    if get("alignedvq_headline") and get("base_raw"):
+        claim("AlignedVQ stays close to the original model (paper: -2.23 to +1.6 points; test)",
+              *within(results, "alignedvq_headline", "base_raw", 2.23, "test"))
     ln_cv = [get("figure4_magnitudes", {}).get(s, {}).get("cv") for s in ("ln1", "ln2", "attn", "mlp")]
     if None not in ln_cv:  # a statistic of one model's features, not a noisy accuracy: decided by the numbers
         claim("Features after a LayerNorm have a lower coefficient of variation of their magnitudes (Figure 4)",
               f"ln1 {ln_cv[0]:.3f}, ln2 {ln_cv[1]:.3f} vs attn {ln_cv[2]:.3f}, mlp {ln_cv[3]:.3f}",
               "agrees" if max(ln_cv[:2]) < min(ln_cv[2:]) else "disagrees")
     if all(get(f"table1_{s}") for s in ("ln1", "ln2", "attn", "mlp")):
-        tests = [compared(f"table1_{a}", f"table1_{b}") for a in ("ln1", "ln2") for b in ("attn", "mlp")]
+        pairs = [(a, b) for a in ("ln1", "ln2") for b in ("attn", "mlp")]
+        tests = [compared(results, f"table1_{a}", f"table1_{b}") for a, b in pairs]
         claim("VQ after a LayerNorm (ln1/ln2) beats VQ on the residual stream (attn/mlp) (Table 1)",
-              "; ".join(f"{a} vs {b} {text}" for (a, b), (text, _) in
-                        zip([(a, b) for a in ("ln1", "ln2") for b in ("attn", "mlp")], tests)),
+              "; ".join(f"{a} vs {b} {text} ({v})" for (a, b), (text, v) in zip(pairs, tests)),
               combine_verdicts([v for _, v in tests]))
     for key_a, key_b, text in (
         ("ln1", "vanilla", "Moving VQ from after the block to after LN1 helps at every split (Figure 7)"),
@@ -88,61 +146,207 @@ def _agreement(get, layers, names) -> list[str]:
     ):
         here = [layer for layer in layers if get(f"fig7_L{layer}_{key_a}") and get(f"fig7_L{layer}_{key_b}")]
         if here:
-            tests = [compared(f"fig7_L{layer}_{key_a}", f"fig7_L{layer}_{key_b}") for layer in here]
+            tests = [compared(results, f"fig7_L{layer}_{key_a}", f"fig7_L{layer}_{key_b}") for layer in here]
             claim(text, "; ".join(f"block {layer}: {t} ({v})" for layer, (t, v) in zip(here, tests)),
                   combine_verdicts([v for _, v in tests]))
     rest = [f"table4_c{c}_g{g}" for c in (1, 2, 3) for g in (1, 2, 4, 8) if (c, g) != (1, 1) and get(f"table4_c{c}_g{g}")]
     if get("table4_c1_g1") and rest:
-        best = max(rest, key=acc)
+        best = max(rest, key=results.mean)
+        text, decided = within(results, "table4_c1_g1", best, 1.0)
         claim("More codebooks or groups add little or nothing (Table 4; the best other setting at most 1 point "
-              "ahead of one codebook, one group)", f"{best} vs 1x1: " + within("table4_c1_g1", best, 1.0)[0],
-              within("table4_c1_g1", best, 1.0)[1])
-    out.append("")
-    ablation = get("table1_ln1")
-    if ablation and acc("table1_ln1") is not None:
-        n, p = ablation["eval_questions"], ablation["accuracy"]
-        out += [f"Ablations are scored on {n:,} questions: at {100 * p:.1f}% that is a binomial standard error of "
-                f"{100 * (p * (1 - p) / n) ** 0.5:.2f} points for one accuracy alone. Two runs on the same questions "
-                "answer most of them alike, so the paired test above separates smaller differences than that "
-                "suggests; it, not this error, decides the verdicts.", ""]
-    out += [
-        "### Why the LayerNorm site loses here",
-        "",
-        "Only indices cross the split. For a LayerNorm site that means the dequantized `ln1(x)` must also stand in "
-        "for the residual stream `x` that the rest of the block adds it to, and a per-token LayerNorm has removed "
-        "each token's mean and scale, which no linear map (the output DLP) can restore. At block 0 the residual "
-        "stream is itself the output of CLIP's pre-LayerNorm, so this predicts the smallest loss there; deeper "
-        "blocks add unnormalised updates to the stream, and the VQ-LN1 column of Figure 7 falls with depth while VQ "
-        "on the block output (which quantizes the residual stream itself) does not. The paper's Figure 4 statistic "
-        "holds here (LayerNorm outputs do have the lower coefficient of variation), but it did not decide accuracy. "
-        "The paper does not say what its LN-site split feeds the residual connection. The diagnostic below runs "
-        "Figure 7's VQ-LN1 again with the block input kept unquantized for the residual connection, "
-        "`h = x + attn(q(ln1(x)))`, as a single-process simulation that quantizes only the LayerNorm output would "
-        "compute; it is not a split anyone can deploy, since `x` would have to be sent as well.",
-        "",
-    ]
-    diag = sorted(int(name.split("_")[1][1:]) for name in names if name.startswith("diag_L"))
-    if diag:
-        out += ["| split block | VQ-LN1, only indices cross | VQ-LN1, block input kept unquantized | VanillaVQ (mlp) |",
-                "|---|---|---|---|"]
-        closed = []
-        for layer in diag:
-            names_here = (f"fig7_L{layer}_ln1", f"diag_L{layer}_ln1_residual_kept", f"fig7_L{layer}_vanilla")
-            out.append(f"| {layer} | " + " | ".join(_pct(get(name)) for name in names_here) + " |")
-            ln, kept, vanilla = (acc(name) for name in names_here)
-            if None not in (ln, kept, vanilla) and vanilla > ln:
-                closed.append((layer, kept - ln, (kept - ln) / (vanilla - ln)))
-        if closed:
-            text = ", ".join(f"block {layer}: {gain:+.2f} points, {100 * share:.0f}% of the gap to the block output"
-                             for layer, gain, share in closed)
-            if all(share >= 0.5 for _, _, share in closed):
-                verdict = ("so most of LN1's loss here is the residual stream being replaced, and the LayerNorm "
-                           "site's advantage in the paper plausibly rests on its residual stream not being "
-                           "quantized (we cannot check the paper's code)")
-            else:
-                verdict = "so the replaced residual stream does not explain most of LN1's loss here"
-            out += ["", f"Keeping the residual unquantized recovers {text}; {verdict}.", ""]
+              "ahead of one codebook, one group)", f"{best} vs 1x1: {text}", decided)
+    return out + [""] if len(out) > 5 else []
+
+
+DIAGNOSTIC_VARIANTS = (
+    ("fig7_L{}_alignedvq", "(a) indices only"),
+    ("diag_L{}_residual_kept", "(b) + block input kept unquantized"),
+    ("diag_L{}_mean_scale", "(c) + each token's mean and scale"),
+)
+
+
+def _diagnostic(results: Results, base: float | None) -> list[str]:
+    """Where the LayerNorm site loses: Figure 7's AlignedVQ with the cloud given more than the indices."""
+    blocks = sorted({int(n.split("_")[1][1:]) for n in results.by_name if n.startswith("diag_L")})
+    if not blocks or base is None:
+        return []
+    stats = results.get("block_input_stats", {})
+    lines = ["## Where the LayerNorm site loses: the block-input diagnostic", "", *DIAGNOSTIC_TEXT, "",
+             "| split block | " + " | ".join(label for _, label in DIAGNOSTIC_VARIANTS) + " | LLaVA | spread of the "
+             "tokens' scale at the block input (CV, base model) |", "|---|---|---|---|---|---|"]
+    for block in blocks:
+        spread = stats.get(str(block), {}).get("scale_cv")
+        lines.append(f"| {block} | " + " | ".join(results.cell(n.format(block)) for n, _ in DIAGNOSTIC_VARIANTS)
+                     + f" | {base:.2f} | " + ("—" if spread is None else f"{spread:.3f}") + " |")
+    plain, scaled = (results.get(n.format(blocks[0])) for n in (DIAGNOSTIC_VARIANTS[0][0], DIAGNOSTIC_VARIANTS[2][0]))
+    side = (scaled or {}).get("side_bytes_per_image")
+    lines += ["", f"Bytes per image on the wire: (a) {_bytes(plain)}, (c) {_bytes(scaled)}"
+              + (f" ({side} of them the means and scales)" if side else "") + "; (b) would send the whole block "
+              "input as well. The last column is the coefficient of variation over tokens of each token's standard "
+              "deviation at the block's input (64 test images): how much per-token scale there is to restore. "
+              "Below, the share of the gap between (a) and the base that (b) and (c) close (from the means), and "
+              "each seed's paired difference to (a) on the same questions (p: McNemar mid-p):", "",
+              "| split block | (b) closes | (b) vs (a) per seed | verdict | (c) closes | (c) vs (a) per seed | verdict |",
+              "|---|---|---|---|---|---|---|"]
+    shares = {}
+    for block in blocks:
+        names = [n.format(block) for n, _ in DIAGNOSTIC_VARIANTS]
+        cells = []
+        for name in names[1:]:
+            if not results.get(name) or not results.get(names[0]):
+                cells += ["—"] * 3
+                continue
+            gap = base - results.mean(names[0])
+            shares[block, name.split("_", 2)[2]] = share = (results.mean(name) - results.mean(names[0])) / gap
+            text, decided = compared(results, name, names[0])
+            cells += [f"{100 * share:.0f}%", text.split("per seed ")[1], decided]
+        lines.append(f"| {block} | " + " | ".join(cells) + " |")
+    return lines + [""] + _account(shares, stats) + [""]
+
+
+DIAGNOSTIC_TEXT = [
+    "With only indices crossing an `ln1` split, the cloud has `z = q(ln1(x))` and must use it for the residual "
+    "stream as well: it computes `h = z + attn(z)` where the tower computes `h = x + attn(ln1(x))`. Two things "
+    "are lost with `x`: each token's mean and scale, which the LayerNorm removed and no linear map (the output "
+    "DLP) can restore, and the codeword error, which now enters the residual stream, and every block after it, "
+    "instead of only the attention's input. Figure 7's AlignedVQ (DLP + LoRA, the ablation budget) is run again "
+    "with the cloud given more than the indices, training and evaluation alike "
+    "(`examples/residual_diagnostics.py`): (b) the block input `x` itself, `h = x + attn(z)`, which restores "
+    "both (not deployable: `x` would have to be sent too); (c) each token's mean and scale of `x`, two fp16 "
+    "numbers per token sent beside the indices, from which the cloud undoes the LayerNorm, "
+    "`x_hat = (z - beta) / gamma * scale + mean`, `h = x_hat + attn(z)`: the normalization (and `ln1`'s "
+    "per-channel gain and bias) comes back, the codeword error still enters the stream. What (c) closes is the "
+    "share of the loss due to the lost normalization; what (b) closes beyond it is the codeword error in the "
+    "residual stream.",
+]
+
+
+def _account(shares: dict, stats: dict) -> list[str]:
+    """The reading of the diagnostic table, decided by the shares it closes (half the gap or more: "most")."""
+    out = []
+    for block in sorted({b for b, _ in shares}):
+        kept, scaled = shares.get((block, "residual_kept")), shares.get((block, "mean_scale"))
+        if kept is None or scaled is None:
+            continue
+        if kept >= 0.5 and scaled < 0.5:
+            cause = "mostly the codeword error entering the residual stream, not the lost normalization"
+        elif scaled >= 0.5:
+            cause = "mostly the lost normalization: each token's mean and scale bring most of it back"
+        else:
+            cause = "not explained by either: keeping the block input closes less than half of it as well"
+        spread = stats.get(str(block), {}).get("scale_cv")
+        if spread is not None and spread < 0.05:  # every token at (nearly) one scale: nothing per token to restore
+            cause += (f"; the tokens of this block's input all have nearly the same scale (CV {spread:.3f}), so "
+                      "what (c) gains here can come only from undoing `ln1`'s per-channel gain and bias, not from the "
+                      "per-token numbers")
+        out.append(f"- Block {block}: (b) closes {100 * kept:.0f}% of the gap, (c) {100 * scaled:.0f}%; the loss "
+                   f"here is {cause}.")
     return out
+
+
+def _figure7(results: Results, layers: list[int], base: float | None, figures: Path, plt) -> list[str]:
+    variants = [("vanilla", "VanillaVQ (mlp)"), ("ln1", "VQ-LN1"), ("ln1_dlp", "VQ-LN1-DLP"), ("alignedvq", "AlignedVQ")]
+    lines = ["## Figure 7: design features across split layers", "",
+             "| split block | " + " | ".join(v[1] for v in variants) + " |", "|---" * (len(variants) + 1) + "|"]
+    for layer in layers:
+        lines.append(f"| {layer} | " + " | ".join(results.cell(f"fig7_L{layer}_{v}") for v, _ in variants) + " |")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key, label in variants:
+        xs = [layer for layer in layers if results.get(f"fig7_L{layer}_{key}")]
+        if xs:
+            stats = [mean_sd(results.accuracies(f"fig7_L{layer}_{key}")) for layer in xs]
+            ax.errorbar(xs, [m for m, _ in stats], yerr=[sd or 0 for _, sd in stats], marker="o", capsize=3, label=label)
+    if base is not None:
+        ax.axhline(base, color="pink", linestyle="--", label="LLaVA")
+    ax.set_xlabel("split block")
+    ax.set_ylabel("validation accuracy (%), mean ± sd over seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "figure7_design_features.png", dpi=120)
+    plt.close(fig)
+    return lines + ["", "![Figure 7](figures/figure7_design_features.png)", ""]
+
+
+def _table23(results: Results, args) -> list[str]:
+    rows = [("base_raw", "LLaVA (PNG image)", "base_raw"), ("base_jpeg90", "LLaVA-JPEG-90", "base_jpeg90"),
+            ("base_jpeg10", "LLaVA-JPEG-10", "base_jpeg10"),
+            ("llava_1plus", f"LLaVA 1+ (LoRA, {args.headline_epochs} more epoch(s), clean images)", "base_raw"),
+            ("alignedvq_headline", f"LLaVA-AlignedVQ (block {args.headline_split_layer}, ln1, K=4096)", None),
+            ("alignedvq_headline_mlp", f"same recipe, VQ at the block output (block {args.headline_split_layer}, "
+             "mlp, K=4096)", None)]
+    rows = [row for row in rows if results.get(row[0])]
+    if not rows:
+        return []
+    lines = ["## Table 2/3: accuracy and bytes per image", "",
+             "| model | test accuracy (%) | validation accuracy (%) | bytes per image on the wire |", "|---|---|---|---|"]
+    for name, label, bytes_of in rows:
+        lines.append(f"| {label} | {results.cell(name, 'test')} | {results.cell(name, 'validation')} | "
+                     f"{_bytes(results.get(bytes_of or name))} |")
+    return lines + ["", "AlignedVQ bytes are whole wire frames (40-byte header and CRC included); image bytes are the "
+                    "file sizes.", ""]
+
+
+def _table1(results: Results, base: str) -> list[str]:
+    sites = ["ln1", "attn", "ln2", "mlp"]
+    if not any(results.get(f"table1_{s}") for s in sites):
+        return []
+    return ["## Table 1: where to quantize (block 0)", "", "| site | " + " | ".join(sites) + " | LLaVA |",
+            "|---|---|---|---|---|---|",
+            "| accuracy (%) | " + " | ".join(results.cell(f"table1_{s}") for s in sites) + f" | {base} |", ""]
+
+
+def _table4(results: Results) -> list[str]:
+    if not any(results.get(f"table4_c{c}_g{g}") for c in (1, 2, 3) for g in (1, 2, 4, 8)):
+        return []
+    lines = ["## Table 4: codebooks x groups", "", "| codebooks \\ groups | 1 | 2 | 4 | 8 |", "|---|---|---|---|---|"]
+    for books in (1, 2, 3):
+        cells = [f"{results.cell(f'table4_c{books}_g{g}')} ({_bytes(results.get(f'table4_c{books}_g{g}'))} B)"
+                 if results.get(f"table4_c{books}_g{g}") else "—" for g in (1, 2, 4, 8)]
+        lines.append(f"| {books} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def _figure4(results: Results, figures: Path, plt) -> list[str]:
+    mags = results.get("figure4_magnitudes")
+    if not mags:
+        return []
+    fig, axes = plt.subplots(1, 4, figsize=(12, 2.8))
+    for ax, site in zip(axes, ["ln1", "attn", "ln2", "mlp"]):
+        edges, hist = mags[site]["bin_edges"], mags[site]["histogram"]
+        ax.bar(edges[:-1], hist, width=[b - a for a, b in zip(edges[:-1], edges[1:])], align="edge")
+        ax.set_title(f"{site}: CV={mags[site]['cv']:.3f}")
+        ax.set_xlabel("feature magnitude")
+    fig.tight_layout()
+    fig.savefig(figures / "figure4_magnitudes.png", dpi=120)
+    plt.close(fig)
+    return ["## Figure 4: feature magnitudes at the four sites of block 0 (base model)", "",
+            "| site | ln1 | attn | ln2 | mlp |", "|---|---|---|---|---|",
+            "| coefficient of variation | " + " | ".join(f"{mags[s]['cv']:.3f}" for s in ["ln1", "attn", "ln2", "mlp"]) + " |",
+            "", "![Figure 4](figures/figure4_magnitudes.png)", ""]
+
+
+def _bits(results: Results, figures: Path, plt) -> list[str]:
+    sizes = [k for k in (16, 64, 256, 1024, 4096) if results.get(f"bits_K{k}")]
+    if not sizes:
+        return []
+    lines = ["## Accuracy against bits", "", "| codebook size | bits per token | bytes per image | accuracy (%) |",
+             "|---|---|---|---|"]
+    for k in sizes:
+        lines.append(f"| {k} | {k.bit_length() - 1} | {_bytes(results.get(f'bits_K{k}'))} | {results.cell(f'bits_K{k}')} |")
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([results.get(f"bits_K{k}")["bytes_per_image"] for k in sizes], [results.mean(f"bits_K{k}") for k in sizes],
+            marker="o", label="AlignedVQ")
+    for name, label in (("base_jpeg90", "JPEG-90"), ("base_jpeg10", "JPEG-10"), ("base_raw", "PNG")):
+        if results.get(name):
+            ax.scatter([results.get(name)["bytes_per_image"]], [results.mean(name, "validation")], label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("bytes per image")
+    ax.set_ylabel("accuracy (%)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(figures / "accuracy_vs_bytes.png", dpi=120)
+    plt.close(fig)
+    return lines + ["", "![accuracy vs bytes](figures/accuracy_vs_bytes.png)", ""]
 
 
 def _base_curve(base: Path, figures: Path, plt) -> list[str]:
@@ -189,132 +393,71 @@ def _base_curve(base: Path, figures: Path, plt) -> list[str]:
     return lines + ["", "![base learning curve](figures/base_learning_curve.png)", ""]
 
 
+def _command(args) -> str:
+    parts = ["python examples/paper_in_miniature.py", f"--base {args.base}", f"--runs {args.runs}", f"--doc {args.doc}"]
+    if getattr(args, "seeds", [0]) != [0]:
+        parts.append("--seeds " + " ".join(map(str, args.seeds)))
+    if getattr(args, "only", None):
+        parts.append("--only " + " ".join(args.only))
+    return " ".join(parts)
+
+
+def _header(results: Results, args, earlier: bool) -> list[str]:
+    ablation = next((r for name, runs in results.by_name.items() for r in runs.values()
+                     if name.startswith(("table1_", "fig7_", "diag_"))), {})
+    split = ablation.get("eval_split", "validation")
+    questions = _scores(results.get("base_raw", {}), "validation").get("eval_questions", args.ablation_eval)
+    return [
+        "# AlignedVQ in miniature: easy-VQA", "",
+        f"Generated by `{_command(args)}`; every number is read from that run's `results/*.json`"
+        + (" except in the last section (earlier numbers, carried over until they are run again)" if earlier else "")
+        + ". The base model is the small LLaVA trained from scratch by "
+        "`examples/train_base_easyvqa.py`. Accuracy is exact match after VQA-v2 normalisation (easy-VQA has one "
+        "reference answer per question).", "",
+        f"**Seeds.** Every finetune ran with seeds {', '.join(map(str, args.seeds))} (the finetune's `--seed`: "
+        "k-means, LoRA's initialisation and the data order); a cell is the mean ± sample sd over them, and a "
+        "comparison is a paired test per seed on the same questions.", "",
+        f"**Validation, then test.** Ablations: {args.ablation_epochs} epoch(s) of finetuning, k-means on "
+        f"{args.ablation_calibration_images} images ({args.ablation_kmeans_iters} iterations), scored on a fixed "
+        f"random subset of {questions:,} {split} questions (held-out training images; the same subset for every "
+        "ablation, and the LLaVA column is the base on the same questions). Choices are made on these; the test "
+        "split (9,673 questions) scores only configurations that are reported. The base itself was trained before "
+        "the validation split existed, on images that include it, and chosen on test (see "
+        "[base-model.md](base-model.md)).", "",
+    ]
+
+
+def _earlier(doc: Path) -> list[str]:
+    """The existing document's section of numbers not yet regenerated, carried over as it is."""
+    if not doc.is_file():
+        return []
+    text = doc.read_text()
+    start = text.find(EARLIER_HEADING)
+    return [] if start < 0 else text[start:].rstrip("\n").split("\n") + [""]
+
+
 def write_report(runs: Path, doc: Path, args) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = _load(runs)
-    ablation_split = results.get("table1_ln1", {}).get("eval_split", "test")
+    results = Results({p.stem: json.loads(p.read_text()) for p in sorted((runs / "results").glob("*.json"))},
+                      expected_seeds=len(getattr(args, "seeds", [0])))
     figures = doc.parent / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    get = results.get
-    lines = [
-        "# AlignedVQ in miniature: easy-VQA",
-        "",
-        "Generated by `python examples/paper_in_miniature.py "
-        f"--base {args.base} --runs {args.runs} --doc {args.doc}`; every number below is read from that run's "
-        "`results/*.json`. The base model is the small LLaVA trained from scratch by "
-        "`examples/train_base_easyvqa.py`. Accuracy is exact match after VQA-v2 normalisation "
-        "(easy-VQA has one reference answer per question).",
-        "",
-        f"Headline run and baselines: full test split ({get('base_raw', {}).get('eval_questions', '—')} questions), "
-        f"{args.headline_epochs} epoch(s) of finetuning, k-means on {args.calibration_images} images "
-        f"({args.kmeans_iters} iterations). Ablations: {args.ablation_epochs} epoch(s) of finetuning, k-means on "
-        f"{args.ablation_calibration_images} images ({args.ablation_kmeans_iters} iterations), scored on a fixed "
-        f"random subset of {args.ablation_eval} {ablation_split} questions (the same subset for every ablation, "
-        "and the LLaVA column and lines beside them are the base on the same questions)."
-        + (" These results predate the validation split: the ablations, and the choices made from them, were "
-           "scored on test." if ablation_split == "test" else ""),
-        "",
-        "## Table 2/3: accuracy and bytes per image",
-        "",
-        "| model | accuracy (%) | bytes per image on the wire |",
-        "|---|---|---|",
-        f"| LLaVA (PNG image) | {_pct(get('base_raw'))} | {_bytes(get('base_raw'))} |",
-        f"| LLaVA-JPEG-90 | {_pct(get('base_jpeg90'))} | {_bytes(get('base_jpeg90'))} |",
-        f"| LLaVA-JPEG-10 | {_pct(get('base_jpeg10'))} | {_bytes(get('base_jpeg10'))} |",
-        f"| LLaVA 1+ (LoRA, {args.headline_epochs} more epoch(s), clean images) | {_pct(get('llava_1plus'))} | {_bytes(get('base_raw'))} |",
-        f"| LLaVA-AlignedVQ (block {args.headline_split_layer}, ln1, K=4096) | {_pct(get('alignedvq_headline'))} | "
-        f"{_bytes(get('alignedvq_headline'))} |",
-        f"| same recipe, VQ at the block output (block {args.headline_split_layer}, mlp, K=4096) | "
-        f"{_pct(get('alignedvq_headline_mlp'))} | {_bytes(get('alignedvq_headline_mlp'))} |",
-        "",
-        "AlignedVQ bytes are whole wire frames (40-byte header and CRC included); image bytes are the file sizes.",
-        "",
-        "## Table 1: where to quantize (block 0)",
-        "",
-        "| site | " + " | ".join(["ln1", "attn", "ln2", "mlp"]) + " | LLaVA |",
-        "|---|---|---|---|---|---|",
-        "| accuracy (%) | " + " | ".join(_pct(get(f"table1_{s}")) for s in ["ln1", "attn", "ln2", "mlp"])
-        + f" | {_pct(_on_validation(get('base_raw')))} |",
-        "",
-    ]
-
-    # Figure 7
-    layers = sorted({int(k.split("_")[1][1:]) for k in results if k.startswith("fig7_L")})
-    variants = [("vanilla", "VanillaVQ (mlp)"), ("ln1", "VQ-LN1"), ("ln1_dlp", "VQ-LN1-DLP"), ("alignedvq", "AlignedVQ")]
+    base = results.mean("base_raw", "validation")
+    layers = sorted({int(k.split("_")[1][1:]) for k in results.by_name if k.startswith("fig7_L")})
+    earlier = _earlier(doc)
+    lines = _header(results, args, bool(earlier)) + _table23(results, args)
+    lines += _table1(results, results.cell("base_raw", "validation"))
     if layers:
-        lines += ["## Figure 7: design features across split layers", "",
-                  "| split block | " + " | ".join(v[1] for v in variants) + " |", "|---" * (len(variants) + 1) + "|"]
-        for layer in layers:
-            lines.append(f"| {layer} | " + " | ".join(_pct(get(f"fig7_L{layer}_{v}")) for v, _ in variants) + " |")
-        fig, ax = plt.subplots(figsize=(6, 3.5))
-        for key, label in variants:
-            xs = [layer for layer in layers if get(f"fig7_L{layer}_{key}")]
-            ax.plot(xs, [100 * get(f"fig7_L{layer}_{key}")["accuracy"] for layer in xs], marker="o", label=label)
-        if get("base_raw"):
-            ax.axhline(100 * _on_validation(get("base_raw"))["accuracy"], color="pink", linestyle="--", label="LLaVA")
-        ax.set_xlabel("split block")
-        ax.set_ylabel("accuracy (%)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(figures / "figure7_design_features.png", dpi=120)
-        plt.close(fig)
-        lines += ["", "![Figure 7](figures/figure7_design_features.png)", ""]
-
-    # Table 4
-    lines += ["## Table 4: codebooks x groups", "", "| codebooks \\ groups | 1 | 2 | 4 | 8 |", "|---|---|---|---|---|"]
-    for books in (1, 2, 3):
-        cells = []
-        for groups in (1, 2, 4, 8):
-            r = get(f"table4_c{books}_g{groups}")
-            cells.append(f"{_pct(r)} ({_bytes(r)} B)" if r else "—")
-        lines.append(f"| {books} | " + " | ".join(cells) + " |")
-    lines.append("")
-
-    # Figure 4
-    mags = get("figure4_magnitudes")
-    if mags:
-        fig, axes = plt.subplots(1, 4, figsize=(12, 2.8))
-        for ax, site in zip(axes, ["ln1", "attn", "ln2", "mlp"]):
-            edges, hist = mags[site]["bin_edges"], mags[site]["histogram"]
-            ax.bar(edges[:-1], hist, width=[b - a for a, b in zip(edges[:-1], edges[1:])], align="edge")
-            ax.set_title(f"{site}: CV={mags[site]['cv']:.3f}")
-            ax.set_xlabel("feature magnitude")
-        fig.tight_layout()
-        fig.savefig(figures / "figure4_magnitudes.png", dpi=120)
-        plt.close(fig)
-        lines += ["## Figure 4: feature magnitudes at the four sites of block 0 (base model)", "",
-                  "| site | ln1 | attn | ln2 | mlp |", "|---|---|---|---|---|",
-                  "| coefficient of variation | " + " | ".join(f"{mags[s]['cv']:.3f}" for s in ["ln1", "attn", "ln2", "mlp"]) + " |",
-                  "", "![Figure 4](figures/figure4_magnitudes.png)", ""]
-
-    # bits
-    sizes = [k for k in (16, 64, 256, 1024, 4096) if get(f"bits_K{k}")]
-    if sizes:
-        lines += ["## Accuracy against bits", "", "| codebook size | bits per token | bytes per image | accuracy (%) |",
-                  "|---|---|---|---|"]
-        for k in sizes:
-            r = get(f"bits_K{k}")
-            lines.append(f"| {k} | {k.bit_length() - 1} | {_bytes(r)} | {_pct(r)} |")
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot([get(f"bits_K{k}")["bytes_per_image"] for k in sizes], [100 * get(f"bits_K{k}")["accuracy"] for k in sizes], marker="o", label="AlignedVQ")
-        for name, label in (("base_jpeg90", "JPEG-90"), ("base_jpeg10", "JPEG-10"), ("base_raw", "PNG")):
-            if get(name):
-                ax.scatter([get(name)["bytes_per_image"]], [100 * _on_validation(get(name))["accuracy"]], label=label)
-        ax.set_xscale("log")
-        ax.set_xlabel("bytes per image")
-        ax.set_ylabel("accuracy (%)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(figures / "accuracy_vs_bytes.png", dpi=120)
-        plt.close(fig)
-        lines += ["", "![accuracy vs bytes](figures/accuracy_vs_bytes.png)", ""]
-
+        lines += _figure7(results, layers, base, figures, plt)
+    lines += _table4(results) + _figure4(results, figures, plt) + _bits(results, figures, plt)
+    lines += _diagnostic(results, base)
+    lines += _agreement(results, layers)
     lines += _base_curve(Path(args.base), figures, plt)
-    lines += _agreement(get, layers, results)
+    lines += earlier
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines) + "\n")
     print(f"wrote {doc}")

@@ -31,18 +31,24 @@ def test_pipeline_smoke(tmp_path):
               "--calibration-images", "8", "--kmeans-iters", "2", "--ablation-calibration-images", "8",
               "--ablation-kmeans-iters", "2", "--batch-size", "8", "--threads", "1"]
     run(*common, "--only", "base_raw", "base_jpeg10", "alignedvq_headline", "table1_mlp", "table1_ln1",
-        "bits_K4096", "diag_", "figure4")
+        "bits_K4096", "diag_L1", "figure4", "block_input")
     results = {p.stem: json.loads(p.read_text()) for p in (runs / "results").glob("*.json")}
-    assert set(results) == {"base_raw", "base_jpeg10", "alignedvq_headline", "alignedvq_headline_mlp", "table1_mlp",
-                            "table1_ln1", "bits_K4096", "diag_L1_ln1_residual_kept", "figure4_magnitudes"}
-    # --only matches name prefixes; the diagnostic is keyed apart from the real split it resembles
-    diagnostic = results["diag_L1_ln1_residual_kept"]
-    assert diagnostic["residual_kept"] and "same_run_as" not in diagnostic
-    # bits_K4096 is table1_ln1's configuration (block 0, ln1, K=4096): reused, not trained again
-    assert results["bits_K4096"]["same_run_as"] == "table1_ln1"
-    assert results["bits_K4096"]["accuracy"] == results["table1_ln1"]["accuracy"]
+    # finetunes are stored per seed (here the default, 0); the baselines and Figure 4 have none
+    assert set(results) == {"base_raw", "base_jpeg10", "alignedvq_headline_s0", "alignedvq_headline_mlp_s0",
+                            "table1_mlp_s0", "table1_ln1_s0", "bits_K4096_s0", "diag_L1_residual_kept_s0",
+                            "diag_L1_mean_scale_s0", "figure4_magnitudes", "block_input_stats"}
+    # --only matches name prefixes; the diagnostics are keyed apart from the real split they resemble
+    for name in ("residual_kept", "mean_scale"):
+        diagnostic = results[f"diag_L1_{name}_s0"]
+        assert diagnostic["diagnostic"] == name and "same_run_as" not in diagnostic and diagnostic["seed"] == 0
+    # the mean and scale travel beside the frame: two fp16 per token (65 tokens)
+    scaled = results["diag_L1_mean_scale_s0"]
+    assert scaled["side_bytes_per_image"] == 260 and scaled["bytes_per_image"] == 121 + 260
+    # bits_K4096 is table1_ln1's configuration (block 0, ln1, K=4096, same seed): reused, not trained again
+    assert results["bits_K4096_s0"]["same_run_as"] == "table1_ln1_s0"
+    assert results["bits_K4096_s0"]["accuracy"] == results["table1_ln1_s0"]["accuracy"]
+    results["table1_ln1"], results["alignedvq_headline"] = results["table1_ln1_s0"], results["alignedvq_headline_s0"]
     assert json.loads(results["table1_ln1"]["config_key"])["split_site"] == "ln1"
-    # choices are made on validation questions; reported runs are scored on test and on the same validation ones
     assert results["table1_ln1"]["eval_split"] == "validation" and results["table1_ln1"]["eval_questions"] == 16
     head = results["alignedvq_headline"]
     assert head["eval_split"] == "test" and head["validation"]["eval_questions"] == 16
@@ -53,9 +59,18 @@ def test_pipeline_smoke(tmp_path):
     # ~600 bytes), so only sanity is checked here; the results document reports the real numbers.
     assert results["base_jpeg10"]["bytes_per_image"] > 600 and 0 < results["base_raw"]["bytes_per_image"] < 2000
     assert all(results["figure4_magnitudes"][s]["cv"] >= 0 for s in ("ln1", "attn", "ln2", "mlp"))
-    assert (runs / "alignedvq_headline" / "model.safetensors").is_file()
+    # the inputs of blocks 0 and 1 of the 3-block tower: block 0's is the pre-LayerNorm's output
+    stats = results["block_input_stats"]
+    assert set(stats) == {"0", "1", "2", "eval_split"} and all(stats[b]["scale_cv"] >= 0 for b in "012")
+    assert (runs / "alignedvq_headline_s0" / "model.safetensors").is_file()
     text = doc.read_text()
     assert "Table 2/3" in text and "Figure 4" in text and (doc.parent / "figures" / "figure4_magnitudes.png").is_file()
+    assert "block-input diagnostic" in text
+    # a second seed is a run of its own (not the first seed's result reused), and the tables show both
+    run(*common, "--seeds", "0", "1", "--only", "table1_ln1")
+    second = json.loads((runs / "results" / "table1_ln1_s1.json").read_text())
+    assert second["seed"] == 1 and "same_run_as" not in second and "--seeds 0 1" in doc.read_text()
+    assert " ± " in doc.read_text().split("## Table 1")[1].split("##")[0]
     # resuming: a second run finds every result and trains nothing
     again = run(*common, "--only", "base_raw", "alignedvq_headline")
     assert "k-means" not in again and "wrote" in again
@@ -90,9 +105,13 @@ def test_concurrent_workers_claim_each_experiment_once(tmp_path):
     # a result scored before the validation split existed is not reused: it is run again
     runner.record("stale", {"accuracy": 0.5})
     assert runner.done("stale") is None and runner.claim("stale")
-    # an ablation whose configuration was already run reuses that result instead of training again
-    key = runner._config_key(0.25, False, True, {"codebook_size": 4096})
-    runner.record("table1_ln1", {"accuracy": 0.9, "config_key": key, "eval_split": "validation"})
+    # an ablation whose configuration was already run (same seed) reuses that result instead of training again
+    runner.seed = 0
+    key = runner._config_key(0.25, False, True, {"codebook_size": 4096}, seed=0)
+    runner.record("table1_ln1_s0", {"accuracy": 0.9, "config_key": key, "eval_split": "validation"})
     runner.alignedvq("bits_K4096", epochs=0.25, codebook_size=4096)
-    assert runner.done("bits_K4096")["same_run_as"] == "table1_ln1"
-    assert runner.done("bits_K4096")["accuracy"] == 0.9
+    assert runner.done("bits_K4096_s0")["same_run_as"] == "table1_ln1_s0"
+    assert runner.done("bits_K4096_s0")["accuracy"] == 0.9
+    # ... but not across seeds, nor for a diagnostic of the same configuration
+    assert runner._config_key(0.25, False, True, {"codebook_size": 4096}, seed=1) != key
+    assert runner._config_key(0.25, False, True, {"codebook_size": 4096}, seed=0, diagnostic="mean_scale") != key
