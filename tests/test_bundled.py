@@ -20,7 +20,7 @@ def test_bundled_model_answers_test_questions_over_the_wire():
     questions = load_easy_vqa("test").shuffle(seed=0).select(range(24))
     result = evaluate_vqa(model, processor, questions, batch_size=24)
     assert result["accuracy"] >= 20 / 24, list(zip(result["predictions"], questions["answer"]))
-    assert result["bytes_per_image"] < 200  # a whole wire frame, header and CRC included
+    assert result["bytes_per_image"] < 250  # a whole wire frame of two codes per token, header and CRC included
     # per-question correctness, in question order, for paired tests between runs
     assert len(result["correct"]) == 24 and result["correct"].count("1") == round(24 * result["accuracy"])
     assert [bit == "1" for bit in result["correct"]] == [p == a for p, a in zip(result["predictions"], questions["answer"])]
@@ -36,7 +36,7 @@ def test_bundled_model_is_safetensors_with_its_edge_part_and_card():
     assert tav.DEFAULT_MODEL == tav.TINY_EASYVQA
     with torch.no_grad():
         edge = tav.LlavaAlignedVQForConditionalGeneration.from_pretrained(folder).edge_encoder()
-    assert edge.num_bytes() < 10_000_000
+    assert edge.num_bytes() < 20_000_000  # two codebooks and their folded search tables, a fraction of the model
 
 
 def test_bundled_entropy_model_codes_test_images_losslessly():

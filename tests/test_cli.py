@@ -181,7 +181,8 @@ def test_ask_and_info_default_to_the_bundled_model(tmp_path, capsys):
         assert cli.main(["ask", "--server", bundled.url, "--image", str(picture), "what shape is in the image?"]) == 0
     assert re.search(r"^answer: +\S", capsys.readouterr().out, re.M)
     assert cli.main(["info", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["split_layer"] == 1
+    info = json.loads(capsys.readouterr().out)
+    assert (info["split_layer"], info["split_site"]) == (0, "patch")
 
 
 def test_version(capsys):
@@ -278,4 +279,12 @@ def test_the_bundled_models_edge_runs_without_torch_and_matches_the_pytorch_edge
     assert device["backend"] == "onnx" and not device["torch"]
     image = np.random.default_rng(3).integers(0, 256, (80, 96, 3), dtype=np.uint8)
     reference = load_edge_runtime(transformers_alignedvq.DEFAULT_MODEL, backend="torch").encode_image(image)
-    assert (np.asarray(device["indices"]) == reference).mean() >= 0.999
+    got = np.asarray(device["indices"])
+    # k-means leaves near-duplicate codewords (easy-VQA's flat backgrounds): fp32 rounding of the folded graph may
+    # pick the twin of PyTorch's choice, which decodes to the same feature
+    from safetensors.numpy import load_file
+
+    codebook = load_file(f"{transformers_alignedvq.DEFAULT_MODEL}/edge_model.safetensors")["alignedvq.quantizer.codebook"]
+    stages = range(codebook.shape[0])
+    twins = np.all([np.abs(codebook[q, 0][got[:, q]] - codebook[q, 0][reference[:, q]]).max(-1) < 1e-3 for q in stages], 0)
+    assert (got == reference).all(-1).mean() >= 0.95 and twins.mean() >= 0.999

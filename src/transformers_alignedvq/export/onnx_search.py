@@ -200,13 +200,13 @@ def _residual_stage(graph: _Graph, rows: str, stage, prev: str, number: int, wei
     folded, shift = _composed(stage.folded.double().numpy(), weight, bias)
     offsets = stage.offsets.double().numpy() - 2.0 * shift
     codebook = stage.codebook.double().numpy()
-    last = graph.const(np.array([-1], np.int64), f"stage{number}_last")
     if stage.config.method == "exact":
         scores = graph.op("Gemm", [rows, const(-2.0 * folded.T, "table_t"), const(offsets, "offsets")])
         scores = graph.op("Add", [scores, graph.op("MatMul", [prev, const(2.0 * codebook.T, "cross_t")])])
         return graph.op("TopK", [scores, graph.const(np.array([1], np.int64), f"stage{number}_one")], 2, axis=-1,
                         largest=0, sorted=0)[1]
     # The shortlist: B r = (B M) z + B c - B prev, with a last coordinate 1 that carries the codeword norms.
+    last = graph.const(np.array([-1], np.int64), f"stage{number}_last")
     projection, projection_shift = _composed(stage.projection.double().numpy(), weight, bias)
     lift = np.concatenate([projection.T, np.zeros((projection.shape[1], 1))], axis=1)
     unit = np.append(stage.projection_bias.double().numpy() + projection_shift, 1.0)
