@@ -131,6 +131,38 @@ def report_table(base: dict, full: dict, runs: Path, benches: list[dict]) -> lis
     return lines
 
 
+def plot(base: dict, screened: dict, full: dict, path: Path) -> None:
+    """Validation accuracy against coded frame bytes for the screened candidates (the choice), with the
+    three-seed candidates' test accuracy beside them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    for name, seeds in sorted(screened.items()):
+        result = seeds.get(0)
+        if result and "entropy_coded_bytes_per_image" in result:
+            ax.scatter([result["entropy_coded_bytes_per_image"]], [100 * result["accuracy"]], s=40,
+                       label=f"{LABEL.get(name, name)} (validation, 1 seed)")
+    for name, seeds in full.items():
+        results = [seeds[s] for s in sorted(seeds) if "entropy_coded_bytes_per_image" in seeds[s]]
+        if results:
+            ax.errorbar([mean_sd([r["entropy_coded_bytes_per_image"] for r in results])[0]],
+                        [100 * mean_sd([r["accuracy"] for r in results])[0]],
+                        yerr=[100 * (mean_sd([r["accuracy"] for r in results])[1] or 0)], fmt="k*", markersize=12,
+                        label=f"{LABEL.get(name, name)} (test, {len(results)} seeds)")
+    ax.axhline(100 * base["accuracy"] - 0.5, color="gray", linestyle=":", linewidth=1,
+               label="base on test − 0.5 point")
+    ax.set_xlabel("coded wire frame, bytes per image (question not included)")
+    ax.set_ylabel("easy-VQA accuracy (%)")
+    ax.set_title("Cheap edges: accuracy against bytes")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=140)
+    plt.close(fig)
+
+
 def replace_section(text: str, name: str, body: list[str]) -> str:
     begin, end = f"<!-- split-report:{name} -->", f"<!-- /split-report:{name} -->"
     if begin not in text or end not in text:
@@ -153,7 +185,8 @@ def main(argv=None) -> None:
     text = replace_section(doc.read_text(), "screen", screen_table(screen_base, screened))
     text = replace_section(text, "report", report_table(base, full, Path(args.runs), benches))
     doc.write_text(text)
-    print(f"wrote the split tables into {doc}")
+    plot(base, screened, full, doc.parent / "figures" / "split_choice.png")
+    print(f"wrote the split tables into {doc} and docs/figures/split_choice.png")
 
 
 if __name__ == "__main__":
