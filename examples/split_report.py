@@ -9,8 +9,8 @@
         --edge runs/edge_encode.json runs/edge_encode_2.json --doc docs/edge.md
 
 Every number in the tables is read from those files. The tables replace what stands between the
-``<!-- split-report:NAME -->`` and ``<!-- /split-report:NAME -->`` lines of the document (``screen``, ``report``),
-so the hand-written text around them stays.
+``<!-- split-report:NAME -->`` and ``<!-- /split-report:NAME -->`` lines of the document (``screen``, ``report``,
+and ``bench`` when benchmark files are given), so the hand-written text around them stays.
 """
 
 from __future__ import annotations
@@ -163,6 +163,19 @@ def plot(base: dict, screened: dict, full: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def bench_table(benches: list[dict]) -> list[str]:
+    """Every row of the edge benchmarks given, with its ratio to the fastest dense search of its run and site."""
+    lines = ["| stages | site | method | ms/image | vs dense baseline | agreement with an exact fp64 search |",
+             "|---:|---|---|---:|---:|---:|"]
+    for bench in benches:
+        stages, rows = bench["args"].get("stages", 1), bench["rows"]
+        for row in rows:
+            dense = min(r["ms"] for r in rows if r["site"] == row["site"] and r["method"].startswith("dense search"))
+            lines.append(f"| {stages} | {row['site']} | {row['method']} | {row['ms']:.1f} | {row['ms'] / dense:.2f}x | "
+                         f"{100 * row['agreement']:.2f}% |")
+    return lines
+
+
 def replace_section(text: str, name: str, body: list[str]) -> str:
     begin, end = f"<!-- split-report:{name} -->", f"<!-- /split-report:{name} -->"
     if begin not in text or end not in text:
@@ -184,6 +197,8 @@ def main(argv=None) -> None:
     doc = Path(args.doc)
     text = replace_section(doc.read_text(), "screen", screen_table(screen_base, screened))
     text = replace_section(text, "report", report_table(base, full, Path(args.runs), benches))
+    if benches:
+        text = replace_section(text, "bench", bench_table(benches))
     doc.write_text(text)
     plot(base, screened, full, doc.parent / "figures" / "split_choice.png")
     print(f"wrote the split tables into {doc} and docs/figures/split_choice.png")
