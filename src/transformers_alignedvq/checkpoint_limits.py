@@ -105,8 +105,9 @@ def _vision(shapes: dict[str, list[int]], vision: dict, prefix: str, where: str,
 
 
 def _feature_layers(count: Any, feature_layer: Any) -> Any:
-    """Blocks up to the deepest one the projector reads (``vision_feature_layer``): what a LLaVA saved by
-    Transformers releases that drop the unused last blocks holds. ``None`` where that cannot be told."""
+    """Blocks up to the deepest one the projector reads (``vision_feature_layer``): what a checkpoint saved without
+    the unused last blocks holds (Transformers drops them from a stock LLaVA; a quantized model is saved without
+    them). ``None`` where that cannot be told."""
     layers = feature_layer if isinstance(feature_layer, list) else [feature_layer]
     if not isinstance(count, int) or not layers or not all(isinstance(v, int) for v in layers):
         return None
@@ -140,10 +141,8 @@ def check_model_folder(folder: str | os.PathLike) -> None:
         _bounded(vision, f"{where} vision_config")
         _expect(where, "vision depth", vision.get("depth"), _layers(shapes, "model.visual.", _BLOCK))
     elif isinstance(config.get("vision_config"), dict):
-        # a stock LLaVA (no codebook) is saved without the blocks after its feature layer; ours keep every block
-        stock = "codebook_size" not in config
         _vision(shapes, config["vision_config"], vision_prefix, where, all_layers=True,
-                feature_layer=config.get("vision_feature_layer", -2) if stock else None)
+                feature_layer=config.get("vision_feature_layer", -2))
     text = config.get("text_config")
     if isinstance(text, dict):
         _bounded(text, f"{where} text_config")
