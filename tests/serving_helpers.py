@@ -18,8 +18,10 @@ def make_frame(engine, indices=None, question: str | None = "what color is the s
     options = dict(codebook_size=config.codebook_size, codebook_fingerprint=engine.fingerprint, prompt=question,
                    grid=(4, 4), has_cls_token=True)
     options.update(overrides)
-    if indices is None:
-        indices = np.arange(config.num_image_tokens) % config.codebook_size
+    if indices is None:  # every code of every token, in the model's shape (one column per residual stage)
+        codes = config.codes_per_token
+        indices = (np.arange(config.num_image_tokens * codes) % config.codebook_size).reshape(-1, codes)
+        indices = indices[:, 0] if codes == 1 else indices
     return wire.encode_frame(indices, **options)
 
 
