@@ -236,14 +236,20 @@ class TiledAlignedVQGenerationMixin(_CheckpointMixin):
             config.base_model_name_or_path, config.base_model_revision = reference
         with torch.device("meta"):
             model = cls(config)
-        for name in ("vision_tower", "multi_modal_projector", "language_model", "image_newline"):
-            setattr(model.model, name, getattr(base.model, name))
+        weight = cls._adopt_base_modules(model, base)
         model.lm_head = base.lm_head
-        weight = base.model.vision_tower.get_input_embeddings().weight
         layer = build_alignedvq_layer(config)
         model.model.alignedvq = layer.to("meta") if weight.is_meta else layer.to(weight.device, weight.dtype)
         model.generation_config = base.generation_config
         return model.train(base.training)
+
+    @staticmethod
+    def _adopt_base_modules(model, base) -> torch.Tensor:
+        """Move the base's inner modules into ``model``; returns a weight of the vision tower (its device and
+        dtype are the AlignedVQ layer's)."""
+        for name in ("vision_tower", "multi_modal_projector", "language_model", "image_newline"):
+            setattr(model.model, name, getattr(base.model, name))
+        return base.model.vision_tower.get_input_embeddings().weight
 
     @torch.no_grad()
     def init_codebook(self, batches, *, iters: int = 20, max_features: int = 200_000, seed: int = 0) -> int:

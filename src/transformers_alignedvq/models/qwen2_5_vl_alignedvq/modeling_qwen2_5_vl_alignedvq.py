@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import inspect
 import numbers
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -324,30 +323,11 @@ class Qwen2_5_VLAlignedVQForConditionalGeneration(TiledAlignedVQGenerationMixin,
         random."""
         return cls.from_base(qwen, load_kwargs=load_kwargs, **vq_options)
 
-    @classmethod
-    def from_base(cls, base, *, load_kwargs: dict | None = None, **vq_options):
-        reference = None
-        if isinstance(base, (str, os.PathLike)):
-            reference = cls._base_reference(base, (load_kwargs or {}).get("revision"))
-            base = cls._load_base(base, **(load_kwargs or {}))
-        if not isinstance(base, cls.parent_class) or hasattr(base.model, "alignedvq"):
-            raise TypeError(f"{cls.__name__} converts a {cls.parent_class.__name__} or a path, got "
-                            f"{type(base).__name__}.")
-        values = base.config.to_dict()
-        for key in ("model_type", "architectures", "auto_map", "transformers_version"):
-            values.pop(key, None)
-        config = cls.config_class(**{**values, **vq_options})
-        if reference is not None and not config.base_model_name_or_path:
-            config.base_model_name_or_path, config.base_model_revision = reference
-        with torch.device("meta"):
-            model = cls(config)
+    @staticmethod
+    def _adopt_base_modules(model, base) -> torch.Tensor:
+        """Qwen2.5-VL's inner modules: its own tower (``visual``, merger included) and the language model."""
         model.model.visual, model.model.language_model = base.model.visual, base.model.language_model
-        model.lm_head = base.lm_head
-        weight = base.model.visual.patch_embed.proj.weight
-        layer = build_alignedvq_layer(config)
-        model.model.alignedvq = layer.to("meta") if weight.is_meta else layer.to(weight.device, weight.dtype)
-        model.generation_config = base.generation_config
-        return model.train(base.training)
+        return base.model.visual.patch_embed.proj.weight
 
     @torch.no_grad()
     def init_codebook(self, batches, *, iters: int = 20, max_features: int = 200_000, seed: int = 0) -> int:
