@@ -7,16 +7,14 @@ format) and in the weights file (where the `Trainer` resumes from), and the EMA 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from ..export.edge_export import CHECKPOINT_EDGE_MODES, write_checkpoint_edge
+from ..export.edge_export import CHECKPOINT_EDGE_MODES, onnx_export_available, write_checkpoint_edge
 from ..lora import has_lora, merge_lora_, save_lora
 from ..ptq import is_quantized, save_ptq
 from .cards import write_model_card
@@ -99,13 +97,7 @@ def write_edge(model, directory: Path, mode: bool | str = True, *, calibration_i
         export_tiled_edge(model, directory, format="safetensors")
         if mode == "safetensors":
             return
-    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
-    if missing:
-        message = (f"{' and '.join(missing)} not installed (pip install \"transformers-alignedvq[export]\"): "
-                   f"{directory} gets no ONNX edge, so a device without PyTorch cannot run it")
-        if mode == "int8":
-            raise ImportError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    if not onnx_export_available(directory, mode):
         return
     if family == "qwen2_5_vl":
         from ..export.qwen_edge_onnx import export_qwen_edge

@@ -240,15 +240,23 @@ def write_checkpoint_edge(model, directory: str | os.PathLike, mode: bool | str 
     edge.save_pretrained(directory)
     if mode == "safetensors":
         return
-    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
-    if missing:
-        message = (f"{' and '.join(missing)} not installed (pip install \"transformers-alignedvq[export]\"): "
-                   f"{directory} gets no ONNX edge, so a device without PyTorch cannot run it")
-        if mode == "int8":
-            raise ImportError(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=3)
+    if not onnx_export_available(directory, mode):
         return
     export_onnx_folder(edge, directory, int8=mode == "int8", calibration_images=calibration_images)
+
+
+def onnx_export_available(directory, mode: str) -> bool:
+    """Whether the ONNX exporter is installed; without it, an ``int8`` edge is an `ImportError` and any other
+    mode a loud warning that ``directory`` gets no ONNX edge (a device without PyTorch cannot run it then)."""
+    missing = [name for name in ("onnx", "onnxscript") if importlib.util.find_spec(name) is None]
+    if not missing:
+        return True
+    message = (f"{' and '.join(missing)} not installed (pip install \"transformers-alignedvq[export]\"): "
+               f"{directory} gets no ONNX edge, so a device without PyTorch cannot run it")
+    if mode == "int8":
+        raise ImportError(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    return False
 
 
 __all__ = [
@@ -258,5 +266,6 @@ __all__ = [
     "describe_checkpoint",
     "export_edge",
     "export_onnx_folder",
+    "onnx_export_available",
     "write_checkpoint_edge",
 ]
