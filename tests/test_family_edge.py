@@ -21,6 +21,9 @@ from transformers_alignedvq.edge_tiles import load_tiled_edge
 from transformers_alignedvq.errors import EdgeCheckpointError
 from transformers_alignedvq.export.tiled_edge import export_tiled_edge, model_tiling, tiles_of
 from transformers_alignedvq.models.family import from_vlm
+from transformers_alignedvq.models.llava_onevision_alignedvq.modeling_llava_onevision_alignedvq import (
+    _HAS_MM_ENCODER_OUTPUTS,
+)
 from transformers_alignedvq.preprocess_tiles import (
     TiledPreprocessing,
     cap_pinpoints,
@@ -140,6 +143,9 @@ TINY_PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32]]
 TINY_SHAPES = [(20, 30), (16, 16), (40, 12), (9, 31)]
 
 
+needs_model = pytest.mark.skipif(not _HAS_MM_ENCODER_OUTPUTS, reason="the tiled families need transformers>=5.19")
+
+
 def _processor(family: str, pinpoints):
     if family == "llava_onevision":  # a checkpoint's own mean and std, not the class defaults
         return LlavaOnevisionImageProcessorPil(size={"height": TILE, "width": TILE}, image_grid_pinpoints=pinpoints,
@@ -176,6 +182,7 @@ print(json.dumps({"images": out, "backend": edge.runtime.backend, "loaded": load
 """
 
 
+@needs_model
 @pytest.mark.parametrize("family,site,layer,capped", [
     ("llava_onevision", "ln1", 0, False), ("llava_onevision", "mlp", 1, True), ("llava_next", "mlp", 1, False),
     ("llava_next", "patch", 0, True),
@@ -209,6 +216,7 @@ def test_onnx_edge_without_torch_gives_encode_edges_indices(tmp_path, family, si
     assert np.array_equal(np.concatenate(sent), expected.numpy())
 
 
+@needs_model
 def test_pytorch_tiled_edge_and_what_is_refused(tmp_path):
     from conftest import tiny_alignedvq
 
@@ -241,6 +249,7 @@ def test_the_tiled_device_modules_import_no_cloud_package():
     assert run.stdout.strip() == "[]"
 
 
+@needs_model
 def test_int8_tiled_edge_is_calibrated_on_every_tile(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
