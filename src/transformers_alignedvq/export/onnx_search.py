@@ -170,58 +170,59 @@ def codewords(graph: _Graph, rows: str, search, *, weight=None, bias=None) -> st
     if not hasattr(search, "stages"):
         return nearest_codewords(graph, rows, search, weight=weight, bias=bias)
     found = [nearest_codewords(graph, rows, search.first, weight=weight, bias=bias)]  # (n, 1) each
-    prev = _gathered(graph, search.first_codebook, found[0], "words_0")
+    prev = _gathered(graph, graph.const(search.first_codebook.numpy(), "words_0"), found[0])
     for number, stage in enumerate(search.stages, start=1):
-        found.append(_residual_stage(graph, rows, stage, prev, number, weight, bias))
-        prev = graph.op("Add", [prev, _gathered(graph, stage.words, found[-1], f"words_{number}")])
+        book = graph.const(stage.codebook.numpy(), f"stage{number}_codebook")  # centred (K, d), used thrice
+        found.append(_residual_stage(graph, rows, stage, book, prev, number, weight, bias))
+        chosen = _gathered(graph, book, found[-1])
+        prev = graph.op("Add", [prev, graph.op("Add", [chosen, graph.const(stage.center.numpy(),
+                                                                           f"stage{number}_center")])])
     return graph.op("Concat", found, axis=1)
 
 
-def _gathered(graph: _Graph, table, index: str, name: str) -> str:
-    """Rows ``table[index[:, 0]]``, ``(n, d)``, of a torch ``table`` ``(K, d)``."""
-    flat = graph.op("Squeeze", [index, graph.const(np.array([1], np.int64), name + "_axis")])
-    return graph.op("Gather", [graph.const(table.float().numpy(), name), flat], axis=0)
+def _gathered(graph: _Graph, table: str, index: str) -> str:
+    """Rows ``table[index[:, 0]]``, ``(n, d)``, of a graph constant ``table`` ``(K, d)``."""
+    flat = graph.op("Squeeze", [index, graph.const(np.array([1], np.int64), "index_axis")])
+    return graph.op("Gather", [table, flat], axis=0)
 
 
-def _composed(table: np.ndarray, weight, bias) -> tuple[np.ndarray, np.ndarray]:
-    """``z -> table @ z`` as ``x -> table_x @ x + shift`` where ``z = x @ weight.T + bias``: ``(table_x, shift)``."""
-    table = table.astype(np.float64)
-    if weight is None:
-        return table, np.zeros(table.shape[0])
-    return table @ weight.astype(np.float64), (0.0 if bias is None else table @ bias.astype(np.float64))
-
-
-def _residual_stage(graph: _Graph, rows: str, stage, prev: str, number: int, weight, bias) -> str:
-    """One `search.ResidualStage` on ``rows`` ``(n, dim)`` with ``prev`` ``(n, d)`` -> ``(n, 1)`` int64; the
-    rows' features are ``rows @ weight.T + bias`` (``None``: the rows themselves)."""
+def _residual_stage(graph: _Graph, rows: str, stage, book: str, prev: str, number: int, weight, bias) -> str:
+    """One `search.ResidualStage` on ``rows`` ``(n, dim)`` with ``prev`` ``(n, d)`` -> ``(n, 1)`` int64; ``book``
+    names the stage's centred codebook in the graph; the rows' features are ``rows @ weight.T + bias`` (``None``:
+    the rows themselves)."""
     def const(array, name):
         return graph.const(np.ascontiguousarray(array, dtype=np.float32), f"stage{number}_{name}")
 
-    folded, shift = _composed(stage.folded.double().numpy(), weight, bias)
-    offsets = stage.offsets.double().numpy() - 2.0 * shift
-    codebook = stage.codebook.double().numpy()
+    table_t, offsets = _affine_search_tables(stage.folded.double().numpy(), stage.offsets.double().numpy(),
+                                             weight, bias)  # (-2 E M W)ᵀ and the offsets moved by W's bias
     if stage.config.method == "exact":
-        scores = graph.op("Gemm", [rows, const(-2.0 * folded.T, "table_t"), const(offsets, "offsets")])
-        scores = graph.op("Add", [scores, graph.op("MatMul", [prev, const(2.0 * codebook.T, "cross_t")])])
-        return graph.op("TopK", [scores, graph.const(np.array([1], np.int64), f"stage{number}_one")], 2, axis=-1,
-                        largest=0, sorted=0)[1]
+        scores = graph.op("Gemm", [rows, const(table_t, "table_t"), const(offsets, "offsets")])
+        cross = graph.op("Gemm", [prev, book], alpha=2.0, transB=1)  # 2 e_k . prev, from the (K, d) codebook
+        return graph.op("TopK", [graph.op("Add", [scores, cross]), graph.const(np.array([1], np.int64), "one")],
+                        2, axis=-1, largest=0, sorted=0)[1]
     # The shortlist: B r = (B M) z + B c - B prev, with a last coordinate 1 that carries the codeword norms.
-    last = graph.const(np.array([-1], np.int64), f"stage{number}_last")
-    projection, projection_shift = _composed(stage.projection.double().numpy(), weight, bias)
+    projection = stage.projection.double().numpy()
+    projection_shift = 0.0
+    if weight is not None:
+        projection_shift = 0.0 if bias is None else projection @ bias.astype(np.float64)
+        projection = projection @ weight.astype(np.float64)
     lift = np.concatenate([projection.T, np.zeros((projection.shape[1], 1))], axis=1)
     unit = np.append(stage.projection_bias.double().numpy() + projection_shift, 1.0)
-    basis = np.concatenate([stage.basis.double().numpy().T, np.zeros((codebook.shape[1], 1))], axis=1)
+    basis = np.concatenate([stage.basis.double().numpy().T, np.zeros((stage.basis.shape[1], 1))], axis=1)
     low = graph.op("Sub", [graph.op("Gemm", [rows, const(lift, "basis_t"), const(unit, "unit")]),
                            graph.op("MatMul", [prev, const(basis, "prev_basis_t")])])  # (n, rank + 1)
     low_table = np.concatenate([-2.0 * stage.low.double().numpy().T, stage.norms.double().numpy()[None]], axis=0)
-    count = min(stage.config.candidates, codebook.shape[0])
+    count = min(stage.config.candidates, stage.codebook.shape[0])
     candidates = _shortlist_in_chunks(graph, low, low_table.astype(np.float32), count)  # (n, c)
-    # Exact distances of the candidates: their rows of -2 E M and 2 E, one small product each.
-    def dot(table, name, vector):
-        picked = graph.op("Gather", [const(table, name), candidates], axis=0)  # (n, c, width)
+    # Exact distances of the candidates: their rows of -2 E M and of E, one small product each.
+    last = graph.const(np.array([-1], np.int64), "last")
+
+    def dot(table: str, vector: str) -> str:
+        picked = graph.op("Gather", [table, candidates], axis=0)  # (n, c, width)
         return graph.op("Squeeze", [graph.op("MatMul", [picked, graph.op("Unsqueeze", [vector, last])]), last])
 
-    exact = graph.op("Add", [dot(-2.0 * folded, "table", rows), dot(2.0 * codebook, "words2", prev)])
+    cross = graph.op("Mul", [dot(book, prev), graph.const(np.array(2.0, np.float32), "two")])
+    exact = graph.op("Add", [dot(const(np.ascontiguousarray(table_t.T), "table"), rows), cross])
     exact = graph.op("Add", [exact, graph.op("Gather", [const(offsets, "table_offsets"), candidates], axis=0)])
     return graph.op("GatherElements", [candidates, graph.op("ArgMin", [exact], axis=-1, keepdims=1)], axis=-1)
 

@@ -98,29 +98,27 @@ class CodewordSearch(nn.Module):
         return candidates.gather(-1, best).reshape(z.shape[:-1])
 
 
-def _centred(codebook: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``codebook - mean`` and ``bias - mean`` in float64: ranking by ``||r - e_k||`` does not change when the
-    codewords and the feature move together, and centred tables keep fp32's digits for the differences."""
-    center = codebook.double().mean(0)
-    return codebook.double() - center, bias.double() - center
-
-
 class ResidualStage(nn.Module):
     """One later stage of a residual search: ``(z, prev) -> indices`` (module docstring). Tables in fp32 buffers,
-    built from the stage's codebook ``(K, d)`` and the pre-quantization affine ``y = z @ weight.T + bias``."""
+    built from the stage's codebook ``(K, d)`` and the pre-quantization affine ``y = z @ weight.T + bias``.
+
+    The codebook is kept centred (``codebook = E - center``; ranking by ``||r - e_k||`` does not change when the
+    codewords and the feature move together, and centred tables keep fp32's digits for the differences), so
+    ``fold_codebook``'s tables apply as they are; a chosen codeword is ``codebook[k] + center``.
+    """
 
     def __init__(self, codebook: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, config: SearchConfig):
         super().__init__()
         self.config = config
-        book, shift = _centred(codebook, bias)
-        weight = weight.double()
-        # ``words``: the codewords as they are, summed into ``prev``; ``codebook``: centred, for the cross term.
-        buffers = {"words": codebook.double(), "codebook": book, "folded": book @ weight,
-                   "norms": book.pow(2).sum(-1), "offsets": book.pow(2).sum(-1) - 2.0 * book @ shift}
+        folded, offsets = fold_codebook(codebook, weight, bias)
+        center = codebook.double().mean(0)
+        book, shift = codebook.double() - center, bias.double() - center
+        buffers = {"codebook": book, "center": center, "folded": folded, "offsets": offsets,
+                   "norms": book.pow(2).sum(-1)}
         if config.method == "shortlist":
             rank = min(config.rank, *book.shape)
             basis = torch.linalg.svd(book, full_matrices=False)[2][:rank]  # (rank, d)
-            buffers.update(basis=basis, projection=basis @ weight, projection_bias=basis @ shift,
+            buffers.update(basis=basis, projection=basis @ weight.double(), projection_bias=basis @ shift,
                            low=book @ basis.T)
         for name, value in buffers.items():
             self.register_buffer(name, value.float().contiguous(), persistent=False)
@@ -172,7 +170,7 @@ class ResidualCodewordSearch(nn.Module):
         prev = self.first_codebook.index_select(0, found[0])
         for stage in self.stages:
             found.append(stage(flat, prev))
-            prev = prev + stage.words.index_select(0, found[-1])
+            prev = prev + stage.codebook.index_select(0, found[-1]) + stage.center
         return torch.stack(found, -1).reshape(*z.shape[:-1], len(found))
 
 
