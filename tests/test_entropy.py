@@ -63,6 +63,9 @@ def test_corrupt_file_is_a_checkpoint_error(tmp_path):
         ("geometry", np.array([2**21, 6, 6, 1]), "codebook size"),
         ("question_piece_ends", np.array([1, 1]), "ends"),
         ("question_pieces", np.frombuffer(b"\xff" * 100, np.uint8), "UTF-8|ends"),
+        ("cls_probabilities", np.full((1, 64), 1 / 64), "2..8 stages"),  # a stage axis needs two stages or more
+        ("cls_probabilities", np.full((9, 64), 1 / 64), "2..8 stages"),
+        ("cls_probabilities", np.full((2, 64), 1 / 64), "shape"),  # staged, but the other tables are not
     ],
 )
 def test_invalid_arrays_are_refused(key, value, words):
@@ -75,6 +78,8 @@ def test_invalid_arrays_are_refused(key, value, words):
 def test_fit_rejects_bad_input():
     with pytest.raises(WireFormatError, match="shape"):
         EntropyModel.fit(np.zeros((3, 36), int), codebook_size=64, grid=(6, 6), has_cls_token=True)
+    with pytest.raises(WireFormatError, match="stages <= 8"):
+        EntropyModel.fit(np.zeros((3, 37, 9), int), codebook_size=64, grid=(6, 6), has_cls_token=True)
     with pytest.raises(WireFormatError, match=r"\[0, 64\)"):
         EntropyModel.fit(np.full((3, 37), 64), codebook_size=64, grid=(6, 6), has_cls_token=True)
     with pytest.raises(WireFormatError, match="smoothing"):
