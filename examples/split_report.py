@@ -45,8 +45,6 @@ LABEL = {
     "patch_0_rvq2_cloud_lora": "patch embeddings, residual VQ, 2 stages, LoRA in the cloud's vision blocks",
     "input_0_rvq2": "input of block 0, residual VQ, 2 stages",
 }
-SITE = {name: "_".join(name.split("_")[:2]) for name in LABEL}  # the edge benchmark's site of a candidate
-STAGES = {"patch_0_rvq2": 2, "patch_0_rvq3": 3, "patch_0_rvq2_cloud_lora": 2, "input_0_rvq2": 2}
 
 
 def load(runs: Path) -> tuple[dict, dict[str, dict[int, dict]]]:
@@ -93,12 +91,14 @@ def screen_table(base: dict, screened: dict) -> list[str]:
     return lines
 
 
-def edge_ms(benches: list[dict], name: str) -> str:
-    """The shipped ONNX edge's ms at LLaVA-1.5 scale and its ratio to the fastest dense search, same run."""
+def edge_ms(benches: list[dict], result: dict) -> str:
+    """The shipped ONNX edge's ms at LLaVA-1.5 scale and its ratio to the fastest dense search, same run: the
+    benchmark of the result's site and residual stages (codes per token)."""
+    site = f"{result['split_site']}_{result['split_layer']}"
     for bench in benches:
-        if bench["args"].get("stages", 1) != STAGES.get(name, 1):
+        if bench["args"].get("stages", 1) != result.get("codes_per_token", 1):
             continue
-        rows = [r for r in bench["rows"] if r["site"] == SITE[name]]
+        rows = [r for r in bench["rows"] if r["site"] == site]
         shipped = [r for r in rows if r["method"] in ("onnx int8, shortlist", "onnx, shortlist")]
         dense = [r["ms"] for r in rows if r["method"].startswith("dense search")]
         if shipped and dense:
@@ -127,7 +127,7 @@ def report_table(base: dict, full: dict, runs: Path, benches: list[dict]) -> lis
             f"| {LABEL.get(name, name)} | {format_mean_sd([r['accuracy'] for r in results])} | "
             f"{format_mean_sd([r['validation']['accuracy'] for r in results])} | {100 * gap:+.2f} | "
             f"{', '.join(verdicts)}: **{combine_verdicts(verdicts)}** | {onnx_cell} | "
-            f"{results[0]['bytes_per_image']:.0f} / {size} | {edge_ms(benches, name)} |")
+            f"{results[0]['bytes_per_image']:.0f} / {size} | {edge_ms(benches, results[0])} |")
     return lines
 
 

@@ -31,6 +31,7 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration  # noqa: E
 
 from transformers_alignedvq import LlavaAlignedVQForConditionalGeneration  # noqa: E402
 from transformers_alignedvq.edge_runtime import load_edge_runtime  # noqa: E402
+from transformers_alignedvq.entropy import load_entropy_model  # noqa: E402
 from transformers_alignedvq.evaluation import evaluate_vqa  # noqa: E402
 from transformers_alignedvq.export.edge_export import export_edge  # noqa: E402
 from transformers_alignedvq.export.search import SearchConfig  # noqa: E402
@@ -138,7 +139,7 @@ def run_candidate(args, name: str, candidate: tuple, processor, data: dict) -> N
     folder = finetune(args, name, layer, site, extra)
     train_seconds = time.time() - started
     model = LlavaAlignedVQForConditionalGeneration.from_pretrained(folder).eval()
-    result = score(model, processor, data, entropy_model=read_entropy_model(folder))
+    result = score(model, processor, data, entropy_model=load_entropy_model(folder))
     result.update(name=name, split_layer=layer, split_site=site, train_seconds=train_seconds, epochs=args.epochs,
                   seed=args.seed, codes_per_token=model.config.codes_per_token,
                   codebook_size=model.config.codebook_size)
@@ -159,7 +160,7 @@ def recode(args, name: str, processor, data: dict) -> None:
         return
     folder = Path(args.runs) / name
     model = LlavaAlignedVQForConditionalGeneration.from_pretrained(folder).eval()
-    entropy = read_entropy_model(folder)
+    entropy = load_entropy_model(folder)
     if entropy is None:
         entropy = fit_entropy_model(model, processor, load_easy_vqa("train", limit=args.limit))
         entropy.save(folder)
@@ -183,13 +184,6 @@ def coded_sizes(model, processor, rows, entropy) -> float:
         with torch.no_grad():
             sizes += indices_over_the_wire(model, pixels, entropy_model=entropy)[2]
     return sum(sizes) / len(sizes)
-
-
-def read_entropy_model(folder: Path):
-    """The entropy model the finetune fitted for the new codebook (coded frame sizes), or ``None``."""
-    from transformers_alignedvq.entropy import load_entropy_model
-
-    return load_entropy_model(folder)
 
 
 def score(model, processor, data: dict, **options) -> dict:
