@@ -132,6 +132,25 @@ def test_both_kinds_round_trip_with_their_lora(setup, kind):
     assert_same_outputs(loaded, setup.expected)
 
 
+def test_an_unmerged_lora_loads_without_an_unexpected_keys_report(setup):
+    """The full kind keeps the LoRA tensors in its weights file too (for the Trainer); the package applies the LoRA
+    from lora/ strictly, so Transformers' own load report (a logged warning) must not call them unexpected."""
+    import io
+    import logging as std_logging
+
+    from transformers.utils import logging
+
+    stream = io.StringIO()
+    handler = std_logging.StreamHandler(stream)
+    logging.add_handler(handler)
+    try:
+        loaded = AutoModel.from_pretrained(setup.dirs["full"])
+    finally:
+        logging.remove_handler(handler)
+    assert has_lora(loaded)
+    assert "UNEXPECTED" not in stream.getvalue() and "lora_" not in stream.getvalue(), stream.getvalue()
+
+
 def test_adapter_kind_holds_no_base_weights_and_is_much_smaller(setup):
     full, adapter = checkpoint_files(setup.dirs["full"]), checkpoint_files(setup.dirs["adapter"])
     assert "model.safetensors" in full and "model.safetensors" not in adapter
