@@ -107,16 +107,8 @@ class TiledAlignedVQModelMixin:
     def check_indices(self, image_indices, geometry: FrameGeometry) -> torch.Tensor:
         """Indices from the wire as ``(num_tiles, tokens_per_tile, codes_per_token)`` int64, checked against the
         geometry; `ValueError` naming the problem."""
-        codes = self.config.codes_per_token
-        if not isinstance(image_indices, torch.Tensor):
-            raise ValueError(f"image_indices must be a torch.Tensor, got {type(image_indices).__name__}.")
-        expected = (geometry.num_tiles, geometry.tokens_per_tile) + ((codes,) if codes > 1 else ())
-        if tuple(image_indices.shape) != expected:
-            raise ValueError(f"image_indices must have shape {expected} (tiles, tokens per tile[, codes]) for these "
-                             f"image_sizes, got {tuple(image_indices.shape)}.")
-        self.alignedvq.quantizer.validate_indices(image_indices)
-        device = self.alignedvq.quantizer.codebook.device
-        return image_indices.to(device=device, dtype=torch.long).reshape(*expected[:2], codes)
+        return checked_indices(self.alignedvq, image_indices, (geometry.num_tiles, geometry.tokens_per_tile),
+                               self.config.codes_per_token, "(tiles, tokens per tile[, codes]) for these image_sizes")
 
     def _public_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return indices.squeeze(-1) if self.config.codes_per_token == 1 else indices
@@ -336,6 +328,20 @@ class TiledAlignedVQGenerationMixin(_CheckpointMixin):
         return super().generate(*args, **kwargs)
 
 
+def checked_indices(layer: nn.Module, image_indices, tokens: tuple[int, ...], codes: int, meaning: str) -> torch.Tensor:
+    """``image_indices`` from the wire as ``(*tokens, codes)`` int64 on ``layer``'s codebook device; `ValueError`
+    naming the problem (not a tensor, another shape than ``(*tokens[, codes])`` described by ``meaning``, a value
+    ``layer``'s quantizer refuses)."""
+    if not isinstance(image_indices, torch.Tensor):
+        raise ValueError(f"image_indices must be a torch.Tensor, got {type(image_indices).__name__}.")
+    expected = tokens + ((codes,) if codes > 1 else ())
+    if tuple(image_indices.shape) != expected:
+        raise ValueError(f"image_indices must have shape {expected} {meaning}, got {tuple(image_indices.shape)}.")
+    layer.quantizer.validate_indices(image_indices)
+    device = layer.quantizer.codebook.device
+    return image_indices.to(device=device, dtype=torch.long).reshape(*tokens, codes)
+
+
 def vision_output_request(kwargs: dict, vision_config, name: str):
     """``output_hidden_states`` / ``output_attentions`` as asked (the argument, else the vision config's flag):
     ``None`` when not asked, else ``True`` or the hidden-state indices asked for."""
@@ -371,6 +377,7 @@ def tile_modules(model: nn.Module, config) -> None:
 __all__ = [
     "TiledAlignedVQGenerationMixin",
     "TiledAlignedVQModelMixin",
+    "checked_indices",
     "select_hidden_states",
     "tile_modules",
     "vision_output_request",

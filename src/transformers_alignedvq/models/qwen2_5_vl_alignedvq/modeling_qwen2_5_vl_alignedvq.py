@@ -45,7 +45,12 @@ from ..llava_alignedvq.modeling_alignedvq import (
     build_alignedvq_layer,
     with_parent_signature,
 )
-from ..tiled_alignedvq import TiledAlignedVQGenerationMixin, select_hidden_states, vision_output_request
+from ..tiled_alignedvq import (
+    TiledAlignedVQGenerationMixin,
+    checked_indices,
+    select_hidden_states,
+    vision_output_request,
+)
 from .configuration_qwen2_5_vl_alignedvq import Qwen2_5_VLAlignedVQConfig, check_local_site
 from .split_qwen2_5_vl import TokenLayout, cloud_start, edge_hidden_states, recorded_attentions, token_layout
 from .split_qwen2_5_vl import cloud_forward as split_cloud_forward
@@ -208,16 +213,8 @@ class Qwen2_5_VLAlignedVQModel(Qwen2_5_VLModel):
     def check_indices(self, image_indices, geometry: FrameGeometry) -> torch.Tensor:
         """Indices from the wire as ``(num_patches, codes_per_token)`` int64, checked against the geometry;
         `ValueError` naming the problem."""
-        codes = self.config.codes_per_token
-        if not isinstance(image_indices, torch.Tensor):
-            raise ValueError(f"image_indices must be a torch.Tensor, got {type(image_indices).__name__}.")
-        expected = (geometry.num_tokens,) + ((codes,) if codes > 1 else ())
-        if tuple(image_indices.shape) != expected:
-            raise ValueError(f"image_indices must have shape {expected} (patches of these image_grid_thw[, codes]), "
-                             f"got {tuple(image_indices.shape)}.")
-        self.alignedvq.quantizer.validate_indices(image_indices)
-        device = self.alignedvq.quantizer.codebook.device
-        return image_indices.to(device=device, dtype=torch.long).reshape(geometry.num_tokens, codes)
+        return checked_indices(self.alignedvq, image_indices, (geometry.num_tokens,), self.config.codes_per_token,
+                               "(patches of these image_grid_thw[, codes])")
 
     def _public_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return indices.squeeze(-1) if self.config.codes_per_token == 1 else indices
