@@ -382,10 +382,6 @@ class Qwen2_5_VLAlignedVQForConditionalGeneration(TiledAlignedVQGenerationMixin,
         if arguments.get("mm_token_type_ids") is None:
             arguments["mm_token_type_ids"] = (input_ids == self.config.image_token_id).to(torch.int)
 
-    def _refuse_unsplit_inputs(self, arguments: dict) -> None:
-        if arguments.get("pixel_values_videos") is not None:
-            raise ValueError(f"{type(self).__name__} splits images only; pixel_values_videos is not supported.")
-
     def _image_from_indices(self, image_indices: torch.Tensor, arguments: dict) -> AlignedVQImageOutput:
         return self.model.get_image_features(image_indices=image_indices, return_dict=True,
                                              image_grid_thw=arguments.get("image_grid_thw"))
