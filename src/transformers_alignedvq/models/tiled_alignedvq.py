@@ -320,12 +320,22 @@ class TiledAlignedVQGenerationMixin(_CheckpointMixin):
         if pixel_values is not None:
             if image_indices is not None:
                 raise ValueError("Pass images either as pixel_values or as image_indices, not both.")
-            image_indices = self.encode_edge(pixel_values, kwargs.get("image_sizes"), kwargs.get("batch_num_images"))
+            image_indices = self.encode_edge(pixel_values, *self._geometry_arguments(kwargs))
         if image_indices is not None:
+            args = self._prompt_for_image(args, kwargs)
             with torch.no_grad():
                 image = self._image_from_indices(image_indices, kwargs)
             kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": image}
         return super().generate(*args, **kwargs)
+
+    def _geometry_arguments(self, kwargs: dict) -> tuple:
+        """What `encode_edge` takes beside the pixels, from `generate`'s arguments."""
+        return kwargs.get("image_sizes"), kwargs.get("batch_num_images")
+
+    def _prompt_for_image(self, args: tuple, kwargs: dict) -> tuple:
+        """`generate`'s positional arguments, with whatever the family needs beside an image added to ``kwargs``
+        (none for these families)."""
+        return args
 
 
 def checked_indices(layer: nn.Module, image_indices, tokens: tuple[int, ...], codes: int, meaning: str) -> torch.Tensor:

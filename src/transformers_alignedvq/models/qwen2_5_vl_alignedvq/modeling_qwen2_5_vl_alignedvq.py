@@ -395,23 +395,19 @@ class Qwen2_5_VLAlignedVQForConditionalGeneration(TiledAlignedVQGenerationMixin,
         `_prepare_position_ids_for_generation` (`get_rope_index` over the prompt; each new token then one past the
         last, which keeps the prompt's `rope_deltas`, as the parent decodes).
         """
-        self._refuse_unsplit_inputs(kwargs)
-        pixel_values = kwargs.pop("pixel_values", None)
-        if pixel_values is not None:
-            if image_indices is not None:
-                raise ValueError("Pass images either as pixel_values or as image_indices, not both.")
-            image_indices = self.encode_edge(pixel_values, kwargs.get("image_grid_thw"))
-        if image_indices is not None:
-            if "inputs" in kwargs:  # generate's first argument is the prompt, by either name or by position
-                kwargs["input_ids"] = kwargs.pop("inputs")
-            elif args and "input_ids" not in kwargs:
-                kwargs["input_ids"], args = args[0], args[1:]
-            self._add_token_types(kwargs, has_image=True)
-            with torch.no_grad():
-                image = self._image_from_indices(image_indices, kwargs)
-            kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": image}
-        return GenerationMixin.generate(self, *args, **kwargs)
+        return super().generate(*args, image_indices=image_indices, **kwargs)
 
+    def _geometry_arguments(self, kwargs: dict) -> tuple:
+        return (kwargs.get("image_grid_thw"),)
+
+    def _prompt_for_image(self, args: tuple, kwargs: dict) -> tuple:
+        """The prompt moved into ``kwargs`` as `input_ids`, with the token types its 3-D positions need."""
+        if "inputs" in kwargs:  # generate's first argument is the prompt, by either name or by position
+            kwargs["input_ids"] = kwargs.pop("inputs")
+        elif args and "input_ids" not in kwargs:
+            kwargs["input_ids"], args = args[0], args[1:]
+        self._add_token_types(kwargs, has_image=True)
+        return args
 
 __all__ = [
     "Qwen2_5_VLAdapter",
