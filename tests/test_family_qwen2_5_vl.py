@@ -170,6 +170,8 @@ def test_generation_uses_3d_positions_at_every_step():
     positional = {name: value for name, value in options.items() if name != "input_ids"}
     assert torch.equal(model.generate(ids, image_indices=indices, **positional),  # the prompt given by position
                        model.generate(image_indices=indices, **options))
+    assert torch.equal(model.generate(inputs=ids, image_indices=indices, **positional),  # ... or by generate's name
+                       model.generate(image_indices=indices, **options))
     explicit = (ids == IMAGE).int()
     assert torch.equal(model.generate(image_indices=indices, mm_token_type_ids=explicit, **options),
                        model.generate(image_indices=indices, **options))
