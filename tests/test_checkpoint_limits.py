@@ -64,3 +64,47 @@ def test_a_file_that_is_not_safetensors_is_named(tmp_path):
     path.write_bytes(b"\xff" * 16)
     with pytest.raises(CheckpointSizeError, match="model.safetensors: a header of"):
         safetensors_shapes([path])
+
+
+@pytest.fixture(scope="module")
+def family_folders(tmp_path_factory):
+    """Full checkpoints of the families that save Transformers' own names: OneVision (SigLIP tower, no CLS token)
+    and Qwen2.5-VL (its own tower of `depth` blocks, `model.visual.blocks.N`)."""
+    import test_family_onevision as ov
+    import test_family_qwen2_5_vl as qw
+
+    from transformers_alignedvq.models.family import from_vlm
+
+    if not (ov._HAS_MM_ENCODER_OUTPUTS and qw._HAS_MM_ENCODER_OUTPUTS):
+        pytest.skip("the families need a newer transformers")
+    root = tmp_path_factory.mktemp("families")
+    for name, base in (("onevision", ov.tiny_onevision), ("qwen", qw.tiny_qwen)):
+        from_vlm(base(0), split_layer=1, split_site="mlp", codebook_size=16).save_pretrained(root / name,
+                                                                                            save_edge=False)
+    return root
+
+
+@pytest.mark.parametrize("family, edit, message", [
+    ("onevision", None, None),
+    ("qwen", None, None),
+    # SigLIP has no CLS token: 8x8 patches are 64 positions, not 65
+    ("onevision", lambda c: c["vision_config"].update(image_size=32), r"image tokens.*\[64, 32\].*\[16, 32\]"),
+    ("onevision", lambda c: c["text_config"].update(num_hidden_layers=3), r"text num_hidden_layers=3.*hold 2"),
+    ("qwen", lambda c: c["vision_config"].update(depth=4), r"vision depth=4 but the weights hold 3"),
+    ("qwen", lambda c: c["vision_config"].update(depth=10**6), r"depth=1000000 is not an integer in \[0, 512\]"),
+    ("qwen", lambda c: c["text_config"].update(num_hidden_layers=3), r"text num_hidden_layers=3.*hold 2"),
+])
+def test_family_checkpoints_are_checked_under_their_own_names(family_folders, tmp_path, family, edit, message):
+    if edit is None:
+        check_model_folder(family_folders / family)
+        return
+    folder = edited(family_folders / family, tmp_path / family, "config.json", edit)
+    with pytest.raises(CheckpointSizeError, match=message):
+        check_model_folder(folder)
+
+
+def test_a_checkpoint_without_the_blocks_after_the_feature_layer_passes(deployment, tmp_path):
+    """A tower of 4 blocks read at layer -2 needs 3 of them: weights holding just those belong to the config."""
+    folder = edited(deployment, tmp_path / "model", "config.json",
+                    lambda c: c["vision_config"].update(num_hidden_layers=4) or c.update(vision_feature_layer=-2))
+    check_model_folder(folder)

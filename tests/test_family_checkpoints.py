@@ -327,6 +327,8 @@ def test_model_card_names_the_family(setup, kind):
     geometry = next(iter(setup.family.geometry))
     assert f"model.encode_edge(pixel_values, {geometry})" in card.text
     assert f"checkpoint kind | {kind}" in card.text
+    if setup.name == "qwen2_5_vl":  # the count follows from the grid of the model's own patch size
+        assert f"one index per {setup.model.config.vision_config.patch_size}-px patch" in card.text
     for name in setup.family.edge_files:
         assert f"- `{name}`" in card.text
 

@@ -17,6 +17,7 @@ from transformers_alignedvq.models.qwen2_5_vl_alignedvq.modeling_qwen2_5_vl_alig
     Qwen2_5_VLAdapter,
     Qwen2_5_VLAlignedVQForConditionalGeneration,
 )
+from transformers_alignedvq.models.qwen2_5_vl_alignedvq.split_qwen2_5_vl import token_layout
 
 pytestmark = pytest.mark.skipif(not _HAS_MM_ENCODER_OUTPUTS, reason="needs Qwen2.5-VL's forward(mm_encoder_outputs)")
 
@@ -169,6 +170,8 @@ def test_generation_uses_3d_positions_at_every_step():
     positional = {name: value for name, value in options.items() if name != "input_ids"}
     assert torch.equal(model.generate(ids, image_indices=indices, **positional),  # the prompt given by position
                        model.generate(image_indices=indices, **options))
+    assert torch.equal(model.generate(inputs=ids, image_indices=indices, **positional),  # ... or by generate's name
+                       model.generate(image_indices=indices, **options))
     explicit = (ids == IMAGE).int()
     assert torch.equal(model.generate(image_indices=indices, mm_token_type_ids=explicit, **options),
                        model.generate(image_indices=indices, **options))
@@ -186,7 +189,7 @@ def test_a_tower_whose_first_block_is_global_splits_at_the_patch_only():
         from_vlm(tiny_qwen(fullatt_block_indexes=(0, 2)), split_layer=0, split_site="input", codebook_size=16)
     model = from_vlm(tiny_qwen(fullatt_block_indexes=(0, 2)), split_layer=0, split_site="patch", codebook_size=16)
     with pytest.raises(ValueError, match="attention window"):
-        Qwen2_5_VLAdapter.edge(model.model.visual, pixels(), 0, "ln1", grid_thw=GRID)
+        Qwen2_5_VLAdapter.edge(model.model.visual, pixels(), 0, "ln1", layout=token_layout(model.model.visual, GRID))
 
 
 def test_inputs_are_checked():
@@ -214,8 +217,6 @@ def test_vision_layer_outputs_are_the_towers_in_raster_order():
     """The stock forward passes output_hidden_states / output_attentions on to get_image_features, so a forward
     asking for them must work with an image (Transformers' own Qwen2.5-VL tests do). The tower's per-layer outputs
     come in raster order: the edge's (before the split) are the stock tower's, reordered; None from indices."""
-    from transformers_alignedvq.models.qwen2_5_vl_alignedvq.split_qwen2_5_vl import token_layout
-
     model = tiny_split()  # mlp site of block 1 in a 3-block tower: states 0-1 on the edge, 2-3 in the cloud
     ids, mask = prompt()
     out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels(), image_grid_thw=GRID,

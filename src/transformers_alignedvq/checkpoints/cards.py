@@ -39,7 +39,8 @@ def _indices_text(config) -> tuple[int | None, str]:
     if config.model_type == "llava_alignedvq":
         return config.num_image_tokens, ""
     if config.model_type == "qwen2_5_vl_alignedvq":
-        return None, "one index per 14-px patch of the image's grid (`image_grid_thw`)"
+        patch = config.vision_config.patch_size
+        return None, f"one index per {patch}-px patch of the image's grid (`image_grid_thw`)"
     return None, f"{config.tokens_per_tile} indices per tile, tiles per image from its size (`image_sizes`)"
 
 

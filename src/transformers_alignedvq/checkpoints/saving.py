@@ -8,7 +8,6 @@ format) and in the weights file (where the `Trainer` resumes from), and the EMA 
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -22,11 +21,8 @@ from .files import (
     _ALIGNEDVQ_PREFIX,
     _EMA_BUFFERS,
     ALIGNEDVQ_WEIGHTS_NAME,
-    AUTO_MAP,
     LORA_SUBFOLDER,
-    MODEL_FOLDER,
     REMOTE_CODE,
-    REMOTE_CODE_FILES,
     flat_source,
     weight_files,
 )
@@ -50,13 +46,8 @@ def _base_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def write_remote_code(directory: Path, config) -> None:
-    """Copy the modeling sources next to the weights and point `auto_map` at them. LLaVA's folder is copied as
-    it is; another family's is flattened with the modules it shares (`files.RemoteCode`)."""
-    if config.model_type == "llava_alignedvq":
-        for name in REMOTE_CODE_FILES:
-            shutil.copyfile(MODEL_FOLDER / name, directory / name)
-        config.auto_map = dict(AUTO_MAP)
-        return
+    """Copy the modeling sources next to the weights and point `auto_map` at them: the family's folder,
+    flattened with the modules it shares (`files.RemoteCode`; LLaVA's folder shares none and comes out as it is)."""
     code = REMOTE_CODE[config.model_type]
     for name, source in code.sources().items():
         (directory / name).write_text(flat_source(source))

@@ -107,16 +107,8 @@ class TiledAlignedVQModelMixin:
     def check_indices(self, image_indices, geometry: FrameGeometry) -> torch.Tensor:
         """Indices from the wire as ``(num_tiles, tokens_per_tile, codes_per_token)`` int64, checked against the
         geometry; `ValueError` naming the problem."""
-        codes = self.config.codes_per_token
-        if not isinstance(image_indices, torch.Tensor):
-            raise ValueError(f"image_indices must be a torch.Tensor, got {type(image_indices).__name__}.")
-        expected = (geometry.num_tiles, geometry.tokens_per_tile) + ((codes,) if codes > 1 else ())
-        if tuple(image_indices.shape) != expected:
-            raise ValueError(f"image_indices must have shape {expected} (tiles, tokens per tile[, codes]) for these "
-                             f"image_sizes, got {tuple(image_indices.shape)}.")
-        self.alignedvq.quantizer.validate_indices(image_indices)
-        device = self.alignedvq.quantizer.codebook.device
-        return image_indices.to(device=device, dtype=torch.long).reshape(*expected[:2], codes)
+        return checked_indices(self.alignedvq, image_indices, (geometry.num_tiles, geometry.tokens_per_tile),
+                               self.config.codes_per_token, "(tiles, tokens per tile[, codes]) for these image_sizes")
 
     def _public_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return indices.squeeze(-1) if self.config.codes_per_token == 1 else indices
@@ -328,12 +320,36 @@ class TiledAlignedVQGenerationMixin(_CheckpointMixin):
         if pixel_values is not None:
             if image_indices is not None:
                 raise ValueError("Pass images either as pixel_values or as image_indices, not both.")
-            image_indices = self.encode_edge(pixel_values, kwargs.get("image_sizes"), kwargs.get("batch_num_images"))
+            image_indices = self.encode_edge(pixel_values, *self._geometry_arguments(kwargs))
         if image_indices is not None:
+            args = self._prompt_for_image(args, kwargs)
             with torch.no_grad():
                 image = self._image_from_indices(image_indices, kwargs)
             kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": image}
         return super().generate(*args, **kwargs)
+
+    def _geometry_arguments(self, kwargs: dict) -> tuple:
+        """What `encode_edge` takes beside the pixels, from `generate`'s arguments."""
+        return kwargs.get("image_sizes"), kwargs.get("batch_num_images")
+
+    def _prompt_for_image(self, args: tuple, kwargs: dict) -> tuple:
+        """`generate`'s positional arguments, with whatever the family needs beside an image added to ``kwargs``
+        (none for these families)."""
+        return args
+
+
+def checked_indices(layer: nn.Module, image_indices, tokens: tuple[int, ...], codes: int, meaning: str) -> torch.Tensor:
+    """``image_indices`` from the wire as ``(*tokens, codes)`` int64 on ``layer``'s codebook device; `ValueError`
+    naming the problem (not a tensor, another shape than ``(*tokens[, codes])`` described by ``meaning``, a value
+    ``layer``'s quantizer refuses)."""
+    if not isinstance(image_indices, torch.Tensor):
+        raise ValueError(f"image_indices must be a torch.Tensor, got {type(image_indices).__name__}.")
+    expected = tokens + ((codes,) if codes > 1 else ())
+    if tuple(image_indices.shape) != expected:
+        raise ValueError(f"image_indices must have shape {expected} {meaning}, got {tuple(image_indices.shape)}.")
+    layer.quantizer.validate_indices(image_indices)
+    device = layer.quantizer.codebook.device
+    return image_indices.to(device=device, dtype=torch.long).reshape(*tokens, codes)
 
 
 def vision_output_request(kwargs: dict, vision_config, name: str):
@@ -371,6 +387,7 @@ def tile_modules(model: nn.Module, config) -> None:
 __all__ = [
     "TiledAlignedVQGenerationMixin",
     "TiledAlignedVQModelMixin",
+    "checked_indices",
     "select_hidden_states",
     "tile_modules",
     "vision_output_request",

@@ -45,10 +45,15 @@ from ..llava_alignedvq.modeling_alignedvq import (
     build_alignedvq_layer,
     with_parent_signature,
 )
-from ..tiled_alignedvq import TiledAlignedVQGenerationMixin, select_hidden_states, vision_output_request
+from ..tiled_alignedvq import (
+    TiledAlignedVQGenerationMixin,
+    checked_indices,
+    select_hidden_states,
+    vision_output_request,
+)
 from .configuration_qwen2_5_vl_alignedvq import Qwen2_5_VLAlignedVQConfig, check_local_site
+from .split_qwen2_5_vl import TokenLayout, cloud_start, edge_hidden_states, recorded_attentions, token_layout
 from .split_qwen2_5_vl import cloud_forward as split_cloud_forward
-from .split_qwen2_5_vl import cloud_start, edge_hidden_states, recorded_attentions
 from .split_qwen2_5_vl import edge_forward as split_edge_forward
 from .split_qwen2_5_vl import merge as split_merge
 
@@ -84,18 +89,19 @@ class Qwen2_5_VLAdapter(FamilyAdapter):
 
     @staticmethod
     def edge(tower: nn.Module, pixel_values: torch.Tensor, split_layer: int, site: str, *,
-             grid_thw: torch.Tensor) -> torch.Tensor:
+             layout: TokenLayout) -> torch.Tensor:
         """Processor-order patches ``(num_patches, patch_dim)`` -> raster-order site features
-        ``(num_patches, hidden)``; `ValueError` for a site that is not window-local."""
+        ``(num_patches, hidden)`` (``layout``: `token_layout` of the batch's grid); `ValueError` for a site that
+        is not window-local."""
         check_local_site(tower.config, split_layer, site)
-        return split_edge_forward(tower, pixel_values, grid_thw, split_layer, site)
+        return split_edge_forward(tower, pixel_values, layout, split_layer, site)
 
     @staticmethod
     def cloud(tower: nn.Module, site_features: torch.Tensor, split_layer: int, site: str, wanted: list[int], *,
-              grid_thw: torch.Tensor) -> dict[int, torch.Tensor]:
+              layout: TokenLayout) -> dict[int, torch.Tensor]:
         """Raster-order recovered features -> ``{hidden_state_index: (num_patches, hidden)}`` (raster order)."""
         check_local_site(tower.config, split_layer, site)
-        return split_cloud_forward(tower, site_features, grid_thw, split_layer, site, wanted)
+        return split_cloud_forward(tower, site_features, layout, split_layer, site, wanted)
 
     @classmethod
     def geometry(cls, config, image_grid_thw, batch_num_images: Sequence[int] | None = None) -> FrameGeometry:
@@ -171,8 +177,9 @@ class Qwen2_5_VLAlignedVQModel(Qwen2_5_VLModel):
     def frame_geometry(self, image_grid_thw) -> FrameGeometry:
         return self.adapter.geometry(self.config, image_grid_thw)
 
-    def _grid(self, geometry: FrameGeometry) -> torch.Tensor:
-        return torch.tensor(geometry.image_patch_grids, dtype=torch.long)
+    def _layout(self, geometry: FrameGeometry) -> TokenLayout:
+        """The batch's token orders and windows, computed once per pass and shared by the edge, cloud and merger."""
+        return token_layout(self.visual, torch.tensor(geometry.image_patch_grids, dtype=torch.long))
 
     def _check_pixel_values(self, pixel_values, geometry: FrameGeometry) -> None:
         vision = self.config.vision_config
@@ -189,11 +196,13 @@ class Qwen2_5_VLAlignedVQModel(Qwen2_5_VLModel):
     def edge_features(self, pixel_values: torch.Tensor, image_grid_thw) -> torch.Tensor:
         """Site features ``(num_patches, vision_hidden)`` in raster order: the tower up to the split site."""
         geometry = self.frame_geometry(image_grid_thw)
+        return self._edge_features(pixel_values, geometry, self._layout(geometry))
+
+    def _edge_features(self, pixel_values: torch.Tensor, geometry: FrameGeometry, layout: TokenLayout) -> torch.Tensor:
         self._check_pixel_values(pixel_values, geometry)
         config = self.config
         pixel_values = pixel_values.to(self.visual.device, self.visual.dtype)
-        return self.adapter.edge(self.visual, pixel_values, config.split_layer, config.split_site,
-                                 grid_thw=self._grid(geometry))
+        return self.adapter.edge(self.visual, pixel_values, config.split_layer, config.split_site, layout=layout)
 
     @torch.no_grad()
     def encode_edge(self, pixel_values: torch.Tensor, image_grid_thw) -> torch.LongTensor:
@@ -204,16 +213,8 @@ class Qwen2_5_VLAlignedVQModel(Qwen2_5_VLModel):
     def check_indices(self, image_indices, geometry: FrameGeometry) -> torch.Tensor:
         """Indices from the wire as ``(num_patches, codes_per_token)`` int64, checked against the geometry;
         `ValueError` naming the problem."""
-        codes = self.config.codes_per_token
-        if not isinstance(image_indices, torch.Tensor):
-            raise ValueError(f"image_indices must be a torch.Tensor, got {type(image_indices).__name__}.")
-        expected = (geometry.num_tokens,) + ((codes,) if codes > 1 else ())
-        if tuple(image_indices.shape) != expected:
-            raise ValueError(f"image_indices must have shape {expected} (patches of these image_grid_thw[, codes]), "
-                             f"got {tuple(image_indices.shape)}.")
-        self.alignedvq.quantizer.validate_indices(image_indices)
-        device = self.alignedvq.quantizer.codebook.device
-        return image_indices.to(device=device, dtype=torch.long).reshape(geometry.num_tokens, codes)
+        return checked_indices(self.alignedvq, image_indices, (geometry.num_tokens,), self.config.codes_per_token,
+                               "(patches of these image_grid_thw[, codes])")
 
     def _public_indices(self, indices: torch.Tensor) -> torch.Tensor:
         return indices.squeeze(-1) if self.config.codes_per_token == 1 else indices
@@ -244,21 +245,21 @@ class Qwen2_5_VLAlignedVQModel(Qwen2_5_VLModel):
         want_hidden = vision_output_request(kwargs, config.vision_config, "output_hidden_states")
         want_attentions = bool(vision_output_request(kwargs, config.vision_config, "output_attentions"))
         geometry = self.frame_geometry(image_grid_thw)
-        grid = self._grid(geometry)
+        layout = self._layout(geometry)
         depth = config.vision_config.depth
         first = cloud_start(config.split_layer, config.split_site)
         wanted = list(range(first, depth + 1)) if want_hidden is not None else [depth]
-        with recorded_attentions(self.visual, grid, enabled=want_attentions) as attentions:
-            vq = self._site_features(pixel_values, image_indices, geometry)
+        with recorded_attentions(self.visual, layout, enabled=want_attentions) as attentions:
+            vq = self._site_features(pixel_values, image_indices, geometry, layout)
             cloud = self.adapter.cloud(self.visual, vq.features, config.split_layer, config.split_site, wanted,
-                                       grid_thw=grid)
+                                       layout=layout)
         hidden = cloud[depth]
-        merged = split_merge(self.visual, hidden, grid)
+        merged = split_merge(self.visual, hidden, layout)
         sizes = [t * h * w // config.vision_config.spatial_merge_size**2 for t, h, w in geometry.image_patch_grids]
         output = AlignedVQImageOutput(
             last_hidden_state=hidden,
             pooler_output=list(torch.split(merged, sizes)),
-            hidden_states=None if want_hidden is None else self._tower_hidden_states(pixel_values, grid, cloud,
+            hidden_states=None if want_hidden is None else self._tower_hidden_states(pixel_values, layout, cloud,
                                                                                      want_hidden),
             attentions=tuple(attentions) if want_attentions else None,
             image_indices=self._public_indices(vq.indices),
@@ -268,21 +269,22 @@ class Qwen2_5_VLAlignedVQModel(Qwen2_5_VLModel):
         )
         return output if (return_dict if return_dict is not None else config.return_dict) else output.to_tuple()
 
-    def _tower_hidden_states(self, pixel_values, grid, cloud: dict, request) -> tuple:
+    def _tower_hidden_states(self, pixel_values, layout: TokenLayout, cloud: dict, request) -> tuple:
         """Hidden states ``0 .. depth`` in raster order: the edge's (``None`` from indices), then the cloud's."""
         first = cloud_start(self.config.split_layer, self.config.split_site)
         if pixel_values is None:
             edge = [None] * first
         else:
             pixels = pixel_values.to(self.visual.device, self.visual.dtype)
-            edge = edge_hidden_states(self.visual, pixels, grid, first)
+            edge = edge_hidden_states(self.visual, pixels, layout, first)
         return select_hidden_states(edge + [cloud[index] for index in sorted(cloud)], request)
 
-    def _site_features(self, pixel_values, image_indices, geometry: FrameGeometry) -> AlignedVQLayerOutput:
+    def _site_features(self, pixel_values, image_indices, geometry: FrameGeometry,
+                       layout: TokenLayout) -> AlignedVQLayerOutput:
         """From pixels: the AlignedVQ layer's forward (training: straight-through, EMA, commitment loss;
         evaluation: exactly encode + decode). From indices: decoded."""
         if pixel_values is not None:
-            return self.alignedvq(self.edge_features(pixel_values, geometry.image_patch_grids))
+            return self.alignedvq(self._edge_features(pixel_values, geometry, layout))
         indices = self.check_indices(image_indices, geometry)
         return AlignedVQLayerOutput(self.alignedvq.decode(indices, dtype=self.visual.dtype), indices)
 
@@ -380,10 +382,6 @@ class Qwen2_5_VLAlignedVQForConditionalGeneration(TiledAlignedVQGenerationMixin,
         if arguments.get("mm_token_type_ids") is None:
             arguments["mm_token_type_ids"] = (input_ids == self.config.image_token_id).to(torch.int)
 
-    def _refuse_unsplit_inputs(self, arguments: dict) -> None:
-        if arguments.get("pixel_values_videos") is not None:
-            raise ValueError(f"{type(self).__name__} splits images only; pixel_values_videos is not supported.")
-
     def _image_from_indices(self, image_indices: torch.Tensor, arguments: dict) -> AlignedVQImageOutput:
         return self.model.get_image_features(image_indices=image_indices, return_dict=True,
                                              image_grid_thw=arguments.get("image_grid_thw"))
@@ -397,23 +395,19 @@ class Qwen2_5_VLAlignedVQForConditionalGeneration(TiledAlignedVQGenerationMixin,
         `_prepare_position_ids_for_generation` (`get_rope_index` over the prompt; each new token then one past the
         last, which keeps the prompt's `rope_deltas`, as the parent decodes).
         """
-        self._refuse_unsplit_inputs(kwargs)
-        pixel_values = kwargs.pop("pixel_values", None)
-        if pixel_values is not None:
-            if image_indices is not None:
-                raise ValueError("Pass images either as pixel_values or as image_indices, not both.")
-            image_indices = self.encode_edge(pixel_values, kwargs.get("image_grid_thw"))
-        if image_indices is not None:
-            if "inputs" in kwargs:  # generate's first argument is the prompt, by either name or by position
-                kwargs["input_ids"] = kwargs.pop("inputs")
-            elif args and "input_ids" not in kwargs:
-                kwargs["input_ids"], args = args[0], args[1:]
-            self._add_token_types(kwargs, has_image=True)
-            with torch.no_grad():
-                image = self._image_from_indices(image_indices, kwargs)
-            kwargs["mm_encoder_outputs"] = {**(kwargs.get("mm_encoder_outputs") or {}), "image": image}
-        return GenerationMixin.generate(self, *args, **kwargs)
+        return super().generate(*args, image_indices=image_indices, **kwargs)
 
+    def _geometry_arguments(self, kwargs: dict) -> tuple:
+        return (kwargs.get("image_grid_thw"),)
+
+    def _prompt_for_image(self, args: tuple, kwargs: dict) -> tuple:
+        """The prompt moved into ``kwargs`` as `input_ids`, with the token types its 3-D positions need."""
+        if "inputs" in kwargs:  # generate's first argument is the prompt, by either name or by position
+            kwargs["input_ids"] = kwargs.pop("inputs")
+        elif args and "input_ids" not in kwargs:
+            kwargs["input_ids"], args = args[0], args[1:]
+        self._add_token_types(kwargs, has_image=True)
+        return args
 
 __all__ = [
     "Qwen2_5_VLAdapter",

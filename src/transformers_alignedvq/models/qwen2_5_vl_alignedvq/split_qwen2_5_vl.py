@@ -19,7 +19,8 @@ Three orders of a batch's patch tokens appear here:
 The edge computes in processor and window order and hands over site features in raster order; the cloud maps
 them back to window order, recomputes the windows and rotary positions from ``image_grid_thw`` with
 Transformers' own functions, runs the rest of the tower and the merger, and returns the merged tokens in the
-order the language model reads them (merge units row by row), as the stock tower does.
+order the language model reads them (merge units row by row), as the stock tower does. Each function takes the
+batch's `token_layout`, computed once per forward pass and shared by its steps (edge, cloud, merger).
 """
 
 from __future__ import annotations
@@ -127,12 +128,12 @@ def _run_blocks(tower, hidden, layout, position_embeddings, start: int, stop: in
     return hidden
 
 
-def edge_forward(tower: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor, split_layer: int,
+def edge_forward(tower: nn.Module, pixel_values: torch.Tensor, layout: TokenLayout, split_layer: int,
                  site: str) -> torch.Tensor:
     """Processor-order patches ``(num_patches, channels * temporal * patch * patch)`` -> site features
-    ``(num_patches, hidden)`` in raster order. The edge needs the grid for the windows and positions only."""
+    ``(num_patches, hidden)`` in raster order. The edge needs the grid's `token_layout` for the windows and
+    positions only."""
     hidden = tower.patch_embed(pixel_values)
-    layout = token_layout(tower, grid_thw)
     if site == "patch":
         return _gather(hidden, layout.raster_from_processor)
     hidden = _gather(hidden, layout.window_from_processor)
@@ -151,13 +152,12 @@ def cloud_start(split_layer: int, site: str) -> int:
     return 0 if site == "patch" else split_layer + int(site != "input")
 
 
-def edge_hidden_states(tower: nn.Module, pixel_values: torch.Tensor, grid_thw: torch.Tensor,
+def edge_hidden_states(tower: nn.Module, pixel_values: torch.Tensor, layout: TokenLayout,
                        count: int) -> list[torch.Tensor]:
     """Hidden states ``0 .. count - 1`` (the patch embedding, then blocks' outputs) as the edge computes them,
     before quantization, in raster order: for the tower's per-layer outputs, which the cloud alone cannot give."""
     if count == 0:
         return []
-    layout = token_layout(tower, grid_thw)
     hidden = _gather(tower.patch_embed(pixel_values), layout.window_from_processor)
     out = {0: _gather(hidden, layout.raster_from_window)}
     _run_blocks(tower, hidden, layout, _position_embeddings(tower, hidden, layout), 0, count - 1, range(count), out)
@@ -165,14 +165,14 @@ def edge_hidden_states(tower: nn.Module, pixel_values: torch.Tensor, grid_thw: t
 
 
 @contextmanager
-def recorded_attentions(tower: nn.Module, grid_thw: torch.Tensor, enabled: bool = True):
+def recorded_attentions(tower: nn.Module, layout: TokenLayout, enabled: bool = True):
     """Collect, in raster order, what each attention module that runs inside the ``with`` body outputs, in layer
     order: what the stock tower records as its ``attentions`` (the module's output, there in window order)."""
     outputs: list = []
     if not enabled:
         yield outputs
         return
-    order = token_layout(tower, grid_thw).raster_from_window
+    order = layout.raster_from_window
     hooks = [block.attn.register_forward_hook(lambda module, args, out: outputs.append(_gather(out, order)))
              for block in tower.blocks]
     try:
@@ -182,12 +182,11 @@ def recorded_attentions(tower: nn.Module, grid_thw: torch.Tensor, enabled: bool 
             hook.remove()
 
 
-def cloud_forward(tower: nn.Module, z: torch.Tensor, grid_thw: torch.Tensor, split_layer: int, site: str,
+def cloud_forward(tower: nn.Module, z: torch.Tensor, layout: TokenLayout, split_layer: int, site: str,
                   wanted: list[int]) -> dict[int, torch.Tensor]:
     """Recovered raster-order site features ``z`` -> ``{hidden_state_index: (num_patches, hidden)}`` in raster
     order for each index in ``wanted`` (all after the split; hidden state ``i`` is block ``i - 1``'s output).
     At ``ln1`` the recovered features stand in for the residual stream too, as in every family."""
-    layout = token_layout(tower, grid_thw)
     hidden = _gather(z, layout.window_from_raster)
     position_embeddings = _position_embeddings(tower, hidden, layout)
     start = cloud_start(split_layer, site)
@@ -202,10 +201,9 @@ def cloud_forward(tower: nn.Module, z: torch.Tensor, grid_thw: torch.Tensor, spl
     return out
 
 
-def merge(tower: nn.Module, hidden: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
+def merge(tower: nn.Module, hidden: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
     """The merger on the last block's raster-order output: ``(num_patches // 4, out_hidden_size)`` tokens in
     the language model's order. Run in window order and then reordered, exactly as the stock tower does."""
-    layout = token_layout(tower, grid_thw)
     merged = tower.merger(_gather(hidden, layout.window_from_raster))
     return _gather(merged, layout.unit_order)
 
