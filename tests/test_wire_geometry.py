@@ -233,3 +233,17 @@ def test_geometry_module_is_device_side():
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_image_digest_binds_each_images_layout():
+    """A kept image is named by its indices and its layout (size or patch grid): two images that share indices but
+    not their layout are different images to the cloud, and a fixed-size image keeps its plain digest."""
+    from transformers_alignedvq.wire_followup import image_digest
+
+    indices = np.arange(32).reshape(32, 1) % 16
+    tiled = [WireGeometry.tiled([size], [2], [(1, 1)]).images[0] for size in ((20, 30), (30, 20))]
+    grids = [WireGeometry.patch_grids([grid]).images[0] for grid in ((1, 4, 8), (1, 8, 4))]
+    assert [image.layout for image in tiled + grids] == [(20, 30), (30, 20), (1, 4, 8), (1, 8, 4)]
+    digests = {image_digest(indices, FP, image.layout) for image in tiled + grids} | {image_digest(indices, FP)}
+    assert len(digests) == 5
+    assert image_digest(indices, FP, None) == image_digest(indices, FP)

@@ -21,7 +21,6 @@ from typing import Any, Sequence
 import torch
 
 from .. import wire
-from ..wire_followup import image_digest, layout_image_digest
 from ..wire_geometry import KIND_TILES, WireGeometry, max_section_bytes, tokens_per_tile
 
 
@@ -138,14 +137,6 @@ class TiledImages:
         return torch.zeros(tiles * self.tokens_per_tile, codes, dtype=torch.long), size
 
 
-def kept_image_digest(indices, fingerprint: bytes, layout: tuple[int, ...] | None) -> bytes:
-    """What a follow-up names a kept image by: `wire_followup.image_digest` of its indices, bound to its layout
-    (a tiled image's size, a Qwen2.5-VL patch grid) by `wire_followup.layout_image_digest` where it has one."""
-    if layout is None:
-        return image_digest(indices, fingerprint)
-    return layout_image_digest(indices, fingerprint, layout)
-
-
 def refuse_geometry(num_tokens: int):
     """LLaVA-1.5's ``check_geometry``: one image of ``num_tokens`` tokens per frame, no geometry section."""
 
@@ -157,4 +148,4 @@ def refuse_geometry(num_tokens: int):
     return check
 
 
-__all__ = ["TiledImages", "kept_image_digest", "refuse_geometry"]
+__all__ = ["TiledImages", "refuse_geometry"]
