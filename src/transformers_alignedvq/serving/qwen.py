@@ -149,10 +149,6 @@ class QwenImages:
             raise _mismatch(f"{name} is {width}x{height} px, more than this model's max_pixels="
                             f"{settings.max_pixels}; edge and cloud must resize with the same pixel limits")
 
-    def image_of(self, frame: wire.Frame) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """A checked frame's indices ``(patches, codes)`` and its image's grid ``(t, h, w)``."""
-        return torch.from_numpy(frame.indices.copy()), frame.geometry.images[0].grid_thw
-
     def image_tokens(self, grid_thw: tuple[int, int, int]) -> int:
         """Placeholders for an image of patch grid ``grid_thw``: the merger's output, ``t * h * w / merge²``."""
         t, h, w = grid_thw

@@ -99,10 +99,6 @@ class TiledImages:
             raise _mismatch(f"patch grid {grid[0]}x{grid[1]} (CLS {has_cls_token}) per tile, this model makes "
                             f"{self.patch_grid[0]}x{self.patch_grid[1]} (CLS {self.has_cls_token})")
 
-    def image_of(self, frame: wire.Frame) -> tuple[torch.Tensor, tuple[int, int]]:
-        """A checked frame's indices ``(tokens, codes)`` and its image's ``(height, width)``."""
-        return torch.from_numpy(frame.indices.copy()), frame.geometry.images[0].image_size
-
     def encode_processed(self, inputs) -> tuple[torch.Tensor, tuple[int, int]]:
         """The edge run in the server on the image processor's output for one image: every tile in the model's
         order ``(tokens, codes)`` and the image's ``(height, width)``."""
