@@ -27,7 +27,7 @@ import torch
 from .. import wire
 from ..errors import ServerConfigError
 from ..preprocess_qwen import QwenImagePreprocessing
-from ..wire_geometry import KIND_PATCHES, WireGeometry, max_section_bytes, tokens_per_tile
+from ..wire_geometry import KIND_PATCHES, WireGeometry, max_section_bytes
 
 
 def _mismatch(message: str) -> wire.WireFormatError:
@@ -130,8 +130,8 @@ class QwenImages:
             raise _mismatch("the frame carries tiles; this model takes one patch grid (t, h, w) per image")
         if len(geometry.images) != 1:
             raise _mismatch(f"the frame carries {len(geometry.images)} images; send one per request")
+        # The decoder has already held the token count to t * h * w (`wire_geometry.tokens_per_tile`).
         self.check_grid(geometry.images[0].grid_thw)
-        tokens_per_tile(geometry, num_tokens)
 
     def check_grid(self, grid_thw: tuple[int, int, int]) -> None:
         t, h, w = grid_thw
