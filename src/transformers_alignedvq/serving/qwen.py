@@ -78,6 +78,8 @@ def served_preprocessing(model, processor) -> QwenImagePreprocessing:
 class QwenImages:
     """The frame contract of a served Qwen2.5-VL model (see the module docstring)."""
 
+    entropy_coding = False  # the entropy model codes fixed grids; patch-grid frames are always raw
+
     def __init__(self, model, processor=None):
         config = model.config
         self.model, self.config, self.adapter = model, config, model.model.adapter

@@ -31,6 +31,8 @@ def _mismatch(message: str) -> wire.WireFormatError:
 class TiledImages:
     """The frame contract of a served any-resolution model (see the module docstring)."""
 
+    entropy_coding = True  # tile by tile, with a model fitted on single tiles
+
     def __init__(self, model):
         config = model.config
         self.model, self.config, self.adapter = model, config, model.model.adapter
