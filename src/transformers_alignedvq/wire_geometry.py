@@ -188,6 +188,7 @@ def tokens_per_tile(geometry: WireGeometry, num_tokens: int) -> int | None:
 
 
 def _varint(value: int) -> bytes:
+    """LEB128, as every varint of a frame (`wire` writes its own fields with this one too)."""
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)
