@@ -40,7 +40,7 @@ class TiledImages:
         self.tile_size, self.patch_size = vision.image_size, vision.patch_size
         side = vision.image_size // vision.patch_size
         self.patch_grid = (side, side)
-        self.tokens_per_tile = config.tokens_per_tile
+        self.tokens_per_tile, self.codes = config.tokens_per_tile, config.codes_per_token
         self.has_cls_token = self.tokens_per_tile == side * side + 1
         self.pinpoints = [list(p) for p in config.image_grid_pinpoints]
         self.max_tiles = max((h // self.tile_size) * (w // self.tile_size) for h, w in self.pinpoints) + 1
@@ -54,11 +54,10 @@ class TiledImages:
     def summary(self, fingerprint: bytes) -> dict[str, Any]:
         """The edge/cloud contract for ``/v1/model``: ``num_tokens`` and ``grid`` are one tile's."""
         config = self.config
-        codes = config.num_codebooks * config.num_groups
         return {
             "family": self.adapter.name, "split_layer": config.split_layer, "split_site": config.split_site,
             "codebook_size": config.codebook_size, "bits_per_index": wire.bits_per_index(config.codebook_size),
-            "num_codebooks": config.num_codebooks, "num_groups": config.num_groups, "codes_per_token": codes,
+            "num_codebooks": config.num_codebooks, "num_groups": config.num_groups, "codes_per_token": self.codes,
             "num_tokens": self.tokens_per_tile, "tokens_per_tile": self.tokens_per_tile,
             "grid": list(self.patch_grid), "has_cls_token": self.has_cls_token, "image_size": self.tile_size,
             "patch_size": self.patch_size, "image_grid_pinpoints": self.pinpoints,
@@ -69,7 +68,7 @@ class TiledImages:
         """The largest frame of one image at the model's largest tiling, with a prompt of ``prompt_bytes``."""
         return wire.max_frame_bytes(
             codebook_size=self.config.codebook_size, num_tokens=self.max_tiles * self.tokens_per_tile,
-            codes_per_token=self.config.num_codebooks * self.config.num_groups, grid=self.patch_grid,
+            codes_per_token=self.codes, grid=self.patch_grid,
             prompt_bytes=prompt_bytes, entropy_coded=entropy_coded) + max_section_bytes()
 
     # -- frames -------------------------------------------------------------------------------------------
@@ -122,17 +121,15 @@ class TiledImages:
     # -- batches ------------------------------------------------------------------------------------------
     def generate_inputs(self, indices: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]]) -> dict:
         """``image_indices`` ``(tiles, tokens_per_tile[, codes])`` and ``image_sizes`` of a batch's images."""
-        codes = self.config.num_codebooks * self.config.num_groups
-        tiles = torch.cat(list(indices)).reshape(-1, self.tokens_per_tile, codes)
-        return {"image_indices": tiles.squeeze(-1) if codes == 1 else tiles,
+        tiles = torch.cat(list(indices)).reshape(-1, self.tokens_per_tile, self.codes)
+        return {"image_indices": tiles.squeeze(-1) if self.codes == 1 else tiles,
                 "image_sizes": torch.tensor([list(size) for size in image_sizes], dtype=torch.long)}
 
     def warmup_image(self) -> tuple[torch.Tensor, tuple[int, int]]:
         """Zero indices of a one-tile-size image, for the start-up generate."""
         size = (self.tile_size, self.tile_size)
         tiles = self.adapter.geometry(self.config, [size]).num_tiles
-        codes = self.config.num_codebooks * self.config.num_groups
-        return torch.zeros(tiles * self.tokens_per_tile, codes, dtype=torch.long), size
+        return torch.zeros(tiles * self.tokens_per_tile, self.codes, dtype=torch.long), size
 
 
 def refuse_geometry(num_tokens: int):
