@@ -85,8 +85,7 @@ class AnswerEngine(ABC):
                 raise ServerConfigError(f"{type(model).__name__} is not an AlignedVQ model (config lacks {attribute})")
         self.model, self.tokenizer, self.processor = model.eval(), tokenizer, processor
         self.config = config
-        own = getattr(model, "codebook_fingerprint", None)  # LLaVA's; the tiled families' is the same digest
-        self.fingerprint = own() if own else wire.codebook_fingerprint(model.model.alignedvq.quantizer.codebook)
+        self.fingerprint = model.codebook_fingerprint()  # every family's (`checkpoints.mixin.CheckpointMixin`)
         self.max_new_tokens = max_new_tokens
         self._init_tokens(model, tokenizer, processor)
         template_owner = processor if getattr(processor, "chat_template", None) else tokenizer
