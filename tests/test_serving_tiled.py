@@ -159,6 +159,11 @@ def test_model_info_describes_tiles(client):
     assert info["family"] == "llava_onevision" and info["tokens_per_tile"] == info["num_tokens"] == 16
     assert info["image_grid_pinpoints"] == PINPOINTS and info["max_tiles_per_image"] == 5
     assert info["grid"] == [4, 4] and info["has_cls_token"] is False and info["lm_image_tokens"] is None
+    # The largest frame: a 2x2 grid plus the base view (5 tiles of 16 tokens), the longest prompt and section.
+    largest = wire.encode_frame(np.zeros(5 * 16, int), codebook_size=16, codebook_fingerprint=bytes(16),
+                                prompt="x" * 2048, grid=(4, 4),
+                                geometry=WireGeometry.tiled([(2**16 - 1, 2**16 - 1)], [5], [(2, 2)]))
+    assert len(largest) <= info["max_body_bytes"] <= len(largest) + 16
 
 
 def with_crc(body: bytes) -> bytes:

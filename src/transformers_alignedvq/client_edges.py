@@ -23,7 +23,7 @@ import numpy as np
 
 from .edge_config import EDGE_CONFIG_NAME, frame_geometry, read_edge_config
 from .errors import EdgeCheckpointError
-from .wire_followup import image_digest, layout_image_digest
+from .wire_followup import image_digest
 from .wire_geometry import WireGeometry
 
 QWEN_EDGE_CONFIG = "qwen_edge.json"  # `qwen_edge_runtime.QWEN_EDGE_CONFIG`, without importing onnxruntime here
@@ -33,20 +33,22 @@ QWEN_EDGE_CONFIG = "qwen_edge.json"  # `qwen_edge_runtime.QWEN_EDGE_CONFIG`, wit
 class EncodedImage:
     """What a frame carries for one image: ``indices`` ``(tokens[, codes])`` int64 in wire order, the frame's
     ``geometry`` section (None: LLaVA-1.5), the recorded patch ``grid`` (one tile's; None for patch grids) and
-    whether each tile starts with a CLS token; ``layout`` is what the server keys a kept image by besides its
-    indices (the tiled image's size, the patch grid), None for LLaVA-1.5."""
+    whether each tile starts with a CLS token."""
 
     indices: np.ndarray
     geometry: WireGeometry | None
     grid: tuple[int, int] | None
     has_cls_token: bool
-    layout: tuple[int, ...] | None = None
+
+    @property
+    def layout(self) -> tuple[int, ...] | None:
+        """What the server keys a kept image by besides its indices (the tiled image's size, the patch grid; the
+        geometry's, `wire_geometry`), None for LLaVA-1.5."""
+        return None if self.geometry is None else self.geometry.images[0].layout
 
     def digest(self, fingerprint: bytes) -> bytes:
-        """The digest the server names this image by in its answers (`wire_followup`)."""
-        if self.layout is None:
-            return image_digest(self.indices, fingerprint)
-        return layout_image_digest(self.indices, fingerprint, self.layout)
+        """The digest the server names this image by in its answers (`wire_followup.image_digest`)."""
+        return image_digest(self.indices, fingerprint, self.layout)
 
 
 class DeviceEdge:
@@ -94,7 +96,7 @@ class TiledDeviceEdge(DeviceEdge):
         sent = self.runtime.encode_image(image)
         geometry = WireGeometry.tiled([sent.image_size], [sent.num_tiles], [sent.grid])
         indices = sent.indices.reshape(-1, *sent.indices.shape[2:])
-        return EncodedImage(indices, geometry, self.grid, self.has_cls_token, tuple(sent.image_size))
+        return EncodedImage(indices, geometry, self.grid, self.has_cls_token)
 
     def contract(self) -> dict[str, Any]:
         pinpoints = [list(p) for p in self.runtime.tiling.pinpoints]
@@ -113,8 +115,7 @@ class QwenDeviceEdge(DeviceEdge):
 
     def encode(self, image) -> EncodedImage:
         indices, grid = self.runtime(image)
-        return EncodedImage(np.asarray(indices, dtype=np.int64), WireGeometry.patch_grids([grid]), None, False,
-                            tuple(grid))
+        return EncodedImage(np.asarray(indices, dtype=np.int64), WireGeometry.patch_grids([grid]), None, False)
 
     def contract(self) -> dict[str, Any]:
         settings = self.runtime.preprocessing

@@ -48,7 +48,7 @@ import numpy as np
 
 from .entropy import MODEL_ID_SIZE, EntropyModel
 from .errors import WireFormatError
-from .wire_geometry import KIND_TILES, WireGeometry, frame_fields, read_section, tokens_per_tile
+from .wire_geometry import KIND_TILES, WireGeometry, _varint, frame_fields, read_section, tokens_per_tile
 
 __all__ = [
     "CODER_CONTEXT_MODEL",
@@ -366,15 +366,6 @@ def _grid_fields(grid: Any, has_cls_token: Any, num_tokens: int) -> tuple[int, i
             f"tokens, but indices have {num_tokens}"
         )
     return height, width
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
 
 
 def _check_model(entropy_model: Any, k: int, num_tokens: int, codes: int, grid: Any, has_cls_token: bool) -> None:

@@ -36,25 +36,23 @@ _HEAD = struct.Struct("<1s8s")
 _CRC = struct.Struct("<I")
 
 
-def image_digest(indices, fingerprint: bytes) -> bytes:
+def image_digest(indices, fingerprint: bytes, layout=None) -> bytes:
     """The 8-byte digest of an image's indices ``(tokens[, codes_per_token])`` under the codebook with
-    ``fingerprint``: what a follow-up names the image by."""
+    ``fingerprint``: what a follow-up names the image by. An image whose indices alone do not say how to read
+    them is bound to its ``layout`` (`wire_geometry`'s ``layout`` of the image: a tiled image's ``(height,
+    width)``, as two sizes can share a tiling and indices but not their un-padding; a patch grid ``(t, h, w)``,
+    as one patch count has several grids); None for a fixed-size image."""
     table = np.asarray(indices)
     if table.ndim == 1:
         table = table[:, None]
     body = np.ascontiguousarray(table, dtype="<u4").tobytes()
-    return hashlib.sha256(b"alignedvq-image\0" + bytes(fingerprint)[:8] + struct.pack("<II", *table.shape) + body
-                          ).digest()[:DIGEST_SIZE]
-
-
-def layout_image_digest(indices, fingerprint: bytes, layout) -> bytes:
-    """The digest of an image whose indices alone do not say how to read them: `image_digest` bound to its
-    ``layout``, the ints the cloud derives its features' arrangement from (a tiled image's ``(height, width)``:
-    two sizes can share a tiling and indices, but not their un-padding; a patch grid ``(t, h, w)``: one patch
-    count has several grids)."""
+    digest = hashlib.sha256(b"alignedvq-image\0" + bytes(fingerprint)[:8] + struct.pack("<II", *table.shape) + body
+                            ).digest()[:DIGEST_SIZE]
+    if layout is None:
+        return digest
     layout = tuple(int(v) for v in layout)
-    return hashlib.sha256(b"alignedvq-tiled-image\0" + image_digest(indices, fingerprint)
-                          + struct.pack(f"<{len(layout)}I", *layout)).digest()[:DIGEST_SIZE]
+    return hashlib.sha256(b"alignedvq-tiled-image\0" + digest + struct.pack(f"<{len(layout)}I", *layout)
+                          ).digest()[:DIGEST_SIZE]
 
 
 def is_followup(data: bytes) -> bool:
@@ -116,5 +114,4 @@ def decode_followup(data: bytes, *, entropy_model: EntropyModel | None = None,
     return Followup(digest=digest, question=question, coded=coded)
 
 
-__all__ = ["DIGEST_SIZE", "Followup", "decode_followup", "encode_followup", "image_digest", "is_followup",
-           "layout_image_digest"]
+__all__ = ["DIGEST_SIZE", "Followup", "decode_followup", "encode_followup", "image_digest", "is_followup"]

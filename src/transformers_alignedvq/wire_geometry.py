@@ -88,6 +88,11 @@ class TiledImage:
             raise _invalid(f"{tiles} tiles do not add up to a {rows}x{cols} grid plus the base view "
                            f"({rows * cols + 1})")
 
+    @property
+    def layout(self) -> tuple[int, int]:
+        """What the cloud arranges this image's features by besides its indices: its size (un-padding)."""
+        return self.image_size
+
 
 @dataclass(frozen=True)
 class PatchGridImage:
@@ -109,6 +114,11 @@ class PatchGridImage:
     def tokens(self) -> int:
         t, h, w = self.grid_thw
         return t * h * w
+
+    @property
+    def layout(self) -> tuple[int, int, int]:
+        """What the cloud arranges this image's features by besides its indices: its patch grid."""
+        return self.grid_thw
 
 
 @dataclass(frozen=True)
@@ -178,6 +188,7 @@ def tokens_per_tile(geometry: WireGeometry, num_tokens: int) -> int | None:
 
 
 def _varint(value: int) -> bytes:
+    """LEB128, as every varint of a frame (`wire` writes its own fields with this one too)."""
     out = bytearray()
     while value >= 0x80:
         out.append(value & 0x7F | 0x80)

@@ -17,7 +17,7 @@ from fastapi.responses import StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from .. import wire
-from ..wire_followup import decode_followup, is_followup
+from ..wire_followup import decode_followup, image_digest, is_followup
 from .batcher import DynamicBatcher, Job, QueueFull
 from .engines.base import AnswerEngine, GenerationRequest, GenerationResult
 from .errors import CLOSE, ApiError, InvalidQuestionError, classify_wire_error, overloaded
@@ -25,7 +25,6 @@ from .image_cache import ImageCache, scope_of
 from .protocol import FRAME_MEDIA_TYPE, answer_responses, answer_route_openapi
 from .sampling import SamplingError, SamplingOptions, parse_query
 from .streaming import answer_events, unless_client_leaves
-from .tiled import kept_image_digest
 
 
 async def read_body(request: Request, max_body_bytes: int) -> bytes:
@@ -93,7 +92,7 @@ def request_decoder(engine: AnswerEngine, entropy_model: wire.EntropyModel | Non
         indices, size = engine.image_of(frame)
         generation = GenerationRequest(indices, engine.input_ids(question, size), options, image_size=size)
         if cache is not None:
-            generation.image_digest = kept_image_digest(frame.indices, engine.fingerprint, size)
+            generation.image_digest = image_digest(frame.indices, engine.fingerprint, size)
             cache.put(scope, generation.image_digest, frame.indices, summary["codebook_size"], size)
         return generation
 

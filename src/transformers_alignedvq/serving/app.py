@@ -119,7 +119,7 @@ def _make_app(engine: AnswerEngine, *, max_batch_size: int, max_wait_ms: float, 
             codebook_size=summary["codebook_size"], num_tokens=summary["num_tokens"],
             codes_per_token=summary["codes_per_token"], grid=tuple(summary["grid"]), prompt_bytes=max_prompt_bytes,
             entropy_coded=entropy_model is not None)
-    _check_entropy_model(entropy_model, summary)
+    _check_entropy_model(entropy_model, engine)
     health = EngineHealth()
     if warmup:
         _warm_up(engine, health)
@@ -201,11 +201,12 @@ def _add_openai_routes(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatch
     install_openai_routes(app, engine=engine, batcher=batcher, decoder=decoder, model_id=model_id)
 
 
-def _check_entropy_model(entropy_model: wire.EntropyModel | None, summary: dict) -> None:
+def _check_entropy_model(entropy_model: wire.EntropyModel | None, engine: AnswerEngine) -> None:
+    summary = engine.summary
     num_tokens, codes = summary["num_tokens"], summary["codes_per_token"]
-    if entropy_model is not None and summary.get("family") == "qwen2_5_vl":
-        raise ServerConfigError("frames of patch grids (Qwen2.5-VL) are sent raw; serve this model without an "
-                                "entropy model")
+    if entropy_model is not None and engine.tiles is not None and not engine.tiles.entropy_coding:
+        raise ServerConfigError(f"frames of patch grids ({engine.tiles.adapter.name}) are sent raw; serve this model "
+                                "without an entropy model")
     if entropy_model is not None and (entropy_model.codebook_size, entropy_model.num_tokens,
                                       entropy_model.codes_per_token) != (summary["codebook_size"], num_tokens, codes):
         raise ServerConfigError(f"the entropy model ({entropy_model!r}) does not fit this model's frames "

@@ -28,8 +28,8 @@ def scope_of(authorization: str | None) -> bytes:
 
 
 class ImageCache:
-    """Thread-safe LRU of ``(scope, digest) -> indices (tokens, codes_per_token)`` and, for the tiled families,
-    the image's size."""
+    """Thread-safe LRU of ``(scope, digest) -> indices (tokens, codes_per_token)`` and the image's layout
+    (`wire_geometry`: a tiled image's size, a Qwen2.5-VL patch grid; None for LLaVA-1.5)."""
 
     def __init__(self, *, max_entries: int = DEFAULT_ENTRIES, max_bytes: int = DEFAULT_BYTES):
         if max_entries < 1 or max_bytes < 1:
@@ -47,11 +47,11 @@ class ImageCache:
         return entry[0].nbytes + ENTRY_OVERHEAD
 
     def put(self, scope: bytes, digest: bytes, indices: np.ndarray, codebook_size: int,
-            image_size: tuple[int, int] | None = None) -> None:
+            layout: tuple[int, ...] | None = None) -> None:
         dtype = np.int16 if codebook_size <= 2**15 else np.int32
         array = np.ascontiguousarray(indices, dtype=dtype)
         array.setflags(write=False)
-        entry, key = (array, image_size), (scope, digest)
+        entry, key = (array, layout), (scope, digest)
         with self._lock:
             old = self._entries.pop(key, None)
             if old is not None:
@@ -66,8 +66,8 @@ class ImageCache:
         entry = self.lookup(scope, digest)
         return None if entry is None else entry[0]
 
-    def lookup(self, scope: bytes, digest: bytes) -> tuple[np.ndarray, tuple[int, int] | None] | None:
-        """``(indices, image size or None)`` of a kept image, or None."""
+    def lookup(self, scope: bytes, digest: bytes) -> tuple[np.ndarray, tuple[int, ...] | None] | None:
+        """``(indices, layout or None)`` of a kept image, or None."""
         with self._lock:
             entry = self._entries.get((scope, digest))
             if entry is None:

@@ -27,11 +27,8 @@ import torch
 from .. import wire
 from ..errors import ServerConfigError
 from ..preprocess_qwen import QwenImagePreprocessing
-from ..wire_geometry import KIND_PATCHES, WireGeometry, max_section_bytes, tokens_per_tile
-
-
-def _mismatch(message: str) -> wire.WireFormatError:
-    return wire.WireFormatError(f"geometry mismatch: {message}")
+from ..wire_geometry import KIND_PATCHES, WireGeometry, max_section_bytes
+from .tiled import FamilyImages, _mismatch
 
 
 def _saved_image_processor(model) -> dict | None:
@@ -75,15 +72,16 @@ def served_preprocessing(model, processor) -> QwenImagePreprocessing:
     return settings
 
 
-class QwenImages:
+class QwenImages(FamilyImages):
     """The frame contract of a served Qwen2.5-VL model (see the module docstring)."""
 
+    kind = KIND_PATCHES
+    entropy_coding = False  # the entropy model codes fixed grids; patch-grid frames are always raw
+
     def __init__(self, model, processor=None):
-        config = model.config
-        self.model, self.config, self.adapter = model, config, model.model.adapter
+        super().__init__(model)
         self.preprocessing = served_preprocessing(model, processor)
         self.patch_size, self.merge = self.preprocessing.patch_size, self.preprocessing.merge_size
-        self.codes = config.codes_per_token
         factor = self.patch_size * self.merge
         # smart_resize clamps a side to one merge unit when scaling down would make it shorter; the other side
         # is then at most sqrt(200 * max_pixels) px (the processor refuses aspect ratios over 200).
@@ -104,15 +102,10 @@ class QwenImages:
 
     def summary(self, fingerprint: bytes) -> dict[str, Any]:
         """The edge/cloud contract for ``/v1/model``: ``num_tokens`` is the largest image's patch count."""
-        config, settings = self.config, self.preprocessing
-        return {
-            "family": self.adapter.name, "split_layer": config.split_layer, "split_site": config.split_site,
-            "codebook_size": config.codebook_size, "bits_per_index": wire.bits_per_index(config.codebook_size),
-            "num_codebooks": config.num_codebooks, "num_groups": config.num_groups, "codes_per_token": self.codes,
-            "num_tokens": self.max_tokens, "grid": None, "has_cls_token": False, "patch_size": self.patch_size,
-            "spatial_merge_size": self.merge, "min_pixels": settings.min_pixels, "max_pixels": settings.max_pixels,
-            "codebook_fingerprint": fingerprint.hex(),
-        }
+        settings = self.preprocessing
+        return self._summary(
+            fingerprint, num_tokens=self.max_tokens, grid=None, has_cls_token=False, patch_size=self.patch_size,
+            spatial_merge_size=self.merge, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
 
     def max_frame_bytes(self, *, prompt_bytes: int, entropy_coded: bool) -> int:
         """The largest raw frame of one image at the largest admitted grid (patch grids are never coded)."""
@@ -123,15 +116,12 @@ class QwenImages:
     # -- frames -------------------------------------------------------------------------------------------
     def check(self, *, geometry: WireGeometry | None, num_tokens: int, grid, has_cls_token: bool) -> None:
         """`wire.decode_frame`'s ``check_geometry``: the grid is one this model's image processor makes."""
-        if geometry is None:
-            raise _mismatch("this Qwen2.5-VL model takes patch grids: the frame must carry its image's grid (t, h, "
-                            "w) (a geometry section)")
-        if geometry.kind != KIND_PATCHES:
-            raise _mismatch("the frame carries tiles; this model takes one patch grid (t, h, w) per image")
-        if len(geometry.images) != 1:
-            raise _mismatch(f"the frame carries {len(geometry.images)} images; send one per request")
-        self.check_grid(geometry.images[0].grid_thw)
-        tokens_per_tile(geometry, num_tokens)
+        image = self._one_image(
+            geometry, other_kind="the frame carries tiles; this model takes one patch grid (t, h, w) per image",
+            missing="this Qwen2.5-VL model takes patch grids: the frame must carry its image's grid (t, h, w) (a "
+                    "geometry section)")
+        # The decoder has already held the token count to t * h * w (`wire_geometry.tokens_per_tile`).
+        self.check_grid(image.grid_thw)
 
     def check_grid(self, grid_thw: tuple[int, int, int]) -> None:
         t, h, w = grid_thw
@@ -149,10 +139,6 @@ class QwenImages:
             raise _mismatch(f"{name} is {width}x{height} px, more than this model's max_pixels="
                             f"{settings.max_pixels}; edge and cloud must resize with the same pixel limits")
 
-    def image_of(self, frame: wire.Frame) -> tuple[torch.Tensor, tuple[int, int, int]]:
-        """A checked frame's indices ``(patches, codes)`` and its image's grid ``(t, h, w)``."""
-        return torch.from_numpy(frame.indices.copy()), frame.geometry.images[0].grid_thw
-
     def image_tokens(self, grid_thw: tuple[int, int, int]) -> int:
         """Placeholders for an image of patch grid ``grid_thw``: the merger's output, ``t * h * w / merge²``."""
         t, h, w = grid_thw
@@ -163,8 +149,7 @@ class QwenImages:
         codes), grid)``."""
         grid = inputs["image_grid_thw"]
         self.check_grid(tuple(int(v) for v in grid[0]))
-        device = self.model.model.alignedvq.quantizer.codebook.device
-        indices = self.model.encode_edge(inputs["pixel_values"].to(device), grid.to(device)).cpu()
+        indices = self._encode_edge(inputs["pixel_values"], grid)
         return indices.reshape(indices.shape[0], -1), tuple(int(v) for v in grid[0])
 
     # -- batches ------------------------------------------------------------------------------------------

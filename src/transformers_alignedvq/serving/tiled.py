@@ -11,6 +11,8 @@ fixed size is held here, in `TiledImages`, which the engine asks instead of a fi
   OneVision's downsample, newlines), counted by that packing itself on meta tensors (no memory, no compute), so
   it cannot drift from the model.
 * A batch's images are the tiles of all its requests, in order, with their ``image_sizes``.
+
+`FamilyImages` holds what this contract shares with Qwen2.5-VL's (`qwen.QwenImages`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from typing import Any, Sequence
 import torch
 
 from .. import wire
-from ..wire_followup import image_digest, layout_image_digest
 from ..wire_geometry import KIND_TILES, WireGeometry, max_section_bytes, tokens_per_tile
 
 
@@ -29,12 +30,52 @@ def _mismatch(message: str) -> wire.WireFormatError:
     return wire.WireFormatError(f"geometry mismatch: {message}")
 
 
-class TiledImages:
-    """The frame contract of a served any-resolution model (see the module docstring)."""
+class FamilyImages:
+    """What the frame contracts of the families whose images vary share (`TiledImages`, `qwen.QwenImages`): the
+    served model and its codes, the common ``/v1/model`` fields, a frame's one image and the edge run here."""
+
+    kind: int  # the `wire_geometry` kind its frames carry
+    entropy_coding: bool  # whether its frames may be coded with an entropy model
 
     def __init__(self, model):
-        config = model.config
-        self.model, self.config, self.adapter = model, config, model.model.adapter
+        self.model, self.config, self.adapter = model, model.config, model.model.adapter
+        self.codes = self.config.codes_per_token
+
+    def _summary(self, fingerprint: bytes, **fields: Any) -> dict[str, Any]:
+        config = self.config
+        return {
+            "family": self.adapter.name, "split_layer": config.split_layer, "split_site": config.split_site,
+            "codebook_size": config.codebook_size, "bits_per_index": wire.bits_per_index(config.codebook_size),
+            "num_codebooks": config.num_codebooks, "num_groups": config.num_groups, "codes_per_token": self.codes,
+            **fields, "codebook_fingerprint": fingerprint.hex(),
+        }
+
+    def _one_image(self, geometry: WireGeometry | None, *, missing: str, other_kind: str):
+        """The frame's one image, of this family's kind; a geometry mismatch saying ``missing`` (no section) or
+        ``other_kind`` otherwise."""
+        if geometry is None:
+            raise _mismatch(missing)
+        if geometry.kind != self.kind:
+            raise _mismatch(other_kind)
+        if len(geometry.images) != 1:
+            raise _mismatch(f"the frame carries {len(geometry.images)} images; send one per request")
+        return geometry.images[0]
+
+    def _encode_edge(self, pixels: torch.Tensor, layout: torch.Tensor) -> torch.Tensor:
+        """The model's edge on the image processor's ``pixels`` and layout tensor, on the model's device."""
+        device = self.model.model.alignedvq.quantizer.codebook.device
+        return self.model.encode_edge(pixels.to(device), layout.to(device)).cpu()
+
+
+class TiledImages(FamilyImages):
+    """The frame contract of a served any-resolution model (see the module docstring)."""
+
+    kind = KIND_TILES
+    entropy_coding = True  # tile by tile, with a model fitted on single tiles
+
+    def __init__(self, model):
+        super().__init__(model)
+        config = self.config
         vision = config.vision_config
         self.tile_size, self.patch_size = vision.image_size, vision.patch_size
         side = vision.image_size // vision.patch_size
@@ -52,36 +93,25 @@ class TiledImages:
 
     def summary(self, fingerprint: bytes) -> dict[str, Any]:
         """The edge/cloud contract for ``/v1/model``: ``num_tokens`` and ``grid`` are one tile's."""
-        config = self.config
-        codes = config.num_codebooks * config.num_groups
-        return {
-            "family": self.adapter.name, "split_layer": config.split_layer, "split_site": config.split_site,
-            "codebook_size": config.codebook_size, "bits_per_index": wire.bits_per_index(config.codebook_size),
-            "num_codebooks": config.num_codebooks, "num_groups": config.num_groups, "codes_per_token": codes,
-            "num_tokens": self.tokens_per_tile, "tokens_per_tile": self.tokens_per_tile,
-            "grid": list(self.patch_grid), "has_cls_token": self.has_cls_token, "image_size": self.tile_size,
-            "patch_size": self.patch_size, "image_grid_pinpoints": self.pinpoints,
-            "max_tiles_per_image": self.max_tiles, "codebook_fingerprint": fingerprint.hex(),
-        }
+        return self._summary(
+            fingerprint, num_tokens=self.tokens_per_tile, tokens_per_tile=self.tokens_per_tile,
+            grid=list(self.patch_grid), has_cls_token=self.has_cls_token, image_size=self.tile_size,
+            patch_size=self.patch_size, image_grid_pinpoints=self.pinpoints, max_tiles_per_image=self.max_tiles)
 
     def max_frame_bytes(self, *, prompt_bytes: int, entropy_coded: bool) -> int:
         """The largest frame of one image at the model's largest tiling, with a prompt of ``prompt_bytes``."""
         return wire.max_frame_bytes(
             codebook_size=self.config.codebook_size, num_tokens=self.max_tiles * self.tokens_per_tile,
-            codes_per_token=self.config.num_codebooks * self.config.num_groups, grid=self.patch_grid,
+            codes_per_token=self.codes, grid=self.patch_grid,
             prompt_bytes=prompt_bytes, entropy_coded=entropy_coded) + max_section_bytes()
 
     # -- frames -------------------------------------------------------------------------------------------
     def check(self, *, geometry: WireGeometry | None, num_tokens: int, grid, has_cls_token: bool) -> None:
         """`wire.decode_frame`'s ``check_geometry``: the frame's layout is one this model's preprocessing makes."""
-        if geometry is None:
-            raise _mismatch(f"this {self.adapter.name} model takes tiled images: the frame must carry its image size, "
-                            "tile count and grid (a geometry section)")
-        if geometry.kind != KIND_TILES:
-            raise _mismatch("the frame carries patch grids; this model takes any-resolution tiles")
-        if len(geometry.images) != 1:
-            raise _mismatch(f"the frame carries {len(geometry.images)} images; send one per request")
-        image = geometry.images[0]
+        image = self._one_image(
+            geometry, other_kind="the frame carries patch grids; this model takes any-resolution tiles",
+            missing=f"this {self.adapter.name} model takes tiled images: the frame must carry its image size, tile "
+                    "count and grid (a geometry section)")
         try:
             expected = self.adapter.geometry(self.config, [image.image_size])
         except (ValueError, ArithmeticError) as exc:
@@ -100,16 +130,11 @@ class TiledImages:
             raise _mismatch(f"patch grid {grid[0]}x{grid[1]} (CLS {has_cls_token}) per tile, this model makes "
                             f"{self.patch_grid[0]}x{self.patch_grid[1]} (CLS {self.has_cls_token})")
 
-    def image_of(self, frame: wire.Frame) -> tuple[torch.Tensor, tuple[int, int]]:
-        """A checked frame's indices ``(tokens, codes)`` and its image's ``(height, width)``."""
-        return torch.from_numpy(frame.indices.copy()), frame.geometry.images[0].image_size
-
     def encode_processed(self, inputs) -> tuple[torch.Tensor, tuple[int, int]]:
         """The edge run in the server on the image processor's output for one image: every tile in the model's
         order ``(tokens, codes)`` and the image's ``(height, width)``."""
-        device = self.model.model.alignedvq.quantizer.codebook.device
         sizes = inputs["image_sizes"]
-        indices = self.model.encode_edge(inputs["pixel_values"].to(device), sizes.to(device)).cpu()
+        indices = self._encode_edge(inputs["pixel_values"], sizes)
         return indices.reshape(-1, *indices.shape[2:]), tuple(int(side) for side in sizes[0])
 
     def _image_tokens(self, image_size: tuple[int, int]) -> int:
@@ -125,25 +150,15 @@ class TiledImages:
     # -- batches ------------------------------------------------------------------------------------------
     def generate_inputs(self, indices: Sequence[torch.Tensor], image_sizes: Sequence[tuple[int, int]]) -> dict:
         """``image_indices`` ``(tiles, tokens_per_tile[, codes])`` and ``image_sizes`` of a batch's images."""
-        codes = self.config.num_codebooks * self.config.num_groups
-        tiles = torch.cat(list(indices)).reshape(-1, self.tokens_per_tile, codes)
-        return {"image_indices": tiles.squeeze(-1) if codes == 1 else tiles,
+        tiles = torch.cat(list(indices)).reshape(-1, self.tokens_per_tile, self.codes)
+        return {"image_indices": tiles.squeeze(-1) if self.codes == 1 else tiles,
                 "image_sizes": torch.tensor([list(size) for size in image_sizes], dtype=torch.long)}
 
     def warmup_image(self) -> tuple[torch.Tensor, tuple[int, int]]:
         """Zero indices of a one-tile-size image, for the start-up generate."""
         size = (self.tile_size, self.tile_size)
         tiles = self.adapter.geometry(self.config, [size]).num_tiles
-        codes = self.config.num_codebooks * self.config.num_groups
-        return torch.zeros(tiles * self.tokens_per_tile, codes, dtype=torch.long), size
-
-
-def kept_image_digest(indices, fingerprint: bytes, layout: tuple[int, ...] | None) -> bytes:
-    """What a follow-up names a kept image by: `wire_followup.image_digest` of its indices, bound to its layout
-    (a tiled image's size, a Qwen2.5-VL patch grid) by `wire_followup.layout_image_digest` where it has one."""
-    if layout is None:
-        return image_digest(indices, fingerprint)
-    return layout_image_digest(indices, fingerprint, layout)
+        return torch.zeros(tiles * self.tokens_per_tile, self.codes, dtype=torch.long), size
 
 
 def refuse_geometry(num_tokens: int):
@@ -157,4 +172,4 @@ def refuse_geometry(num_tokens: int):
     return check
 
 
-__all__ = ["TiledImages", "kept_image_digest", "refuse_geometry"]
+__all__ = ["FamilyImages", "TiledImages", "refuse_geometry"]

@@ -85,8 +85,7 @@ class AnswerEngine(ABC):
                 raise ServerConfigError(f"{type(model).__name__} is not an AlignedVQ model (config lacks {attribute})")
         self.model, self.tokenizer, self.processor = model.eval(), tokenizer, processor
         self.config = config
-        own = getattr(model, "codebook_fingerprint", None)  # LLaVA's; the tiled families' is the same digest
-        self.fingerprint = own() if own else wire.codebook_fingerprint(model.model.alignedvq.quantizer.codebook)
+        self.fingerprint = model.codebook_fingerprint()  # every family's (`checkpoints.mixin.CheckpointMixin`)
         self.max_new_tokens = max_new_tokens
         self._init_tokens(model, tokenizer, processor)
         template_owner = processor if getattr(processor, "chat_template", None) else tokenizer
@@ -201,11 +200,11 @@ class AnswerEngine(ABC):
             return {**checks, "check_geometry": self.tiles.check}
         return {**checks, "num_tokens": summary["num_tokens"], "check_geometry": refuse_geometry(summary["num_tokens"])}
 
-    def image_of(self, frame: wire.Frame) -> tuple[torch.Tensor, tuple[int, int] | None]:
-        """A checked frame's indices ``(tokens, codes_per_token)`` and its image's size (None: LLaVA-1.5)."""
-        if self.tiles is not None:
-            return self.tiles.image_of(frame)
-        return torch.from_numpy(frame.indices.copy()), None
+    def image_of(self, frame: wire.Frame) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+        """A checked frame's indices ``(tokens, codes_per_token)`` and its image's layout (`wire_geometry`: a tiled
+        image's size, a patch grid; None for LLaVA-1.5, whose frames `frame_checks` keeps without a geometry)."""
+        layout = None if frame.geometry is None else frame.geometry.images[0].layout
+        return torch.from_numpy(frame.indices.copy()), layout
 
     def stack_indices(self, batch: list[GenerationRequest]) -> torch.Tensor:
         """The batch's indices as the model takes them: ``(batch, tokens[, codes_per_token])``."""
