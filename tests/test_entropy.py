@@ -182,21 +182,3 @@ def test_several_codes_per_token_are_coded_stage_by_stage(tmp_path):
     with pytest.raises(WireFormatError, match="37 tokens x 2 codes"):
         encode_frame(first[0], entropy_model=model, **options)
 
-
-def test_stage_count_is_bounded_when_fitting_and_loading():
-    """A staged model holds 2..MAX_STAGES stages: fitting more codes per token, or loading arrays whose stage
-    axis is out of range, is refused by name."""
-    from transformers_alignedvq.entropy import MAX_STAGES
-
-    first = blocky_images(4)
-    too_many = np.stack([first] * (MAX_STAGES + 1), -1)
-    with pytest.raises(WireFormatError, match=rf"stages <= {MAX_STAGES}"):
-        EntropyModel.fit(too_many, codebook_size=64, grid=(6, 6), has_cls_token=True)
-    arrays = EntropyModel.fit(np.stack([first, first], -1), codebook_size=64, grid=(6, 6),
-                              has_cls_token=True).to_arrays()
-    for stages in (1, MAX_STAGES + 1):
-        bad = {name: (np.repeat(value[:1], stages, axis=0) if name in ("cls_probabilities", "rank_probabilities",
-                                                                          "escape_probabilities") else value)
-               for name, value in arrays.items()}
-        with pytest.raises(WireFormatError, match=rf"2\.\.{MAX_STAGES} stages, got {stages}"):
-            EntropyModel(bad)
