@@ -94,6 +94,8 @@ def test_preprocessing_refuses_bad_input():
         QwenImagePreprocessing()(np.zeros((2, 500, 3), np.uint8))
     with pytest.raises(ImageInputError, match="uint8"):
         QwenImagePreprocessing()(np.zeros((20, 20, 3), np.float32))
+    with pytest.raises(ImageInputError, match="empty"):
+        smart_resize(0, 28)
     with pytest.raises(ValueError, match="min_pixels"):
         QwenImagePreprocessing(min_pixels=100, max_pixels=10)
     with pytest.raises(ValueError, match="patch_size"):
