@@ -211,6 +211,11 @@ def test_edge_folder_and_inputs_are_checked(exported, tmp_path):
         load_qwen_edge(tmp_path)
     with pytest.raises(ValueError, match="grouped"):
         export_qwen_edge(tiny_split("patch", 0, num_groups=2), tmp_path / "grouped")
+    _, patch_folder = exported["patch", 0, 0]
+    (tmp_path / "qwen_edge.onnx").write_bytes((patch_folder / "qwen_edge.onnx").read_bytes())
+    (tmp_path / "qwen_edge.json").write_text(json.dumps(config))  # a block site's settings for the patch graph
+    with pytest.raises(EdgeCheckpointError, match="takes"):
+        load_qwen_edge(tmp_path)
 
 
 def test_a_broken_edge_folder_is_an_edge_checkpoint_error(tmp_path):
