@@ -20,13 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from edge_encode import SITES, interleaved_medians, onnx_session  # the sibling benchmark: same timing rules
 from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModel, SiglipVisionConfig, SiglipVisionModel
 
@@ -39,7 +38,6 @@ from transformers_alignedvq.models.llava_alignedvq.quantizer import nearest_code
 from transformers_alignedvq.preprocess_tiles import TiledPreprocessing
 
 CODEBOOK_SIZE = 4096
-SITES = {"patch_0": (0, "patch"), "input_0": (0, "input"), "ln1_0": (0, "ln1"), "mlp_0": (0, "mlp"), "mlp_1": (1, "mlp")}
 ONEVISION_PINPOINTS = [[h, w] for h in range(384, 2305, 384) for w in range(384, 2305, 384)]
 NEXT_PINPOINTS = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]
 FIT_PHOTOS = ("astronaut", "rocket", "chelsea")
@@ -116,26 +114,6 @@ def features_of(edge, tiles: torch.Tensor) -> torch.Tensor:
                       for batch in tiles.split(8)])
 
 
-def session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = 1, 1
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def interleaved_medians(methods: dict, repeats: int) -> dict[str, float]:
-    for run in methods.values():  # warm-up
-        run()
-    samples = {name: [] for name in methods}
-    for _ in range(repeats):
-        for name, run in methods.items():
-            start = time.perf_counter()
-            run()
-            samples[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(times) for name, times in samples.items()}
-
-
 def measure(label: str, vision, make_tower, tiling: TiledPreprocessing, args, scratch: Path) -> list[dict]:
     layer, site = SITES[args.site]
     torch.manual_seed(0)
@@ -150,7 +128,7 @@ def measure(label: str, vision, make_tower, tiling: TiledPreprocessing, args, sc
     reference = fp64_exact(edge, tiles)
     shortlist_edge = build_edge_copy(edge, SearchConfig("shortlist", rank=args.rank, candidates=args.candidates))
     shortlist_path = export_onnx(shortlist_edge, scratch / "shortlist.onnx")
-    sessions = {"ONNX, exact": session(exact_path), "ONNX, shortlist": session(shortlist_path)}
+    sessions = {"ONNX, exact": onnx_session(exact_path), "ONNX, shortlist": onnx_session(shortlist_path)}
     feed = {"pixel_values": tiled.pixels}
 
     def torch_exact():

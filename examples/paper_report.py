@@ -196,10 +196,11 @@ def _diagnostic(results: Results, base: float | None) -> list[str]:
             if not results.get(name) or not results.get(names[0]):
                 cells += ["—"] * 3
                 continue
-            gap = base - results.mean(names[0])
-            shares[block, name.split("_", 2)[2]] = share = (results.mean(name) - results.mean(names[0])) / gap
+            key, gap = (block, name.split("_", 2)[2]), base - results.mean(names[0])
+            if gap:  # (a) level with the base leaves no gap to share out
+                shares[key] = (results.mean(name) - results.mean(names[0])) / gap
             text, decided = compared(results, name, names[0])
-            cells += [f"{100 * share:.0f}%", text.split("per seed ")[1], decided]
+            cells += [f"{100 * shares[key]:.0f}%" if key in shares else "—", text.split("per seed ")[1], decided]
         lines.append(f"| {block} | " + " | ".join(cells) + " |")
     return lines + [""] + _account(shares, stats) + [""]
 

@@ -44,12 +44,8 @@ def _edge_keeping_input(kept: dict):
     def edge(tower, pixel_values, split_layer, site):
         if site != "ln1":
             raise RuntimeError(f"the residual diagnostics split at ln1 only, not {site!r}")
-        blocks = split.vision_blocks(tower)
-        hidden = split.embed(tower, pixel_values)
-        for block in blocks[:split_layer]:
-            hidden = block(hidden, None)
-        kept["x"] = hidden
-        return split.block_to_site(blocks[split_layer], hidden, site)
+        kept["x"] = split.edge_forward(tower, pixel_values, split_layer, "input")  # the split block's input
+        return split.block_to_site(split.vision_blocks(tower)[split_layer], kept["x"], site)
 
     return edge
 

@@ -241,6 +241,24 @@ def test_pytorch_tiled_edge_and_what_is_refused(tmp_path):
         export_tiled_edge(tiny_alignedvq(), tmp_path / "x")
 
 
+@needs_model
+def test_a_tiled_edge_folder_that_disagrees_with_itself_is_refused(tmp_path):
+    export_tiled_edge(_tiny_split("llava_next", "ln1", 0, TINY_PINPOINTS), tmp_path, format="safetensors")
+    path = tmp_path / "edge_config.json"
+    config = json.loads(path.read_text())
+    larger_tiles = {"tiling": {"pinpoints": [[32, 32]]},
+                    "preprocessing": {**config["preprocessing"], "resize": {"shortest_edge": 32}, "crop": [32, 32]}}
+    for broken, message in [({"tiling": {"pinpoints": "16x16"}}, "invalid tiling"),
+                            ({"tokens_per_tile": None}, "invalid tiling"),
+                            (larger_tiles, "cuts 32-px tiles for a 16-px tower")]:
+        path.write_text(json.dumps({**config, **broken}))
+        with pytest.raises(EdgeCheckpointError, match=message):
+            load_tiled_edge(tmp_path, backend="torch")
+    path.write_text(json.dumps({**config, "tokens_per_tile": config["tokens_per_tile"] + 1}))
+    with pytest.raises(EdgeCheckpointError, match="tokens per tile"):
+        load_tiled_edge(tmp_path, backend="torch").encode_image(_photo(20, 30))
+
+
 def test_the_tiled_device_modules_import_no_cloud_package():
     code = ("import sys\nimport transformers_alignedvq.edge_tiles, transformers_alignedvq.preprocess_tiles\n"
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'onnx'}))")

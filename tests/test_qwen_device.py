@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from tests.test_family_qwen2_5_vl import MERGE, PATCH, TEMPORAL, tiny_split
+from transformers_alignedvq.errors import EdgeCheckpointError
 from transformers_alignedvq.models.qwen2_5_vl_alignedvq.modeling_qwen2_5_vl_alignedvq import _HAS_MM_ENCODER_OUTPUTS
 from transformers_alignedvq.preprocess import ImageInputError
 from transformers_alignedvq.preprocess_qwen import QwenImagePreprocessing, patchify, raster_patches, smart_resize
@@ -93,6 +94,8 @@ def test_preprocessing_refuses_bad_input():
         QwenImagePreprocessing()(np.zeros((2, 500, 3), np.uint8))
     with pytest.raises(ImageInputError, match="uint8"):
         QwenImagePreprocessing()(np.zeros((20, 20, 3), np.float32))
+    with pytest.raises(ImageInputError, match="empty"):
+        smart_resize(0, 28)
     with pytest.raises(ValueError, match="min_pixels"):
         QwenImagePreprocessing(min_pixels=100, max_pixels=10)
     with pytest.raises(ValueError, match="patch_size"):
@@ -208,6 +211,30 @@ def test_edge_folder_and_inputs_are_checked(exported, tmp_path):
         load_qwen_edge(tmp_path)
     with pytest.raises(ValueError, match="grouped"):
         export_qwen_edge(tiny_split("patch", 0, num_groups=2), tmp_path / "grouped")
+    _, patch_folder = exported["patch", 0, 0]
+    (tmp_path / "qwen_edge.onnx").write_bytes((patch_folder / "qwen_edge.onnx").read_bytes())
+    (tmp_path / "qwen_edge.json").write_text(json.dumps(config))  # a block site's settings for the patch graph
+    with pytest.raises(EdgeCheckpointError, match="takes"):
+        load_qwen_edge(tmp_path)
+
+
+def test_a_broken_edge_folder_is_an_edge_checkpoint_error(tmp_path):
+    """Every folder problem, the graph's included (ONNX Runtime raises its own types), is one typed error."""
+    pytest.importorskip("onnxruntime")
+    (tmp_path / "qwen_edge.onnx").write_bytes(b"not a graph")
+    (tmp_path / "qwen_edge.json").write_text("{")
+    with pytest.raises(EdgeCheckpointError, match="not valid JSON"):
+        load_qwen_edge(tmp_path)
+    config = {"format": "qwen2_5_vl_edge", "split_site": "patch", "patch_dim": 12, "window_patches": 4}
+    (tmp_path / "qwen_edge.json").write_text(json.dumps(config))
+    with pytest.raises(EdgeCheckpointError, match="lacks"):
+        load_qwen_edge(tmp_path)
+    (tmp_path / "qwen_edge.json").write_text(json.dumps({**config, "preprocessing": {"patch_size": 0}}))
+    with pytest.raises(EdgeCheckpointError, match="patch_size"):
+        load_qwen_edge(tmp_path)
+    (tmp_path / "qwen_edge.json").write_text(json.dumps({**config, "preprocessing": TINY_PREPROCESSING.to_dict()}))
+    with pytest.raises(EdgeCheckpointError, match="qwen_edge.onnx cannot be loaded"):
+        load_qwen_edge(tmp_path)
 
 
 @needs_model

@@ -13,6 +13,7 @@ from tests.conftest import prompt_ids, tiny_llava
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 try:
+    import paper_report
     import residual_diagnostics as diag
 finally:
     sys.path.pop(0)
@@ -80,3 +81,13 @@ def test_the_diagnostics_refuse_other_sites_and_a_cloud_without_its_edge(pixels)
     indices = split.encode_edge(pixels)
     with diag.mean_scale_restored(), pytest.raises(RuntimeError, match="same batch"):
         split(input_ids=prompt_ids(), image_indices=indices)
+
+
+def test_the_report_names_no_share_where_indices_alone_already_match_the_base():
+    """(a) level with LLaVA leaves no gap for (b) and (c) to close: the report says so instead of dividing by 0."""
+    runs = {"fig7_L1_alignedvq_s0": 0.9, "diag_L1_residual_kept_s0": 0.92, "diag_L1_mean_scale_s0": 0.91}
+    results = paper_report.Results({name: {"accuracy": value, "eval_split": "validation", "bytes_per_image": 121}
+                                    for name, value in runs.items()})
+    table = "\n".join(paper_report._diagnostic(results, base=90.0))
+    assert "| 1 | — | unpaired | inconclusive | — | unpaired | inconclusive |" in table
+    assert "Block 1:" not in table  # no reading of shares that do not exist

@@ -144,9 +144,21 @@ def _contract(directory: Path, config: dict, preprocessing: ImagePreprocessing) 
     )
 
 
-def _onnx_runtime(directory: Path, config: dict, threads: int | None) -> EdgeRuntime:
+def onnx_session(path: Path, threads: int | None):
+    """An ONNX Runtime CPU session of the graph at ``path`` (``threads``: intra-op threads, None: its default);
+    `EdgeCheckpointError` for a graph it cannot load."""
     import onnxruntime as ort
 
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own types for unreadable or invalid graphs
+        raise EdgeCheckpointError(f"{path.name} cannot be loaded: {exc}") from None
+
+
+def _onnx_runtime(directory: Path, config: dict, threads: int | None) -> EdgeRuntime:
     path = directory / EDGE_ONNX_NAME
     if not path.is_file():
         raise EdgeCheckpointError(f"{EDGE_ONNX_NAME} not found in {directory}; export it with "
@@ -156,13 +168,7 @@ def _onnx_runtime(directory: Path, config: dict, threads: int | None) -> EdgeRun
         preprocessing = read_preprocessing(directory, config)
     except (KeyError, ValueError, TypeError) as exc:
         raise EdgeCheckpointError(f"{EDGE_CONFIG_NAME} of an ONNX edge lacks a valid setting: {exc}") from None
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # onnxruntime raises its own types for unreadable or invalid graphs
-        raise EdgeCheckpointError(f"{EDGE_ONNX_NAME} cannot be loaded: {exc}") from None
+    session = onnx_session(path, threads)
     (graph_input,), (graph_output,) = session.get_inputs(), session.get_outputs()
     per_image = graph_input.shape[0] == 1  # a graph exported for one image at a time
 
@@ -203,6 +209,7 @@ __all__ = [
     "EdgeRuntime",
     "frame_geometry",
     "load_edge_runtime",
+    "onnx_session",
     "read_edge_config",
     "write_edge_config",
 ]

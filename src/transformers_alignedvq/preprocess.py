@@ -110,15 +110,8 @@ class ImagePreprocessing:
         pixels = np.asarray(pil)  # (H, W, 3) uint8
         if self.crop:
             pixels = _center_crop(pixels, *self.crop)
-        pixels = pixels.transpose(2, 0, 1)
-        if self.rescale_factor is not None:
-            pixels = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        pixels = pixels.astype(np.float32, copy=False)
-        if self.image_mean is not None:
-            mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
-            std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
-            pixels = (pixels - mean) / std
-        return np.ascontiguousarray(pixels[None], dtype=np.float32)
+        pixels = rescale_and_normalize(pixels.transpose(2, 0, 1), self.rescale_factor, self.image_mean, self.image_std)
+        return pixels[None]
 
     def _resized_size(self, width: int, height: int) -> tuple[int, int]:
         """Pillow's ``(width, height)`` after the resize, as Transformers computes it."""
@@ -153,6 +146,19 @@ def read_preprocessing(directory: str | os.PathLike, edge_config: dict) -> Image
         return ImagePreprocessing.from_dict(edge_config["preprocessing"])
     vision = edge_config.get("vision_config") or {}
     return ImagePreprocessing.for_vision_config(vision.get("model_type"), vision.get("image_size"))
+
+
+def rescale_and_normalize(pixels: np.ndarray, rescale_factor: float | None, image_mean, image_std) -> np.ndarray:
+    """``(3, H, W)`` uint8 -> contiguous float32: ``x * rescale_factor`` in float64 (None skips), then
+    ``(x - mean) / std`` in float32 (None skips), as Transformers' PIL-backed image processors compute it."""
+    if rescale_factor is not None:
+        pixels = (pixels.astype(np.float64) * rescale_factor).astype(np.float32)
+    pixels = pixels.astype(np.float32, copy=False)
+    if image_mean is not None:
+        mean = np.asarray(image_mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(image_std, dtype=np.float32)[:, None, None]
+        pixels = (pixels - mean) / std
+    return np.ascontiguousarray(pixels, dtype=np.float32)
 
 
 def _triple(values) -> tuple[float, float, float] | None:
@@ -234,4 +240,5 @@ __all__ = [
     "ImagePreprocessing",
     "load_image",
     "read_preprocessing",
+    "rescale_and_normalize",
 ]

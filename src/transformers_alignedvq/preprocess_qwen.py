@@ -23,7 +23,14 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageInputError, load_image
+from .preprocess import (
+    OPENAI_CLIP_MEAN,
+    OPENAI_CLIP_STD,
+    ImageInputError,
+    _triple,
+    load_image,
+    rescale_and_normalize,
+)
 
 _BICUBIC = 3
 
@@ -157,15 +164,8 @@ class QwenImagePreprocessing:
         height, width = self.resized_size(pil.height, pil.width)
         if (height, width) != (pil.height, pil.width):
             pil = pil.resize((width, height), resample=self.resample)
-        pixels = np.asarray(pil).transpose(2, 0, 1)
-        if self.rescale_factor is not None:
-            pixels = (pixels.astype(np.float64) * self.rescale_factor).astype(np.float32)
-        pixels = pixels.astype(np.float32, copy=False)
-        if self.image_mean is not None:
-            mean = np.asarray(self.image_mean, dtype=np.float32)[:, None, None]
-            std = np.asarray(self.image_std, dtype=np.float32)[:, None, None]
-            pixels = (pixels - mean) / std
-        return np.ascontiguousarray(pixels, dtype=np.float32)
+        return rescale_and_normalize(np.asarray(pil).transpose(2, 0, 1), self.rescale_factor, self.image_mean,
+                                     self.image_std)
 
     def __call__(self, image) -> tuple[np.ndarray, np.ndarray]:
         """What the image processor returns for one image: ``pixel_values`` ``(num_patches, C * T * P * P)``
@@ -183,15 +183,6 @@ class QwenImagePreprocessing:
 
     def _grid_of(self, pixels: np.ndarray) -> np.ndarray:
         return np.array([1, pixels.shape[1] // self.patch_size, pixels.shape[2] // self.patch_size], np.int64)
-
-
-def _triple(values) -> tuple[float, float, float] | None:
-    if values is None:
-        return None
-    values = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values] * 3)]
-    if len(values) != 3:
-        raise ValueError(f"expected 3 channel values, got {values}")
-    return tuple(values)
 
 
 __all__ = ["QwenImagePreprocessing", "patchify", "raster_patches", "smart_resize"]

@@ -26,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .edge_runtime import onnx_session
+from .errors import EdgeCheckpointError
 from .preprocess_qwen import QwenImagePreprocessing
 
 QWEN_EDGE_MODEL, QWEN_EDGE_CONFIG = "qwen_edge.onnx", "qwen_edge.json"
@@ -123,32 +125,31 @@ def _grid(grid, merge: int) -> tuple[int, int, int]:
 
 def load_qwen_edge(directory: str | os.PathLike, *, threads: int | None = None) -> QwenEdgeRuntime:
     """Load an edge folder written by `export_qwen_edge`. ``threads``: ONNX Runtime's intra-op threads (None:
-    its default). `ValueError` naming the problem for a folder that is not one."""
-    import onnxruntime as ort
-
+    its default). `EdgeCheckpointError` naming the problem for a folder that is not one."""
     directory = Path(directory)
     config_path, model_path = directory / QWEN_EDGE_CONFIG, directory / QWEN_EDGE_MODEL
     for path in (config_path, model_path):
         if not path.is_file():
-            raise ValueError(f"{directory} is not a Qwen2.5-VL edge folder: {path.name} is missing")
+            raise EdgeCheckpointError(f"{directory} is not a Qwen2.5-VL edge folder: {path.name} is missing")
     try:
         config = json.loads(config_path.read_text())
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{QWEN_EDGE_CONFIG} is not valid JSON: {exc}") from None
+        raise EdgeCheckpointError(f"{QWEN_EDGE_CONFIG} is not valid JSON: {exc}") from None
     if not isinstance(config, dict) or config.get("format") != QWEN_EDGE_FORMAT:
-        raise ValueError(f"{QWEN_EDGE_CONFIG} does not describe a Qwen2.5-VL edge (format {QWEN_EDGE_FORMAT!r})")
+        raise EdgeCheckpointError(f"{QWEN_EDGE_CONFIG} does not describe a Qwen2.5-VL edge (format "
+                                  f"{QWEN_EDGE_FORMAT!r})")
     missing = [key for key in ("split_site", "patch_dim", "window_patches", "preprocessing") if key not in config]
     if missing:
-        raise ValueError(f"{QWEN_EDGE_CONFIG} lacks {missing}")
-    preprocessing = QwenImagePreprocessing.from_dict(config["preprocessing"])
-    options = ort.SessionOptions()
-    if threads is not None:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        raise EdgeCheckpointError(f"{QWEN_EDGE_CONFIG} lacks {missing}")
+    try:
+        preprocessing = QwenImagePreprocessing.from_dict(config["preprocessing"])
+    except ValueError as exc:
+        raise EdgeCheckpointError(f"{QWEN_EDGE_CONFIG}: {exc}") from None
+    session = onnx_session(model_path, threads)
     expected = PATCH_INPUTS if config["split_site"] == "patch" else WINDOW_INPUTS
     if tuple(i.name for i in session.get_inputs()) != expected:
-        raise ValueError(f"{QWEN_EDGE_MODEL} takes {[i.name for i in session.get_inputs()]}, expected {list(expected)}")
+        raise EdgeCheckpointError(f"{QWEN_EDGE_MODEL} takes {[i.name for i in session.get_inputs()]}, expected "
+                                  f"{list(expected)}")
     return QwenEdgeRuntime(session, config, preprocessing)
 
 

@@ -43,6 +43,19 @@ _UNUSED_AT_SITE = {
 }
 
 
+def folded_search(layer: AlignedVQLayer, config: SearchConfig) -> nn.Module | None:
+    """The search of ``layer``'s codebook with its input DLP folded in, on the codebook's device: one codebook
+    (`CodewordSearch`) or residual stages (`ResidualCodewordSearch`); None for grouped codebooks, which have none."""
+    with torch.no_grad():
+        if layer.can_fold:
+            folded, offsets = fold_codebook(layer.quantizer.codebook[0, 0], *layer._pre_quantization_affine())
+            return CodewordSearch(folded, offsets, config).to(layer.quantizer.codebook.device)
+        if layer.quantizer.num_groups == 1:
+            codebooks, (weight, bias) = layer.quantizer.codebook[:, 0], layer._pre_quantization_affine()
+            return ResidualCodewordSearch(codebooks, weight, bias, config).to(codebooks.device)
+    return None
+
+
 class AlignedVQEdgeEncoder(nn.Module):
     """Pixels -> AlignedVQ indices, with only the edge's weights.
 
@@ -109,18 +122,8 @@ class AlignedVQEdgeEncoder(nn.Module):
         """(Re)build the search tables from the current weights, optionally with another search config.
         Residual codebooks get the folded residual search; grouped ones keep the generic exact search."""
         self.search_config = config or self.search_config
-        layer = self.alignedvq
-        self.search = None
-        if layer.can_fold:
-            with torch.no_grad():
-                folded, offsets = fold_codebook(layer.quantizer.codebook[0, 0], *layer._pre_quantization_affine())
-            device = layer.quantizer.codebook.device
-            self.search = CodewordSearch(folded, offsets, self.search_config).to(device)
-        elif layer.quantizer.num_groups == 1:
-            with torch.no_grad():
-                codebooks, (weight, bias) = layer.quantizer.codebook[:, 0], layer._pre_quantization_affine()
-                self.search = ResidualCodewordSearch(codebooks, weight, bias, self.search_config).to(codebooks.device)
-        elif self.search_config.method != "exact":
+        self.search = folded_search(self.alignedvq, self.search_config)
+        if self.search is None and self.search_config.method != "exact":
             raise ValueError("grouped codebooks support only the exact search")
         return self
 
@@ -238,4 +241,5 @@ class AlignedVQEdgeEncoder(nn.Module):
 
 __all__ = [
     "AlignedVQEdgeEncoder",
+    "folded_search",
 ]

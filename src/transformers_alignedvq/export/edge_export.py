@@ -17,7 +17,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,9 +188,12 @@ def export_edge(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, for
 
 
 def export_onnx_folder(edge, out_dir: str | os.PathLike, *, int8: bool = False,
-                       calibration_images: Iterable | None = None) -> Path:
+                       calibration_images: Iterable | None = None, preprocess: Callable | None = None,
+                       config: dict | None = None) -> Path:
     """Write an `AlignedVQEdgeEncoder` as an ONNX edge folder (``edge_config.json`` + ``edge_model.onnx``);
-    ``int8`` and ``calibration_images`` as for `export_edge`."""
+    ``int8`` and ``calibration_images`` as for `export_edge`. ``preprocess`` (default ``edge.preprocessing``)
+    makes a calibration image's pixels ``(n, 3, H, W)`` (a tiled edge: every tile); ``config`` (default
+    ``edge.edge_config()``) is the ``edge_config.json`` the ONNX entry is added to."""
     from .edge_onnx import export_onnx, quantizes_front
 
     out_dir = Path(out_dir)
@@ -199,11 +202,11 @@ def export_onnx_folder(edge, out_dir: str | os.PathLike, *, int8: bool = False,
     if int8:
         if calibration_images is None:
             raise ValueError("int8 export needs calibration images")
-        calibration = [edge.preprocessing(image) for image in calibration_images]
+        calibration = [(preprocess or edge.preprocessing)(image) for image in calibration_images]
         if not calibration:
             raise ValueError("int8 export got no calibration images")
     export_onnx(edge, out_dir / EDGE_ONNX_NAME, int8=int8, calibration=calibration)
-    config = edge.edge_config()
+    config = dict(config if config is not None else edge.edge_config())
     # a patch-site edge folds its only linear layer into the codebook: nothing is left for int8 to quantize
     int8 = quantizes_front(edge, int8)
     config["onnx"] = {"file": EDGE_ONNX_NAME, "int8": int8, "calibration_images": len(calibration or ()) if int8 else 0}

@@ -32,7 +32,6 @@ import torch
 from torch import nn
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
 
-from ..models.llava_alignedvq.alignedvq_layer import fold_codebook
 from ..models.qwen2_5_vl_alignedvq.configuration_qwen2_5_vl_alignedvq import check_local_site
 from ..preprocess_qwen import QwenImagePreprocessing
 from ..qwen_edge_runtime import (
@@ -44,25 +43,11 @@ from ..qwen_edge_runtime import (
     window_layout,
 )
 from ..wire import codebook_fingerprint
+from .edge import folded_search
 from .onnx_search import _Graph, _model, _stages, codewords, search_model
-from .search import CodewordSearch, ResidualCodewordSearch, SearchConfig
+from .search import SearchConfig
 
 OUTPUT_NAME = "indices"
-
-
-def layer_search(layer, config: SearchConfig | None = None) -> nn.Module:
-    """The folded search of an `AlignedVQLayer` (one codebook, or residual stages), as the LLaVA edge builds it;
-    `ValueError` for grouped codebooks, which have no folded search."""
-    config = config or SearchConfig()
-    with torch.no_grad():
-        if layer.can_fold:
-            folded, offsets = fold_codebook(layer.quantizer.codebook[0, 0], *layer._pre_quantization_affine())
-            return CodewordSearch(folded, offsets, config).cpu().eval()
-        if layer.quantizer.num_groups == 1:
-            codebooks, (weight, bias) = layer.quantizer.codebook[:, 0], layer._pre_quantization_affine()
-            return ResidualCodewordSearch(codebooks.cpu(), weight.cpu(), bias.cpu(), config).eval()
-    raise ValueError("grouped codebooks (num_groups > 1) have no folded search; the Qwen2.5-VL edge does not "
-                     "export them")
 
 
 def still_image_patch_map(tower) -> np.ndarray:
@@ -191,7 +176,11 @@ def export_qwen_edge(model, directory: str | os.PathLike, *, search: SearchConfi
     if (preprocessing.patch_size, preprocessing.merge_size) != (vision.patch_size, vision.spatial_merge_size):
         raise ValueError(f"the preprocessing's patch/merge sizes {(preprocessing.patch_size, preprocessing.merge_size)}"
                          f" are not the tower's {(vision.patch_size, vision.spatial_merge_size)}")
-    finder = layer_search(inner.alignedvq, search)
+    finder = folded_search(inner.alignedvq, search or SearchConfig())
+    if finder is None:
+        raise ValueError("grouped codebooks (num_groups > 1) have no folded search; the Qwen2.5-VL edge does not "
+                         "export them")
+    finder = finder.cpu().eval()
     side = vision.window_size // vision.spatial_merge_size // vision.patch_size * vision.spatial_merge_size
     was_training = model.training
     model.eval()
@@ -218,5 +207,5 @@ def export_qwen_edge(model, directory: str | os.PathLike, *, search: SearchConfi
     return directory
 
 
-__all__ = ["WindowedFront", "export_qwen_edge", "layer_search", "patch_model", "still_image_patch_map",
+__all__ = ["WindowedFront", "export_qwen_edge", "patch_model", "still_image_patch_map",
            "window_model"]

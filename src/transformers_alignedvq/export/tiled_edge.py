@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ..edge_config import EDGE_ONNX_NAME, write_edge_config
+from ..edge_config import write_edge_config
 from ..preprocess_tiles import TiledPreprocessing
 from .edge import AlignedVQEdgeEncoder
-from .edge_export import EXPORT_FORMATS
+from .edge_export import EXPORT_FORMATS, export_onnx_folder
 from .search import SearchConfig
 
 TILED_FAMILIES = ("llava_onevision", "llava_next")
@@ -77,24 +77,14 @@ def export_tiled_edge(model, out_dir: str | os.PathLike, *, format: str = "onnx"
         raise ValueError("int8 export is for the ONNX format")
     tiling = model_tiling(model, image_processor)
     edge = tiled_edge_encoder(model, tiling, search)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir)  # both writers below create it
     config = tiled_edge_config(model, edge, tiling)
     if format == "safetensors":
         edge.save_pretrained(out_dir)
+        write_edge_config(out_dir, config)
     else:
-        from .edge_onnx import export_onnx, quantizes_front
-
-        calibration = None
-        if int8:
-            calibration = [tiling(image).pixels for image in (calibration_images or ())]
-            if not calibration:
-                raise ValueError("int8 export needs calibration images (real images the edge will see)")
-        export_onnx(edge, out_dir / EDGE_ONNX_NAME, int8=int8, calibration=calibration)
-        quantized = quantizes_front(edge, int8)
-        config["onnx"] = {"file": EDGE_ONNX_NAME, "int8": quantized,
-                          "calibration_images": len(calibration) if quantized else 0}
-    write_edge_config(out_dir, config)
+        export_onnx_folder(edge, out_dir, int8=int8, calibration_images=calibration_images,
+                           preprocess=lambda image: tiling(image).pixels, config=config)
     return out_dir
 
 
