@@ -232,7 +232,12 @@ def test_a_broken_edge_folder_is_an_edge_checkpoint_error(tmp_path):
     (tmp_path / "qwen_edge.json").write_text(json.dumps({**config, "preprocessing": {"patch_size": 0}}))
     with pytest.raises(EdgeCheckpointError, match="patch_size"):
         load_qwen_edge(tmp_path)
-    (tmp_path / "qwen_edge.json").write_text(json.dumps({**config, "preprocessing": TINY_PREPROCESSING.to_dict()}))
+    config["preprocessing"] = TINY_PREPROCESSING.to_dict()
+    for fingerprint in (None, "00ff", "not hex"):  # none (exported before it was recorded), too short, malformed
+        (tmp_path / "qwen_edge.json").write_text(json.dumps({**config, "codebook_fingerprint": fingerprint}))
+        with pytest.raises(EdgeCheckpointError, match="no valid codebook_fingerprint"):
+            load_qwen_edge(tmp_path)
+    (tmp_path / "qwen_edge.json").write_text(json.dumps({**config, "codebook_fingerprint": "ab" * 16}))
     with pytest.raises(EdgeCheckpointError, match="qwen_edge.onnx cannot be loaded"):
         load_qwen_edge(tmp_path)
 

@@ -13,7 +13,6 @@ equal its own (`DeviceEdge.contract`), so `EdgeClient.check_server` can name a m
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,9 @@ import numpy as np
 
 from .edge_config import EDGE_CONFIG_NAME, frame_geometry, read_edge_config
 from .errors import EdgeCheckpointError
+from .qwen_edge_runtime import QWEN_EDGE_CONFIG
 from .wire_followup import image_digest
 from .wire_geometry import WireGeometry
-
-QWEN_EDGE_CONFIG = "qwen_edge.json"  # `qwen_edge_runtime.QWEN_EDGE_CONFIG`, without importing onnxruntime here
 
 
 @dataclass(frozen=True)
@@ -108,10 +106,10 @@ class QwenDeviceEdge(DeviceEdge):
     family = "qwen2_5_vl"
     entropy_coding = False
 
-    def __init__(self, runtime, fingerprint: bytes):
+    def __init__(self, runtime):
         config = runtime.config
         super().__init__(runtime, codebook_size=int(config["codebook_size"]),
-                         codes_per_token=int(config["codes_per_token"]), fingerprint=fingerprint)
+                         codes_per_token=int(config["codes_per_token"]), fingerprint=runtime.fingerprint)
 
     def encode(self, image) -> EncodedImage:
         indices, grid = self.runtime(image)
@@ -148,21 +146,9 @@ def _open_qwen(directory: Path, backend: str, threads: int | None) -> QwenDevice
     if backend not in ("auto", "onnx"):
         raise EdgeCheckpointError(f"{directory} is a Qwen2.5-VL edge, which runs with ONNX Runtime only (backend "
                                   f"{backend!r} asked)")
-    try:
-        fingerprint = json.loads((directory / QWEN_EDGE_CONFIG).read_text()).get("codebook_fingerprint")
-        fingerprint = bytes.fromhex(fingerprint) if isinstance(fingerprint, str) else None
-    except (ValueError, UnicodeDecodeError, AttributeError):
-        fingerprint = None
-    if fingerprint is None or len(fingerprint) != 16:
-        raise EdgeCheckpointError(f"{QWEN_EDGE_CONFIG} in {directory} records no valid codebook_fingerprint, which "
-                                  "frames must carry; export the edge again with export_qwen_edge")
     from .qwen_edge_runtime import load_qwen_edge
 
-    try:
-        runtime = load_qwen_edge(directory, threads=threads)
-    except ValueError as exc:
-        raise EdgeCheckpointError(str(exc)) from None
-    return QwenDeviceEdge(runtime, fingerprint)
+    return QwenDeviceEdge(load_qwen_edge(directory, threads=threads))
 
 
 __all__ = ["DeviceEdge", "EncodedImage", "LlavaEdge", "QwenDeviceEdge", "TiledDeviceEdge", "is_edge_folder",

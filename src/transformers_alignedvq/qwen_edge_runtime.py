@@ -78,10 +78,11 @@ def window_layout(height: int, width: int, side: int) -> WindowLayout:
 class QwenEdgeRuntime:
     """A loaded Qwen2.5-VL edge: ``runtime(image) -> (indices, grid)``."""
 
-    def __init__(self, session, config: dict, preprocessing: QwenImagePreprocessing):
+    def __init__(self, session, config: dict, preprocessing: QwenImagePreprocessing, fingerprint: bytes):
         self.session = session
         self.config = config
         self.preprocessing = preprocessing
+        self.fingerprint = fingerprint  # the codebook's, which frames carry (the graph has no codebook to hash)
 
     @property
     def split_site(self) -> str:
@@ -145,12 +146,27 @@ def load_qwen_edge(directory: str | os.PathLike, *, threads: int | None = None) 
         preprocessing = QwenImagePreprocessing.from_dict(config["preprocessing"])
     except ValueError as exc:
         raise EdgeCheckpointError(f"{QWEN_EDGE_CONFIG}: {exc}") from None
+    fingerprint = _fingerprint(config)
+    if fingerprint is None:
+        raise EdgeCheckpointError(f"{QWEN_EDGE_CONFIG} in {directory} records no valid codebook_fingerprint, which "
+                                  "frames must carry; export the edge again with export_qwen_edge")
     session = onnx_session(model_path, threads)
     expected = PATCH_INPUTS if config["split_site"] == "patch" else WINDOW_INPUTS
     if tuple(i.name for i in session.get_inputs()) != expected:
         raise EdgeCheckpointError(f"{QWEN_EDGE_MODEL} takes {[i.name for i in session.get_inputs()]}, expected "
                                   f"{list(expected)}")
-    return QwenEdgeRuntime(session, config, preprocessing)
+    return QwenEdgeRuntime(session, config, preprocessing, fingerprint)
+
+
+def _fingerprint(config: dict) -> bytes | None:
+    """The 16-byte codebook fingerprint ``qwen_edge.json`` records, or None when it records none (a folder
+    exported before it did) or a malformed one."""
+    value = config.get("codebook_fingerprint")
+    try:
+        fingerprint = bytes.fromhex(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+    return fingerprint if fingerprint is not None and len(fingerprint) == 16 else None
 
 
 __all__ = ["QWEN_EDGE_CONFIG", "QWEN_EDGE_MODEL", "QwenEdgeRuntime", "WindowLayout", "load_qwen_edge",
