@@ -146,9 +146,9 @@ def evaluate_vqa(
     """Greedy-generate an answer for every example and score it with :func:`vqa_score`.
 
     Args:
-        model: a `LlavaAlignedVQForConditionalGeneration` (``mode="indices"``: images cross the split as wire
-            frames, decoded and checked as the cloud would) or any LLaVA (``mode="pixels"``).
-        processor: the model's `LlavaProcessor`.
+        model: an AlignedVQ model (``mode="indices"``: images cross the split as wire frames, decoded and
+            checked as the cloud would; the families' frames carry their geometry) or any VLM (``mode="pixels"``).
+        processor: the model's processor.
         dataset: rows with ``image`` (PIL), ``question``, ``answer`` (str or list of str).
         jpeg_quality: for ``mode="pixels"``, JPEG-compress every image at this quality first (bytes counted).
         entropy_model: an `entropy.EntropyModel` to measure coded frame sizes (without the question) too.
@@ -163,6 +163,7 @@ def evaluate_vqa(
     import torch
 
     from ..training.data import format_prompt
+    from .family_wire import family_indices_over_the_wire, is_family_model
 
     if mode == "auto":
         mode = "indices" if hasattr(model, "encode_edge") else "pixels"
@@ -186,7 +187,13 @@ def evaluate_vqa(
         inputs = processor(images=images, text=prompts, padding=True, padding_side="left", return_tensors="pt")
         inputs = {k: v.to(device) for k, v in inputs.items()}
         with torch.no_grad():
-            if mode == "indices":
+            if mode == "indices" and is_family_model(model):
+                cloud, batch_sizes, coded_sizes = family_indices_over_the_wire(
+                    model, inputs, entropy_model=entropy_model, fingerprint=fingerprint)
+                entropy_sizes += coded_sizes
+                prompt = {k: inputs[k] for k in ("input_ids", "attention_mask")}
+                out = model.generate(**prompt, **cloud, max_new_tokens=max_new_tokens, do_sample=False)
+            elif mode == "indices":
                 cloud, batch_sizes, coded_sizes = indices_over_the_wire(
                     model, inputs.pop("pixel_values"), edge=edge, entropy_model=entropy_model, fingerprint=fingerprint)
                 entropy_sizes += coded_sizes

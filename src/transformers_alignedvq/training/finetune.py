@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from transformers import AutoProcessor, TrainingArguments
 
-from ..models.llava_alignedvq.modeling_alignedvq import LlavaAlignedVQForConditionalGeneration
+from ..models.family import from_vlm
 from .data import VQACollator, load_easy_vqa
 from .trainer import AlignedVQTrainer, checkpointing_argument, prepare_for_finetuning, trainable_parameters
 
@@ -141,7 +141,8 @@ def split_off_images(data, count: int, *, seed: int = 0):
 
 
 def calibration_batches(data, processor, count: int, batch_size: int = 32):
-    """Pixel batches of up to ``count`` distinct images for k-means."""
+    """The image processor's outputs (``pixel_values`` and, for the families, ``image_sizes`` or
+    ``image_grid_thw``) for batches of up to ``count`` distinct images, for k-means."""
     seen, images = set(), []
     for row in data:
         key = row.get("image_id", len(seen))
@@ -152,16 +153,17 @@ def calibration_batches(data, processor, count: int, batch_size: int = 32):
         if len(images) >= count:
             break
     for start in range(0, len(images), batch_size):
-        yield processor.image_processor(images=images[start : start + batch_size], return_tensors="pt")["pixel_values"]
+        yield dict(processor.image_processor(images=images[start : start + batch_size], return_tensors="pt"))
 
 
 # ------------------------------------------------------------------------------------------------------------
 # model, Trainer
 # ------------------------------------------------------------------------------------------------------------
-def build_model(args: argparse.Namespace, processor, data) -> LlavaAlignedVQForConditionalGeneration:
-    """The converted model, its codebook k-means-initialised, prepared for the joint finetune."""
+def build_model(args: argparse.Namespace, processor, data):
+    """The converted model (`from_vlm`: LLaVA-1.5 or a family), its codebook k-means-initialised, prepared for
+    the joint finetune."""
     started = time.time()
-    model = LlavaAlignedVQForConditionalGeneration.from_llava(
+    model = from_vlm(
         args.base,
         load_kwargs={"dtype": torch.bfloat16 if args.bf16 else torch.float32},
         split_layer=args.split_layer,
@@ -250,19 +252,27 @@ def resume_point(args: argparse.Namespace) -> str | None:
 @torch.no_grad()
 def fit_entropy_model(model, processor, data, *, batch_size: int = 64, max_images: int = 5000):
     """The entropy model of coded frames for ``model``'s codebook, fitted on the edge's indices of (up to
-    ``max_images``) distinct training images and on every training question; ``None`` where frames cannot
-    be coded (more codes per token than `entropy.MAX_STAGES`)."""
-    from ..edge_runtime import frame_geometry
+    ``max_images``) distinct training images (the tiled families': every tile, each coded on its own) and on
+    every training question; ``None`` where frames cannot be coded (more codes per token than
+    `entropy.MAX_STAGES`; Qwen2.5-VL's patch grids)."""
     from ..entropy import MAX_STAGES, EntropyModel
+    from ..evaluation.family_wire import patch_layout
 
     config = model.config
-    if config.codes_per_token > MAX_STAGES:
+    if config.codes_per_token > MAX_STAGES or _patch_grid_family(model):
         return None
-    indices = [model.encode_edge(pixels.to(model.device)).cpu().numpy()
-               for pixels in calibration_batches(data, processor, max_images, batch_size)]
-    geometry = frame_geometry(config.vision_config.image_size, config.vision_config.patch_size)
-    return EntropyModel.fit(np.concatenate(indices), codebook_size=config.codebook_size, grid=geometry["grid"],
-                            has_cls_token=geometry["has_cls_token"], questions=list(data["question"]))
+    grid, has_cls_token = patch_layout(config)
+    indices = []
+    for batch in calibration_batches(data, processor, max_images, batch_size):
+        layout = [batch[name].to(model.device) for name in ("image_sizes",) if name in batch]
+        found = model.encode_edge(batch["pixel_values"].to(model.device), *layout)
+        indices.append(found.cpu().numpy())  # (images or tiles, tokens[, codes])
+    return EntropyModel.fit(np.concatenate(indices), codebook_size=config.codebook_size, grid=grid,
+                            has_cls_token=has_cls_token, questions=list(data["question"]))
+
+
+def _patch_grid_family(model) -> bool:
+    return getattr(getattr(model.model, "adapter", None), "name", None) == "qwen2_5_vl"
 
 
 def save_entropy_model(args: argparse.Namespace, model, processor, data) -> None:
@@ -270,17 +280,20 @@ def save_entropy_model(args: argparse.Namespace, model, processor, data) -> None
     from ..wire import encode_frame
 
     config = model.config
-    shape = (config.num_image_tokens, config.codes_per_token)
-    frame = encode_frame(np.zeros(shape, dtype=np.int64), codebook_size=config.codebook_size,
-                         codebook_fingerprint=model.codebook_fingerprint())
-    raw = f"bit-packed frames of {len(frame):,} B per image"
+    raw = "bit-packed frames"
+    if not (hasattr(config, "tokens_per_tile") or _patch_grid_family(model)):  # LLaVA-1.5: one size for all
+        frame = encode_frame(np.zeros((config.num_image_tokens, config.codes_per_token), dtype=np.int64),
+                             codebook_size=config.codebook_size, codebook_fingerprint=model.codebook_fingerprint())
+        raw = f"bit-packed frames of {len(frame):,} B per image"
     if args.no_entropy_model:
         print(f"no entropy model (--no-entropy-model): {raw}; fit one later with "
               f"`python examples/fit_entropy_model.py --model {output}`")
         return
     entropy = fit_entropy_model(model, processor, data)
     if entropy is None:
-        print(f"no entropy model: {model.config.codes_per_token} codes per token are sent as {raw}")
+        why = ("Qwen2.5-VL patch grids have no entropy model" if _patch_grid_family(model)
+               else f"{model.config.codes_per_token} codes per token")
+        print(f"no entropy model: {why}; frames are sent as {raw}")
         return
     path = entropy.save(output)
     print(f"entropy model fitted for the new codebook: {path.name} ({path.stat().st_size:,} bytes)")

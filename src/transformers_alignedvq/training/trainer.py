@@ -122,9 +122,10 @@ def shared_image_prefix_loss(model, batch, *, num_items_in_batch=None) -> Shared
     rounding (tested). The quantizer's EMA sees each distinct image once per step instead of once per question.
 
     Args:
-        model: a `LlavaForConditionalGeneration` or `LlavaAlignedVQForConditionalGeneration` (LoRA layers
-            injected in place are fine; a `peft.PeftModel` is unwrapped).
-        batch: ``input_ids``, ``attention_mask``, ``labels`` and ``pixel_values`` (right padding).
+        model: a LLaVA, LLaVA-NeXT or LLaVA-OneVision model, plain or AlignedVQ (LoRA layers injected in
+            place are fine; a `peft.PeftModel` is unwrapped).
+        batch: ``input_ids``, ``attention_mask``, ``labels`` and ``pixel_values`` (right padding), and the
+            any-resolution families' ``image_sizes``.
         num_items_in_batch: when given (the `Trainer`'s count of supervised tokens over the accumulated
             micro-batches), the token losses are summed and divided by it, as the stock forward does.
 
@@ -138,6 +139,8 @@ def shared_image_prefix_loss(model, batch, *, num_items_in_batch=None) -> Shared
     labels, pixel_values = batch.get("labels"), batch.get("pixel_values")
     if ids is None or mask is None or labels is None or pixel_values is None or ids.shape[0] < 2:
         return None
+    if batch.get("image_grid_thw") is not None:
+        return None  # Qwen2.5-VL's pixel_values are the batch's patches, not one row per question
     checkpointing = getattr(type(model), "is_activation_checkpointing", None)  # Transformers >= 5.x name
     if (model.is_activation_checkpointing if checkpointing is not None else model.is_gradient_checkpointing):
         return None  # checkpointed layers do not return a key/value cache
@@ -161,7 +164,9 @@ def shared_image_prefix_loss(model, batch, *, num_items_in_batch=None) -> Shared
     ):
         return None
 
-    image_output = model.model.get_image_features(pixel_values=unique.view(-1, *pixel_values.shape[1:]))
+    # The any-resolution families tile each image by its size: the distinct images' sizes go with them.
+    sizes = {"image_sizes": batch["image_sizes"][first]} if batch.get("image_sizes") is not None else {}
+    image_output = model.model.get_image_features(pixel_values=unique.view(-1, *pixel_values.shape[1:]), **sizes)
     features = image_output.pooler_output
     features = torch.cat(list(features)) if isinstance(features, (list, tuple)) else features.flatten(0, -2)
     lm = model.model.language_model
