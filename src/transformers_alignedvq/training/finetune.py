@@ -1,6 +1,8 @@
 """The AlignedVQ finetune recipe (the paper's Section 3.2.3) as a command; `examples/finetune_alignedvq.py` runs it.
 
-`from_llava` on the base, k-means codebook initialisation on calibration images, then one joint finetune of the
+`from_vlm` on the base (LLaVA-1.5 or an any-resolution family, LLaVA-NeXT / OneVision; a Qwen2.5-VL base converts
+too, but no easy-VQA Qwen processor exists here to test the recipe on), k-means codebook initialisation on
+calibration images (every tile of the tiled families), then one joint finetune of the
 codebook (EMA), the Dual Linear Projections and LoRA adapters in the language model, with the commitment loss,
 through the Hugging Face `Trainer` with its usual options: an evaluation split carved from the training images
 (never the test split) with ``eval_loss`` and VQA accuracy from `generate`, checkpoints every ``--save-steps``,
