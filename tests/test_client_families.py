@@ -154,7 +154,7 @@ def test_qwen_edge_folder_needs_its_fingerprint(tmp_path):
     model = qwen_serving.tiny_served_qwen()
     _export(model, "qwen2_5_vl", tmp_path)
     edge = open_edge(tmp_path)
-    assert edge.fingerprint == engine_fingerprint(model) and not edge.entropy_coding
+    assert edge.fingerprint == engine_fingerprint(model) and edge.entropy_grid is None
     config = json.loads((tmp_path / "qwen_edge.json").read_text())
     del config["codebook_fingerprint"]
     (tmp_path / "qwen_edge.json").write_text(json.dumps(config))
@@ -203,8 +203,45 @@ def test_tiled_frames_are_entropy_coded_with_the_folders_model(tmp_path):
     assert answer.text == _direct("llava_onevision", app.state.engine, sent)
 
 
-def test_qwen_edges_send_raw_frames_only(tmp_path):
+def test_qwen_frames_are_entropy_coded_with_the_folders_model(tmp_path):
+    """A Qwen2.5-VL edge folder carrying an entropy model of patch grids sends coded frames (the indices and the patch
+    grid in the geometry section); a server holding the same model answers them as the model does from the edge's
+    indices. A folder whose model codes a fixed grid or another K is refused when the client opens it."""
+    from transformers_alignedvq import wire
+
     model = qwen_serving.tiny_served_qwen()
-    _export(model, "qwen2_5_vl", tmp_path)
-    with pytest.raises(EdgeClientError, match="always raw"):
-        EdgeClient(tmp_path, "http://127.0.0.1:9", entropy_coding=True)
+    _export(model, "qwen2_5_vl", tmp_path / "edge")
+    with pytest.raises(EdgeClientError, match="has no entropy model"):
+        EdgeClient(tmp_path / "edge", "http://127.0.0.1:9", entropy_coding=True)
+    edge = open_edge(tmp_path / "edge")
+    rng = np.random.default_rng(0)
+    sent = [edge.encode(rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8))
+            for h, w in rng.integers(8, 40, (12, 2))]
+    assert len({image.layout for image in sent}) > 3  # several grids
+    entropy = wire.EntropyModel.fit_patch_grids([(image.indices, image.layout) for image in sent], codebook_size=16,
+                                                questions=[QUESTION] * 2)
+    entropy.save(tmp_path / "edge")
+    app = create_app(model, processor=qwen_serving.processor(), max_new_tokens=6, max_wait_ms=1,
+                     entropy_model=entropy)
+    photo = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    with BackgroundServer(app, host="127.0.0.1", port=0) as running:
+        with EdgeClient(tmp_path / "edge", running.url, entropy_coding=True) as client:
+            frame = client.encode(photo, QUESTION)
+            decoded = wire.decode_frame(frame, entropy_model=entropy)
+            assert decoded.entropy_coded and decoded.geometry.images[0].grid_thw == (1, 10, 16)
+            answer = client.ask(photo, QUESTION)
+        with EdgeClient(tmp_path / "edge", running.url, entropy_coding=False) as client:
+            raw = client.ask(photo, QUESTION)
+    image = edge.encode(photo)
+    np.testing.assert_array_equal(decoded.indices[:, 0], image.indices)
+    assert answer.bytes_sent == len(frame) < raw.bytes_sent
+    assert answer.text == raw.text == _direct("qwen2_5_vl", app.state.engine, image)
+    fixed = wire.EntropyModel.fit(np.zeros((2, 16), int), codebook_size=16, grid=(4, 4), has_cls_token=False)
+    other_k = wire.EntropyModel.fit_patch_grids([(np.zeros(16, int), (1, 4, 4))], codebook_size=32)
+    for wrong, words in ((fixed, r"grid \(4, 4\) \(CLS False\); this qwen2_5_vl edge sends .* patch grids"),
+                         (other_k, "codes K=32")):
+        wrong.save(tmp_path / "edge")
+        for coding in (None, True):
+            with pytest.raises(EdgeClientError, match=words):
+                EdgeClient(tmp_path / "edge", "http://127.0.0.1:9", entropy_coding=coding)
+    assert EdgeClient(tmp_path / "edge", "http://127.0.0.1:9", entropy_coding=False).entropy_model is None
