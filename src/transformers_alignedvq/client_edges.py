@@ -139,6 +139,12 @@ class QwenDeviceEdge(DeviceEdge):
                 "max_pixels": settings.max_pixels}
 
 
+def is_family_edge(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds the edge of a family (tiled or Qwen2.5-VL) rather than LLaVA-1.5's."""
+    directory = Path(directory)
+    return (directory / QWEN_EDGE_CONFIG).is_file() or "tiling" in read_edge_config(directory)
+
+
 def is_edge_folder(directory: str | os.PathLike) -> bool:
     """Whether ``directory`` holds an edge of any family."""
     return any((Path(directory) / name).is_file() for name in (EDGE_CONFIG_NAME, QWEN_EDGE_CONFIG))
@@ -169,4 +175,4 @@ def _open_qwen(directory: Path, backend: str, threads: int | None) -> QwenDevice
 
 
 __all__ = ["DeviceEdge", "EncodedImage", "LlavaEdge", "QwenDeviceEdge", "TiledDeviceEdge", "is_edge_folder",
-           "open_edge"]
+           "is_family_edge", "open_edge"]
