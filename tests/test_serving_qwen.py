@@ -224,6 +224,9 @@ def test_coded_frame_answers_as_the_raw_one(engine):
             answer = post(client, coded)
             assert answer.status_code == raw.status_code == 200, answer.text
             assert answer.json()["answer"] == raw.json()["answer"] == direct_answer(engine, indices, grid)
+        digest = bytes.fromhex(answer.json()["image_digest"])  # a follow-up's question coded under the same model
+        again = post(client, encode_followup(digest, QUESTION, entropy_model=entropy))
+        assert again.status_code == 200 and again.json()["answer"] == answer.json()["answer"]
         body = bytearray(coded[:-4])
         body[-3] ^= 0xFF
         damaged = bytes(body) + zlib.crc32(bytes(body)).to_bytes(4, "little")
