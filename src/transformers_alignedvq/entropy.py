@@ -1,6 +1,6 @@
 """Static entropy models for coded wire frames (coder 1 of `wire`): lossless, fitted on training data.
 
-One `EntropyModel` belongs to one codebook and one token grid. It codes
+One `EntropyModel` belongs to one codebook and one token grid (or, fitted on patch grids, any grid). It codes
 
 * the **indices** with a context model: each patch (raster order) is either one of up to ``NUM_RANKS``
   candidates (its left, upper, upper-right and upper-left neighbours, then the most recent other values of
