@@ -7,6 +7,7 @@ them is exported first) on every distinct training image, fits `transformers_ali
 on those indices and on every training question, and writes ``entropy_model.safetensors`` into the folder
 (`alignedvq export-edge` and the Hub's edge download carry it to devices). It prints the model id and the
 mean coded frame on the training images; `benchmarks/wire_coding.py` measures it on the test images.
+A Qwen2.5-VL folder (``qwen_edge.json``) gets a model of patch grids, fitted through its ONNX edge.
 """
 
 from __future__ import annotations

@@ -154,7 +154,7 @@ def test_qwen_edge_folder_needs_its_fingerprint(tmp_path):
     model = qwen_serving.tiny_served_qwen()
     _export(model, "qwen2_5_vl", tmp_path)
     edge = open_edge(tmp_path)
-    assert edge.fingerprint == engine_fingerprint(model) and not edge.entropy_coding
+    assert edge.fingerprint == engine_fingerprint(model) and edge.entropy_grid is None
     config = json.loads((tmp_path / "qwen_edge.json").read_text())
     del config["codebook_fingerprint"]
     (tmp_path / "qwen_edge.json").write_text(json.dumps(config))
@@ -203,8 +203,71 @@ def test_tiled_frames_are_entropy_coded_with_the_folders_model(tmp_path):
     assert answer.text == _direct("llava_onevision", app.state.engine, sent)
 
 
-def test_qwen_edges_send_raw_frames_only(tmp_path):
+def test_qwen_frames_are_entropy_coded_with_the_folders_model(tmp_path):
+    """A Qwen2.5-VL edge folder carrying an entropy model of patch grids sends coded frames (the indices and the patch
+    grid in the geometry section); a server holding the same model answers them as the model does from the edge's
+    indices. A folder whose model codes a fixed grid or another K is refused when the client opens it."""
+    from transformers_alignedvq import wire
+    from transformers_alignedvq.training.entropy_fit import fit_patch_grid_model
+
     model = qwen_serving.tiny_served_qwen()
-    _export(model, "qwen2_5_vl", tmp_path)
-    with pytest.raises(EdgeClientError, match="always raw"):
-        EdgeClient(tmp_path, "http://127.0.0.1:9", entropy_coding=True)
+    _export(model, "qwen2_5_vl", tmp_path / "edge")
+    with pytest.raises(EdgeClientError, match="has no entropy model"):
+        EdgeClient(tmp_path / "edge", "http://127.0.0.1:9", entropy_coding=True)
+    edge = open_edge(tmp_path / "edge")
+    rng = np.random.default_rng(0)
+    training = [rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8) for h, w in rng.integers(8, 40, (12, 2))]
+    assert len({edge.encode(image).layout for image in training}) > 3  # several grids
+    entropy = fit_patch_grid_model(tmp_path / "edge", training, [QUESTION] * 2)
+    assert entropy.patch_grids and entropy.codebook_size == 16
+    entropy.save(tmp_path / "edge")
+    app = create_app(model, processor=qwen_serving.processor(), max_new_tokens=6, max_wait_ms=1,
+                     entropy_model=entropy)
+    photo = rng.integers(0, 256, (20, 30, 3), dtype=np.uint8)
+    with BackgroundServer(app, host="127.0.0.1", port=0) as running:
+        with EdgeClient(tmp_path / "edge", running.url, entropy_coding=True) as client:
+            frame = client.encode(photo, QUESTION)
+            decoded = wire.decode_frame(frame, entropy_model=entropy)
+            assert decoded.entropy_coded and decoded.geometry.images[0].grid_thw == (1, 10, 16)
+            answer = client.ask(photo, QUESTION)
+        with EdgeClient(tmp_path / "edge", running.url, entropy_coding=False) as client:
+            raw = client.ask(photo, QUESTION)
+    image = edge.encode(photo)
+    np.testing.assert_array_equal(decoded.indices[:, 0], image.indices)
+    assert answer.bytes_sent == len(frame) < raw.bytes_sent
+    assert answer.text == raw.text == _direct("qwen2_5_vl", app.state.engine, image)
+    fixed = wire.EntropyModel.fit(np.zeros((2, 16), int), codebook_size=16, grid=(4, 4), has_cls_token=False)
+    other_k = wire.EntropyModel.fit_patch_grids([(np.zeros(16, int), (1, 4, 4))], codebook_size=32)
+    for wrong, words in ((fixed, r"grid \(4, 4\) \(CLS False\); this qwen2_5_vl edge sends .* patch grids"),
+                         (other_k, "codes K=32")):
+        wrong.save(tmp_path / "edge")
+        for coding in (None, True):
+            with pytest.raises(EdgeClientError, match=words):
+                EdgeClient(tmp_path / "edge", "http://127.0.0.1:9", entropy_coding=coding)
+    assert EdgeClient(tmp_path / "edge", "http://127.0.0.1:9", entropy_coding=False).entropy_model is None
+
+
+def test_the_easy_vqa_fit_of_a_qwen_folder_is_of_patch_grids(tmp_path, monkeypatch):
+    """`examples/fit_entropy_model.py`'s fit on a Qwen2.5-VL folder runs its ONNX edge on the split's images (a
+    stand-in for easy_vqa with three photos here)."""
+    import types
+
+    from transformers_alignedvq import wire
+    from transformers_alignedvq.training.entropy_fit import fit
+
+    _export(qwen_serving.tiny_served_qwen(), "qwen2_5_vl", tmp_path)
+    paths = {}
+    for index, (height, width) in enumerate(PHOTOS):
+        paths[f"p{index}"] = str(tmp_path / f"p{index}.png")
+        Image.fromarray(np.random.default_rng(index).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(
+            paths[f"p{index}"])
+    monkeypatch.setitem(sys.modules, "easy_vqa", types.SimpleNamespace(
+        get_train_image_paths=lambda: paths, get_train_questions=lambda: ([QUESTION] * 3, ["red"] * 3, ["p0"] * 3)))
+    model = fit(tmp_path)
+    assert model.patch_grids and model.codebook_size == 16
+    edge = open_edge(tmp_path)
+    image = edge.encode(paths["p2"])
+    frame = wire.encode_frame(image.indices, codebook_size=16, codebook_fingerprint=edge.fingerprint,
+                              geometry=image.geometry, entropy_model=model, prompt=QUESTION)
+    decoded = wire.decode_frame(frame, entropy_model=model)
+    assert decoded.prompt == QUESTION and np.array_equal(decoded.indices[:, 0], image.indices)

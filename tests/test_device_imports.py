@@ -33,8 +33,8 @@ def _cloud_modules_after(code: str, *args: str) -> list[str]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("module", ["client", "client_edges", "wire", "wire_geometry", "entropy", "preprocess",
-                                    "edge_runtime", "cli", "errors", "extras"])
+@pytest.mark.parametrize("module", ["client", "client_edges", "wire", "wire_geometry", "entropy", "entropy_symbols",
+                                    "preprocess", "edge_runtime", "cli", "errors", "extras"])
 def test_device_module_imports_no_cloud_package(module):
     assert _cloud_modules_after(f"import transformers_alignedvq.{module}") == []
 

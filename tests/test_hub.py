@@ -682,8 +682,9 @@ def test_load_by_repo_id_from_a_hub_server_then_offline_and_edge_only_download(s
     assert online["loaded"] == expected_loaded
 
     full = hub_server.models / "llava-alignedvq-full"
-    assert online["edge"]["files"] == sorted(EDGE_FILES)
-    assert online["edge"]["bytes"] == sum((full / name).stat().st_size for name in EDGE_FILES)
+    llava_edge_files = [name for name in EDGE_FILES if not name.startswith("qwen_edge.")]  # Qwen's are its own
+    assert online["edge"]["files"] == sorted(llava_edge_files)
+    assert online["edge"]["bytes"] == sum((full / name).stat().st_size for name in llava_edge_files)
     blobs = list(edge_cache.glob("models--org--llava-alignedvq-full/blobs/*"))
     assert sum(b.stat().st_size for b in blobs) == online["edge"]["bytes"], "only the edge files were fetched"
     print(f"edge-only download: {online['edge']['files']}, {online['edge']['bytes']} bytes")
@@ -744,3 +745,45 @@ def test_a_device_without_torch_asks_with_the_onnx_edge_of_a_hub_checkpoint(hub_
     edge_names = [name for name in device["folder"] if name in edge_runtime.EDGE_FILES]
     assert device["size"] == sum((local / name).stat().st_size for name in edge_names)  # ...its size does not
     assert {"edge_model.onnx", "edge_config.json", "processor_config.json"} <= set(edge_names)
+
+
+def test_download_edge_fetches_the_edge_files_of_a_qwen_checkpoint(tmp_path, monkeypatch):
+    """A Qwen2.5-VL checkpoint's edge is ``qwen_edge.json`` and ``qwen_edge.onnx`` (and the entropy model beside them):
+    `download_edge` asks the Hub for those (filtered here by huggingface_hub's own pattern matching over a saved
+    checkpoint, as a snapshot download filters a repository) and never the weights; the client then opens the repo
+    id as a Qwen edge that sends coded frames."""
+    import huggingface_hub
+    import numpy as np
+    from huggingface_hub.utils import filter_repo_objects
+
+    from tests.test_serving_qwen import tiny_served_qwen
+    from transformers_alignedvq import wire
+    from transformers_alignedvq.client import EdgeClient
+    from transformers_alignedvq.edge_runtime import download_edge
+    from transformers_alignedvq.training.entropy_fit import fit_patch_grid_model
+
+    repo = tmp_path / "repo"
+    tiny_served_qwen().save_pretrained(repo)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (int(h), int(w), 3), dtype=np.uint8) for h, w in rng.integers(40, 90, (6, 2))]
+    fit_patch_grid_model(repo, images).save(repo)
+    asked = []
+
+    def snapshot_download(repo_id, *, allow_patterns, revision=None, cache_dir=None, local_dir=None, token=None):
+        asked.append((repo_id, revision))
+        folder = tmp_path / "snapshot"
+        folder.mkdir(exist_ok=True)
+        for name in filter_repo_objects(sorted(checkpoint_files(repo)), allow_patterns=allow_patterns):
+            shutil.copyfile(repo / name, folder / name)
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    folder, size = download_edge("org/qwen-tiny", revision="main")
+    fetched = sorted(path.name for path in folder.iterdir())
+    assert fetched == ["entropy_model.safetensors", "qwen_edge.json", "qwen_edge.onnx"], fetched
+    assert {"model.safetensors", "config.json"} <= set(checkpoint_files(repo))  # there, and not fetched
+    assert size == sum((repo / name).stat().st_size for name in fetched) and asked == [("org/qwen-tiny", "main")]
+    with EdgeClient("org/qwen-tiny", "http://127.0.0.1:9", entropy_coding=True) as client:
+        assert client.device_edge.family == "qwen2_5_vl" and client.entropy_model.patch_grids
+        frame = wire.decode_frame(client.encode(images[0], "what is it?"), entropy_model=client.entropy_model)
+    assert frame.entropy_coded and frame.prompt == "what is it?" and frame.geometry.kind == 2

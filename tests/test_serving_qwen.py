@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import io
+import zlib
 
 import numpy as np
 import pytest
@@ -206,10 +207,42 @@ def test_bad_grids_are_4xx_json_errors(client, engine):
     assert post(client, frame_of(engine, flat, (1, 6, 8))).status_code == 200
 
 
-def test_coded_frames_are_refused_at_start_up(engine):
-    entropy = wire.EntropyModel.fit(np.zeros((2, 16), int), codebook_size=16, grid=(4, 4), has_cls_token=False)
-    with pytest.raises(ServerConfigError, match="sent raw"):
-        create_app(engine.model, processor=processor(), entropy_model=entropy, warmup=False)
+def test_coded_frame_answers_as_the_raw_one(engine):
+    """Under an entropy model fitted on patch grids the server decodes coded frames of any admitted grid, and answers
+    them as their raw frames; a damaged coded payload is a 400, and the server goes on serving."""
+    grids = [(1, 6, 8), (1, 4, 6), (1, 2, 32), (1, 12, 16)]
+    training = [(edge(engine.model, grid, seed).reshape(-1).numpy(), grid) for seed, grid in enumerate(grids * 3)]
+    entropy = wire.EntropyModel.fit_patch_grids(training, codebook_size=16, questions=[QUESTION] * 2)
+    app = create_app(engine.model, processor=processor(), max_new_tokens=6, max_wait_ms=1, entropy_model=entropy)
+    with TestClient(app) as client:
+        assert client.get("/v1/model").json()["entropy_model_id"] == entropy.model_id.hex()
+        for seed, grid in enumerate([(1, 6, 8), (1, 2, 194), (1, 8, 6)], start=20):
+            indices = edge(engine.model, grid, seed)
+            coded = frame_of(engine, indices, grid, entropy_model=entropy)
+            assert wire.decode_frame(coded, entropy_model=entropy).entropy_coded
+            raw = post(client, frame_of(engine, indices, grid))
+            answer = post(client, coded)
+            assert answer.status_code == raw.status_code == 200, answer.text
+            assert answer.json()["answer"] == raw.json()["answer"] == direct_answer(engine, indices, grid)
+        digest = bytes.fromhex(answer.json()["image_digest"])  # a follow-up's question coded under the same model
+        again = post(client, encode_followup(digest, QUESTION, entropy_model=entropy))
+        assert again.status_code == 200 and again.json()["answer"] == answer.json()["answer"]
+        body = bytearray(coded[:-4])
+        body[-3] ^= 0xFF
+        damaged = bytes(body) + zlib.crc32(bytes(body)).to_bytes(4, "little")
+        assert_error(post(client, damaged), 400, "malformed_frame", "entropy-coded payload")
+        assert_error(post(client, frame_of(engine, np.zeros(4, int), (1, 2, 2), entropy_model=entropy)), 422,
+                     "incompatible_frame", "min_pixels=64")
+        assert post(client, coded).status_code == 200
+
+
+def test_an_entropy_model_that_does_not_fit_is_refused_at_start_up(engine):
+    fixed = wire.EntropyModel.fit(np.zeros((2, 16), int), codebook_size=16, grid=(4, 4), has_cls_token=False)
+    with pytest.raises(ServerConfigError, match="codes a fixed grid; .* fit one with EntropyModel.fit_patch_grids"):
+        create_app(engine.model, processor=processor(), entropy_model=fixed, warmup=False)
+    other_k = wire.EntropyModel.fit_patch_grids([(np.zeros(16, int), (1, 4, 4))], codebook_size=32)
+    with pytest.raises(ServerConfigError, match="does not fit this model's frames \\(K=16, 1 codes per token\\)"):
+        create_app(engine.model, processor=processor(), entropy_model=other_k, warmup=False)
 
 
 def test_processor_of_another_tower_is_refused(engine):

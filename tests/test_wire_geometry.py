@@ -12,7 +12,7 @@ import pytest
 from wire_data import blocky_images, small_model
 
 from transformers_alignedvq import wire
-from transformers_alignedvq.entropy import _index_symbols
+from transformers_alignedvq.entropy_symbols import index_symbols
 from transformers_alignedvq.wire_geometry import (
     MAX_FRAME_TILES,
     PatchGridImage,
@@ -97,7 +97,8 @@ def test_patch_grid_round_trip():
         wire.encode_frame(indices[:27], codebook_size=16, codebook_fingerprint=FP, geometry=geometry)
     with pytest.raises(wire.WireFormatError, match="records no grid"):
         wire.encode_frame(indices, codebook_size=16, codebook_fingerprint=FP, geometry=geometry, grid=(4, 7))
-    with pytest.raises(wire.WireFormatError, match="coded frames of patch grids"):
+    with pytest.raises(wire.WireFormatError, match="entropy model mismatch: the model codes a fixed 6x6 grid, the "
+                                                   "frame carries patch grids"):
         wire.encode_frame(indices, codebook_size=64, codebook_fingerprint=FP, geometry=geometry,
                           entropy_model=small_model())
 
@@ -105,8 +106,8 @@ def test_patch_grid_round_trip():
 def test_context_model_stays_inside_each_tile():
     """A tile's symbols (its neighbours, its recent values) are those it would have alone."""
     tiles = blocky_images(3, seed=5)
-    joined = _index_symbols(tiles.reshape(-1).tolist(), 6, 6, True, tiles=3)
-    alone = [symbol for tile in tiles for symbol in _index_symbols(tile.tolist(), 6, 6, True)]
+    joined = index_symbols(tiles.reshape(-1).tolist(), 6, 6, True, tiles=3)
+    alone = [symbol for tile in tiles for symbol in index_symbols(tile.tolist(), 6, 6, True)]
     assert joined == alone
 
 

@@ -225,6 +225,7 @@ def _print_answer(answer, as_json: bool, text: bool = True) -> None:
 
 
 def cmd_export_edge(args) -> int:
+    from .client_edges import is_family_edge, open_edge
     from .edge_runtime import load_edge_runtime
     from .export.edge_export import export_edge
     from .export.search import SearchConfig
@@ -237,9 +238,13 @@ def cmd_export_edge(args) -> int:
     search = SearchConfig(args.search, rank=args.search_rank, candidates=args.search_candidates)
     out = export_edge(_default_model(args.model), args.output, format=args.format, int8=args.int8,
                       calibration_images=calibration, search=search)
-    edge = load_edge_runtime(out, backend="onnx" if args.format == "onnx" else "torch")  # proves it loads alone
     files = sorted(p.name for p in Path(out).iterdir())
     print(f"edge part of {args.model or 'the bundled model'} written to {out}: {', '.join(files)}")
+    if is_family_edge(out):
+        edge = open_edge(out)  # proves it loads alone
+        print(f"{edge.family} edge, codebook fingerprint {edge.fingerprint.hex()}, search {search.method}")
+        return 0
+    edge = load_edge_runtime(out, backend="onnx" if args.format == "onnx" else "torch")  # proves it loads alone
     print(f"edge weights: {edge.num_bytes / 2**20:.2f} MiB ({edge.backend}), codebook fingerprint "
           f"{edge.fingerprint.hex()}, search {search.method}")
     return 0
@@ -401,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     export.add_argument("--model", help="full model folder (default: the bundled model)")
     export.add_argument("--output", required=True, help="edge folder to write")
-    export.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
+    export.add_argument("--format", choices=["safetensors", "onnx"], default=None,
+                        help="the PyTorch or the ONNX edge (default: safetensors for LLaVA-1.5, onnx for the "
+                             "families; Qwen2.5-VL's is ONNX only)")
     export.add_argument("--int8", action="store_true", help="ONNX: int8 convolutions and matrix products")
     export.add_argument("--calibration-images", help="folder of real images to calibrate --int8 on")
     export.add_argument("--calibration-count", type=int, default=256, help="at most this many calibration images")

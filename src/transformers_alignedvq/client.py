@@ -182,11 +182,14 @@ class EdgeClient:
         self._random = random.Random(seed)
         self.codebook_size = self.device_edge.codebook_size
         self.fingerprint = self.device_edge.fingerprint
-        coding = entropy_coding is not False and self.device_edge.entropy_coding
-        entropy_model = load_entropy_model(directory) if coding else None
+        entropy_model = load_entropy_model(directory) if entropy_coding is not False else None
         if entropy_coding and entropy_model is None:
-            reason = "has no entropy model" if self.device_edge.entropy_coding else "sends patch grids, always raw"
-            raise EdgeClientError(f"{directory} {reason}; coded frames are not available")
+            raise EdgeClientError(f"{directory} has no entropy model; coded frames are not available")
+        if entropy_model is not None:
+            try:
+                self.device_edge.check_entropy_model(entropy_model)
+            except EdgeCheckpointError as exc:
+                raise EdgeClientError(str(exc)) from exc
         self.entropy_model = entropy_model
         self.always_entropy_code = bool(entropy_coding)
         self.reuse_images = reuse_images

@@ -5,7 +5,10 @@ layout fields. Torch-free: numpy, Pillow and ONNX Runtime (or the PyTorch edge, 
 * LLaVA-OneVision, LLaVA-NeXT (``edge_config.json`` with a ``tiling``, `edge_tiles`): every tile's indices, base
   view first, and a geometry section with the image's size, tile count and grid; the recorded grid is one tile's.
 * Qwen2.5-VL (``qwen_edge.json``, `qwen_edge_runtime`): one index per patch in raster order and a geometry
-  section with the patch grid ``(1, h, w)``; such frames are always raw (the entropy model codes fixed grids).
+  section with the patch grid ``(1, h, w)``; coded under an entropy model of patch grids.
+
+A folder's entropy model (``entropy_model.safetensors``) must fit its edge's frames (`DeviceEdge.check_entropy_model`):
+the same K and codes per token, and the edge's grid (one tile's) or, for Qwen2.5-VL, patch grids.
 
 `open_edge` picks the family from the folder. Each edge also says which fields of the server's ``/v1/model`` must
 equal its own (`DeviceEdge.contract`), so `EdgeClient.check_server` can name a mismatch before any frame is sent.
@@ -21,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from .edge_config import EDGE_CONFIG_NAME, frame_geometry, read_edge_config
+from .entropy import EntropyModel
 from .errors import EdgeCheckpointError
 from .qwen_edge_runtime import QWEN_EDGE_CONFIG
 from .wire_followup import image_digest
@@ -53,7 +57,7 @@ class DeviceEdge:
     """A loaded edge of one family: ``runtime`` (the family's own object), the codebook contract and `encode`."""
 
     family = "llava"
-    entropy_coding = True  # whether its frames may be coded with the folder's entropy model
+    entropy_grid: tuple[tuple[int, int], bool] | None  # the grid and CLS an entropy model must code; None: patch grids
 
     def __init__(self, runtime, *, codebook_size: int, codes_per_token: int, fingerprint: bytes):
         self.runtime, self.codebook_size, self.codes_per_token = runtime, codebook_size, codes_per_token
@@ -61,6 +65,17 @@ class DeviceEdge:
 
     def encode(self, image) -> EncodedImage:
         raise NotImplementedError
+
+    def check_entropy_model(self, model: EntropyModel) -> None:
+        """`EdgeCheckpointError` unless ``model`` codes this edge's frames (checked when the folder is opened, so a
+        wrong model is named at once rather than at the first frame)."""
+        wanted = "patch grids" if self.entropy_grid is None else "grid {} (CLS {})".format(*self.entropy_grid)
+        has = "patch grids" if model.patch_grids else f"grid {model.grid} (CLS {model.has_cls_token})"
+        if (model.codebook_size, model.codes_per_token, has) != (self.codebook_size, self.codes_per_token, wanted):
+            raise EdgeCheckpointError(
+                f"the edge folder's entropy model codes K={model.codebook_size}, {model.codes_per_token} codes per "
+                f"token, {has}; this {self.family} edge sends K={self.codebook_size}, {self.codes_per_token}, "
+                f"{wanted}: fit it again for this edge (or remove it to send raw frames)")
 
     def contract(self) -> dict[str, Any]:
         """``/v1/model`` fields the server must match for this edge's frames to decode."""
@@ -73,6 +88,7 @@ class LlavaEdge(DeviceEdge):
         super().__init__(runtime, codebook_size=runtime.codebook_size, codes_per_token=runtime.codes_per_token,
                          fingerprint=runtime.fingerprint)
         self.frame = frame_geometry(runtime.image_size, runtime.patch_size)
+        self.entropy_grid = (tuple(self.frame["grid"]), self.frame["has_cls_token"])
 
     def encode(self, image) -> EncodedImage:
         return EncodedImage(self.runtime.encode_image(image), None, self.frame["grid"], self.frame["has_cls_token"])
@@ -89,6 +105,7 @@ class TiledDeviceEdge(DeviceEdge):
         self.family = tiled.family
         side = runtime.image_size // runtime.patch_size
         self.grid, self.has_cls_token = (side, side), tiled.tokens_per_tile == side * side + 1
+        self.entropy_grid = (self.grid, self.has_cls_token)
 
     def encode(self, image) -> EncodedImage:
         sent = self.runtime.encode_image(image)
@@ -104,7 +121,7 @@ class TiledDeviceEdge(DeviceEdge):
 
 class QwenDeviceEdge(DeviceEdge):
     family = "qwen2_5_vl"
-    entropy_coding = False
+    entropy_grid = None  # patch grids of any size
 
     def __init__(self, runtime):
         config = runtime.config
@@ -120,6 +137,12 @@ class QwenDeviceEdge(DeviceEdge):
         return {**super().contract(), "family": self.family, "patch_size": settings.patch_size,
                 "spatial_merge_size": settings.merge_size, "min_pixels": settings.min_pixels,
                 "max_pixels": settings.max_pixels}
+
+
+def is_family_edge(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds the edge of a family (tiled or Qwen2.5-VL) rather than LLaVA-1.5's."""
+    directory = Path(directory)
+    return (directory / QWEN_EDGE_CONFIG).is_file() or "tiling" in read_edge_config(directory)
 
 
 def is_edge_folder(directory: str | os.PathLike) -> bool:
@@ -152,4 +175,4 @@ def _open_qwen(directory: Path, backend: str, threads: int | None) -> QwenDevice
 
 
 __all__ = ["DeviceEdge", "EncodedImage", "LlavaEdge", "QwenDeviceEdge", "TiledDeviceEdge", "is_edge_folder",
-           "open_edge"]
+           "is_family_edge", "open_edge"]

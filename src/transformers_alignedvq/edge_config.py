@@ -16,6 +16,8 @@ from .settings import SPLIT_SETTINGS
 EDGE_CONFIG_NAME = "edge_config.json"
 EDGE_WEIGHTS_NAME = "edge_model.safetensors"
 EDGE_ONNX_NAME = "edge_model.onnx"
+# Qwen2.5-VL's edge folder (`qwen_edge_runtime`): its own graph and config, read by that runtime alone.
+QWEN_EDGE_MODEL, QWEN_EDGE_CONFIG = "qwen_edge.onnx", "qwen_edge.json"
 EDGE_FORMAT_VERSION = 1
 EDGE_SETTINGS = SPLIT_SETTINGS
 

@@ -28,6 +28,8 @@ from .edge_config import (
     EDGE_ONNX_NAME,
     EDGE_SETTINGS,
     EDGE_WEIGHTS_NAME,
+    QWEN_EDGE_CONFIG,
+    QWEN_EDGE_MODEL,
     frame_geometry,
     read_edge_config,
     write_edge_config,
@@ -37,13 +39,15 @@ from .errors import EdgeCheckpointError
 from .preprocess import ImagePreprocessing, read_preprocessing
 
 BACKENDS = ("onnx", "torch")
-# What a device fetches of a checkpoint. Transformers 5 keeps the image processor's settings inside
-# processor_config.json (older checkpoints: preprocessor_config.json); the edge needs them to resize and
-# normalise images.
+# What a device fetches of a checkpoint, of any family. Transformers 5 keeps the image processor's settings inside
+# processor_config.json (older checkpoints: preprocessor_config.json); the LLaVA and tiled edges need them to resize
+# and normalise images (Qwen2.5-VL's edge keeps its own in qwen_edge.json).
 EDGE_FILES = (
     EDGE_CONFIG_NAME,
     EDGE_WEIGHTS_NAME,
     EDGE_ONNX_NAME,
+    QWEN_EDGE_CONFIG,
+    QWEN_EDGE_MODEL,
     "processor_config.json",
     "preprocessor_config.json",
     ENTROPY_MODEL_NAME,
@@ -218,7 +222,9 @@ __all__ = [
 # ------------------------------------------------------------------------------------------------------------
 def download_edge(repo_id: str, *, revision: str | None = None, cache_dir=None, local_dir=None,
                   token=None) -> tuple[Path, int]:
-    """Fetch only the edge files (`EDGE_FILES`) of a Hub checkpoint, never the language model.
+    """Fetch only the edge files (`EDGE_FILES`) of a Hub checkpoint, never the language model: the LLaVA and tiled
+    edges' ``edge_config.json`` and weights, or Qwen2.5-VL's ``qwen_edge.json`` and ``qwen_edge.onnx``, with the
+    image processor's settings and the entropy model where the checkpoint has them.
 
     Returns the local folder and the bytes of the edge files in it (the folder may hold more: a snapshot
     folder shared with an earlier full download). Needs ``huggingface_hub`` (the ``edge`` extra), not PyTorch.

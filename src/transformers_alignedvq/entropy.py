@@ -1,6 +1,6 @@
 """Static entropy models for coded wire frames (coder 1 of `wire`): lossless, fitted on training data.
 
-One `EntropyModel` belongs to one codebook and one token grid. It codes
+One `EntropyModel` belongs to one codebook and one token grid (or, fitted on patch grids, any grid). It codes
 
 * the **indices** with a context model: each patch (raster order) is either one of up to ``NUM_RANKS``
   candidates (its left, upper, upper-right and upper-left neighbours, then the most recent other values of
@@ -10,7 +10,10 @@ One `EntropyModel` belongs to one codebook and one token grid. It codes
   groups) are coded one code position ("stage") after the other, each over the same grid with tables of its
   own (the arrays then have a leading stage dimension). A frame of several tiles (the any-resolution
   families, `wire_geometry`) codes its tiles one after the other, each on its own: a token's neighbours and
-  recent values are those of its tile, so the model fitted on single tiles codes any tile count.
+  recent values are those of its tile, so the model fitted on single tiles codes any tile count. A model fitted
+  on **patch grids** (Qwen2.5-VL, `EntropyModel.fit_patch_grids`) has no grid of its own: a frame's images are
+  coded one after the other, each ``(t, h, w)`` grid as ``t`` rasters of ``h x w`` patches, its size taken from
+  the frame's geometry section; the tables do not depend on the grid's size.
 * the **question** as pieces (``" shape"``, ``"?"``; a word with its leading space, a punctuation mark, a
   run of spaces) under a bigram model over the training questions' pieces; a piece outside the vocabulary
   is escaped and spelled in UTF-8 bytes under a static byte table. No tokenizer is needed on the device.
@@ -26,37 +29,42 @@ This module imports numpy only at the top: it runs on the edge.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
-import re
 import struct
-from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .entropy_symbols import (
+    END_OF_PIECE,
+    ESCAPE,
+    MAX_CODEBOOK_SIZE,
+    MAX_PIECES,
+    NUM_CONTEXTS,
+    NUM_RANKS,
+    check_fit_options,
+    fit_questions,
+    fitted_tables,
+    grid_rasters,
+    raster_symbols,
+    split_pieces,
+    walk_patches,
+)
 from .errors import CheckpointMismatchError, WireFormatError
 
 ENTROPY_MODEL_NAME = "entropy_model.safetensors"
 MODEL_ID_SIZE = 4
-NUM_RANKS = 8
-NUM_CONTEXTS = 128
-MAX_CODEBOOK_SIZE = 2**20  # every symbol keeps one 2**-24 quantum of constriction's fixed-point tables
 MAX_TOKENS = 2**16
-MAX_PIECES = 4096
+# Patches of one coded frame of patch grids, which bounds the decoder's work (under a second for 2**18) before
+# any data is read: four of Qwen2.5-VL's largest images (65,536 patches at its default max_pixels).
+MAX_CODED_PATCHES = 2**18
 # A coded question longer than this is refused by the decoder (bounded work whatever the payload says);
 # the encoder sends longer ones as UTF-8.
 MAX_CODED_PROMPT_BYTES = 4096
 
-_ESCAPE = NUM_RANKS  # rank symbol meaning "not a candidate: the index follows under the escape table"
-_END_OF_PIECE = 256
-# A word or mark takes the one space before it; other whitespace forms runs (the last space of a run before a
-# word stays with the word).
-_PIECE = re.compile(r"\s?\w+|\s?[^\w\s]|\s+(?!\S)|\s+")
 _ID_DOMAIN = b"AVQ entropy model v2\x00"
-_STAGED = ("cls_probabilities", "rank_probabilities", "escape_probabilities")  # a leading stage axis if staged
 MAX_STAGES = 8
 _ARRAYS = ("geometry", "cls_probabilities", "rank_probabilities", "escape_probabilities", "question_pieces",
            "question_piece_ends", "question_probabilities", "question_byte_probabilities")
@@ -72,88 +80,6 @@ def _constriction() -> Any:
             name="constriction",
         ) from exc
     return constriction
-
-
-def split_pieces(text: str) -> list[str]:
-    """``text`` cut into the pieces the question model codes; ``"".join`` gives ``text`` back."""
-    return _PIECE.findall(text)
-
-
-def _walk_patches(height: int, width: int, take) -> list[int]:
-    """Visit the patches in raster order; ``take(context, candidates)`` returns each patch's index.
-
-    The context (0..127) and the candidate list depend only on patches already visited, so the encoder,
-    the decoder and the fit see the same ones.
-    """
-    grid: list[int] = []
-    recent: list[int] = []  # the most recent distinct values, newest first
-    for position in range(height * width):
-        row, col = divmod(position, width)
-        left = grid[-1] if col else None
-        up = grid[position - width] if row else None
-        up_left = grid[position - width - 1] if row and col else None
-        up_right = grid[position - width + 1] if row and col < width - 1 else None
-        context = ((col > 0) | (row > 0) << 1 | (row > 0 and col > 0 and left == up) << 2
-                   | (up_left is not None and up_left == left) << 3
-                   | (up_right is not None and up_right == up) << 4 | min(len(recent), 3) << 5)
-        candidates: list[int] = []
-        for value in (left, up, up_right, up_left, *recent):
-            if value is not None and value not in candidates:
-                candidates.append(value)
-        value = take(context, candidates[:NUM_RANKS])
-        grid.append(value)
-        if value in recent:
-            recent.remove(value)
-        recent.insert(0, value)
-        del recent[NUM_RANKS:]
-    return grid
-
-
-def _index_symbols(tokens: list[int], height: int, width: int, has_cls_token: bool,
-                   tiles: int = 1) -> list[tuple[Any, int]]:
-    """The symbols coding ``tokens`` (``tiles`` tiles one after the other), in decoding order, each with the
-    key of its table (name, row)."""
-    per_tile = height * width + int(has_cls_token)
-    symbols: list[tuple[Any, int]] = []
-    for tile in range(tiles):
-        symbols += _tile_symbols(tokens[tile * per_tile:(tile + 1) * per_tile], height, width, has_cls_token)
-    return symbols
-
-
-def _tile_symbols(tokens: list[int], height: int, width: int, has_cls_token: bool) -> list[tuple[Any, int]]:
-    symbols: list[tuple[Any, int]] = []
-    if has_cls_token:
-        symbols.append((("cls_probabilities", None), tokens[0]))
-    patches = iter(tokens[int(has_cls_token):])
-
-    def take(context: int, candidates: list[int]) -> int:
-        value = next(patches)
-        rank = candidates.index(value) if value in candidates else _ESCAPE
-        symbols.append((("rank_probabilities", context), rank))
-        if rank == _ESCAPE:
-            symbols.append((("escape_probabilities", None), value))
-        return value
-
-    _walk_patches(height, width, take)
-    return symbols
-
-
-def _stage_counts(table: np.ndarray, k: int, height: int, width: int, has_cls_token: bool) -> dict[str, np.ndarray]:
-    """Symbol counts of one stage's indices ``(images, tokens)``, by table."""
-    ranks, escapes = np.zeros((NUM_CONTEXTS, NUM_RANKS + 1)), np.zeros(k)
-    for image in table.tolist():
-        for (name, row), symbol in _index_symbols(image, height, width, has_cls_token):
-            if name == "rank_probabilities":
-                ranks[row, symbol] += 1
-            elif name == "escape_probabilities":
-                escapes[symbol] += 1
-    cls = np.bincount(table[:, 0], minlength=k) if has_cls_token else np.zeros(k)
-    return {"cls_probabilities": cls, "rank_probabilities": ranks, "escape_probabilities": escapes}
-
-
-def _normalised(counts: np.ndarray, smoothing: float) -> np.ndarray:
-    smoothed = np.asarray(counts, dtype=np.float64) + smoothing
-    return smoothed / smoothed.sum(axis=-1, keepdims=True)
 
 
 class EntropyModel:
@@ -188,9 +114,10 @@ class EntropyModel:
         k, height, width, cls = (int(v) for v in geometry)
         if not 2 <= k <= MAX_CODEBOOK_SIZE:
             raise WireFormatError(f"entropy model: codebook size must be in 2..{MAX_CODEBOOK_SIZE}, got {k}")
-        if height < 1 or width < 1 or cls not in (0, 1) or height * width + cls > MAX_TOKENS:
-            raise WireFormatError(
-                f"entropy model: grid {height}x{width} (CLS {cls}) must have 1..{MAX_TOKENS} tokens")
+        patch_grids = height == width == cls == 0  # the frames' geometry sections give the grids
+        if not patch_grids and (height < 1 or width < 1 or cls not in (0, 1) or height * width + cls > MAX_TOKENS):
+            raise WireFormatError(f"entropy model: grid {height}x{width} (CLS {cls}) must have 1..{MAX_TOKENS} tokens "
+                                  "(or be 0x0 without CLS: patch grids)")
         pieces = self._read_pieces()
         staged = a["cls_probabilities"].ndim == 2
         stages = (a["cls_probabilities"].shape[0],) if staged else ()
@@ -198,7 +125,7 @@ class EntropyModel:
             raise WireFormatError(f"entropy model: a staged model has 2..{MAX_STAGES} stages, got {stages[0]}")
         shapes = {"cls_probabilities": (*stages, k), "rank_probabilities": (*stages, NUM_CONTEXTS, NUM_RANKS + 1),
                   "escape_probabilities": (*stages, k), "question_probabilities": (len(pieces) + 2,) * 2,
-                  "question_byte_probabilities": (_END_OF_PIECE + 1,)}
+                  "question_byte_probabilities": (END_OF_PIECE + 1,)}
         for key, shape in shapes.items():
             table = a[key]
             if table.shape != shape or table.dtype != np.float64:
@@ -235,11 +162,10 @@ class EntropyModel:
 
         ``smoothing`` is added to every count, so every index, rank and byte stays codable.
         ``max_pieces`` caps the question vocabulary (the most frequent pieces seen at least twice); its
-        bigram table has ``(max_pieces + 2) ** 2`` entries.
+        bigram table has ``(max_pieces + 2) ** 2`` entries. Images of varying patch grids: `fit_patch_grids`.
         """
-        if not (isinstance(smoothing, (int, float)) and math.isfinite(smoothing) and smoothing > 0):
-            raise WireFormatError(f"smoothing must be a positive number, got {smoothing!r}")
         k, (height, width) = int(codebook_size), (int(grid[0]), int(grid[1]))
+        check_fit_options(smoothing, k)
         table = np.asarray(indices)
         tokens = height * width + bool(has_cls_token)
         if table.ndim == 2:
@@ -249,12 +175,41 @@ class EntropyModel:
                                   f"got {table.dtype} {table.shape}")
         if table.size and (table.min() < 0 or table.max() >= k):
             raise WireFormatError(f"indices must be in [0, {k})")
-        counts = [_stage_counts(table[:, :, stage], k, height, width, bool(has_cls_token))
-                  for stage in range(table.shape[2])]
-        arrays = {name: _normalised(np.stack([c[name] for c in counts]) if len(counts) > 1 else counts[0][name],
-                                    smoothing) for name in _STAGED}
+        raster = [(height, width, bool(has_cls_token))]
+        arrays = fitted_tables([[(row, raster) for row in table[:, :, stage].tolist()]
+                                 for stage in range(table.shape[2])], k, smoothing)
         arrays["geometry"] = np.array([k, height, width, int(bool(has_cls_token))], dtype=np.int64)
-        return cls({**arrays, **_fit_questions(list(questions), smoothing, max_pieces)})
+        return cls({**arrays, **fit_questions(list(questions), smoothing, max_pieces)})
+
+    @classmethod
+    def fit_patch_grids(cls, images: Iterable[tuple[Any, Any]], *, codebook_size: int, questions: Iterable[str] = (),
+                        smoothing: float = 0.5, max_pieces: int = 256) -> EntropyModel:
+        """Fit a model of patch grids (Qwen2.5-VL) on ``images``: pairs of one image's indices, shape
+        ``(t * h * w,)`` or ``(t * h * w, stages)`` in raster order, and its grid ``(t, h, w)`` (as
+        ``image_grid_thw``); grids may differ from image to image. The model codes frames of any patch grids
+        (their geometry section gives them); ``smoothing``, ``max_pieces`` and ``questions`` as in `fit`."""
+        k = int(codebook_size)
+        check_fit_options(smoothing, k)
+        rows, stages = [], None
+        for number, (indices, grid) in enumerate(images):
+            table, rasters = np.asarray(indices), grid_rasters([grid])
+            table = table[:, None] if table.ndim == 1 else table
+            tokens = sum(h * w for h, w, _ in rasters)
+            if table.ndim != 2 or table.shape[0] != tokens or table.dtype.kind not in "iu" or \
+                    not 1 <= table.shape[1] <= MAX_STAGES or table.shape[1] != (stages or table.shape[1]):
+                raise WireFormatError(f"image {number}: indices must be integers of shape ({tokens}[, stages <= "
+                                      f"{MAX_STAGES}, the same for every image]) for grid {tuple(grid)}, got "
+                                      f"{table.dtype} {table.shape}")
+            if table.size and (table.min() < 0 or table.max() >= k):
+                raise WireFormatError(f"image {number}: indices must be in [0, {k})")
+            stages = table.shape[1]
+            rows.append((table, rasters))
+        if not rows:
+            raise WireFormatError("fit_patch_grids needs at least one image")
+        arrays = fitted_tables([[(table[:, stage].tolist(), rasters) for table, rasters in rows]
+                                 for stage in range(stages)], k, smoothing)
+        arrays["geometry"] = np.array([k, 0, 0, 0], dtype=np.int64)
+        return cls({**arrays, **fit_questions(list(questions), smoothing, max_pieces)})
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """The model's arrays (numpy), as `save` stores them."""
@@ -280,8 +235,14 @@ class EntropyModel:
         return int(self._arrays["geometry"][0])
 
     @property
-    def grid(self) -> tuple[int, int]:
-        return int(self._arrays["geometry"][1]), int(self._arrays["geometry"][2])
+    def patch_grids(self) -> bool:
+        """Whether the model codes patch grids of any size (`fit_patch_grids`) rather than one fixed grid."""
+        return int(self._arrays["geometry"][1]) == 0
+
+    @property
+    def grid(self) -> tuple[int, int] | None:
+        """The one (tile's) patch grid the model codes; None for a model of patch grids."""
+        return None if self.patch_grids else (int(self._arrays["geometry"][1]), int(self._arrays["geometry"][2]))
 
     @property
     def has_cls_token(self) -> bool:
@@ -293,12 +254,16 @@ class EntropyModel:
         return self._stages
 
     @property
-    def num_tokens(self) -> int:
+    def num_tokens(self) -> int | None:
+        """Tokens of one image (tile); None for a model of patch grids, whose images each have their own."""
+        if self.patch_grids:
+            return None
         height, width = self.grid
         return height * width + int(self.has_cls_token)
 
     def __repr__(self) -> str:
-        return (f"EntropyModel(codebook_size={self.codebook_size}, grid={self.grid}, stages={self._stages}, "
+        grid = "patch grids" if self.patch_grids else self.grid
+        return (f"EntropyModel(codebook_size={self.codebook_size}, grid={grid}, stages={self._stages}, "
                 f"has_cls_token={self.has_cls_token}, pieces={len(self._pieces)}, id={self.model_id.hex()})")
 
     # ------------------------------------------------------------------------------------------------
@@ -322,7 +287,7 @@ class EntropyModel:
             if piece_id is None:
                 symbols.append((("question_probabilities", context), escape))
                 symbols += [(("question_byte_probabilities", None), byte) for byte in piece.encode("utf-8")]
-                symbols.append((("question_byte_probabilities", None), _END_OF_PIECE))
+                symbols.append((("question_byte_probabilities", None), END_OF_PIECE))
                 context = escape + 1
             else:
                 symbols.append((("question_probabilities", context), piece_id))
@@ -335,17 +300,39 @@ class EntropyModel:
         for key, symbol in reversed(symbols):
             coder.encode_reverse(symbol, self._model(key))
 
-    def encode_payload(self, tokens: np.ndarray, question: str | None, *, tiles: int = 1) -> tuple[bytes, bytes | None]:
+    def rasters(self, tiles: int, grids: Iterable[Any] | None) -> list[tuple[int, int, bool]]:
+        """What a frame's tokens are coded as: ``tiles`` of the model's grid, or (a model of patch grids) the
+        rasters of ``grids`` ``(t, h, w)``; `WireFormatError` when the frame's kind is not the model's."""
+        if not self.patch_grids:
+            if grids is not None:
+                raise WireFormatError(f"entropy model mismatch: the model codes a fixed {self.grid[0]}x{self.grid[1]} "
+                                      "grid, the frame carries patch grids; fit one with EntropyModel.fit_patch_grids")
+            return [(*self.grid, self.has_cls_token)] * tiles
+        if grids is None:
+            raise WireFormatError("entropy model mismatch: the model codes patch grids, the frame carries none "
+                                  "(a fixed grid or tiles); use a model fitted on that grid")
+        rasters = grid_rasters(grids)
+        total = sum(h * w for h, w, _ in rasters)
+        if total > MAX_CODED_PATCHES:
+            raise WireFormatError(f"too many patches to code: {total} in one frame, at most {MAX_CODED_PATCHES}; send "
+                                  "the images in frames of their own")
+        return rasters
+
+    def encode_payload(self, tokens: np.ndarray, question: str | None, *, tiles: int = 1,
+                       grids: Iterable[Any] | None = None) -> tuple[bytes, bytes | None]:
         """Payloads for ``tokens`` (shape ``(tiles * num_tokens,)``, tile after tile; ``(tiles * num_tokens,
-        stages)`` for a staged model): without the question, and with it coded first (None when there is no
-        question or it is longer than ``MAX_CODED_PROMPT_BYTES``)."""
+        stages)`` for a staged model; a model of patch grids: every patch of ``grids`` ``(t, h, w)``, image after
+        image): without the question, and with it coded first (None when there is no question or it is longer
+        than ``MAX_CODED_PROMPT_BYTES``)."""
+        rasters = self.rasters(tiles, grids)
+        count = sum(h * w + int(cls) for h, w, cls in rasters)
         tokens = np.asarray(tokens).reshape(len(tokens), -1)
-        if tokens.shape != (tiles * self.num_tokens, self._stages):
-            raise WireFormatError(f"tokens of shape {tokens.shape} are not {tiles} tiles of {self.num_tokens} "
-                                  f"tokens x {self._stages} codes")
+        if tokens.shape != (count, self._stages):
+            what = f"{tiles} tiles of {self.num_tokens}" if grids is None else f"the patch grids' {count}"
+            raise WireFormatError(f"tokens of shape {tokens.shape} are not {what} tokens x {self._stages} codes")
         coder = _constriction().stream.stack.AnsCoder()
         for stage in reversed(range(self._stages)):  # a stack: the last stage pushed first is popped last
-            symbols = _index_symbols(tokens[:, stage].tolist(), *self.grid, self.has_cls_token, tiles)
+            symbols = raster_symbols(tokens[:, stage].tolist(), rasters)
             self._push(coder, symbols if self._stages == 1 else [((*key, stage), s) for key, s in symbols])
         with_question = None
         if question is not None and len(question.encode("utf-8")) <= MAX_CODED_PROMPT_BYTES:
@@ -370,19 +357,21 @@ class EntropyModel:
             raise WireFormatError("coded question has unread data after its end")
         return question
 
-    def decode_payload(self, payload: bytes, *, with_question: bool, tiles: int = 1,
+    def decode_payload(self, payload: bytes, *, with_question: bool, tiles: int = 1, grids: Iterable[Any] | None = None,
                        max_question_bytes: int = MAX_CODED_PROMPT_BYTES) -> tuple[np.ndarray, str | None]:
         """Inverse of `encode_payload`: ``(tokens int64 (tiles * num_tokens[, stages]), question or None)``.
 
-        The work is bounded by the model (its token count), ``tiles`` and ``max_question_bytes`` (at most
-        ``MAX_CODED_PROMPT_BYTES``), never by what the payload claims; decoding stops with `WireFormatError` as
-        soon as the coder runs out of data (a valid payload is consumed only by its last index).
+        The work is bounded by the model (its token count) and ``tiles``, or by ``grids`` (at most
+        ``MAX_CODED_PATCHES``), and by ``max_question_bytes`` (at most ``MAX_CODED_PROMPT_BYTES``), never by what
+        the payload claims; decoding stops with `WireFormatError` as soon as the coder runs out of data (a valid
+        payload is consumed only by its last index).
         """
         limit = min(int(max_question_bytes), MAX_CODED_PROMPT_BYTES)
+        rasters = self.rasters(tiles, grids)
 
         def read(coder):
             question = self._decode_question(coder, limit) if with_question else None
-            stages = [[token for _ in range(tiles) for token in self._decode_indices(coder, stage)]
+            stages = [[token for raster in rasters for token in self._decode_raster(coder, stage, *raster)]
                       for stage in range(self._stages)]
             return question, stages[0] if self._stages == 1 else list(zip(*stages))
 
@@ -392,22 +381,22 @@ class EntropyModel:
                                   "corrupt or was coded with another constriction release")
         return np.array(tokens, dtype=np.int64), question
 
-    def _decode_indices(self, coder: Any, stage: int) -> list[int]:
+    def _decode_raster(self, coder: Any, stage: int, height: int, width: int, has_cls_token: bool) -> list[int]:
         def pop(name: str, row: int | None) -> int:
             return int(coder.decode(self._model((name, row) if self._stages == 1 else (name, row, stage))))
 
-        head = [pop("cls_probabilities", None)] if self.has_cls_token else []
+        head = [pop("cls_probabilities", None)] if has_cls_token else []
 
         def take(context: int, candidates: list[int]) -> int:
             rank = pop("rank_probabilities", context)
-            if rank == _ESCAPE:
+            if rank == ESCAPE:
                 return pop("escape_probabilities", None)
             if rank >= len(candidates):
                 raise WireFormatError(f"entropy-coded payload is corrupt: rank {rank} of {len(candidates)} "
                                       "candidates")
             return candidates[rank]
 
-        return head + _walk_patches(*self.grid, take)
+        return head + walk_patches(height, width, take)
 
     def _decode_question(self, coder: Any, limit: int) -> str:
         out, context, escape = bytearray(), 0, len(self._pieces)
@@ -419,7 +408,7 @@ class EntropyModel:
             if symbol == escape:
                 start = len(out)
                 while (byte := _pop(coder, self._model(("question_byte_probabilities", None)), repeats=True)) \
-                        != _END_OF_PIECE:
+                        != END_OF_PIECE:
                     out.append(byte)
                     if len(out) > limit:
                         break
@@ -478,35 +467,6 @@ def _words_to_bytes(words: np.ndarray) -> bytes:
     return raw[:keep]
 
 
-def _fit_questions(questions: list[str], smoothing: float, max_pieces: int) -> dict[str, np.ndarray]:
-    if not 0 <= max_pieces <= MAX_PIECES:
-        raise WireFormatError(f"max_pieces must be in 0..{MAX_PIECES}, got {max_pieces}")
-    split = [split_pieces(question) for question in questions]
-    frequent = Counter(piece for pieces in split for piece in pieces).most_common()
-    vocabulary = [piece for piece, n in frequent if n >= 2][:max_pieces]
-    ids = {piece: i for i, piece in enumerate(vocabulary)}
-    escape = len(vocabulary)
-    bigrams, byte_counts = np.zeros((escape + 2, escape + 2)), np.zeros(_END_OF_PIECE + 1)
-    for pieces in split:
-        context = 0
-        for piece in pieces:
-            symbol = ids.get(piece, escape)
-            bigrams[context, symbol] += 1
-            context = symbol + 1
-            if symbol == escape:
-                byte_counts[_END_OF_PIECE] += 1
-        bigrams[context, escape + 1] += 1
-        # Bytes of every piece, not only the rare ones, so the byte table has seen the language.
-        byte_counts[:256] += np.bincount(np.frombuffer("".join(pieces).encode("utf-8"), np.uint8), minlength=256)
-    encoded = [piece.encode("utf-8") for piece in vocabulary]
-    return {
-        "question_pieces": np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(),
-        "question_piece_ends": np.cumsum([len(piece) for piece in encoded], dtype=np.int64),
-        "question_probabilities": _normalised(bigrams, smoothing),
-        "question_byte_probabilities": _normalised(byte_counts, smoothing),
-    }
-
-
 def load_entropy_model(directory: str | os.PathLike) -> EntropyModel | None:
     """The folder's ``entropy_model.safetensors`` as an `EntropyModel`, or None when it has none. numpy +
     safetensors only; a truncated, corrupt or inconsistent file raises `CheckpointMismatchError`."""
@@ -521,4 +481,4 @@ def load_entropy_model(directory: str | os.PathLike) -> EntropyModel | None:
         raise CheckpointMismatchError(f"{path.name} cannot be read (truncated, corrupt or invalid?): {exc}") from exc
 
 
-__all__ = ["ENTROPY_MODEL_NAME", "MODEL_ID_SIZE", "EntropyModel", "load_entropy_model", "split_pieces"]
+__all__ = ["ENTROPY_MODEL_NAME", "MAX_CODED_PATCHES", "MODEL_ID_SIZE", "EntropyModel", "load_entropy_model", "split_pieces"]

@@ -26,11 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .edge_config import QWEN_EDGE_CONFIG, QWEN_EDGE_MODEL
 from .edge_runtime import onnx_session
 from .errors import EdgeCheckpointError
 from .preprocess_qwen import QwenImagePreprocessing
 
-QWEN_EDGE_MODEL, QWEN_EDGE_CONFIG = "qwen_edge.onnx", "qwen_edge.json"
 QWEN_EDGE_FORMAT = "qwen2_5_vl_edge"
 PATCH_INPUTS = ("patches",)
 WINDOW_INPUTS = ("patches", "positions", "padded_from_raster", "key_bias", "raster_from_padded")

@@ -48,7 +48,7 @@ import numpy as np
 
 from .entropy import MODEL_ID_SIZE, EntropyModel
 from .errors import WireFormatError
-from .wire_geometry import KIND_TILES, WireGeometry, _varint, frame_fields, read_section, tokens_per_tile
+from .wire_geometry import KIND_PATCHES, WireGeometry, _varint, frame_fields, read_section, tokens_per_tile
 
 __all__ = [
     "CODER_CONTEXT_MODEL",
@@ -368,13 +368,27 @@ def _grid_fields(grid: Any, has_cls_token: Any, num_tokens: int) -> tuple[int, i
     return height, width
 
 
-def _check_model(entropy_model: Any, k: int, num_tokens: int, codes: int, grid: Any, has_cls_token: bool) -> None:
+def _patch_grids(geometry: WireGeometry | None) -> list[tuple[int, int, int]] | None:
+    """The images' patch grids of a kind-2 section, which a model of patch grids codes; None otherwise."""
+    if geometry is None or geometry.kind != KIND_PATCHES:
+        return None
+    return [image.grid_thw for image in geometry.images]
+
+
+def _check_model(entropy_model: Any, k: int, num_tokens: int, codes: int, grid: Any, has_cls_token: bool,
+                 grids: list | None) -> None:
     if not isinstance(entropy_model, EntropyModel):
         raise WireFormatError(
             f"entropy_model must be an EntropyModel or None, got {type(entropy_model).__name__}")
     if entropy_model.codebook_size != k:
         raise WireFormatError(f"codebook size mismatch: entropy model is for K={entropy_model.codebook_size}, "
                               f"frame uses K={k}")
+    if entropy_model.patch_grids or grids is not None:  # the kinds must match; the grids are the frame's
+        entropy_model.rasters(1, grids)
+        if codes != entropy_model.codes_per_token:
+            raise WireFormatError(f"the entropy model codes {entropy_model.codes_per_token} codes per token, the "
+                                  f"indices have {codes}; send raw frames (entropy_model=None)")
+        return
     if (num_tokens, codes) != (entropy_model.num_tokens, entropy_model.codes_per_token):
         raise WireFormatError(f"the entropy model codes {entropy_model.num_tokens} tokens x "
                               f"{entropy_model.codes_per_token} codes, the indices have {num_tokens} x {codes}; "
@@ -403,7 +417,8 @@ def encode_frame(
     indices are coded (lossless) under it, and so is the prompt when that is shorter than its UTF-8;
     otherwise the indices are bit-packed. ``geometry`` (`wire_geometry.WireGeometry`) records the images and
     tiles of an any-resolution frame (indices of all tiles in order; ``grid``/``has_cls_token`` are then one
-    tile's) or the patch grids of a variable-grid one; a coded frame codes each tile on its own.
+    tile's) or the patch grids of a variable-grid one; a coded frame codes each tile on its own, and each image
+    of patch grids on its own, under a model fitted on patch grids (`EntropyModel.fit_patch_grids`).
     """
     k = _as_int(codebook_size, "codebook_size")
     bits = bits_per_index(k)
@@ -423,10 +438,9 @@ def encode_frame(
         body = fields + section + utf8_section + _pack_indices(table.reshape(-1), bits)
         coder = CODER_RAW
     else:
-        if geometry is not None and geometry.kind != KIND_TILES:
-            raise WireFormatError("coded frames of patch grids are not supported; send raw frames (entropy_model=None)")
-        _check_model(entropy_model, k, unit_tokens, codes, grid, has_cls_token)
-        alone, with_prompt = entropy_model.encode_payload(table, prompt, tiles=tiles)
+        grids = _patch_grids(geometry)
+        _check_model(entropy_model, k, unit_tokens, codes, grid, has_cls_token, grids)
+        alone, with_prompt = entropy_model.encode_payload(table, prompt, tiles=1 if grids else tiles, grids=grids)
         if with_prompt is not None and len(with_prompt) < len(alone) + len(utf8_section):
             body, prompt_mode = entropy_model.model_id + section + with_prompt, PROMPT_CODED
         else:
@@ -571,8 +585,6 @@ def _parse_v2(buf: bytes) -> _Header:
             raise WireFormatError("invalid header: grid/CLS flags set in a coded frame (the model implies them)")
         header.model_id = reader.take(MODEL_ID_SIZE, "the entropy model id")
         header.geometry = read_section(reader) if flags & FLAG_GEOMETRY else None
-        if header.geometry is not None and header.geometry.kind != KIND_TILES:
-            raise WireFormatError("invalid geometry: coded frames carry tiles, not patch grids")
     if header.prompt_mode == PROMPT_UTF8:
         header.prompt = reader.take(reader.varint("prompt length"), "the prompt")
     if coder == CODER_RAW:
@@ -653,10 +665,20 @@ def _model_for(header: _Header, entropy_model: Any) -> EntropyModel:
             f"entropy model mismatch: the frame is coded with entropy model {header.model_id.hex()}, this side "
             f"has {entropy_model.model_id.hex()}; edge and cloud must load the same entropy model"
         )
+    grids = _patch_grids(header.geometry)
+    if grids is not None or entropy_model.patch_grids:
+        # The same model id with the other kind of frame: the frame contradicts its model (an encoder refuses it).
+        try:
+            entropy_model.rasters(1, grids)
+        except WireFormatError as exc:
+            raise WireFormatError(f"invalid geometry: {str(exc).removeprefix('entropy model mismatch: ')}") from None
+    header.codebook_size, header.codes_per_token = entropy_model.codebook_size, entropy_model.codes_per_token
+    if grids is not None:
+        header.num_tokens = sum(image.tokens for image in header.geometry.images)
+        return entropy_model
     tiles = 1 if header.geometry is None else header.geometry.num_tiles
-    header.codebook_size, header.num_tokens = entropy_model.codebook_size, entropy_model.num_tokens * tiles
+    header.num_tokens = entropy_model.num_tokens * tiles
     header.grid, header.has_cls_token = entropy_model.grid, entropy_model.has_cls_token
-    header.codes_per_token = entropy_model.codes_per_token
     return entropy_model
 
 
@@ -709,9 +731,10 @@ def decode_frame(
         table = table.reshape(header.num_tokens, header.codes_per_token)
     else:
         limit = {} if max_prompt_bytes is None else {"max_question_bytes": max_prompt_bytes}
-        tiles = 1 if header.geometry is None else header.geometry.num_tiles
+        grids = _patch_grids(header.geometry)
+        tiles = 1 if header.geometry is None or grids else header.geometry.num_tiles
         tokens, coded_prompt = model.decode_payload(header.payload, with_question=header.prompt_mode == PROMPT_CODED,
-                                                    tiles=tiles, **limit)
+                                                    tiles=tiles, grids=grids, **limit)
         table = tokens.reshape(len(tokens), -1)
         if coded_prompt is not None:
             prompt_bytes = coded_prompt.encode("utf-8")

@@ -26,12 +26,14 @@ from ..edge_config import (
     EDGE_CONFIG_NAME,
     EDGE_ONNX_NAME,
     EDGE_WEIGHTS_NAME,
+    QWEN_EDGE_CONFIG,
     frame_geometry,
     write_edge_config,
 )
 from ..entropy import ENTROPY_MODEL_NAME
 from ..errors import CheckpointError
 from ..settings import FRAME_SETTINGS
+from .family_info import FAMILY_MODEL_TYPES, describe_family, describe_qwen_edge, describe_tiled_edge
 
 if TYPE_CHECKING:  # search needs torch; `describe_checkpoint` (alignedvq info) must run on a device without it
     from .search import SearchConfig
@@ -94,17 +96,18 @@ def _read_tensor(weights: list[Path], key: str):
 
 def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """`describe` for a saved full model folder or an exported edge folder, reading only the config and
-    the codebook (no model is built)."""
+    the codebook (no model is built); a family's checkpoint or edge folder by `family_info`."""
     directory = Path(path)
     if not directory.is_dir():
         raise CheckpointError(f"{directory} is not a directory")
     # Full checkpoints carry the edge files too, so config.json decides which kind this is.
     if (directory / "config.json").is_file():
         config = json.loads((directory / "config.json").read_text())
-        if config.get("model_type") != "llava_alignedvq":
+        if config.get("model_type") != "llava_alignedvq" and config.get("model_type") not in FAMILY_MODEL_TYPES:
             raise CheckpointError(
-                f"{directory / 'config.json'} has model_type {config.get('model_type')!r}, not 'llava_alignedvq'; "
-                "convert the LLaVA checkpoint with LlavaAlignedVQForConditionalGeneration.from_llava first"
+                f"{directory / 'config.json'} has model_type {config.get('model_type')!r}, not an AlignedVQ model's "
+                f"(llava_alignedvq, {', '.join(FAMILY_MODEL_TYPES)}); convert the model with "
+                "transformers_alignedvq.from_vlm first"
             )
         vision = config.get("vision_config", {})
         index = directory / "model.safetensors.index.json"
@@ -122,10 +125,17 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
         weights, key, kind = [directory / EDGE_WEIGHTS_NAME], _EDGE_CODEBOOK_KEY, "edge"
         if "onnx" in config:  # an ONNX edge has no codebook tensor; its config records the fingerprint
             weights, kind = [], "edge (onnx, int8)" if config["onnx"].get("int8") else "edge (onnx)"
+        if "tiling" in config:
+            return describe_tiled_edge(directory, config, _settings(config), kind)
+    elif (directory / QWEN_EDGE_CONFIG).is_file():
+        return describe_qwen_edge(directory)
     else:
-        raise CheckpointError(f"{directory} holds neither config.json nor {EDGE_CONFIG_NAME}")
+        raise CheckpointError(f"{directory} holds neither config.json nor {EDGE_CONFIG_NAME} (nor {QWEN_EDGE_CONFIG})")
     if not all(p.is_file() for p in weights) or (not weights and "onnx" not in config):
         raise CheckpointError(f"no safetensors weights found in {directory}")
+    if config.get("model_type") in FAMILY_MODEL_TYPES:
+        fingerprint = wire.codebook_fingerprint(_read_tensor(weights, key))
+        return describe_family(directory, config, _settings(config), fingerprint, config.get("checkpoint_kind", kind))
     try:
         image_size, patch_size = int(vision["image_size"]), int(vision["patch_size"])
     except (KeyError, TypeError, ValueError) as exc:
@@ -140,17 +150,20 @@ def describe_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     return {"checkpoint": kind, **summary}
 
 
-def export_edge(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, format: str = "safetensors",
+def export_edge(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, format: str | None = None,
                 int8: bool = False, calibration_images: Iterable | None = None,
                 search: SearchConfig | None = None) -> Path:
     """Load the full model in ``model_dir`` and write its edge part into ``out_dir``.
 
     The image preprocessing of the folder's image processor (or, without one, the vision tower family's
     standard one) is recorded in ``edge_config.json``, and the entropy model is copied when the folder has one.
+    A LLaVA-OneVision / LLaVA-NeXT checkpoint gets its per-tile edge (`tiled_edge.export_tiled_edge`), a Qwen2.5-VL
+    one its windowed ONNX edge (`qwen_edge_onnx.export_qwen_edge`: ONNX only, no int8 front).
 
     Args:
         format: ``"safetensors"`` (the PyTorch edge, ``edge_model.safetensors``) or ``"onnx"``
-            (``edge_model.onnx``, run by onnxruntime without PyTorch; see `edge_onnx`).
+            (``edge_model.onnx``, run by onnxruntime without PyTorch; see `edge_onnx`); default: ``"safetensors"``
+            for LLaVA-1.5, ``"onnx"`` for the families.
         int8: ONNX only: quantize the edge's convolutions and matrix products to int8, calibrated on
             ``calibration_images`` (real images; anything `preprocess.load_image` takes).
         search: how the edge finds codewords (`search.SearchConfig`; default exact).
@@ -160,14 +173,25 @@ def export_edge(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, for
 
     from ..preprocess import read_preprocessing
 
-    if format not in EXPORT_FORMATS:
+    if format not in (None, *EXPORT_FORMATS):
         raise ValueError(f"format={format!r} must be one of {EXPORT_FORMATS}")
-    if int8 and format != "onnx":
+    if int8 and format == "safetensors":
         raise ValueError("int8 export is for the ONNX format")
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir} is not a saved model folder (no config.json)")
+    if json.loads((model_dir / "config.json").read_text()).get("model_type") == "qwen2_5_vl_alignedvq" and \
+            (format == "safetensors" or int8):  # refused before the model is read
+        raise CheckpointError("the Qwen2.5-VL edge is exported as fp32 ONNX only (qwen_edge.onnx): drop "
+                              f"{'--int8' if int8 else '--format safetensors'}")
     model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+    if hasattr(getattr(model, "model", None), "adapter"):  # a family's model (models/family.py)
+        _export_family_edge(model.eval(), model_dir, out_dir, format=format, int8=int8,
+                            calibration_images=calibration_images, search=search)
+        return _with_entropy_model(model_dir, out_dir)
+    format = format or "safetensors"
+    if int8 and format != "onnx":
+        raise ValueError("int8 export is for the ONNX format")
     if not hasattr(model, "edge_encoder"):
         raise CheckpointError(f"{model_dir} holds a {type(model).__name__}, not an AlignedVQ model")
     try:
@@ -182,9 +206,47 @@ def export_edge(model_dir: str | os.PathLike, out_dir: str | os.PathLike, *, for
         edge.save_pretrained(out_dir)
     else:
         export_onnx_folder(edge, out_dir, int8=int8, calibration_images=calibration_images)
+    return _with_entropy_model(model_dir, out_dir)
+
+
+def _with_entropy_model(model_dir: Path, out_dir: Path) -> Path:
     if (model_dir / ENTROPY_MODEL_NAME).is_file():
         shutil.copyfile(model_dir / ENTROPY_MODEL_NAME, out_dir / ENTROPY_MODEL_NAME)
     return out_dir
+
+
+def _export_family_edge(model, model_dir: Path, out_dir: Path, *, format: str | None, int8: bool,
+                        calibration_images: Iterable | None, search: SearchConfig | None) -> None:
+    """A family checkpoint's edge folder, preprocessed by the image processor saved beside the model (or the
+    family's defaults)."""
+    settings = _saved_image_processor(model_dir)
+    if model.model.adapter.name == "qwen2_5_vl":  # fp32 ONNX only, which `export_edge` checked
+        from ..preprocess_qwen import QwenImagePreprocessing
+        from .qwen_edge_onnx import export_qwen_edge
+
+        preprocessing = QwenImagePreprocessing.from_image_processor(settings) if settings else None
+        export_qwen_edge(model, out_dir, search=search, preprocessing=preprocessing)
+        return
+    from .tiled_edge import export_tiled_edge
+
+    export_tiled_edge(model, out_dir, format=format or "onnx", image_processor=settings, search=search, int8=int8,
+                      calibration_images=calibration_images)
+
+
+def _saved_image_processor(model_dir: Path) -> dict | None:
+    """The image processor's settings saved beside a model (``preprocessor_config.json``, or the
+    ``image_processor`` entry of ``processor_config.json``), None without them."""
+    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
+        path = model_dir / name
+        if path.is_file():
+            try:
+                settings = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise CheckpointError(f"cannot read {path}: {exc}") from None
+            settings = settings.get(key) if key and isinstance(settings, dict) else settings
+            if isinstance(settings, dict):
+                return settings
+    return None
 
 
 def export_onnx_folder(edge, out_dir: str | os.PathLike, *, int8: bool = False,

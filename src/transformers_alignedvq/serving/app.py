@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import wire
 from ..errors import ServerConfigError
+from ..wire_geometry import KIND_PATCHES
 from .answer import add_answer_route, request_decoder
 from .auth import BearerAuth
 from .batcher import DynamicBatcher, EngineHealth
@@ -204,9 +205,8 @@ def _add_openai_routes(app: FastAPI, engine: AnswerEngine, batcher: DynamicBatch
 def _check_entropy_model(entropy_model: wire.EntropyModel | None, engine: AnswerEngine) -> None:
     summary = engine.summary
     num_tokens, codes = summary["num_tokens"], summary["codes_per_token"]
-    if entropy_model is not None and engine.tiles is not None and not engine.tiles.entropy_coding:
-        raise ServerConfigError(f"frames of patch grids ({engine.tiles.adapter.name}) are sent raw; serve this model "
-                                "without an entropy model")
+    if entropy_model is not None and getattr(engine.tiles, "kind", None) == KIND_PATCHES:  # grids of any size
+        return engine.tiles.check_entropy_model(entropy_model)
     if entropy_model is not None and (entropy_model.codebook_size, entropy_model.num_tokens,
                                       entropy_model.codes_per_token) != (summary["codebook_size"], num_tokens, codes):
         raise ServerConfigError(f"the entropy model ({entropy_model!r}) does not fit this model's frames "

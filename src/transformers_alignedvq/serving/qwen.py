@@ -10,6 +10,8 @@ instead of a fixed token count, as it asks `tiled.TiledImages` for the any-resol
 * The prompt holds ``t * h * w / merge²`` image placeholders (the merger's output), as Qwen's processor expands
   its ``<|image_pad|>``; the model's ``generate`` computes the 3-D positions from them and ``image_grid_thw``.
 * A batch's images are the patches of all its requests, in order, with one ``image_grid_thw`` row each.
+* Frames may be coded under an entropy model fitted on patch grids (`entropy.EntropyModel.fit_patch_grids`), which
+  codes any grid; a model of a fixed grid is refused at start-up.
 
 The pixel limits are the served processor's (its image processor's ``size``), or those saved beside the model
 when no processor could be built; without either, Qwen2-VL's image processor defaults, which is also what `export.qwen_edge_onnx.export_qwen_edge` writes for the edge by default.
@@ -76,7 +78,7 @@ class QwenImages(FamilyImages):
     """The frame contract of a served Qwen2.5-VL model (see the module docstring)."""
 
     kind = KIND_PATCHES
-    entropy_coding = False  # the entropy model codes fixed grids; patch-grid frames are always raw
+    entropy_coding = True  # under a model of patch grids (`check_entropy_model`)
 
     def __init__(self, model, processor=None):
         super().__init__(model)
@@ -108,10 +110,19 @@ class QwenImages(FamilyImages):
             spatial_merge_size=self.merge, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
 
     def max_frame_bytes(self, *, prompt_bytes: int, entropy_coded: bool) -> int:
-        """The largest raw frame of one image at the largest admitted grid (patch grids are never coded)."""
+        """The largest frame (raw, or coded too with ``entropy_coded``) of one image at the largest admitted grid."""
         return wire.max_frame_bytes(
             codebook_size=self.config.codebook_size, num_tokens=self.max_tokens, codes_per_token=self.codes,
-            prompt_bytes=prompt_bytes, entropy_coded=False) + max_section_bytes(KIND_PATCHES)
+            prompt_bytes=prompt_bytes, entropy_coded=entropy_coded) + max_section_bytes(KIND_PATCHES)
+
+    def check_entropy_model(self, entropy_model: wire.EntropyModel) -> None:
+        """`ServerConfigError` unless ``entropy_model`` codes this model's frames: patch grids, its K and codes."""
+        if not entropy_model.patch_grids:
+            raise ServerConfigError(f"the entropy model ({entropy_model!r}) codes a fixed grid; this Qwen2.5-VL model's "
+                                    "frames carry patch grids: fit one with EntropyModel.fit_patch_grids")
+        if (entropy_model.codebook_size, entropy_model.codes_per_token) != (self.config.codebook_size, self.codes):
+            raise ServerConfigError(f"the entropy model ({entropy_model!r}) does not fit this model's frames "
+                                    f"(K={self.config.codebook_size}, {self.codes} codes per token)")
 
     # -- frames -------------------------------------------------------------------------------------------
     def check(self, *, geometry: WireGeometry | None, num_tokens: int, grid, has_cls_token: bool) -> None:
