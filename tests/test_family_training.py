@@ -118,3 +118,31 @@ def test_evaluation_sends_tiles_as_frames_with_their_geometry(finetuned):
     assert cloud["image_indices"].shape == (6, model.config.tokens_per_tile, 2) and len(raw) == 3 and coded == []
     expected = model.encode_edge(inputs["pixel_values"], inputs["image_sizes"])
     assert torch.equal(cloud["image_indices"], expected.reshape(cloud["image_indices"].shape))
+
+
+def test_the_entropy_model_of_a_patch_grid_family_is_fitted_per_image():
+    """Qwen2.5-VL: the finetune's entropy model codes each image's patch grid (grids differ per image)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from test_family_qwen2_5_vl import MERGE, PATCH, TEMPORAL, tiny_split
+    from transformers_alignedvq.training.finetune import fit_entropy_model
+    from transformers_alignedvq.wire import decode_frame, encode_frame
+    from transformers_alignedvq.wire_geometry import WireGeometry
+
+    class Processor:  # what fit_entropy_model reads of a processor
+        image_processor = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=TEMPORAL,
+                                                   min_pixels=16 * 16, max_pixels=40 * 40)
+
+    model = tiny_split(site="patch", layer=0)
+    rows = load_easy_vqa("train", limit=40)
+    rows = rows.map(lambda row, i: {"image": row["image"].resize((24 + 4 * (i % 3), 32))}, with_indices=True)
+    entropy = fit_entropy_model(model, Processor(), rows, batch_size=4)
+    assert entropy is not None and entropy.grid is None  # a patch-grid model: the frame's geometry sizes it
+    inputs = Processor.image_processor(images=[rows[0]["image"].convert("RGB")], return_tensors="pt")
+    indices = model.encode_edge(inputs["pixel_values"], inputs["image_grid_thw"]).numpy()
+    options = dict(codebook_size=16, codebook_fingerprint=model.codebook_fingerprint(),
+                   geometry=WireGeometry.patch_grids(inputs["image_grid_thw"]))
+    frame = encode_frame(indices, entropy_model=entropy, **options)
+    assert len(frame) < len(encode_frame(indices, **options))
+    decoded = decode_frame(frame, codebook_size=16, entropy_model=entropy)
+    assert (decoded.indices[:, 0] == indices).all()

@@ -254,15 +254,19 @@ def resume_point(args: argparse.Namespace) -> str | None:
 @torch.no_grad()
 def fit_entropy_model(model, processor, data, *, batch_size: int = 64, max_images: int = 5000):
     """The entropy model of coded frames for ``model``'s codebook, fitted on the edge's indices of (up to
-    ``max_images``) distinct training images (the tiled families': every tile, each coded on its own) and on
-    every training question; ``None`` where frames cannot be coded (more codes per token than
-    `entropy.MAX_STAGES`; Qwen2.5-VL's patch grids)."""
+    ``max_images``) distinct training images (the tiled families': every tile, each coded on its own;
+    Qwen2.5-VL's: each image's patch grid) and on every training question; ``None`` where frames cannot be
+    coded (more codes per token than `entropy.MAX_STAGES`)."""
     from ..entropy import MAX_STAGES, EntropyModel
     from ..evaluation.family_wire import patch_layout
 
     config = model.config
-    if config.codes_per_token > MAX_STAGES or _patch_grid_family(model):
+    if config.codes_per_token > MAX_STAGES:
         return None
+    if _patch_grid_family(model):
+        images = _patch_grid_indices(model, calibration_batches(data, processor, max_images, batch_size))
+        return EntropyModel.fit_patch_grids(images, codebook_size=config.codebook_size,
+                                            questions=list(data["question"]))
     grid, has_cls_token = patch_layout(config)
     indices = []
     for batch in calibration_batches(data, processor, max_images, batch_size):
@@ -271,6 +275,17 @@ def fit_entropy_model(model, processor, data, *, batch_size: int = 64, max_image
         indices.append(found.cpu().numpy())  # (images or tiles, tokens[, codes])
     return EntropyModel.fit(np.concatenate(indices), codebook_size=config.codebook_size, grid=grid,
                             has_cls_token=has_cls_token, questions=list(data["question"]))
+
+
+def _patch_grid_indices(model, batches) -> list:
+    """``(indices (t*h*w[, codes]), (t, h, w))`` of every image: Qwen2.5-VL's edge on each batch, cut per image."""
+    images = []
+    for batch in batches:
+        grids = batch["image_grid_thw"]
+        found = model.encode_edge(batch["pixel_values"].to(model.device), grids.to(model.device)).cpu().numpy()
+        ends = np.cumsum([t * h * w for t, h, w in grids.tolist()])
+        images += [(part, tuple(grid)) for part, grid in zip(np.split(found, ends[:-1]), grids.tolist())]
+    return images
 
 
 def _patch_grid_family(model) -> bool:
@@ -293,9 +308,7 @@ def save_entropy_model(args: argparse.Namespace, model, processor, data) -> None
         return
     entropy = fit_entropy_model(model, processor, data)
     if entropy is None:
-        why = ("Qwen2.5-VL patch grids have no entropy model" if _patch_grid_family(model)
-               else f"{model.config.codes_per_token} codes per token")
-        print(f"no entropy model: {why}; frames are sent as {raw}")
+        print(f"no entropy model: {model.config.codes_per_token} codes per token are sent as {raw}")
         return
     path = entropy.save(output)
     print(f"entropy model fitted for the new codebook: {path.name} ({path.stat().st_size:,} bytes)")
