@@ -122,9 +122,9 @@ def test_evaluation_sends_tiles_as_frames_with_their_geometry(finetuned):
 
 def test_the_entropy_model_of_a_patch_grid_family_is_fitted_per_image():
     """Qwen2.5-VL: the finetune's entropy model codes each image's patch grid (grids differ per image)."""
+    from test_family_qwen2_5_vl import MERGE, PATCH, TEMPORAL, tiny_split
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    from test_family_qwen2_5_vl import MERGE, PATCH, TEMPORAL, tiny_split
     from transformers_alignedvq.training.finetune import fit_entropy_model
     from transformers_alignedvq.wire import decode_frame, encode_frame
     from transformers_alignedvq.wire_geometry import WireGeometry
