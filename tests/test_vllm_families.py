@@ -9,7 +9,7 @@ wider than the other tests' (64, two heads).
 from __future__ import annotations
 
 import base64
-import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -140,13 +140,19 @@ def frame(engine, image, question: str, seed: int) -> bytes:
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
-def served(request):
-    """``(family, transformers_client, vllm_client, frames)``: both engines serving the same weights."""
+def served(request, tmp_path_factory):
+    """``(family, transformers_client, vllm_client, frames)``: both engines serving the same weights, the
+    Transformers engine the model object, the vLLM engine its saved checkpoint folder (as `alignedvq serve` does)."""
     build, images = FAMILIES[request.param]
     model, processor = build()
-    options = dict(processor=processor, max_new_tokens=MAX_NEW_TOKENS, max_wait_ms=1)
-    hf_app = create_app(copy.deepcopy(model), **options)
-    vllm_app = create_app(model, engine="vllm", vllm_args=VLLM_ARGS, **options)
+    folder = tmp_path_factory.mktemp(request.param)
+    with warnings.catch_warnings():  # without onnx installed the folder gets no ONNX edge, which is not used here
+        warnings.filterwarnings("ignore", message=".*no ONNX edge")
+        model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    options = dict(max_new_tokens=MAX_NEW_TOKENS, max_wait_ms=1)
+    hf_app = create_app(model, processor=processor, **options)
+    vllm_app = create_app(folder, engine="vllm", vllm_args=VLLM_ARGS, **options)
     try:
         with TestClient(hf_app) as hf_client, TestClient(vllm_app) as vllm_client:
             engine = hf_client.app.state.engine
@@ -176,12 +182,13 @@ def test_greedy_answers_equal_the_transformers_engines(served):
 
 def test_openai_route_with_a_frame_part_answers_alike(served):
     family, hf_client, vllm_client, frames = served
-    body = frames[0]
-    chat = {"model": vllm_client.get("/v1/models").json()["data"][0]["id"], "max_tokens": MAX_NEW_TOKENS,
-            "messages": [{"role": "user", "content": [
-                {"type": "text", "text": QUESTIONS[0]},
-                {"type": "alignedvq_frame", "alignedvq_frame": {"data": base64.b64encode(body).decode()}}]}]}
-    replies = [client.post("/v1/chat/completions", json=chat) for client in (hf_client, vllm_client)]
+    content = [{"type": "text", "text": QUESTIONS[0]},
+               {"type": "alignedvq_frame", "alignedvq_frame": {"data": base64.b64encode(frames[0]).decode()}}]
+    replies = []
+    for client in (hf_client, vllm_client):
+        chat = {"model": client.get("/v1/models").json()["data"][0]["id"], "max_tokens": MAX_NEW_TOKENS,
+                "messages": [{"role": "user", "content": content}]}
+        replies.append(client.post("/v1/chat/completions", json=chat))
     assert all(reply.status_code == 200 for reply in replies), [reply.text for reply in replies]
     texts = [reply.json()["choices"][0]["message"]["content"] for reply in replies]
     assert texts[0] == texts[1], family
