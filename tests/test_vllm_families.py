@@ -141,7 +141,7 @@ def frame(engine, image, question: str, seed: int) -> bytes:
 
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def served(request, tmp_path_factory):
-    """``(family, transformers_client, vllm_client, frames)``: both engines serving the same weights, the
+    """``(family, transformers_client, vllm_client, frames, folder)``: both engines serving the same weights, the
     Transformers engine the model object, the vLLM engine its saved checkpoint folder (as `alignedvq serve` does)."""
     build, images = FAMILIES[request.param]
     model, processor = build()
@@ -158,7 +158,7 @@ def served(request, tmp_path_factory):
             engine = hf_client.app.state.engine
             frames = [frame(engine, image, question, seed) for seed, (image, question)
                       in enumerate(zip(images, QUESTIONS))]
-            yield request.param, hf_client, vllm_client, frames
+            yield request.param, hf_client, vllm_client, frames, folder
     finally:
         vllm_app.state.engine.close()
 
@@ -170,7 +170,7 @@ def answer(client, body: bytes) -> dict:
 
 
 def test_greedy_answers_equal_the_transformers_engines(served):
-    family, hf_client, vllm_client, frames = served
+    family, hf_client, vllm_client, frames, _ = served
     assert vllm_client.get("/v1/model").json()["engine"] == "vllm"
     expected = [answer(hf_client, body) for body in frames]
     got = [answer(vllm_client, body) for body in frames]
@@ -181,7 +181,7 @@ def test_greedy_answers_equal_the_transformers_engines(served):
 
 
 def test_openai_route_with_a_frame_part_answers_alike(served):
-    family, hf_client, vllm_client, frames = served
+    family, hf_client, vllm_client, frames, _ = served
     content = [{"type": "text", "text": QUESTIONS[0]},
                {"type": "alignedvq_frame", "alignedvq_frame": {"data": base64.b64encode(frames[0]).decode()}}]
     replies = []
@@ -192,3 +192,21 @@ def test_openai_route_with_a_frame_part_answers_alike(served):
     assert all(reply.status_code == 200 for reply in replies), [reply.text for reply in replies]
     texts = [reply.json()["choices"][0]["message"]["content"] for reply in replies]
     assert texts[0] == texts[1], family
+
+
+def test_the_export_of_a_saved_folder_is_the_base_model_transformers_loads(served, tmp_path):
+    """What vLLM reads is also a plain checkpoint of the base model: no AlignedVQ field or weight, and every weight
+    where the base class (and vLLM's, which maps the same names) expects it."""
+    import transformers
+
+    from transformers_alignedvq.serving.engines.vllm_checkpoint import FAMILIES, export_for_vllm
+
+    family, *_, folder = served
+    exported = export_for_vllm(folder, tmp_path / "vllm")
+    config = transformers.AutoConfig.from_pretrained(exported)
+    assert config.model_type == family and "codebook_size" not in config.to_dict()
+    base = getattr(transformers, config.architectures[0])
+    assert config.architectures == [FAMILIES[f"{family}_alignedvq"].architecture]
+    _, info = base.from_pretrained(exported, output_loading_info=True)
+    assert not any(info.values()), info  # no missing, unexpected or mismatched weights
+    assert type(transformers.AutoProcessor.from_pretrained(exported)).__name__ == FAMILIES[f"{family}_alignedvq"].processor

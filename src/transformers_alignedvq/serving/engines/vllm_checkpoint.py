@@ -257,11 +257,11 @@ def export_for_vllm(model_or_dir, directory: str | os.PathLike, *, processor=Non
 
     Returns the folder.
     """
-    from transformers import AutoModel, AutoProcessor
-
     if isinstance(model_or_dir, (str, os.PathLike)):
-        model = AutoModel.from_pretrained(str(model_or_dir), **({"dtype": dtype} if dtype is not None else {}))
-        processor = processor or AutoProcessor.from_pretrained(str(model_or_dir))
+        from .base import load_model  # as the server loads it: a folder may hold a tokenizer only
+
+        model, served, tokenizer = load_model(model_or_dir, processor, None, dtype)
+        processor = served or tokenizer
     else:
         model = model_or_dir
     if processor is None:
