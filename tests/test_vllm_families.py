@@ -38,6 +38,8 @@ from transformers_alignedvq.wire_geometry import WireGeometry  # noqa: E402
 
 TILE, PATCH = 16, 4
 PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32]]
+# OneVision's too: a 4x4 grid of tiles is more than anyres_max_9 takes, so a 64x64 image is downsampled.
+ONEVISION_PINPOINTS = [*PINPOINTS, [64, 64]]
 QWEN_PATCH, MERGE = 2, 2
 QUESTIONS = ["what color is the shape ?", "what shape is in the image ?", "is there a red circle ?"]
 # A language model vLLM's CPU attention runs (head size 32), as both LLaVA families' text config.
@@ -73,7 +75,8 @@ def tiny_next():
 def tiny_onevision():
     config = LlavaOnevisionConfig(vision_config=dict(model_type="siglip_vision_model", **VISION),
                                   text_config=dict(model_type="qwen2", **TEXT),
-                                  image_token_index=IMAGE_TOKEN_ID, video_token_index=98, image_grid_pinpoints=PINPOINTS)
+                                  image_token_index=IMAGE_TOKEN_ID, video_token_index=98,
+                                  image_grid_pinpoints=ONEVISION_PINPOINTS)
     torch.manual_seed(0)
     model = from_vlm(LlavaOnevisionForConditionalGeneration(config).eval(), split_layer=1, split_site="ln1",
                      codebook_size=16)
@@ -116,7 +119,7 @@ def tiny_qwen():
 # Each family: its builder and the images asked about (tiled: (height, width); Qwen2.5-VL: patch grids (t, h, w)).
 FAMILIES = {
     "llava_next": (tiny_next, [(20, 30), (16, 16), (40, 9)]),
-    "llava_onevision": (tiny_onevision, [(20, 30), (32, 32), (9, 40)]),
+    "llava_onevision": (tiny_onevision, [(20, 30), (64, 64), (9, 40)]),
     "qwen2_5_vl": (tiny_qwen, [(1, 6, 8), (1, 4, 6), (1, 12, 16)]),
 }
 
@@ -171,6 +174,8 @@ def answer(client, body: bytes) -> dict:
 
 def test_greedy_answers_equal_the_transformers_engines(served):
     family, hf_client, vllm_client, frames, _ = served
+    if family == "llava_onevision":  # the 64x64 image's 16x16 features are downsampled (else 256 + 16 + 16)
+        assert vllm_client.app.state.engine.image_tokens((64, 64)) < 16 * 16 + 16 + 16
     assert vllm_client.get("/v1/model").json()["engine"] == "vllm"
     expected = [answer(hf_client, body) for body in frames]
     got = [answer(vllm_client, body) for body in frames]
