@@ -9,6 +9,7 @@ wider than the other tests' (64, two heads).
 from __future__ import annotations
 
 import base64
+import io
 import warnings
 
 import numpy as np
@@ -185,18 +186,31 @@ def test_greedy_answers_equal_the_transformers_engines(served):
     assert len({r["answer"] for r in expected}) > 1  # the answers depend on the image and question
 
 
-def test_openai_route_with_a_frame_part_answers_alike(served):
-    family, hf_client, vllm_client, frames, _ = served
-    content = [{"type": "text", "text": QUESTIONS[0]},
-               {"type": "alignedvq_frame", "alignedvq_frame": {"data": base64.b64encode(frames[0]).decode()}}]
-    replies = []
-    for client in (hf_client, vllm_client):
+def chat_answers(clients, image_part: dict) -> list[str]:
+    """Each client's greedy answer on the OpenAI route to the first question about ``image_part``."""
+    texts = []
+    for client in clients:
         chat = {"model": client.get("/v1/models").json()["data"][0]["id"], "max_tokens": MAX_NEW_TOKENS,
-                "messages": [{"role": "user", "content": content}]}
-        replies.append(client.post("/v1/chat/completions", json=chat))
-    assert all(reply.status_code == 200 for reply in replies), [reply.text for reply in replies]
-    texts = [reply.json()["choices"][0]["message"]["content"] for reply in replies]
+                "messages": [{"role": "user", "content": [{"type": "text", "text": QUESTIONS[0]}, image_part]}]}
+        reply = client.post("/v1/chat/completions", json=chat)
+        assert reply.status_code == 200, reply.text
+        texts.append(reply.json()["choices"][0]["message"]["content"])
+    return texts
+
+
+def test_openai_route_answers_alike(served):
+    family, hf_client, vllm_client, frames, _ = served
+    part = {"type": "alignedvq_frame", "alignedvq_frame": {"data": base64.b64encode(frames[0]).decode()}}
+    texts = chat_answers([hf_client, vllm_client], part)
     assert texts[0] == texts[1], family
+    if family == "qwen2_5_vl":  # its served processor has an image processor: pixels are encoded in the server
+        from PIL import Image
+
+        buffer = io.BytesIO()
+        Image.fromarray(np.random.default_rng(0).integers(0, 256, (13, 21, 3), dtype=np.uint8)).save(buffer, "PNG")
+        url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+        texts = chat_answers([hf_client, vllm_client], {"type": "image_url", "image_url": {"url": url}})
+        assert texts[0] == texts[1]
 
 
 def test_the_export_of_a_saved_folder_is_the_base_model_transformers_loads(served, tmp_path):
