@@ -43,7 +43,7 @@ PINPOINTS = [[16, 16], [16, 32], [32, 16], [32, 32]]
 ONEVISION_PINPOINTS = [*PINPOINTS, [64, 64]]
 QWEN_PATCH, MERGE = 2, 2
 QUESTIONS = ["what color is the shape ?", "what shape is in the image ?", "is there a red circle ?"]
-# A language model vLLM's CPU attention runs (head size 32), as both LLaVA families' text config.
+# A language model vLLM's CPU attention runs (head size 32): every family's text config.
 TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
             vocab_size=VOCAB_SIZE, initializer_range=INIT_RANGE)
 VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=TILE,
