@@ -288,16 +288,3 @@ def test_pixel_limits_saved_beside_the_model_hold_without_a_processor(tmp_path, 
     assert app.state.engine.processor is None
     settings = app.state.engine.tiles.preprocessing
     assert (settings.min_pixels, settings.max_pixels) == (MIN_PIXELS, MAX_PIXELS)
-
-
-def test_vllm_engine_refuses_the_family(engine, monkeypatch):
-    """The vLLM engine serves LLaVA-1.5 only: a Qwen2.5-VL model is refused at start-up by name, before any
-    export (a stand-in module passes the engine's vLLM import check)."""
-    import sys
-    import types
-
-    from transformers_alignedvq.serving.engines.vllm import VllmAnswerEngine
-
-    monkeypatch.setitem(sys.modules, "vllm", types.ModuleType("vllm"))
-    with pytest.raises(ServerConfigError, match="does not serve qwen2_5_vl models yet; use engine='transformers'"):
-        VllmAnswerEngine(engine.model, engine.tokenizer, processor=engine.processor, max_new_tokens=4)

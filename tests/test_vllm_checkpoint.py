@@ -111,7 +111,7 @@ def test_checkpoint_names_are_llava_hf_originals(ours, theirs):
 
 
 def test_a_parameter_outside_llava_is_refused():
-    with pytest.raises(ValueError, match="no llava-hf name"):
+    with pytest.raises(ValueError, match="no name in a llava checkpoint"):
         checkpoint_name("model.something_else.weight")
 
 

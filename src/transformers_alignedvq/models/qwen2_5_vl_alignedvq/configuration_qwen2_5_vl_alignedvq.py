@@ -6,8 +6,15 @@ from typing import Literal
 
 from huggingface_hub.dataclasses import strict
 from transformers import Qwen2_5_VLConfig
+from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
 
 from ..llava_alignedvq.configuration_alignedvq import AlignedVQConfig
+
+# The shared AlignedVQ code reads a tower's block count as ``vision_config.num_hidden_layers``, which Transformers
+# aliases to Qwen's ``depth`` from 5.2x on; 5.19 (the release vLLM's CPU build pins) names it only ``depth``. The
+# same alias, added where it is missing, lets one model class serve both.
+if "num_hidden_layers" not in Qwen2_5_VLVisionConfig.attribute_map:
+    Qwen2_5_VLVisionConfig.attribute_map = {**Qwen2_5_VLVisionConfig.attribute_map, "num_hidden_layers": "depth"}
 
 # Sites where everything the edge computes stays inside one attention window (or one patch).
 LOCAL_SITES = ("patch", "input", "ln1", "mlp")

@@ -1,12 +1,15 @@
 """The ``"vllm"`` engine: the cloud's language model on vLLM, `VllmAnswerEngine`, behind the same request path.
 
 What stays ours: the frame checks, the prompt, and the image features (codebook lookup, output DLP, the rest of
-the vision tower, the projector), computed here in batches by the server's worker. The language model runs in
-vLLM: each request goes to vLLM's engine with its prompt and its image features as precomputed image
-embeddings (``enable_mm_embeds``), and joins vLLM's running batch (continuous batching, paged KV cache; tensor
-and pipeline parallelism, and several machines through Ray, with the matching ``engine_args``).
+the vision tower, the projector; the tiled families' packing, Qwen2.5-VL's merger), computed here in batches by
+the server's worker. The language model runs in vLLM: each request goes to vLLM's engine with its prompt and its
+image features as precomputed image embeddings (``enable_mm_embeds``), and joins vLLM's running batch
+(continuous batching, paged KV cache; tensor and pipeline parallelism, and several machines through Ray, with
+the matching ``engine_args``). Every family is served: LLaVA-1.5, LLaVA-NeXT, LLaVA-OneVision (features of the
+packed image, as many as the prompt's placeholders) and Qwen2.5-VL (the merger's output with the image's
+``image_grid_thw``, from which vLLM computes the 3-D positions as Transformers does).
 
-vLLM reads a plain llava-hf folder (`vllm_checkpoint.export_for_vllm`): a temporary one
+vLLM reads the base model's plain folder (`vllm_checkpoint.export_for_vllm`): a temporary one
 by default, or ``checkpoint``: written there when the folder is empty, checked against this model's weights when
 it is not (every machine of a multi-node setup must read the same folder). Once the folder is written the
 language model is dropped from this process; only the vision part stays, on ``device``.
@@ -33,6 +36,7 @@ import torch
 
 from ...errors import CheckpointMismatchError, ServerConfigError
 from ..errors import PromptTooLongError
+from ..qwen import QwenImages
 from .base import DEFAULT_MAX_NEW_TOKENS, DEFAULT_MAX_PROMPT_BYTES, AnswerEngine, GenerationRequest, GenerationResult
 from .base import load_model as _load_model
 from .vllm_checkpoint import check_export, export_for_vllm
@@ -46,7 +50,8 @@ _RESERVED_ARGS = ("model", "tokenizer", "skip_tokenizer_init", "enable_mm_embeds
 
 def build_engine_args(checkpoint: str | os.PathLike, *, dtype: torch.dtype, extra: dict | None = None):
     """The ``vllm.AsyncEngineArgs`` for an exported folder: this model's dtype, one image of precomputed
-    embeddings per prompt, and ``extra`` (any other field, e.g. ``tensor_parallel_size``)."""
+    embeddings per prompt and no video (the families that take videos would otherwise have vLLM size and run a
+    video at start-up), and ``extra`` (any other field, e.g. ``tensor_parallel_size``)."""
     from vllm import AsyncEngineArgs
 
     extra = dict(extra or {})
@@ -56,7 +61,8 @@ def build_engine_args(checkpoint: str | os.PathLike, *, dtype: torch.dtype, extr
     if unknown or reserved:
         raise ServerConfigError(f"vLLM engine arguments: unknown {unknown}, set by the server {reserved}")
     settings = {"dtype": str(dtype).removeprefix("torch."), **extra}
-    return AsyncEngineArgs(model=str(checkpoint), enable_mm_embeds=True, limit_mm_per_prompt={"image": 1},
+    return AsyncEngineArgs(model=str(checkpoint), enable_mm_embeds=True,
+                           limit_mm_per_prompt={"image": 1, "video": 0},
                            **settings)
 
 
@@ -128,13 +134,11 @@ class VllmAnswerEngine(AnswerEngine):
         except ImportError as exc:
             raise ServerConfigError(f"the vLLM engine needs vLLM ({INSTALL_HINT}): {exc}") from exc
         super().__init__(model, tokenizer, processor=processor, max_new_tokens=max_new_tokens)
-        if self.tiles is not None:
-            raise ServerConfigError(f"the vLLM engine does not serve {self.tiles.adapter.name} models yet; use "
-                                    "engine='transformers'")
         if _on_cpu():
-            # The longest prompt: the template and the image's tokens, and a question of max_prompt_bytes (at most
-            # a token per byte, and one more where the tokenizer opens a word).
-            prompt_tokens = len(self.input_ids("?")) + max_prompt_bytes + 1
+            # The longest prompt: the template and the largest image's tokens, and a question of max_prompt_bytes
+            # (at most a token per byte, and one more where the tokenizer opens a word).
+            template = len(self.tokenizer(self.prompt_text("?"))["input_ids"])
+            prompt_tokens = template - 1 + self.largest_image_tokens() + max_prompt_bytes + 1
             engine_args = {**kv_cache_defaults(model.config.text_config, model.dtype, prompt_tokens=prompt_tokens,
                                                max_new_tokens=max_new_tokens, sequences=max_batch_size,
                                                extra=engine_args), **(engine_args or {})}
@@ -212,25 +216,43 @@ class VllmAnswerEngine(AnswerEngine):
                                      f"(max_model_len) takes at most {limit - 1}")
         return ids
 
-    def run_batch(self, batch: list[GenerationRequest]) -> list[torch.Tensor]:
-        """The server's batch step: each request's image features ``(lm_image_tokens, text_hidden)``, on
-        the CPU (vLLM copies them to its workers)."""
-        with torch.inference_mode():
-            output = self.model.model.get_image_features(image_indices=self.stack_indices(batch).to(self.device))
-        return [features.to("cpu").contiguous() for features in output.pooler_output]
+    def largest_image_tokens(self) -> int:
+        """Placeholders of the largest image this server takes: LLaVA-1.5's fixed count, the most any pinpoint's
+        tiling packs into (the tiled families), the largest patch grid's merger output (Qwen2.5-VL)."""
+        tiles = self.tiles
+        if tiles is None:
+            return self.lm_image_tokens
+        if isinstance(tiles, QwenImages):
+            return tiles.max_tokens // tiles.merge**2
+        return max(tiles.image_tokens(tuple(size)) for size in tiles.pinpoints)
 
-    async def complete(self, request: GenerationRequest, features: torch.Tensor) -> GenerationResult:
+    def run_batch(self, batch: list[GenerationRequest]) -> list:
+        """The server's batch step: each request's image as vLLM takes precomputed embeddings, on the CPU (vLLM
+        copies them to its workers): the projected features ``(1, tokens, text_hidden)`` for the LLaVA families
+        (the tiled ones packed: un-padded, row newlines, base view first), Qwen2.5-VL's merger output
+        ``(tokens, text_hidden)`` with its ``image_grid_thw`` ``(1, 3)``."""
+        inputs = self.image_inputs(batch)
+        with torch.inference_mode():
+            output = self.model.model.get_image_features(
+                **{name: value.to(self.device) for name, value in inputs.items()}, return_dict=True)
+        features = [image.to("cpu").contiguous() for image in output.pooler_output]
+        if not isinstance(self.tiles, QwenImages):
+            return [image[None] for image in features]
+        return [{"image_embeds": image, "image_grid_thw": torch.tensor([request.image_size])}
+                for image, request in zip(features, batch)]
+
+    async def complete(self, request: GenerationRequest, image) -> GenerationResult:
         """The answer to one prepared request; awaited in the server's loop, computed in vLLM's. Cancelling
         it aborts the request in vLLM."""
-        future = asyncio.run_coroutine_threadsafe(self._generate(request, features), self._loop)
+        future = asyncio.run_coroutine_threadsafe(self._generate(request, image), self._loop)
         return await asyncio.wrap_future(future)
 
     def generate(self, batch: list[GenerationRequest]) -> list[GenerationResult]:
         """The answers to ``batch`` (blocking; vLLM batches them as they run)."""
-        features = self.run_batch(batch)
+        images = self.run_batch(batch)
 
         async def answer_all():
-            return await asyncio.gather(*(self._generate(r, f) for r, f in zip(batch, features)))
+            return await asyncio.gather(*(self._generate(r, image) for r, image in zip(batch, images)))
 
         return self._call(answer_all())
 
@@ -239,7 +261,7 @@ class VllmAnswerEngine(AnswerEngine):
         image = self.image_token_id
         return [token for i, token in enumerate(input_ids) if token != image or i == 0 or input_ids[i - 1] != image]
 
-    async def _generate(self, request: GenerationRequest, features: torch.Tensor) -> GenerationResult:
+    async def _generate(self, request: GenerationRequest, image) -> GenerationResult:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
@@ -250,8 +272,7 @@ class VllmAnswerEngine(AnswerEngine):
             detokenize=False,
             output_kind=RequestOutputKind.CUMULATIVE if request.on_tokens else RequestOutputKind.FINAL_ONLY,
         )
-        prompt = {"prompt_token_ids": self.prompt_token_ids(request.input_ids),
-                  "multi_modal_data": {"image": features[None]}}
+        prompt = {"prompt_token_ids": self.prompt_token_ids(request.input_ids), "multi_modal_data": {"image": image}}
         tokens: list[int] = []
         async for output in self.llm.generate(prompt, params, request_id=f"alignedvq-{next(self._ids)}"):
             tokens = list(output.outputs[0].token_ids)
