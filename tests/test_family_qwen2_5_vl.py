@@ -221,8 +221,9 @@ def test_vision_layer_outputs_are_the_towers_in_raster_order():
     ids, mask = prompt()
     out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels(), image_grid_thw=GRID,
                 output_hidden_states=True, output_attentions=True)
-    assert len(out.hidden_states) == 3 and len(out.image_outputs.hidden_states) == 4
-    assert len(out.image_outputs.attentions) == 3
+    assert len(out.hidden_states) == 3
+    if "image_outputs" in type(out).__dataclass_fields__:  # the parent's output has the tower's (not in 5.19)
+        assert len(out.image_outputs.hidden_states) == 4 and len(out.image_outputs.attentions) == 3
     stock = model.model.visual(pixels(), grid_thw=GRID, output_hidden_states=True, output_attentions=True)
     raster = token_layout(model.model.visual, GRID).raster_from_window
     image = model.model.get_image_features(pixels(), GRID, output_hidden_states=True, output_attentions=True)

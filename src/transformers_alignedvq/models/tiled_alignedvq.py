@@ -283,14 +283,18 @@ class TiledAlignedVQGenerationMixin(_CheckpointMixin):
         self._refuse_unsplit_inputs(arguments)
         return_dict = arguments.pop("return_dict", None)
         image_indices = arguments.pop("image_indices", None)
-        if image_indices is not None:
-            if arguments.get("pixel_values") is not None:
-                raise ValueError("Pass images either as pixel_values or as image_indices, not both.")
+        if image_indices is not None and arguments.get("pixel_values") is not None:
+            raise ValueError("Pass images either as pixel_values or as image_indices, not both.")
+        encoded = None
+        if image_indices is not None or (arguments.get("pixel_values") is not None and not self._returns_image()):
+            # Indices enter as pre-encoded images. So do pixels where the parent's output has no `image_outputs`
+            # (Qwen2.5-VL in Transformers 5.19): the commitment loss and the indices are read off it.
             encoded = dict(arguments.get("mm_encoder_outputs") or {})
-            encoded["image"] = self._image_from_indices(image_indices, arguments)
+            encoded["image"] = (self._image_from_indices(image_indices, arguments) if image_indices is not None
+                                else self._image_from_pixels(arguments.pop("pixel_values"), arguments))
             arguments["mm_encoder_outputs"] = encoded
         outputs = self.parent_class.forward(self, **arguments, return_dict=True)
-        image = outputs.get("image_outputs")
+        image = outputs.get("image_outputs") or (encoded or {}).get("image")
         ours = alignedvq_fields(image if isinstance(image, AlignedVQImageOutput) else None)
         fields = {**dict(outputs.items()), **ours}
         lm_loss, commitment = outputs.get("loss"), fields["commitment_loss"]
@@ -303,6 +307,14 @@ class TiledAlignedVQGenerationMixin(_CheckpointMixin):
         """Inputs that would run the stock, unsplit tower are refused rather than silently not split."""
         if arguments.get("pixel_values_videos") is not None:
             raise ValueError(f"{type(self).__name__} splits images only; pixel_values_videos is not supported.")
+
+    def _returns_image(self) -> bool:
+        """Whether the parent's forward returns the image encoder's output (``image_outputs``)."""
+        return "image_outputs" in getattr(self.output_class, "__dataclass_fields__", ())
+
+    def _image_from_pixels(self, pixel_values: torch.Tensor, arguments: dict) -> AlignedVQImageOutput:
+        return self.model.get_image_features(pixel_values=pixel_values, return_dict=True,
+                                             **{name: arguments.get(name) for name in IMAGE_ARGUMENTS})
 
     def _image_from_indices(self, image_indices: torch.Tensor, arguments: dict) -> AlignedVQImageOutput:
         return self.model.get_image_features(image_indices=image_indices, return_dict=True,

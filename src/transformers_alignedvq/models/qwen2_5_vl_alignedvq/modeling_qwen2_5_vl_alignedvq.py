@@ -382,6 +382,10 @@ class Qwen2_5_VLAlignedVQForConditionalGeneration(TiledAlignedVQGenerationMixin,
         if arguments.get("mm_token_type_ids") is None:
             arguments["mm_token_type_ids"] = (input_ids == self.config.image_token_id).to(torch.int)
 
+    def _image_from_pixels(self, pixel_values: torch.Tensor, arguments: dict) -> AlignedVQImageOutput:
+        return self.model.get_image_features(pixel_values=pixel_values, return_dict=True,
+                                             image_grid_thw=arguments.get("image_grid_thw"))
+
     def _image_from_indices(self, image_indices: torch.Tensor, arguments: dict) -> AlignedVQImageOutput:
         return self.model.get_image_features(image_indices=image_indices, return_dict=True,
                                              image_grid_thw=arguments.get("image_grid_thw"))
