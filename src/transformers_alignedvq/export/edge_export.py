@@ -17,28 +17,26 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import wire
 from ..edge_config import (
     EDGE_CONFIG_NAME,
-    EDGE_ONNX_NAME,
     EDGE_WEIGHTS_NAME,
     QWEN_EDGE_CONFIG,
     frame_geometry,
-    write_edge_config,
 )
 from ..entropy import ENTROPY_MODEL_NAME
 from ..errors import CheckpointError
 from ..settings import FRAME_SETTINGS
 from .family_info import FAMILY_MODEL_TYPES, describe_family, describe_qwen_edge, describe_tiled_edge
+from .onnx_folder import EXPORT_FORMATS, export_onnx_folder
 
 if TYPE_CHECKING:  # search needs torch; `describe_checkpoint` (alignedvq info) must run on a device without it
     from .search import SearchConfig
 
-EXPORT_FORMATS = ("safetensors", "onnx")
 
 # Key of the codebook tensor in a full checkpoint and in an edge checkpoint.
 _FULL_CODEBOOK_KEY = "model.alignedvq.quantizer.codebook"
@@ -247,33 +245,6 @@ def _saved_image_processor(model_dir: Path) -> dict | None:
             if isinstance(settings, dict):
                 return settings
     return None
-
-
-def export_onnx_folder(edge, out_dir: str | os.PathLike, *, int8: bool = False,
-                       calibration_images: Iterable | None = None, preprocess: Callable | None = None,
-                       config: dict | None = None) -> Path:
-    """Write an `AlignedVQEdgeEncoder` as an ONNX edge folder (``edge_config.json`` + ``edge_model.onnx``);
-    ``int8`` and ``calibration_images`` as for `export_edge`. ``preprocess`` (default ``edge.preprocessing``)
-    makes a calibration image's pixels ``(n, 3, H, W)`` (a tiled edge: every tile); ``config`` (default
-    ``edge.edge_config()``) is the ``edge_config.json`` the ONNX entry is added to."""
-    from .edge_onnx import export_onnx, quantizes_front
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    calibration = None
-    if int8:
-        if calibration_images is None:
-            raise ValueError("int8 export needs calibration images")
-        calibration = [(preprocess or edge.preprocessing)(image) for image in calibration_images]
-        if not calibration:
-            raise ValueError("int8 export got no calibration images")
-    export_onnx(edge, out_dir / EDGE_ONNX_NAME, int8=int8, calibration=calibration)
-    config = dict(config if config is not None else edge.edge_config())
-    # a patch-site edge folds its only linear layer into the codebook: nothing is left for int8 to quantize
-    int8 = quantizes_front(edge, int8)
-    config["onnx"] = {"file": EDGE_ONNX_NAME, "int8": int8, "calibration_images": len(calibration or ()) if int8 else 0}
-    write_edge_config(out_dir, config)
-    return out_dir
 
 
 # ------------------------------------------------------------------------------------------------------------

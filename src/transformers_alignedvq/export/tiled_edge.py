@@ -19,7 +19,7 @@ import numpy as np
 from ..edge_config import write_edge_config
 from ..preprocess_tiles import TiledPreprocessing
 from .edge import AlignedVQEdgeEncoder
-from .edge_export import EXPORT_FORMATS, export_onnx_folder
+from .onnx_folder import EXPORT_FORMATS, export_onnx_folder
 from .search import SearchConfig
 
 TILED_FAMILIES = ("llava_onevision", "llava_next")
