@@ -45,6 +45,7 @@ def next_base(tmp_path_factory):
     script = _script()
     folder = tmp_path_factory.mktemp("next-base")
     llava = LlavaForConditionalGeneration.from_pretrained(BASE)
+    torch.manual_seed(0)  # image_newline, the one new weight
     model = script.next_from_llava(llava)
     for name, weight in llava.state_dict().items():  # everything but image_newline comes from the LLaVA
         torch.testing.assert_close(model.state_dict()[name], weight, rtol=0, atol=0, msg=name)
@@ -71,8 +72,10 @@ def test_shared_prefix_loss_with_tiles_is_the_stock_loss(next_base):
     shared.lm_loss.backward()
     torch.testing.assert_close(shared.lm_loss, reference, rtol=1e-5, atol=1e-6)
     assert expected.keys() == {n for n, p in model.named_parameters() if p.grad is not None}
-    for name, grad in expected.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=1e-6, msg=name)
+    for name, grad in expected.items():  # summed in another order: equal to float32 rounding of the largest
+        atol = max(1e-6, 1e-5 * float(grad.abs().max()))
+        torch.testing.assert_close(dict(model.named_parameters())[name].grad, grad, rtol=1e-4, atol=atol,
+                                   msg=name)
 
 
 def test_shared_prefix_loss_declines_patch_grid_batches(next_base):
