@@ -98,7 +98,7 @@ def report(results: Path) -> str:
     lines = ["| model | validation | test | bytes / image raw | coded | test vs base (paired) | within 0.5 point |",
              "|---|---:|---:|---:|---:|---|---|",
              f"| base LLaVA-NeXT (pixels) | {100 * base['validation']['accuracy']:.2f}% | "
-             f"{100 * base['accuracy']:.2f}% | | | | |"]
+             f"{100 * base['accuracy']:.2f}% | {base['bytes_per_image']:.0f} (PNG) | | | |"]
     verdicts = []
     for run in runs:
         test = compare_results(run, base)
