@@ -747,6 +747,15 @@ def test_a_device_without_torch_asks_with_the_onnx_edge_of_a_hub_checkpoint(hub_
     assert {"edge_model.onnx", "edge_config.json", "processor_config.json"} <= set(edge_names)
 
 
+def _families_build() -> bool:
+    from transformers_alignedvq.models.qwen2_5_vl_alignedvq.modeling_qwen2_5_vl_alignedvq import (
+        _HAS_MM_ENCODER_OUTPUTS,
+    )
+
+    return _HAS_MM_ENCODER_OUTPUTS
+
+
+@pytest.mark.skipif(not _families_build(), reason="Qwen2.5-VL with AlignedVQ needs transformers>=5.19")
 def test_download_edge_fetches_the_edge_files_of_a_qwen_checkpoint(tmp_path, monkeypatch):
     """A Qwen2.5-VL checkpoint's edge is ``qwen_edge.json`` and ``qwen_edge.onnx`` (and the entropy model beside them):
     `download_edge` asks the Hub for those (filtered here by huggingface_hub's own pattern matching over a saved
