@@ -69,3 +69,20 @@ def test_inputs_of_every_kind_and_bad_ones(tmp_path):
                        (3.5, "must be a PIL image")]:
         with pytest.raises(ImageInputError, match=words):
             load_image(bad)
+
+
+def test_saved_image_processor_settings_are_read_from_either_file(tmp_path):
+    import json
+
+    from transformers_alignedvq.preprocess import saved_image_processor
+
+    assert saved_image_processor(tmp_path) is None
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 64}}))
+    assert saved_image_processor(tmp_path) == {"size": {"shortest_edge": 64}}
+    # processor_config.json (newer) wins, unless it lacks what the caller needs
+    (tmp_path / "processor_config.json").write_text(json.dumps({"image_processor": {"min_pixels": 3136}}))
+    assert saved_image_processor(tmp_path) == {"min_pixels": 3136}
+    assert saved_image_processor(tmp_path, having=("size",)) == {"size": {"shortest_edge": 64}}
+    (tmp_path / "processor_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="processor_config.json is not valid JSON"):
+        saved_image_processor(tmp_path)

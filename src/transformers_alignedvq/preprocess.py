@@ -128,20 +128,30 @@ class ImagePreprocessing:
 IMAGE_PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
-def read_preprocessing(directory: str | os.PathLike, edge_config: dict) -> ImagePreprocessing:
-    """The preprocessing of an edge folder: a Transformers image processor saved in the folder wins (a full
-    checkpoint folder, or an edge folder of an older release), then ``edge_config["preprocessing"]``, then
-    the defaults of the tower's family."""
+def saved_image_processor(directory: str | os.PathLike, *, having: tuple[str, ...] = ()) -> dict | None:
+    """A Transformers image processor's settings saved in ``directory`` (``processor_config.json``'s
+    ``image_processor`` entry, or ``preprocessor_config.json``), the first with one of the keys ``having`` (any,
+    when empty); None without them. `ValueError` naming the file when one is not valid JSON."""
     for name in IMAGE_PROCESSOR_FILES:
         path = Path(directory) / name
         if path.is_file():
             try:
                 values = json.loads(path.read_text())
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise ValueError(f"{name} is not valid JSON: {exc}") from None
+            except (OSError, ValueError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{path} is not valid JSON: {exc}") from None
             values = values.get("image_processor", values) if isinstance(values, dict) else None
-            if isinstance(values, dict) and ("size" in values or "crop_size" in values):
-                return ImagePreprocessing.from_image_processor(values)
+            if isinstance(values, dict) and (not having or any(key in values for key in having)):
+                return values
+    return None
+
+
+def read_preprocessing(directory: str | os.PathLike, edge_config: dict) -> ImagePreprocessing:
+    """The preprocessing of an edge folder: a Transformers image processor saved in the folder wins (a full
+    checkpoint folder, or an edge folder of an older release), then ``edge_config["preprocessing"]``, then
+    the defaults of the tower's family."""
+    values = saved_image_processor(directory, having=("size", "crop_size"))
+    if values is not None:
+        return ImagePreprocessing.from_image_processor(values)
     if edge_config.get("preprocessing"):
         return ImagePreprocessing.from_dict(edge_config["preprocessing"])
     vision = edge_config.get("vision_config") or {}

@@ -30,6 +30,7 @@ from ..edge_config import (
 )
 from ..entropy import ENTROPY_MODEL_NAME
 from ..errors import CheckpointError
+from ..preprocess import saved_image_processor
 from ..settings import FRAME_SETTINGS
 from .family_info import FAMILY_MODEL_TYPES, describe_family, describe_qwen_edge, describe_tiled_edge
 from .onnx_folder import EXPORT_FORMATS, export_onnx_folder
@@ -232,19 +233,11 @@ def _export_family_edge(model, model_dir: Path, out_dir: Path, *, format: str | 
 
 
 def _saved_image_processor(model_dir: Path) -> dict | None:
-    """The image processor's settings saved beside a model (``preprocessor_config.json``, or the
-    ``image_processor`` entry of ``processor_config.json``), None without them."""
-    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-        path = model_dir / name
-        if path.is_file():
-            try:
-                settings = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
-                raise CheckpointError(f"cannot read {path}: {exc}") from None
-            settings = settings.get(key) if key and isinstance(settings, dict) else settings
-            if isinstance(settings, dict):
-                return settings
-    return None
+    """The image processor's settings saved beside a model, None without them."""
+    try:
+        return saved_image_processor(model_dir)
+    except ValueError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 # ------------------------------------------------------------------------------------------------------------

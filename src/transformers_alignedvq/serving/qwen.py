@@ -19,7 +19,6 @@ when no processor could be built; without either, Qwen2-VL's image processor def
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, Sequence
@@ -28,6 +27,7 @@ import torch
 
 from .. import wire
 from ..errors import ServerConfigError
+from ..preprocess import saved_image_processor
 from ..preprocess_qwen import QwenImagePreprocessing
 from ..wire_geometry import KIND_PATCHES, WireGeometry, max_section_bytes
 from .tiled import FamilyImages, _mismatch
@@ -38,17 +38,12 @@ def _saved_image_processor(model) -> dict | None:
     ``image_processor`` entry of ``processor_config.json``), for a server whose processor could not be built
     (Qwen's own processor also wants a video processor): the pixel limits must still be the model's."""
     folder = getattr(model, "name_or_path", None) or ""
-    for name, key in (("preprocessor_config.json", None), ("processor_config.json", "image_processor")):
-        path = os.path.join(folder, name)
-        if folder and os.path.isfile(path):
-            try:
-                settings = json.loads(open(path, encoding="utf-8").read())
-            except (OSError, ValueError) as exc:
-                raise ServerConfigError(f"cannot read {path}: {exc}") from None
-            settings = settings.get(key) if key and isinstance(settings, dict) else settings
-            if isinstance(settings, dict):
-                return settings
-    return None
+    if not folder or not os.path.isdir(folder):
+        return None
+    try:
+        return saved_image_processor(folder)
+    except ValueError as exc:
+        raise ServerConfigError(str(exc)) from None
 
 
 def served_preprocessing(model, processor) -> QwenImagePreprocessing:
