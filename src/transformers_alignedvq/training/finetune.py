@@ -270,7 +270,7 @@ def fit_entropy_model(model, processor, data, *, batch_size: int = 64, max_image
     grid, has_cls_token = patch_layout(config)
     indices = []
     for batch in calibration_batches(data, processor, max_images, batch_size):
-        layout = [batch[name].to(model.device) for name in ("image_sizes",) if name in batch]
+        layout = [batch["image_sizes"].to(model.device)] if "image_sizes" in batch else []  # the tiled families
         found = model.encode_edge(batch["pixel_values"].to(model.device), *layout)
         indices.append(found.cpu().numpy())  # (images or tiles, tokens[, codes])
     return EntropyModel.fit(np.concatenate(indices), codebook_size=config.codebook_size, grid=grid,
