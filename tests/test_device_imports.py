@@ -62,11 +62,18 @@ def test_ask_runs_the_onnx_edge_without_the_cloud_stack(tmp_path):
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("order", ["transformers first", "ours first"])
+_IMPORT_ORDERS = {
+    "transformers first": "import transformers\nimport transformers_alignedvq\n",
+    "ours first": "import transformers_alignedvq\nimport transformers\n",
+    # A model file first: Transformers is then imported from inside it, while it is half-run.
+    "a model file first": "import transformers_alignedvq.models.llava_alignedvq.modeling_alignedvq\n"
+                          "import transformers_alignedvq\n",
+}
+
+
+@pytest.mark.parametrize("order", list(_IMPORT_ORDERS))
 def test_auto_classes_load_the_bundled_model_in_either_import_order(order):
-    imports = ("import transformers\nimport transformers_alignedvq\n" if order == "transformers first"
-               else "import transformers_alignedvq\nimport transformers\n")
-    code = imports + (
+    code = "import warnings\nwarnings.simplefilter('error', RuntimeWarning)\n" + _IMPORT_ORDERS[order] + (
         "from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText\n"
         "path = transformers_alignedvq.DEFAULT_MODEL\n"
         "assert type(AutoConfig.from_pretrained(path)).__name__ == 'AlignedVQConfig'\n"
