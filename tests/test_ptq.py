@@ -155,6 +155,27 @@ def test_steps_follow_the_split_and_compute_the_model():
     torch.testing.assert_close(model.lm_head(final)[keep], out.logits[keep], atol=1e-4, rtol=1e-4)
 
 
+def test_steps_of_a_patch_split_with_residual_codebooks():
+    """The bundled model's split: the edge holds no linear layer, every block is the cloud's."""
+    model = tiny_alignedvq(split_layer=0, split_site="patch", num_codebooks=2)
+    steps = model_steps(model)
+    assert [s.name for s in steps][:5] == ["vision.patch.edge", "alignedvq", "vision.positions", "vision.0", "vision.1"]
+    assert not any(s.part == "edge" for s in steps) and all(s.part == "vision" for s in steps[3:5])
+    batch = calibration(1)[0]
+    x = batch["pixel_values"]
+    for step in steps:
+        x = step.run(x, batch)
+    with torch.no_grad():
+        out = model(pixel_values=batch["pixel_values"], input_ids=batch["input_ids"],
+                    attention_mask=batch["attention_mask"])
+    keep = batch["attention_mask"].bool()
+    final = model.model.language_model.norm(x)
+    torch.testing.assert_close(model.lm_head(final)[keep], out.logits[keep], atol=1e-4, rtol=1e-4)
+    quantize_model(model, calibration(), PTQConfig(method="rtn", weight_bits=8, act_bits=8))
+    assert ptq.edge_quantizers(model) == {}
+    assert any("vision_tower.encoder.layers.0." in name for name in ptq.quant_layers(model))
+
+
 @pytest.mark.parametrize("method", ["rtn", "layerwise", "qvlm"])
 def test_methods_quantize_the_selected_parts_only(method):
     model = tiny_alignedvq(split_layer=1, split_site="mlp")

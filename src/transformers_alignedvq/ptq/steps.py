@@ -78,6 +78,8 @@ def _vision_steps(model) -> list[Step]:
     config, tower = model.config, model.model.vision_tower
     blocks, prefix = split.vision_blocks(tower), "model.vision_tower.encoder.layers"
     split_layer = config.split_layer if hasattr(model.model, "alignedvq") else None
+    if split_layer is not None and config.split_site == "patch":
+        return _patch_split_steps(model, blocks, prefix)
     steps = [Step("vision.embed", None, lambda x, batch: split.embed(tower, x))]
     for index in range(_feature_layer(config)):
         block, name = blocks[index], f"{prefix}.{index}"
@@ -94,6 +96,19 @@ def _vision_steps(model) -> list[Step]:
         if cloud:
             steps.append(Step(f"vision.{index}.cloud", "vision",
                               lambda x, batch, b=block: split.block_from_site(b, x, site), _linear_names(block, name, cloud)))
+    return steps
+
+
+def _patch_split_steps(model, blocks, prefix: str) -> list[Step]:
+    """The ``patch`` split: the edge is the patch embedding alone (a convolution, no linear layer), the cloud adds
+    the positions and runs every block."""
+    tower, layer = model.model.vision_tower, model.model.alignedvq
+    steps = [Step("vision.patch.edge", None, lambda x, batch: split.patch_content(tower, x)),
+             Step("alignedvq", None, lambda x, batch: layer.decode(layer.encode(x), dtype=x.dtype)),
+             Step("vision.positions", None, lambda x, batch: split.add_positions(tower, x))]
+    for index in range(_feature_layer(model.config)):
+        block, name = blocks[index], f"{prefix}.{index}"
+        steps.append(Step(f"vision.{index}", "vision", lambda x, batch, b=block: b(x, None), _linear_names(block, name)))
     return steps
 
 
