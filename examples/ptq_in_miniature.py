@@ -1,7 +1,7 @@
 """Q-VLM's tables in miniature: post-training quantization of the easy-VQA base LLaVA and the bundled AlignedVQ
 model, per method and bit-width, and the paper's entropy/dependency correlation.
 
-    python examples/ptq_in_miniature.py --base artifacts/base-easyvqa --runs runs/ptq --doc docs/ptq.md
+    python examples/ptq_in_miniature.py --base artifacts/base-easyvqa --runs runs/ptq --doc docs/ptq.md --seeds 0 1 2
 
 Every experiment writes ``RUNS/results/<name>.json`` and is never run again, so the command resumes where it
 stopped; the document is rewritten from those files after every experiment (`ptq_report.py`). Experiments run
@@ -16,7 +16,10 @@ one at a time, in this order:
   model after that optimization alone, depth-1 blocks, one joint block per stack; Q-VLM on the AlignedVQ edge
   alone (W8A8, W4A4). The W8A8 and W4A16 rows and the remaining one-part runs come last.
 
-Calibration: ``--calibration-images`` training images, one random question each, the same for every experiment.
+Calibration: ``--calibration-images`` training images, one random question each, drawn anew for every seed of
+``--seeds`` (the same draw for every experiment at that seed). Every experiment that calibrates runs once per seed,
+stored as ``RUNS/results/<name>_s<seed>.json``; full-precision runs involve no draw and run once. The report shows
+mean ± sd over the seeds and a paired test per seed.
 Results without an ``eval_split`` field predate the validation split (their ablations were scored on test) and are
 run again.
 """
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -65,7 +69,14 @@ def parse_args(argv=None):
     p.add_argument("--test-limit", type=int, default=None, help="smoke runs: first N test (and validation) questions only")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--only", nargs="*", default=None, help="run only experiments whose name starts with these")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0],
+                   help="calibration draws (which training images, which question of each)")
     return p.parse_args(argv)
+
+
+def calibrates(spec: dict) -> bool:
+    """Whether an experiment depends on the calibration draw (everything but full precision)."""
+    return "bits" in spec or bool(spec.get("dependency"))
 
 
 def experiments() -> list[tuple[str, dict]]:
@@ -120,7 +131,18 @@ class Runner:
         self.test = load_easy_vqa("test", limit=args.test_limit)
         validation = load_easy_vqa("validation", limit=args.test_limit)
         self.subset = validation.shuffle(seed=0).select(range(min(args.ablation_eval, len(validation))))
-        self.calibration = one_question_per_image(load_easy_vqa("train"), args.calibration_images, seed=0)
+        self.train = load_easy_vqa("train")
+        self.seed = 0
+
+    @property
+    def calibration(self):
+        """The current seed's draw: ``--calibration-images`` random training images, one random question each."""
+        if getattr(self, "_drawn", (None,))[0] != self.seed:
+            images = sorted(set(self.train["image_id"]))
+            chosen = set(random.Random(self.seed).sample(images, self.args.calibration_images))
+            rows = [i for i, image in enumerate(self.train["image_id"]) if image in chosen]
+            self._drawn = (self.seed, one_question_per_image(self.train.select(rows), len(chosen), seed=self.seed))
+        return self._drawn[1]
 
     def load(self, model: str):
         cls = LlavaForConditionalGeneration if model == "base" else AutoModel
@@ -141,7 +163,7 @@ class Runner:
 
     def run(self, name: str, spec: dict) -> None:
         model = self.load(spec["model"])
-        result = {"spec": spec, "fp_bytes": model_bits(model)["fp_bytes"]}
+        result = {"spec": spec, "seed": self.seed if calibrates(spec) else None, "fp_bytes": model_bits(model)["fp_bytes"]}
         if spec.get("dependency"):
             start = time.perf_counter()
             result["pairs"] = dependency_analysis(model, self.batches(spec["model"]), self.config(spec))
@@ -184,12 +206,15 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     runner = Runner(args)
-    for name, spec in experiments():
-        wanted = args.only is None or any(name.startswith(prefix) for prefix in args.only)
-        if wanted and not runner.done(name):
-            print(f"[{name}] running", flush=True)
-            runner.run(name, spec)
-            ptq_report.write(Path(args.runs), Path(args.doc), runner.args)
+    for seed in args.seeds:
+        runner.seed = seed
+        for name, spec in experiments():
+            wanted = args.only is None or any(name.startswith(prefix) for prefix in args.only)
+            name = f"{name}_s{seed}" if calibrates(spec) else name
+            if wanted and not runner.done(name):
+                print(f"[{name}] running", flush=True)
+                runner.run(name, spec)
+                ptq_report.write(Path(args.runs), Path(args.doc), runner.args)
     ptq_report.write(Path(args.runs), Path(args.doc), runner.args)
 
 

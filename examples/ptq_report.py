@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from transformers_alignedvq.evaluation.significance import ALPHA, compare_results, verdict, verdict_no_worse
+from paper_report import EARLIER_HEADING, Results, per_seed, seed_verdict
+
+from transformers_alignedvq.evaluation.significance import ALPHA, verdict, verdict_no_worse
 
 MODELS = {"base": "base LLaVA (`artifacts/base-easyvqa`)", "alignedvq": "AlignedVQ (bundled model)"}
 METHODS = {"rtn": "RTN min-max", "layerwise": "layer-wise clipping search", "qvlm": "Q-VLM"}
@@ -87,12 +89,14 @@ STATIC_NOTES = [
 ]
 
 
-def _load(runs: Path) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted((runs / "results").glob("*.json"))}
+def _load(runs: Path, seeds: int = 1) -> Results:
+    """The runs by experiment name and calibration seed (`<name>_s<seed>.json`; full precision has none)."""
+    return Results({p.stem: json.loads(p.read_text()) for p in sorted((runs / "results").glob("*.json"))},
+                   expected_seeds=seeds)
 
 
-def _pct(result: dict | None) -> str:
-    return f"{100 * result['accuracy']:.2f}" if result and "accuracy" in result else "—"
+def _pct(results: Results, name: str) -> str:
+    return results.cell(name) if results.get(name, {}).get("accuracy") is not None else "—"
 
 
 def _mb(value: float) -> str:
@@ -103,22 +107,21 @@ def _accuracy_table(results: dict) -> list[str]:
     out = ["| model | method | " + " | ".join(b.upper() for b in BITS) + " |",
            "|---|---|" + "---:|" * len(BITS)]
     for model, label in MODELS.items():
-        out.append(f"| {label} | full precision | " + " | ".join([_pct(results.get(f"{model}_fp"))] * len(BITS)) + " |")
+        out.append(f"| {label} | full precision | " + " | ".join([_pct(results, f"{model}_fp")] * len(BITS)) + " |")
         for method, method_label in METHODS.items():
-            cells = [_pct(results.get(f"{model}_{method}_{bits}")) for bits in BITS]
+            cells = [_pct(results, f"{model}_{method}_{bits}") for bits in BITS]
             out.append(f"| {label} | {method_label} | " + " | ".join(cells) + " |")
     return out
 
 
-def _noise(results: dict) -> list[str]:
-    """The binomial standard error of the full-split accuracies, so small differences are read as noise."""
-    fp = results.get("alignedvq_fp") or results.get("base_fp")
-    if not fp:
+def _noise(results: Results) -> list[str]:
+    """How a cell and a comparison carry their noise."""
+    seeds = sorted({seed for runs in results.by_name.values() for seed in runs if seed is not None})
+    if not seeds:
         return []
-    n, p = fp["eval_questions"], fp["accuracy"]
-    error = 100 * (p * (1 - p) / n) ** 0.5
-    return [f"At {100 * p:.1f}% on {n:,} questions the binomial standard error is {error:.2f} points (more at lower "
-            f"accuracies): differences under about {3 * error:.1f} points between two rows are within noise.", ""]
+    return [f"A quantized cell is the mean ± sample sd over calibration draws {', '.join(map(str, seeds))} (which "
+            "training images, which question of each); full precision involves no draw. Comparisons below are "
+            "paired tests per draw on the same questions (see the last section).", ""]
 
 
 def _cost_table(results: dict) -> list[str]:
@@ -130,7 +133,7 @@ def _cost_table(results: dict) -> list[str]:
             out.append(f"| {label} | FP32 | — | — | — | {_mb(fp['fp_bytes'])} | 1.00x |")
         for bits in BITS:
             for method, method_label in METHODS.items():
-                result = results.get(f"{model}_{method}_{bits}")
+                result = results.get(f"{model}_{method}_{bits}")  # the first draw's search
                 if not result:
                     continue
                 report, memory = result["report"], result["memory"]
@@ -142,14 +145,14 @@ def _cost_table(results: dict) -> list[str]:
 
 def _ablation_table(results: dict, prefix: str) -> list[str]:
     out = ["| model | experiment | accuracy (%) | search (s) | blocks |", "|---|---|---:|---:|---|"]
-    for name, result in results.items():
+    for name in sorted(results.by_name):
         if not name.startswith(prefix):
             continue
-        report = result.get("report", {})
+        report = results.get(name).get("report", {})
         seconds = report.get("search_seconds", 0.0) + report.get("veo_seconds", 0.0)
         blocks = " ".join("[" + ", ".join(b) + "]" for b in report.get("blocks", []))
         model = name.split("_")[1]
-        out.append(f"| {model} | `{name}` | {_pct(result)} | {seconds:.0f} | {blocks} |")
+        out.append(f"| {model} | `{name}` | {_pct(results, name)} | {seconds:.0f} | {blocks} |")
     return out
 
 
@@ -192,26 +195,36 @@ def _ablation_split(results: dict) -> str:
     return results.get("ablation_base_fp", {}).get("eval_split", "test")
 
 
-def _better(results: dict, name_a: str, name_b: str) -> tuple[str | None, str]:
-    """(text, verdict) for "a is more accurate than b", from McNemar's paired test (`significance`); runs that
-    stored no per-question results cannot be paired: their verdict is inconclusive."""
+def _better(results: Results, name_a: str, name_b: str) -> tuple[str | None, str]:
+    """(text, verdict) for "a is more accurate than b": McNemar's paired test per calibration draw
+    (`significance`), one verdict when every draw gives the same, else inconclusive; a draw that stored no
+    per-question results counts as inconclusive."""
     a, b = _acc(results, name_a), _acc(results, name_b)
     if a is None or b is None:
         return None, "inconclusive"
-    test = compare_results(results[name_a], results[name_b])
-    if test is None:
-        return f"{a:.2f} vs {b:.2f} (unpaired: a run stored no per-question results)", "inconclusive"
-    return f"{a:.2f} vs {b:.2f}, {test.describe()}", verdict(test)
+    tests = results.paired(name_a, name_b, split=None)
+    verdicts = ["inconclusive" if t is None else verdict(t) for _, t in tests]
+    return f"{a:.2f} vs {b:.2f}; per draw {per_seed(tests)}", seed_verdict(verdicts)
 
 
-def _acc(results: dict, name: str) -> float | None:
-    r = results.get(name)
-    return None if not r or "accuracy" not in r else 100 * r["accuracy"]
+def _within(results: Results, name_a: str, name_b: str, points: float) -> str:
+    """The verdict of "a is at most ``points`` less accurate than b", per draw as in `_better`."""
+    tests = results.paired(name_a, name_b, split=None)
+    return seed_verdict(["inconclusive" if t is None else verdict_no_worse(t, points / 100) for _, t in tests])
 
 
-def _seconds(results: dict, name: str) -> float | None:
-    report = results.get(name, {}).get("report")
-    return None if not report else report["search_seconds"] + report.get("veo_seconds", 0.0)
+_MET = {"agrees": "met", "disagrees": "not met", "inconclusive": "inconclusive"}
+
+
+def _acc(results: Results, name: str) -> float | None:
+    return results.mean(name) if results.get(name, {}).get("accuracy") is not None else None
+
+
+def _seconds(results: Results, name: str) -> float | None:
+    reports = [r["report"] for r in results.seeds(name).values() if r.get("report")]
+    if not reports:
+        return None
+    return sum(r["search_seconds"] + r.get("veo_seconds", 0.0) for r in reports) / len(reports)
 
 
 def _claims(results: dict) -> list[str]:
@@ -272,7 +285,7 @@ def _where_w4a4_loses(results: dict, model: str) -> list[str]:
     single = {part: _acc(results, f"ablation_{model}_qvlm_w4a4_{part}") for part in parts}
     if fp is None or everything is None or None in single.values():
         return ["  Where the points go (one part at a time at W4A4): not measured yet."]
-    questions = results[f"ablation_{model}_fp"]["eval_questions"]
+    questions = results.get(f"ablation_{model}_fp")["eval_questions"]
     losses = ", ".join(f"{part} {value - fp:+.2f}" for part, value in single.items())
     return [f"  Why not, on {questions:,} {_ablation_split(results)} questions (full precision {fp:.2f}, every part at W4A4 {everything:.2f}): "
             f"Q-VLM at W4A4 on one part at a time loses {losses} points."]
@@ -292,35 +305,53 @@ def _goals(results: dict) -> list[str]:
         if fp is None or w6 is None:
             out.append(f"- {label}, W6A6 Q-VLM within 0.5 point of full precision: not measured yet.")
         else:
-            test = compare_results(results[f"{model}_qvlm_w6a6"], results[f"{model}_fp"])
-            met = ("met" if w6 - fp >= -0.5 else "not met") if test is None else {
-                "agrees": "met", "disagrees": "not met", "inconclusive": "inconclusive"}[verdict_no_worse(test, 0.005)]
+            met = _MET[_within(results, f"{model}_qvlm_w6a6", f"{model}_fp", 0.5)]
+            tests = per_seed(results.paired(f"{model}_qvlm_w6a6", f"{model}_fp", split=None))
             out.append(f"- {label}, W6A6 Q-VLM within 0.5 point of full precision: {w6 - fp:+.2f} points "
-                       f"(**{met}**{'' if test is None else '; paired: ' + test.describe()}).")
+                       f"(**{met}**; paired 95% interval per draw; per draw {tests}).")
         if fp is None or w4 is None or None in baselines:
             out.append(f"- {label}, W4A4 Q-VLM ahead of both baselines and within 2 points: not measured yet.")
         else:
             best = max(("rtn", "layerwise"), key=lambda m: acc(f"{model}_{m}_w4a4"))
             text, decided = _better(results, f"{model}_qvlm_w4a4", f"{model}_{best}_w4a4")
             ahead = {"agrees": "ahead of", "disagrees": "behind", "inconclusive": "not distinguishable from"}[decided]
+            within = {"met": "within 2", "not met": "not within 2", "inconclusive": "inconclusive whether within 2"}[
+                _MET[_within(results, f"{model}_qvlm_w4a4", f"{model}_fp", 2.0)]]
             out.append(f"- {label}, W4A4: Q-VLM {w4:.2f} vs RTN {baselines[0]:.2f} and layer-wise {baselines[1]:.2f} "
                        f"(**{ahead}** the better baseline: {text}), "
-                       f"{w4 - fp:+.2f} points from full precision "
-                       f"(**{'within 2' if w4 - fp >= -2 else 'not within 2'}**).")
+                       f"{w4 - fp:+.2f} points from full precision (**{within}**, paired 95% interval per draw).")
             if w4 - fp < -2:
                 out += _where_w4a4_loses(results, model)
     return out
 
 
+def _command(args) -> str:
+    parts = ["python examples/ptq_in_miniature.py --base artifacts/base-easyvqa --runs runs/ptq --doc docs/ptq.md"]
+    if getattr(args, "seeds", [0]) != [0]:
+        parts.append("--seeds " + " ".join(map(str, args.seeds)))
+    if getattr(args, "only", None):
+        parts.append("--only " + " ".join(args.only))
+    return " ".join(parts)
+
+
+def _earlier(doc: Path) -> list[str]:
+    """The existing document's section of numbers not yet regenerated, carried over as it is."""
+    text = doc.read_text() if doc.is_file() else ""
+    start = text.find(EARLIER_HEADING)
+    return [] if start < 0 else text[start:].rstrip("\n").split("\n") + [""]
+
+
 def write(runs: Path, doc: Path, args=None) -> None:
-    results = _load(runs)
+    results = _load(runs, len(getattr(args, "seeds", None) or [0]))
+    earlier = _earlier(doc)
     base_fp = results.get("base_fp", {})
     full = base_fp.get("eval_questions", 9673)
     lines = [
         "# Post-training quantization (Q-VLM) in miniature: easy-VQA",
         "",
-        "Generated by `python examples/ptq_in_miniature.py --base artifacts/base-easyvqa --runs runs/ptq --doc "
-        "docs/ptq.md` (one CPU thread); every number is read from that run's `results/*.json`. Accuracy is exact "
+        f"Generated by `{_command(args)}` (one CPU thread); every number is read from that run's `results/*.json`"
+        + (" except in the last section (earlier numbers, carried over until they are run again)" if earlier else "")
+        + ". Accuracy is exact "
         f"match on the easy-VQA test split ({full:,} questions) unless a table says otherwise; the AlignedVQ "
         "model's images cross the split as wire frames, as in `docs/results.md`. Calibration: "
         f"{getattr(args, 'calibration_images', 256)} training images, one question each. A dash marks a run the "
@@ -386,6 +417,7 @@ def write(runs: Path, doc: Path, args=None) -> None:
         *_claims(results),
         "",
         *STATIC_NOTES,
+        *earlier,
     ]
     doc.parent.mkdir(parents=True, exist_ok=True)
     doc.write_text("\n".join(lines) + "\n")
