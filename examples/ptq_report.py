@@ -25,7 +25,8 @@ METHOD_NOTES = [
     "* **Quantizers** (`transformers_alignedvq.ptq`): weights symmetric per output channel; input activations "
     "asymmetric per tensor, static (calibrated once), the form integer GEMM kernels and ONNX "
     "`QuantizeLinear`/`DequantizeLinear` take. W4A16 quantizes weights only. Fake quantization throughout.",
-    "* **Calibration**: 256 training images, one random question each, as full conversations (prompt and answer). "
+    "* **Calibration**: 256 random training images, one random question each, drawn anew for each seed, as full "
+    "conversations (prompt and answer). "
     "Layers are calibrated in execution order, each on inputs that went through the quantized layers before it "
     "(for the AlignedVQ model: through the codewords a quantized edge picks).",
     "* **RTN min-max**: the observed input range and each channel's largest weight.",
@@ -354,7 +355,8 @@ def write(runs: Path, doc: Path, args=None) -> None:
         + ". Accuracy is exact "
         f"match on the easy-VQA test split ({full:,} questions) unless a table says otherwise; the AlignedVQ "
         "model's images cross the split as wire frames, as in `docs/results.md`. Calibration: "
-        f"{getattr(args, 'calibration_images', 256)} training images, one question each. A dash marks a run the "
+        f"{getattr(args, 'calibration_images', 256)} random training images, one question each, drawn anew for each "
+        "seed. A dash marks a run the "
         "command has not finished yet (running it again resumes).",
         "",
         *METHOD_NOTES,
