@@ -222,15 +222,18 @@ def test_qvlm_blocks_follow_the_entropy_threshold():
     assert all(len(block) == 1 for block in nothing["blocks"])
 
 
-def test_visual_encoder_optimization_moves_only_cloud_vision_blocks():
-    model = tiny_alignedvq(split_layer=0, split_site="mlp")
+@pytest.mark.parametrize("site, moved", [("mlp", ("1",)), ("patch", ("0", "1"))])
+def test_visual_encoder_optimization_moves_only_cloud_vision_blocks(site, moved):
+    model = tiny_alignedvq(split_layer=0, split_site=site)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fingerprint = model.codebook_fingerprint()
     report = quantize_model(model, calibration(), PTQConfig(weight_bits=8, act_bits=8, veo_weight=1.0, veo_steps=4,
                                                             veo_lr=1e-2, **FAST))
     assert report["vision_entropy_after"] < report["vision_entropy_before"]
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
-    assert changed and all(k.startswith("model.vision_tower.encoder.layers.1.") for k in changed)
+    blocks = {k.split(".")[4] for k in changed if k.startswith("model.vision_tower.encoder.layers.")}
+    assert changed and all(k.startswith("model.vision_tower.encoder.layers.") for k in changed)
+    assert blocks == set(moved)
     assert model.codebook_fingerprint() == fingerprint
 
 
