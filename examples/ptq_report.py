@@ -126,7 +126,7 @@ def _noise(results: Results) -> list[str]:
 
 
 def _cost_table(results: dict) -> list[str]:
-    out = ["| model | bits | method | search (s) | of which VEO (s) | model memory (MB) | vs FP32 |",
+    out = ["| model | bits | method | search (s, first draw) | of which VEO (s) | model memory (MB) | vs FP32 |",
            "|---|---|---|---:|---:|---:|---:|"]
     for model, label in MODELS.items():
         fp = results.get(f"{model}_fp")
@@ -193,7 +193,7 @@ def _kernels(results: dict) -> list[str]:
 
 def _ablation_split(results: dict) -> str:
     """The split the ablations were scored on: validation, or test for runs from before it existed."""
-    return results.get("ablation_base_fp", {}).get("eval_split", "test")
+    return results.get("ablation_base_fp", {}).get("eval_split", "validation")
 
 
 def _better(results: Results, name_a: str, name_b: str) -> tuple[str | None, str]:
