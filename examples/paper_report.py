@@ -294,6 +294,9 @@ def _table23(results: Results, args) -> list[str]:
     notes = ["", "AlignedVQ bytes are whole wire frames (40-byte header and CRC included), entropy-coded where "
              "stated; image bytes are the file sizes. Every AlignedVQ row is a full-budget finetune "
              f"({args.headline_epochs} epochs, k-means on {args.calibration_images:,} images)."]
+    if not results.get("llava_1plus"):
+        notes.append("Not run with seeds yet: LLaVA 1+ (the base finetuned further with LoRA on clean images); "
+                     "`--only llava_1plus` runs it.")
     if results.get(SHIPPED):
         notes.append("")
         notes.append("† On the split study's own validation subset (2,839 questions), where that setting was chosen "
