@@ -289,13 +289,12 @@ class Calibrator:
 # visual encoder optimization
 # --------------------------------------------------------------------------------------------------------
 def _cloud_vision_blocks(model) -> list[nn.Module]:
-    """The vision blocks the cloud runs whole: after the split (and the split block itself when the site is its
-    input or the patch embeddings before it) for an AlignedVQ model, so the edge and the codebook stay exactly as deployed; all blocks up to the
-    feature layer for a plain LLaVA."""
+    """The vision blocks the cloud runs whole (`split.first_cloud_block` on) for an AlignedVQ model, so the edge
+    and the codebook stay exactly as deployed; all blocks up to the feature layer for a plain LLaVA."""
     blocks = split.vision_blocks(model.model.vision_tower)
     start = 0
     if hasattr(model.model, "alignedvq"):
-        start = model.config.split_layer + (0 if model.config.split_site in ("patch", "input") else 1)
+        start = split.first_cloud_block(model.config.split_layer, model.config.split_site)
     return list(blocks[start : _feature_layer(model.config)])
 
 

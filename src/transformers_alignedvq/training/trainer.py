@@ -15,16 +15,17 @@ import torch
 from transformers import Trainer
 
 from ..lora import add_lora
+from ..models.llava_alignedvq.split import first_cloud_block
 
 # LoRA goes into the language model only; CLIP's attention also has q_proj/k_proj/v_proj, which must not match.
 DEFAULT_LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
 def cloud_vision_lora_targets(config) -> str:
-    """PEFT ``target_modules`` regex for the linear layers of the vision blocks the cloud runs entirely (after
-    the split, and the split block itself when the site is its input): adapting them changes nothing on the
-    edge, so the edge, its codebook and the frames stay as they are."""
-    first = config.split_layer + (0 if config.split_site in ("patch", "input") else 1)
+    """PEFT ``target_modules`` regex for the linear layers of the vision blocks the cloud runs entirely
+    (`split.first_cloud_block` on): adapting them changes nothing on the edge, so the edge, its codebook and the
+    frames stay as they are."""
+    first = first_cloud_block(config.split_layer, config.split_site)
     last = max(config.feature_layer_indices())  # hidden state i is the output of block i - 1
     blocks = "|".join(str(i) for i in range(first, last))
     if not blocks:

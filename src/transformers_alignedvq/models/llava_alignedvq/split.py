@@ -25,6 +25,12 @@ from torch import nn
 SPLIT_SITES = ("patch", "input", "ln1", "attn", "ln2", "mlp")
 
 
+def first_cloud_block(split_layer: int, site: str) -> int:
+    """Index of the first vision block the cloud runs whole: the split block itself when the edge stops at its
+    input (or at the patch embeddings before block 0), else the next one."""
+    return split_layer + (0 if site in ("patch", "input") else 1)
+
+
 def vision_blocks(tower: nn.Module) -> nn.ModuleList:
     """The tower's list of transformer blocks."""
     encoder = getattr(tower, "encoder", None)
@@ -185,6 +191,7 @@ __all__ = [
     "edge_forward",
     "edge_hidden_states",
     "embed",
+    "first_cloud_block",
     "patch_content",
     "recorded_attentions",
     "vision_blocks",
