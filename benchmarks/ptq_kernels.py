@@ -12,7 +12,7 @@ Two measurements, each side by side in one run:
 2. Accuracy: the bundled AlignedVQ model loaded with
    `quantization_config=TorchAoConfig(FqnToConfig({LM_LINEARS: Int8DynamicActivationInt8WeightConfig()}))`
    (only the language model's linear layers in int8, through the package's strict loader), scored on `--eval` easy-VQA test
-   questions against the same model in fp32.
+   questions against the same model in fp32 (per-question correctness stored, for a paired test).
 """
 
 from __future__ import annotations
@@ -90,7 +90,8 @@ def accuracy(questions: int) -> list[dict]:
         start = time.perf_counter()
         result = evaluate_vqa(model, processor, data, batch_size=256)
         rows.append({"model": name, "accuracy": result["accuracy"], "questions": questions,
-                     "eval_seconds": time.perf_counter() - start})
+                     "eval_seconds": time.perf_counter() - start, "correct": result["correct"],
+                     "eval_split": "test"})
     return rows
 
 
