@@ -1,7 +1,7 @@
 """Real int8 kernels for the language model, through Transformers' `quantization_config` and torchao.
 
     pip install torchao==0.18.0
-    python benchmarks/ptq_kernels.py --threads 1 --json runs/ptq/results/kernels.json
+    python benchmarks/ptq_kernels.py --threads 1 --json docs/data/ptq/results/kernels.json
 
 Two measurements, each side by side in one run:
 

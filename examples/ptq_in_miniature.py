@@ -1,7 +1,8 @@
 """Q-VLM's tables in miniature: post-training quantization of the easy-VQA base LLaVA and the bundled AlignedVQ
 model, per method and bit-width, and the paper's entropy/dependency correlation.
 
-    python examples/ptq_in_miniature.py --base artifacts/base-easyvqa --runs runs/ptq --doc docs/ptq.md --seeds 0 1 2
+    python examples/ptq_in_miniature.py --base artifacts/base-easyvqa --runs docs/data/ptq --doc docs/ptq.md \
+        --seeds 0 1 2
 
 Every experiment writes ``RUNS/results/<name>.json`` and is never run again, so the command resumes where it
 stopped; the document is rewritten from those files after every experiment (`ptq_report.py`). Experiments run
@@ -9,7 +10,8 @@ one at a time, in this order:
 
 * ``<model>_fp``: full precision.
 * ``<model>_<method>_<bits>``: ``rtn`` / ``layerwise`` / ``qvlm`` at W6A6 and W4A4 (headline; W8A8 and W4A16
-  after the two items below); every part quantized (for AlignedVQ: the edge too); full test split (9,673 questions).
+  after the two items below); every part quantized (for AlignedVQ: the edge too, where it runs vision blocks);
+  full test split (9,673 questions).
 * ``<model>_dependency``: layer-wise vs joint search error difference against activation entropy, per layer.
 * ``ablation_*``, on ``--ablation-eval`` validation questions (what choices are made on): Q-VLM at W4A4 as in the headline rows (the reference
   on the same questions) and on one part at a time, with the visual encoder optimization, the full-precision
@@ -19,7 +21,9 @@ one at a time, in this order:
 Calibration: ``--calibration-images`` training images, one random question each, drawn anew for every seed of
 ``--seeds`` (the same draw for every experiment at that seed). Every experiment that calibrates runs once per seed,
 stored as ``RUNS/results/<name>_s<seed>.json``; full-precision runs involve no draw and run once. The report shows
-mean ± sd over the seeds and a paired test per seed.
+mean ± sd over the seeds and a paired test per seed. docs/ptq.md's results files (per-question correctness
+included) are kept in the repository under ``docs/data/ptq``, so the page can be rewritten and its tests checked
+without running again.
 Results without an ``eval_split`` field predate the validation split (their ablations were scored on test) and are
 run again.
 """
@@ -62,7 +66,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="the base LLaVA (e.g. artifacts/base-easyvqa)")
     p.add_argument("--alignedvq", default=transformers_alignedvq.TINY_EASYVQA, help="the AlignedVQ model")
-    p.add_argument("--runs", default="runs/ptq")
+    p.add_argument("--runs", default="docs/data/ptq", help="where results are kept (docs/ptq.md's are in the repository)")
     p.add_argument("--doc", default="docs/ptq.md")
     p.add_argument("--calibration-images", type=int, default=256)
     p.add_argument("--ablation-eval", type=int, default=2000, help="validation questions scored per ablation")

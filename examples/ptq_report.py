@@ -195,9 +195,9 @@ def _kernels(results: dict) -> list[str]:
     kernels = results.get("kernels")
     if not kernels:
         return ["Not measured in this run: `pip install torchao==0.18.0`, then `python benchmarks/ptq_kernels.py "
-                "--threads 1 --json runs/ptq/results/kernels.json` and this command again."]
-    out = [f"`python benchmarks/ptq_kernels.py --threads {kernels['threads']} --json runs/ptq/results/kernels.json` "
-           "(one CPU thread of a shared two-core machine: absolute times are noisy, the ratios are measured side by "
+                "--threads 1 --json docs/data/ptq/results/kernels.json` and this command again."]
+    out = [f"`python benchmarks/ptq_kernels.py --threads {kernels['threads']} --json "
+           "docs/data/ptq/results/kernels.json` (one CPU thread of a shared two-core machine: absolute times are noisy, the ratios are measured side by "
            "side in one run). One language-model layer's seven linear layers at LLaVA-1.5-7B size:", "",
            "| tokens | variant | ms | vs fp32 eager |", "|---:|---|---:|---:|"]
     out += [f"| {r['tokens']} | {r['variant']} | {r['ms']:.1f} | {r['vs_fp32_eager']:.2f}x |" for r in kernels["speed"]]
@@ -381,7 +381,8 @@ def _goals(results: dict) -> list[str]:
 
 
 def _command(args) -> str:
-    parts = ["python examples/ptq_in_miniature.py --base artifacts/base-easyvqa --runs runs/ptq --doc docs/ptq.md"]
+    parts = ["python examples/ptq_in_miniature.py --base artifacts/base-easyvqa",
+             f"--runs {getattr(args, 'runs', 'docs/data/ptq')} --doc {getattr(args, 'doc', 'docs/ptq.md')}"]
     if getattr(args, "seeds", [0]) != [0]:
         parts.append("--seeds " + " ".join(map(str, args.seeds)))
     if getattr(args, "only", None):
