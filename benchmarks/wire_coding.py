@@ -60,15 +60,19 @@ def frame_sizes(images: np.ndarray, training: np.ndarray, model: EntropyModel, f
     k, (height, width) = model.codebook_size, model.grid
     options = dict(codebook_size=k, codebook_fingerprint=fingerprint, grid=(height, width),
                    has_cls_token=model.has_cls_token, prompt=question)
-    order0 = order0_model(training, k)
+    images = images.reshape(len(images), images.shape[1], -1)  # (images, tokens, codes)
+    one_code = images.shape[2] == 1  # version 1 carried one code per token: no version-1 rows for more
+    order0 = order0_model(training, k) if one_code else None
     raw_payload = wire.raw_payload_bytes(images.shape[1], codebook_size=k)
-    rows: dict[str, list[int]] = {"v1 raw": [], "v1 order-0 coded": [], "v2 raw": [], "v2 coded (context model)": [],
-                                  "v2 sent (smaller of the two)": []}
+    rows: dict[str, list[int]] = {"v1 raw": [], "v1 order-0 coded": []} if one_code else {}
+    rows.update({"v2 raw": [], "v2 coded (context model)": [], "v2 sent (smaller of the two)": []})
     for image in images:
+        image = image[:, 0] if one_code else image
         raw = len(wire.encode_frame(image, **options))
         coded = len(wire.encode_frame(image, entropy_model=model, **options))
-        rows["v1 raw"].append(v1_frame_bytes(question, raw_payload, coded=False))
-        rows["v1 order-0 coded"].append(v1_frame_bytes(question, order0_payload_bytes(image, order0), coded=True))
+        if one_code:
+            rows["v1 raw"].append(v1_frame_bytes(question, raw_payload, coded=False))
+            rows["v1 order-0 coded"].append(v1_frame_bytes(question, order0_payload_bytes(image, order0), coded=True))
         rows["v2 raw"].append(raw)
         rows["v2 coded (context model)"].append(coded)
         rows["v2 sent (smaller of the two)"].append(min(raw, coded))
@@ -92,8 +96,10 @@ def per_frame_us(function, items) -> float:
 def print_times(images: np.ndarray, model: EntropyModel, fingerprint: bytes) -> None:
     options = dict(codebook_size=model.codebook_size, codebook_fingerprint=fingerprint, grid=model.grid,
                    has_cls_token=model.has_cls_token, prompt=QUESTION)
+    images = images.reshape(len(images), images.shape[1], -1)  # (images, tokens, codes)
     check = dict(codebook_size=model.codebook_size, codebook_fingerprint=fingerprint, num_tokens=images.shape[1],
-                 entropy_model=model)
+                 codes_per_token=images.shape[2], entropy_model=model)
+    images = images[:, :, 0] if images.shape[2] == 1 else images
     print(f"\ntime per frame, one thread, {len(images)} images, with the question (us; the machine is shared, "
           "compare within a column)")
     print("| frame | encode (edge) | decode (cloud) | both |\n|---|---:|---:|---:|")
@@ -106,20 +112,18 @@ def print_times(images: np.ndarray, model: EntropyModel, fingerprint: bytes) -> 
 
 # ------------------------------------------------------------------------------------------------------
 def easy_vqa(model_dir: Path) -> None:
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    from fit_entropy_model import easy_vqa_indices
+    from transformers_alignedvq.training.entropy_fit import easy_vqa_indices
 
     model = load_entropy_model(model_dir)
     if model is None:
         raise SystemExit(f"{model_dir} has no entropy model; run examples/fit_entropy_model.py --model {model_dir}")
     training, _, edge = easy_vqa_indices(model_dir, "train")
     test, _, _ = easy_vqa_indices(model_dir, "test")
-    print(f"easy-VQA, {model_dir.name}: {len(test)} test images, {test.shape[1]} tokens, K={model.codebook_size}; "
-          f"{model!r}")
+    test = test.reshape(len(test), test.shape[1], -1)
+    print(f"easy-VQA, {model_dir.name}: {len(test)} test images, {test.shape[1]} tokens x {test.shape[2]} codes, "
+          f"K={model.codebook_size}; {model!r}")
     height, width = model.grid
-    patches = test[:, 1:].reshape(len(test), height, width)
+    patches = test[:, 1:, 0].reshape(len(test), height, width)  # the first code of each patch
     print(f"patches equal to their left neighbour: {np.mean(patches[:, :, 1:] == patches[:, :, :-1]):.1%}, "
           f"to their upper neighbour: {np.mean(patches[:, 1:] == patches[:, :-1]):.1%}")
     for question in (None, QUESTION):
