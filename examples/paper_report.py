@@ -114,8 +114,8 @@ def _bytes(result: dict | None) -> str:
 def _agreement(results: Results, layers: list[int]) -> list[str]:
     """Each claim of the paper that the runs can decide, next to what our numbers say, with its verdict."""
     out = ["## Where we agree with the paper, and where we do not", "",
-           "Verdicts come from McNemar's mid-p test on the validation questions two runs both answered "
-           f"(`transformers_alignedvq.evaluation.significance`, alpha = {ALPHA}), once per seed: **agrees** or "
+           "Verdicts come from McNemar's mid-p test on the questions two runs both answered (validation, or test "
+           f"where a line says so; `transformers_alignedvq.evaluation.significance`, alpha = {ALPHA}), once per seed: **agrees** or "
            "**disagrees** when every seed's difference is significant and goes the claimed way or the other, "
            "**inconclusive** otherwise. Claims of a bound (\"within x points\") use the 95% interval of each "
            "seed's paired difference. Each line gives the mean difference over seeds and every seed's (p).", ""]
@@ -125,7 +125,8 @@ def _agreement(results: Results, layers: list[int]) -> list[str]:
         out.append(f"- {text}: {ours} — **{decided}**.")
 
     if get("alignedvq_headline") and get("base_raw"):
-        claim("AlignedVQ stays close to the original model (paper: -2.23 to +1.6 points; test, the paper's site)",
+        claim("AlignedVQ stays close to the original model (paper: -2.23 to +1.6 points; tested: at most 2.23 points "
+              "below the base, on test, at the paper's site)",
               *within(results, "alignedvq_headline", "base_raw", 2.23, "test"))
     if get(SHIPPED) and get("base_raw"):
         claim("Our own goal: the shipped setting within 0.5 point of the base (test)",
@@ -156,7 +157,7 @@ def _agreement(results: Results, layers: list[int]) -> list[str]:
         best = max(rest, key=results.mean)
         text, decided = within(results, "table4_c1_g1", best, 1.0)
         claim("More codebooks or groups add little or nothing (Table 4; the best other setting at most 1 point "
-              "ahead of one codebook, one group)", f"{best} vs 1x1: {text}", decided)
+              "ahead of one codebook, one group)", f"1x1 vs {best}: {text}", decided)
     return out + [""] if len(out) > 5 else []
 
 
@@ -240,7 +241,7 @@ def _account(shares: dict, stats: dict) -> list[str]:
         spread = stats.get(str(block), {}).get("scale_cv")
         if spread is not None and spread < 0.05:  # every token at (nearly) one scale: nothing per token to restore
             cause += (f"; the tokens of this block's input all have nearly the same scale (CV {spread:.3f}), so "
-                      "what (c) gains here can come only from undoing `ln1`'s per-channel gain and bias, not from the "
+                      "what (c) gains here, if anything, can come only from undoing `ln1`'s per-channel gain and bias, not from the "
                       "per-token numbers")
         out.append(f"- Block {block}: (b) closes {100 * kept:.0f}% of the gap, (c) {100 * scaled:.0f}%; the loss "
                    f"here is {cause}.")
@@ -289,7 +290,7 @@ def _table23(results: Results, args) -> list[str]:
         validation = results.cell(name, "validation") + (" †" if name == SHIPPED else "")
         lines.append(f"| {label} | {results.cell(name, 'test')} | {validation} | {_bytes(results.get(bytes_of or name))}"
                      f"{_coded(results.get(name))} |")
-    notes = ["", "AlignedVQ bytes are whole wire frames (40-byte header and CRC included), entropy-coded where "
+    notes = ["", "AlignedVQ bytes are whole wire frames (header and CRC included), entropy-coded where "
              "stated; image bytes are the file sizes. Every AlignedVQ row is a full-budget finetune "
              f"({args.headline_epochs} epochs, k-means on {args.calibration_images:,} images)."]
     if not results.get("llava_1plus"):
