@@ -9,6 +9,8 @@ Two measurements, each side by side in one run:
    weights) on a prefill of 600 tokens and on one decode token, in fp32 and with torchao's
    `Int8DynamicActivationInt8WeightConfig` (int8 weights per channel, int8 activations per token, computed at
    run time), eager and under `torch.compile` (which is what turns the int8 layers into int8 matrix products).
+   Every variant's output is checked against eager execution of the same weights first: one that computes
+   something else (torch.compile's int8 decode on this CPU build does) is reported as wrong, without a time.
 2. Accuracy: the bundled AlignedVQ model loaded with
    `quantization_config=TorchAoConfig(FqnToConfig({LM_LINEARS: Int8DynamicActivationInt8WeightConfig()}))`
    (only the language model's linear layers in int8, through the package's strict loader), scored on `--eval` easy-VQA test
@@ -54,22 +56,32 @@ def timed(fn, repeats: int) -> float:
     return (time.perf_counter() - start) / repeats * 1000
 
 
+MAX_ERROR = 1e-2  # relative error against the eager layer of the same weights above which an output is wrong
+
+
 def speed(repeats: int) -> list[dict]:
+    """Milliseconds per call of every variant, and its output's relative error against eager execution of the
+    same weights (fp32 or int8): a variant whose output is wrong gets no time, however fast it ran."""
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     fp = layer_linears(LLAMA_7B["hidden"], LLAMA_7B["intermediate"])
     int8 = layer_linears(LLAMA_7B["hidden"], LLAMA_7B["intermediate"])
     quantize_(int8, Int8DynamicActivationInt8WeightConfig())
-    variants = {"fp32 eager": fp, "int8 eager": int8}
-    compiled = {"fp32 compiled": torch.compile(lambda x: run_layer(fp, x)),
+    variants = {"fp32 eager": lambda x: run_layer(fp, x), "int8 eager": lambda x: run_layer(int8, x),
+                "fp32 compiled": torch.compile(lambda x: run_layer(fp, x)),
                 "int8 compiled": torch.compile(lambda x: run_layer(int8, x))}
     rows = []
     for tokens in (600, 1):
         x = torch.randn(1, tokens, LLAMA_7B["hidden"])
-        times = {name: timed(lambda m=m: run_layer(m, x), repeats) for name, m in variants.items()}
-        times.update({name: timed(lambda f=f: f(x), repeats) for name, f in compiled.items()})
+        with torch.no_grad():
+            outputs = {name: f(x) for name, f in variants.items()}
+        times = {name: timed(lambda f=f: f(x), repeats) for name, f in variants.items()}
         for name, ms in times.items():
-            rows.append({"tokens": tokens, "variant": name, "ms": ms, "vs_fp32_eager": times["fp32 eager"] / ms})
+            reference = outputs[name.split()[0] + " eager"]
+            error = float((outputs[name] - reference).norm() / reference.norm())
+            valid = error <= MAX_ERROR
+            rows.append({"tokens": tokens, "variant": name, "ms": ms if valid else None, "relative_error": error,
+                         "vs_fp32_eager": times["fp32 eager"] / ms if valid else None})
     return rows
 
 
@@ -107,7 +119,11 @@ def main(argv=None) -> dict:
     result = {"threads": args.threads, "speed": speed(args.repeats), "accuracy": accuracy(args.eval)}
     print("| tokens | variant | ms | vs fp32 eager |\n|---:|---|---:|---:|")
     for row in result["speed"]:
-        print(f"| {row['tokens']} | {row['variant']} | {row['ms']:.1f} | {row['vs_fp32_eager']:.2f}x |")
+        if row["ms"] is None:
+            print(f"| {row['tokens']} | {row['variant']} | wrong output (relative error {row['relative_error']:.1e}) "
+                  "| — |")
+        else:
+            print(f"| {row['tokens']} | {row['variant']} | {row['ms']:.1f} | {row['vs_fp32_eager']:.2f}x |")
     print("\n| model | accuracy (%) | questions | eval (s) |\n|---|---:|---:|---:|")
     for row in result["accuracy"]:
         print(f"| {row['model']} | {100 * row['accuracy']:.2f} | {row['questions']} | {row['eval_seconds']:.1f} |")

@@ -108,3 +108,17 @@ def test_the_deployable_table_gives_same_answers_and_a_verdict(examples):
     assert lines[2].startswith("| PyTorch, exact search (reference) | 99.50 |")
     assert "100.00%" in lines[3] and lines[3].endswith("**agrees** |")
     assert lines[4].endswith("**disagrees** |")
+
+
+def test_a_kernel_with_wrong_output_gets_no_time_and_no_speedup(examples):
+    kernels = {"threads": 1, "accuracy": [], "speed": [
+        {"tokens": 1, "variant": "fp32 eager", "ms": 50.0, "vs_fp32_eager": 1.0, "relative_error": 0.0},
+        {"tokens": 1, "variant": "int8 eager", "ms": 40.0, "vs_fp32_eager": 1.25, "relative_error": 0.0},
+        {"tokens": 1, "variant": "int8 compiled", "ms": None, "vs_fp32_eager": None, "relative_error": 1e7},
+        {"tokens": 600, "variant": "fp32 eager", "ms": 1000.0, "vs_fp32_eager": 1.0, "relative_error": 0.0}]}
+    text = "\n".join(examples.ptq_report._kernels(examples.ptq_report.Results({"kernels": kernels})))
+    assert "| 1 | int8 compiled | wrong output (relative error 1.0e+07) | — |" in text
+    assert "Wrong output, so no time: int8 compiled at 1 token(s)" in text
+    claim = examples.ptq_report._speed_claim(kernels)
+    assert "decode token 1.25x faster (int8 eager)" in claim
+    assert "prefill no int8 variant computed the right output" in claim
