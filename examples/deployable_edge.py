@@ -1,6 +1,6 @@
 """The edge as a device runs it, against the PyTorch edge with the exact search, on the easy-VQA test split.
 
-    python examples/deployable_edge.py --json runs/deployable_edge.json --doc docs/edge.md
+    python examples/deployable_edge.py --json docs/data/deployable_edge.json --doc docs/edge.md
 
 The model (default: the bundled one) answers every test question over real wire frames three or four ways: with
 its PyTorch edge and the exact codeword search (the reference), with the ONNX edge it ships (``edge_model.onnx``
@@ -43,7 +43,10 @@ def edges(model_dir: Path, site: str, scratch: Path, threads: int) -> dict:
     """Name -> edge runtime for every deployable variant of ``model_dir``'s edge."""
     out = {}
     if (model_dir / "edge_model.onnx").is_file():
-        out["ONNX fp32, as shipped (exact search)"] = load_edge_runtime(model_dir, backend="onnx", threads=threads)
+        shipped = json.loads((model_dir / "edge_config.json").read_text())
+        precision = "int8 front" if shipped.get("onnx", {}).get("int8") else "fp32"
+        name = f"ONNX {precision}, as shipped ({shipped.get('search', {}).get('method', 'exact')} search)"
+        out[name] = load_edge_runtime(model_dir, backend="onnx", threads=threads)
     shortlist = export_edge(model_dir, scratch / "shortlist", format="onnx", search=SHORTLIST)
     out["ONNX fp32, shortlist search"] = load_edge_runtime(shortlist, threads=threads)
     if site != "patch":
