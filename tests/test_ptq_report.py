@@ -101,13 +101,15 @@ def test_the_int8_check_is_a_paired_test(examples):
 
 
 def test_the_deployable_table_gives_same_answers_and_a_verdict(examples):
-    reference = {**_scores(995), "edge": "PyTorch, exact search (reference)"}
-    same = {**_scores(995), "edge": "ONNX fp32, shortlist search", "same_answers": 1.0}
-    worse = {**_scores(900), "edge": "ONNX int8 front, shortlist search", "same_answers": 0.9}
+    reference = {**_scores(4975, questions=5000), "edge": "PyTorch, exact search (reference)"}
+    same = {**_scores(4975, questions=5000), "edge": "ONNX fp32, shortlist search", "same_answers": 1.0}
+    worse = {**_scores(4500, questions=5000), "edge": "ONNX int8 front, shortlist search", "same_answers": 0.9}
     lines = examples.deployable_edge.table([reference, same, worse])
     assert lines[2].startswith("| PyTorch, exact search (reference) | 99.50 |")
-    assert "100.00%" in lines[3] and lines[3].endswith("**agrees** |")
+    assert "100.00%" in lines[3] and lines[3].endswith("**agrees** |")  # 0 of 5,000 discordant: within 0.1 point
     assert lines[4].endswith("**disagrees** |")
+    few = [{**_scores(16, questions=16), "edge": name, "same_answers": 1.0} for name in ("reference", "onnx")]
+    assert examples.deployable_edge.table(few)[3].endswith("**inconclusive** |")  # 16 questions show nothing
 
 
 def test_a_kernel_with_wrong_output_gets_no_time_and_no_speedup(examples):

@@ -118,3 +118,11 @@ def test_combined_verdicts():
     assert combine_verdicts(["agrees", "disagrees", "inconclusive"]) == "disagrees"
     with pytest.raises(ValueError):
         combine_verdicts([])
+
+
+def test_no_worse_with_no_discordant_question_needs_enough_questions():
+    # identical answers: the exact bound on an unseen discordance rate (about 3.7 / n) decides, not a zero width
+    assert verdict_no_worse(mcnemar(0, 0, 16), 0.001) == "inconclusive"
+    assert verdict_no_worse(mcnemar(0, 0, 9673), 0.001) == "agrees"
+    assert verdict_no_worse(mcnemar(0, 0, 2000), 0.005) == "agrees"
+    assert verdict_no_worse(mcnemar(0, 0, 500), 0.005) == "inconclusive"
