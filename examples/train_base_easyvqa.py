@@ -73,8 +73,10 @@ Outputs in ``--output``: the model + processor, ``learning_curve.jsonl``
 (``{"type": "vision_pretrain", epoch, loss, validation_shape_acc, validation_color_acc}``
 per stage-1 epoch, ``{"type": "train", step, epoch, loss, lr, elapsed_s}`` every ``--log-every``
 steps, ``{"type": "eval", step, epoch, loss, validation_subset_acc, ...}`` at every
-epoch end, ``{"type": "final", test_acc, ...}`` for the full test split) and
-``train_summary.json``.
+epoch end, ``{"type": "final", test_acc, ...}`` for the full test split),
+``train_summary.json`` and ``test_correct.json`` (per-question correctness on
+test, in split order, for paired tests; ``examples/base_reruns.py`` compares
+such runs with the shipped base).
 
 Usage::
 
@@ -485,7 +487,7 @@ def evaluate(model, processor, examples, batch_size: int) -> dict:
     model.eval()
     collate = VQACollator(processor, train=False)
     tokenizer = processor.tokenizer
-    correct, total = 0, 0
+    correct, total, per_question = 0, 0, []
     by_type = defaultdict(lambda: [0, 0])
     by_answer = defaultdict(lambda: [0, 0])
     for start in range(0, len(examples), batch_size):
@@ -495,6 +497,7 @@ def evaluate(model, processor, examples, batch_size: int) -> dict:
         preds = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
         for pred, ans, q in zip(preds, answers, questions):
             ok = pred.strip() == ans.strip()
+            per_question.append(int(ok))
             correct += ok
             total += 1
             by_type[question_type(q)][0] += ok
@@ -507,6 +510,7 @@ def evaluate(model, processor, examples, batch_size: int) -> dict:
         "n": total,
         "by_type": {k: round(c / n, 4) for k, (c, n) in sorted(by_type.items())},
         "by_answer": {k: round(c / n, 4) for k, (c, n) in sorted(by_answer.items())},
+        "correct": per_question,
     }
 
 
@@ -698,6 +702,8 @@ def main(argv=None) -> dict:
             "method": "greedy model.generate, exact match after strip",
         }
         log({"type": "final", "step": step, **summary["final"]})
+        # Per-question correctness, in test-split order, for paired tests against other models.
+        (out_dir / "test_correct.json").write_text(json.dumps(final["correct"]))
         print(f"== final: full test exact-match {final['acc']:.4f} on {final['n']} questions {final['by_type']}")
     curve.close()
     (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
