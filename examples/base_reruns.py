@@ -28,6 +28,7 @@ from split_report import replace_section  # noqa: E402
 from transformers_alignedvq.evaluation.significance import (  # noqa: E402
     compare_results,
     format_mean_sd,
+    verdict,
     verdict_no_worse,
 )
 
@@ -101,9 +102,14 @@ def report(shipped: dict, reruns: list[dict]) -> list[str]:
     left = [r for r in reruns if left_plateau(r["curve"])]
     lines += ["", "† The shipped base trained on the validation images, so its validation accuracy is not held out.",
               "", f"- Reruns that left the plateau: {len(left)} of {len(reruns)}."]
+    some = left and len(left) < len(reruns)
     lines.append(f"- Test accuracy over all reruns: {format_mean_sd([r['test']['accuracy'] for r in reruns])}"
                  + (f"; over those that left the plateau: {format_mean_sd([r['test']['accuracy'] for r in left])}."
-                    if left else "."))
+                    if some else "."))
+    tests = [compare_results(r["test"], shipped["test"]) for r in reruns]
+    ahead = sum(verdict(t, a_better=False) == "agrees" for t in tests)
+    lines.append(f"- The shipped base's lead over a rerun on test, in points: {format_mean_sd([-t.difference for t in tests])}; "
+                 f"significant (mid-p < 0.05) for {ahead} of {len(reruns)} reruns.")
     test = compare_results(pick["test"], shipped["test"])
     lines.append(f"- The rerun chosen on validation (seed {pick['train_args'].get('seed')}) against the shipped base, "
                  f"on test: {test.describe()}; within 0.5 point of it: **{verdict_no_worse(test, MARGIN)}**.")

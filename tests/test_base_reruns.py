@@ -60,6 +60,8 @@ def test_the_rerun_chosen_on_validation_is_compared_with_the_shipped_base(base_r
     assert "Reruns that left the plateau: 2 of 3." in text
     assert "(seed 1) against the shipped base, on test: -3.00 points" in text
     assert "within 0.5 point of it: **disagrees**" in text
+    # leads of 0, 3 and 7 points; the last two significant
+    assert "lead over a rerun on test, in points: 3.33 ± 3.51 (3 seeds); significant (mid-p < 0.05) for 2 of 3" in text
     seed0 = next(line for line in text.splitlines() if line.startswith("| rerun, seed 0"))
     assert seed0.endswith("| agrees |"), seed0  # identical answers on 1,000 questions: bound 0.37 point
 
