@@ -68,6 +68,9 @@ _IMPORT_ORDERS = {
     # A model file first: Transformers is then imported from inside it, while it is half-run.
     "a model file first": "import transformers_alignedvq.models.llava_alignedvq.modeling_alignedvq\n"
                           "import transformers_alignedvq\n",
+    # A subpackage whose modules the model files import, first: half-run when Transformers arrives.
+    "the PTQ package first": "import transformers_alignedvq.ptq\nimport transformers_alignedvq\n",
+    "the checkpoints package first": "import transformers_alignedvq.checkpoints.loading\nimport transformers_alignedvq\n",
 }
 
 

@@ -10,7 +10,8 @@ Transformers' Auto classes learn our model types (``llava_alignedvq``, ``llava_n
 ``import transformers_alignedvq`` followed by ``AutoModel.from_pretrained(path)`` keeps working:
 
 * imported after Transformers: registered right here;
-* imported before it: a one-shot import hook registers right after ``import transformers`` finishes;
+* imported before it: a one-shot import hook registers right after ``import transformers`` finishes (where
+  one of our modules imported it, once that module has run);
 * on first use of a model name, or by calling `register()`.
 
 A process that never imports Transformers (a device) never pays for it, and never runs the Transformers
@@ -139,25 +140,46 @@ def _register_or_warn() -> None:
 
 
 class _RegisterAfterTransformers(importlib.abc.MetaPathFinder):
-    """Finds nothing itself: when ``transformers`` is about to be imported it removes itself, lets the other
-    finders locate it, and makes its loader call `register()` once the module has run."""
+    """Finds nothing itself: it wraps the loaders the other finders return, that of ``transformers`` to call
+    `register()` once the module has run, and those of this package's submodules to count how many are running.
+    Registration imports the model files, which import much of this package: when ``import transformers`` ends
+    inside a half-run submodule (``transformers_alignedvq.ptq`` imported first), it waits for the outermost one
+    to finish."""
+
+    def __init__(self) -> None:
+        self._running = 0
+        self._pending = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != "transformers":
+        ours = name.startswith(__name__ + ".")
+        if name != "transformers" and not ours:
             return None
-        if self in sys.meta_path:
-            sys.meta_path.remove(self)
-        spec = importlib.util.find_spec(name)
-        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
-            return spec
-        run = spec.loader.exec_module
-
-        def exec_then_register(module):
-            run(module)
-            _register_or_warn()
-
-        spec.loader.exec_module = exec_then_register
+        spec = self._others_spec(name, path, target)
+        if spec is not None and spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader.exec_module = self._wrap(spec.loader.exec_module, ours)
         return spec
+
+    def _others_spec(self, name, path, target):
+        for finder in sys.meta_path:
+            if finder is not self and hasattr(finder, "find_spec"):
+                spec = finder.find_spec(name, path, target)
+                if spec is not None:
+                    return spec
+        return None
+
+    def _wrap(self, run, ours: bool):
+        def exec_module(module):
+            self._running += ours
+            try:
+                run(module)
+            finally:
+                self._running -= ours
+            self._pending = self._pending or not ours
+            if self._pending and self._running == 0 and self in sys.meta_path:
+                sys.meta_path.remove(self)
+                _register_or_warn()
+
+        return exec_module
 
 
 if "transformers" in sys.modules:
