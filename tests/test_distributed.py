@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -7,17 +8,28 @@ import pytest
 import torch.distributed as dist
 
 
+def run_torchrun(args: list, *, timeout: float, env: dict) -> subprocess.CompletedProcess:
+    """torchrun on 2 processes; on a timeout its workers are stopped too, and the failure shows both streams' tails.
+
+    subprocess.run's own timeout SIGKILLs torchrun alone, leaving its workers (and their busy gloo threads)
+    running for the rest of the session, and reports the output cut short.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers (each in its own session)
+            stdout, stderr = process.communicate(timeout=60)
+            pytest.fail(f"torchrun ran past {timeout:.0f}s\n--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-5000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
 def test_two_process_training_keeps_identical_codebooks():
     script = Path(__file__).parent / "scripts" / "distributed_codebook.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        env=env,
-    )
+    result = run_torchrun([script], timeout=240, env=env)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "codebooks identical on 2 ranks" in result.stdout
 
@@ -34,12 +46,11 @@ def test_finetune_script_under_torchrun(tmp_path):
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(root / "examples" / "finetune_alignedvq.py"), "--base", str(root / "artifacts" / "base-easyvqa"),
-         "--output", str(out), "--limit", "48", "--max-steps", "4", "--batch-size", "8", "--calibration-images", "8",
+    result = run_torchrun(
+        [root / "examples" / "finetune_alignedvq.py", "--base", root / "artifacts" / "base-easyvqa",
+         "--output", out, "--limit", "48", "--max-steps", "4", "--batch-size", "8", "--calibration-images", "8",
          "--kmeans-iters", "2", "--codebook-size", "16", "--no-progress", "--logging-steps", "2", "--threads", "1"],
-        capture_output=True, text=True, timeout=300, env=env,
+        timeout=300, env=env,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = json.loads((out / "training_log.json").read_text())
