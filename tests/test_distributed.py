@@ -20,7 +20,11 @@ def run_torchrun(args: list, *, timeout: float, env: dict) -> subprocess.Complet
             stdout, stderr = process.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers (each in its own session)
-            stdout, stderr = process.communicate(timeout=60)
+            try:
+                stdout, stderr = process.communicate(timeout=60)
+            except subprocess.TimeoutExpired:  # torchrun itself is stuck: the context's wait() would block forever
+                process.kill()
+                stdout, stderr = process.communicate()
             pytest.fail(f"torchrun ran past {timeout:.0f}s\n--- stdout\n{stdout[-3000:]}\n--- stderr\n{stderr[-5000:]}")
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
