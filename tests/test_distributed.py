@@ -56,12 +56,10 @@ def hang_report(timeout: float, stdout: str, stderr: str) -> str:
     return f"torchrun ran past {timeout:.0f}s\n--- stdout (tail)\n{stdout[-1500:]}\n--- worker stacks\n{stacks[-6000:]}"
 
 
-def run_torchrun(args: list, *, timeout: float, env: dict, attempts: int = 2) -> subprocess.CompletedProcess:
+def run_torchrun(args: list, *, timeout: float, env: dict, attempts: int = 1) -> subprocess.CompletedProcess:
     """torchrun on 2 gloo processes; a run that passes `timeout` is stopped with its workers' stacks printed.
 
-    A hung run is retried once, with a warning that carries the stacks: the finetune below hung twice in about
-    thirty CI runs (once after its first step, once after saving, both in the lowest-versions venv) and never
-    in sixty reruns on their own, so its cause is not known yet; the warning is how the next one is caught.
+    With `attempts` > 1 a hung run is retried, with a warning that carries the stacks.
     """
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *map(str, args)]
     env = {**env, "PYTHONFAULTHANDLER": "1"}
@@ -87,8 +85,22 @@ def test_two_process_training_keeps_identical_codebooks():
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
+def test_finetune_teardown_does_not_deadlock():
+    """100 rounds of the finetune's teardown under DDP (its `--plain` variant deadlocks within 20 rounds here)."""
+    script = Path(__file__).parent / "scripts" / "distributed_teardown.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = run_torchrun([script, "100"], timeout=120, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.stdout.count(": 100 teardowns") == 2
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch built without gloo")
 def test_finetune_script_under_torchrun(tmp_path):
-    """The user-facing finetune (Trainer, image-grouped batches, LoRA, EMA codebook) on 2 gloo processes."""
+    """The user-facing finetune (Trainer, image-grouped batches, LoRA, EMA codebook) on 2 gloo processes.
+
+    Its teardown deadlock is fixed and tested above. One earlier hang, inside training, was never seen again nor
+    explained, so a hang here is retried once and its stacks are kept in a warning rather than lost.
+    """
     pytest.importorskip("easy_vqa")
     import json
 
@@ -102,7 +114,7 @@ def test_finetune_script_under_torchrun(tmp_path):
         [root / "examples" / "finetune_alignedvq.py", "--base", root / "artifacts" / "base-easyvqa",
          "--output", out, "--limit", "48", "--max-steps", "4", "--batch-size", "8", "--calibration-images", "8",
          "--kmeans-iters", "2", "--codebook-size", "16", "--no-progress", "--logging-steps", "2", "--threads", "1"],
-        timeout=180, env=env,
+        timeout=180, env=env, attempts=2,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     log = json.loads((out / "training_log.json").read_text())
