@@ -32,14 +32,13 @@ def stop_hung_torchrun(process: subprocess.Popen) -> tuple[str, str]:
     for pid in worker_pids(process.pid):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGABRT)
-    for stop, grace in ((None, 30), (process.terminate, 30), (process.kill, None)):
-        if stop is not None:
-            stop()
-        try:
-            return process.communicate(timeout=grace)
-        except subprocess.TimeoutExpired:
-            continue
-    raise AssertionError("unreachable: communicate() without a timeout returned nothing")
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        return process.communicate(timeout=30)
+    process.terminate()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        return process.communicate(timeout=30)
+    process.kill()
+    return process.communicate()
 
 
 def hang_report(timeout: float, stdout: str, stderr: str) -> str:

@@ -1,7 +1,7 @@
 """Run under `torchrun --nproc_per_node 2` (gloo, CPU): the finetune's teardown, many times over. Each round sets up
 a group, trains a DDP module a step, leaves an all-gather of Python-owned tensors in flight, leaves the group as
 the finetune does (`leave_process_group`), then frees the DDP module, whose reducer holds the group's last
-reference. With a plain barrier instead (`--plain`), this deadlocks within a hundred rounds here."""
+reference. With a plain barrier instead (`--plain`), this deadlocks within 20 rounds here."""
 
 import os
 import sys

@@ -336,7 +336,7 @@ def leave_process_group() -> None:
     it, and with it the works it waited on, whose tensors belong to Python: that needs the GIL, while this thread,
     holding the GIL, frees DDP's reducer on leaving ``main`` and with it the group, whose destructor joins that
     worker. The finetune under torchrun deadlocked there about once in ten runs; a two-process loop of that
-    teardown hangs within 100 rounds without the kept work and ran 1,000 rounds with it.
+    teardown hangs within 20 rounds without the kept work and ran 1,000 rounds with it.
     """
     work = torch.distributed.barrier(async_op=True)
     work.wait()
